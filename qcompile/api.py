@@ -1,0 +1,66 @@
+"""``qcompile.compile``: capture → passes → backend → CompiledModule."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompile.errors import QCompileError
+from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, capture
+from qcompile.ir.program import Program
+from qcompile.ir.verify import verify
+from qcompile.passes.base import PassContext
+from qcompile.passes.manager import CompileReport, PassManager
+from qcompile.plan import Plan, get_plan
+from qcompile.runtime.compiled import CompiledModule
+
+log = logging.getLogger(__name__)
+
+
+def compile(
+    model: torch.nn.Module | Program,
+    target: str = "cpu",
+    plan: Plan | str | Path = "fp32",
+    *,
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    calib: Any = None,
+    backend: str | None = None,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    dump_dir: str | Path | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> CompiledModule:
+    """Compile ``model`` for ``target`` under ``plan`` (a Plan, a preset name, or a YAML/JSON path).
+
+    ``model`` is an ``nn.Module`` (a causal LM needs no ``example_inputs``), an ``fx.GraphModule``
+    or an already captured :class:`Program` (which is rewritten in place).
+    """
+    the_plan = get_plan(plan)
+    manager = PassManager(the_plan, dump_dir=dump_dir)  # plan/pass errors surface before capture
+    report = CompileReport(the_plan.name)
+    t0 = time.perf_counter()
+    if isinstance(model, Program):
+        program = model
+    elif isinstance(model, torch.nn.Module):
+        log.info("capturing %s", type(model).__name__)
+        program = capture(model, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len)
+    else:
+        raise QCompileError(f"compile() takes an nn.Module or a Program, not {type(model).__name__}")
+    verify(program)
+    report.capture_seconds = round(time.perf_counter() - t0, 3)
+    ctx = PassContext(plan=the_plan, calib=calib, progress=progress)
+    program = manager.run(program, ctx, report)
+    report.weight_bytes = program.weight_bytes_by_dtype()
+    return CompiledModule(program, the_plan, target=target, backend=backend, report=report, tokenizer=tokenizer)
+
+
+def load(path: str | Path, backend: str | None = None) -> CompiledModule:
+    """Load an artifact written by ``CompiledModule.save`` (no source model needed)."""
+    from qcompile.runtime.artifact import load_artifact
+
+    return load_artifact(path, backend=backend)

@@ -1,0 +1,28 @@
+"""The reference backend: runs each entry's ATen graph with torch (qcompile ops: reference kernels)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import torch
+import torch.fx as fx
+
+from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.ir.program import Program
+
+
+class TorchBackend(Backend):
+    name: ClassVar[str] = "torch"
+    targets: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    def build(self, program: Program, target: str) -> dict[str, BuiltEntry]:
+        return {name: _runner(entry.graph) for name, entry in program.entries.items()}
+
+
+def _runner(gm: fx.GraphModule) -> BuiltEntry:
+    def run(args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        with torch.no_grad():
+            out = gm(*args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    return run

@@ -1,0 +1,43 @@
+"""Exceptions raised by qcompile.
+
+Every error names *where* (node, op, module path, file) and *what to do*; the CLI prints the
+message without a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+
+class QCompileError(Exception):
+    """Base class of every error qcompile raises on purpose."""
+
+
+class CaptureError(QCompileError):
+    """A model could not be captured into a Program (torch.export failed)."""
+
+
+class PlanError(QCompileError):
+    """A plan (or preset name, or plan file) is malformed or asks for something unsupported."""
+
+
+class PassError(QCompileError):
+    """A pass failed; the message names the pass, node, module path and the passes before it."""
+
+
+class VerifyError(QCompileError):
+    """A Program is inconsistent (dangling state, bad graph, shape/dtype mismatch)."""
+
+
+class ArtifactError(QCompileError):
+    """A saved artifact is missing, truncated, tampered with or of an unsupported format."""
+
+
+class InputError(QCompileError):
+    """Inputs handed to a CompiledModule do not match what it was compiled for."""
+
+
+class ModelNotFoundError(QCompileError):
+    """A zoo model or dataset is not installed (the message says which package to install)."""
+
+
+class DataError(QCompileError):
+    """Evaluation or calibration data is unusable (too short, empty, undecodable, NaN)."""

@@ -1,0 +1,197 @@
+"""The IR: a Program is one or more torch.export ATen graphs sharing one set of tensors.
+
+Each :class:`Entry` is a lifted ``torch.fx.GraphModule`` (the graph ``torch.export`` produces):
+its leading placeholders are bound to tensors of the Program's ``state`` (parameters, buffers,
+constants, keyed by a stable name) or ``cache`` (buffers the graph mutates in place, such as a
+static KV cache; the runtime owns them), the remaining placeholders are the user's inputs.
+
+Every ``call_function`` node carries ``node.meta["qcompile_path"]``: the module path of the
+innermost ``nn.Module`` that produced it (``"model.layers.3.mlp.down_proj"``), relative to the
+user's model. Plan rules match on these paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+
+PATH_KEY = "qcompile_path"
+
+
+class SlotKind(str, enum.Enum):
+    STATE = "state"  # read-only tensor of Program.state (weights, buffers, constants)
+    CACHE = "cache"  # tensor of Program.cache_specs, owned by the runtime, mutated in place
+    USER = "user"  # a user input
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a user input. A dimension is an int, or a name of a dynamic dimension."""
+
+    shape: tuple[int | str, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "int64"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Range of a dynamic dimension (inclusive)."""
+
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What one placeholder of an entry's graph is bound to."""
+
+    kind: SlotKind
+    name: str  # key into state / cache, or the user input's name
+
+
+@dataclass
+class Entry:
+    """One entry point of a Program (``forward``, ``prefill``, ``decode``...)."""
+
+    name: str
+    graph: fx.GraphModule
+    slots: list[Slot]  # one per placeholder, in order
+    user_inputs: list[TensorSpec]  # specs of the USER slots, in order
+    examples: list[torch.Tensor]  # the inputs the entry was captured with (valid values)
+    dims: dict[str, DimRange] = field(default_factory=dict)
+    out_spec: str = ""  # torch.utils._pytree.treespec_dumps of the outputs
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.graph.nodes if n.op == "placeholder"]
+
+    def state_names(self) -> list[str]:
+        return [s.name for s in self.slots if s.kind is SlotKind.STATE]
+
+    def state_input(self, key: str) -> fx.Node:
+        """The placeholder bound to state ``key``, added (before the user inputs) if missing."""
+        placeholders = self.placeholders()
+        for slot, node in zip(self.slots, placeholders):
+            if slot.kind is SlotKind.STATE and slot.name == key:
+                return node
+        first_user = next((i for i, s in enumerate(self.slots) if s.kind is SlotKind.USER), len(self.slots))
+        graph = self.graph.graph
+        if first_user < len(placeholders):
+            ctx = graph.inserting_before(placeholders[first_user])
+        elif placeholders:
+            ctx = graph.inserting_after(placeholders[-1])
+        else:
+            ctx = graph.inserting_before(next(iter(graph.nodes), None))
+        with ctx:
+            node = graph.placeholder(_py_name(key))
+        node.meta[PATH_KEY] = ""
+        self.slots.insert(first_user, Slot(SlotKind.STATE, key))
+        return node
+
+    def remove_unused_placeholders(self) -> None:
+        """Drop STATE placeholders nothing uses (and their slots)."""
+        keep: list[Slot] = []
+        for slot, node in zip(list(self.slots), self.placeholders()):
+            if slot.kind is SlotKind.STATE and not node.users:
+                self.graph.graph.erase_node(node)
+            else:
+                keep.append(slot)
+        self.slots = keep
+
+    def slot_of(self, node: fx.Node) -> Slot:
+        """The slot bound to placeholder ``node``."""
+        return self.slots[self.placeholders().index(node)]
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        """The inputs the entry was captured with (clones, safe to mutate)."""
+        return [t.clone() for t in self.examples]
+
+
+@dataclass
+class Program:
+    """A captured model: entries, shared state, cache specs and metadata."""
+
+    entries: dict[str, Entry]
+    state: dict[str, torch.Tensor]
+    cache_specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serializable facts (kind, config...)
+
+    # ---- navigation ----------------------------------------------------------------------
+    def nodes(self) -> Iterator[tuple[Entry, fx.Node]]:
+        for entry in self.entries.values():
+            for node in entry.graph.graph.nodes:
+                yield entry, node
+
+    def module_paths(self) -> set[str]:
+        return {n.meta[PATH_KEY] for _, n in self.nodes() if n.meta.get(PATH_KEY)}
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "module"))
+
+    def new_cache(self) -> dict[str, torch.Tensor]:
+        """Fresh zero-filled cache tensors (a new generation starts from these)."""
+        return {k: torch.zeros(shape, dtype=getattr(torch, dt)) for k, (shape, dt) in self.cache_specs.items()}
+
+    def add_state(self, name: str, tensor: torch.Tensor) -> str:
+        """Add a tensor to the shared state under a unique name derived from ``name``."""
+        key, i = name, 1
+        while key in self.state:
+            key = f"{name}_{i}"
+            i += 1
+        self.state[key] = tensor
+        return key
+
+    def prune_state(self) -> list[str]:
+        """Drop state tensors no entry refers to; returns the dropped names."""
+        used = {s.name for e in self.entries.values() for s in e.slots if s.kind is SlotKind.STATE}
+        dropped = [k for k in self.state if k not in used]
+        for k in dropped:
+            del self.state[k]
+        return dropped
+
+    def copy(self) -> "Program":
+        """A copy whose graphs can be rewritten without touching this one (tensors are shared)."""
+        entries = {}
+        for name, e in self.entries.items():
+            gm = fx.GraphModule(e.graph, _deepcopy_graph(e.graph.graph))
+            entries[name] = dataclasses.replace(e, graph=gm, slots=list(e.slots), dims=dict(e.dims))
+        return Program(entries, dict(self.state), dict(self.cache_specs), dict(self.meta))
+
+    def weight_bytes_by_dtype(self) -> dict[str, int]:
+        """Bytes of state tensors by dtype (what the model weighs on disk and in memory)."""
+        out: dict[str, int] = {}
+        for t in self.state.values():
+            key = str(t.dtype).removeprefix("torch.")
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
+        return dict(sorted(out.items()))
+
+
+def _deepcopy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, env)
+    new.output(out)
+    for old, nn_ in env.items():
+        nn_.meta = dict(old.meta)
+    return new
+
+
+def _py_name(key: str) -> str:
+    """A valid Python identifier for a placeholder bound to state ``key``."""
+    out = "".join(c if c.isalnum() else "_" for c in key)
+    return f"s_{out}"
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")

@@ -1,0 +1,9 @@
+"""qcompile custom ops (``torch.ops.qcompile.*``): reference kernels plus fake kernels.
+
+Importing this package registers them; ``import qcompile`` does so too, which is what lets a
+saved artifact's graph (which names ``qcompile::`` ops) load and run.
+"""
+
+from qcompile.ops import linear  # noqa: F401  (registers the ops)
+
+QCOMPILE_OPS = ("linear_w8a8",)

@@ -1,0 +1,358 @@
+"""Plans: what to do to a model, as frozen, typed, versioned data.
+
+A :class:`Plan` lists the passes to run (in order, each with its options), the default
+quantization of linear layers' weights and activations, and :class:`LayerRule` s that override
+those defaults for layers selected by a glob on their module path (``"*.mlp.down_proj"``).
+Later rules override earlier ones, field by field; a rule field left ``None`` inherits.
+
+Plans round-trip exactly through ``to_dict``/``from_dict``, YAML and JSON. Unknown keys and bad
+values raise :class:`~qcompile.errors.PlanError` naming the key and listing the allowed values.
+Named plans live in :data:`PRESETS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fnmatch
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from qcompile.errors import PlanError
+
+PLAN_VERSION = 1
+ALLOWED_BITS = (2, 3, 4, 6, 8)
+
+
+class Granularity(str, enum.Enum):
+    """How many scales a quantized tensor carries."""
+
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"  # weights: one scale per output channel
+    PER_GROUP = "per_group"  # weights: one scale per `group_size` input channels of a row
+    PER_TOKEN = "per_token"  # activations: one scale per token (row)
+
+
+class WeightMethod(str, enum.Enum):
+    """Weight quantization algorithm."""
+
+    RTN = "rtn"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Integer quantization of one tensor: ``q = clamp(round(x / s) + z)`` with ``bits`` bits."""
+
+    bits: int
+    granularity: Granularity
+    symmetric: bool = True
+    group_size: int | None = None
+    dynamic: bool = True  # activations: scales computed at run time (True) or calibrated (False)
+
+    def __post_init__(self) -> None:
+        if self.bits not in ALLOWED_BITS:
+            raise PlanError(f"bits={self.bits!r} is not supported; allowed: {list(ALLOWED_BITS)}")
+        if self.granularity is Granularity.PER_GROUP:
+            if self.group_size is None or self.group_size <= 0:
+                raise PlanError("granularity 'per_group' needs a positive group_size (e.g. 128)")
+        elif self.group_size is not None:
+            raise PlanError(
+                f"group_size is only meaningful with granularity 'per_group', not {self.granularity.value!r}"
+            )
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Overrides for the layers whose module path matches ``match`` (fnmatch glob).
+
+    ``skip=True`` keeps matching layers in floating point. ``weight``/``activation`` replace the
+    plan's defaults for matching layers; ``None`` inherits from earlier rules and the defaults.
+    """
+
+    match: str
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    skip: bool | None = None
+
+    def matches(self, path: str) -> bool:
+        return fnmatch.fnmatchcase(path, self.match)
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """One pass of the plan: its registered name and its options (checked by the pass class)."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The resolved quantization of one layer (the result of applying the rules)."""
+
+    weight: QuantSpec | None
+    activation: QuantSpec | None
+    skip: bool
+    rules: tuple[int, ...]  # indices of the rules that matched, in order
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered list of passes plus per-layer quantization settings."""
+
+    name: str = "custom"
+    description: str = ""
+    version: int = PLAN_VERSION
+    passes: tuple[PassConfig, ...] = ()
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    weight_method: WeightMethod = WeightMethod.RTN
+    skip: tuple[str, ...] = ("*lm_head*",)  # globs kept in float by default
+    rules: tuple[LayerRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.version > PLAN_VERSION:
+            raise PlanError(
+                f"plan version {self.version} is newer than this qcompile understands "
+                f"(<= {PLAN_VERSION}); upgrade qcompile"
+            )
+        if self.version < 1:
+            raise PlanError(f"plan version must be >= 1, got {self.version}")
+
+    # ---- layer selection -------------------------------------------------------------------
+    def resolve(self, path: str) -> LayerQuant:
+        """Quantization settings for the layer at module path ``path``."""
+        weight, activation = self.weight, self.activation
+        skip = any(fnmatch.fnmatchcase(path, g) for g in self.skip)
+        matched: list[int] = []
+        for i, rule in enumerate(self.rules):
+            if not rule.matches(path):
+                continue
+            matched.append(i)
+            if rule.weight is not None:
+                weight = rule.weight
+            if rule.activation is not None:
+                activation = rule.activation
+            if rule.skip is not None:
+                skip = rule.skip
+        return LayerQuant(weight, activation, skip, tuple(matched))
+
+    # ---- serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        return _from_plain(cls, data, "plan")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"malformed plan JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Plan":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PlanError(f"malformed plan YAML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {p}: {e.strerror}") from None
+        if p.suffix.lower() == ".json":
+            return cls.from_json(text)
+        return cls.from_yaml(text)
+
+    def with_rules(self, *rules: LayerRule) -> "Plan":
+        """A copy with ``rules`` appended (they override the existing ones)."""
+        return dataclasses.replace(self, rules=self.rules + tuple(rules))
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+W8_PER_CHANNEL = QuantSpec(bits=8, granularity=Granularity.PER_CHANNEL, symmetric=True)
+A8_PER_TOKEN = QuantSpec(bits=8, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True)
+
+PRESETS: dict[str, Plan] = {}
+
+
+def register_preset(plan: Plan) -> Plan:
+    """Add ``plan`` to :data:`PRESETS` under ``plan.name`` (names are unique)."""
+    if plan.name in PRESETS:
+        raise PlanError(f"preset {plan.name!r} is already registered")
+    PRESETS[plan.name] = plan
+    return plan
+
+
+register_preset(Plan(name="fp32", description="No quantization: the captured graph as is."))
+register_preset(
+    Plan(
+        name="w8a8-rtn",
+        description="Round-to-nearest int8 weights (per output channel, symmetric) and dynamic "
+        "per-token symmetric int8 activations; int32 accumulation. lm_head stays fp32.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W8_PER_CHANNEL,
+        activation=A8_PER_TOKEN,
+    )
+)
+
+
+def get_plan(plan: "Plan | str | Path") -> Plan:
+    """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Path) or (isinstance(plan, str) and plan.lower().endswith((".yaml", ".yml", ".json"))):
+        return Plan.from_file(plan)
+    if isinstance(plan, str):
+        if plan in PRESETS:
+            return PRESETS[plan]
+        raise PlanError(f"unknown preset {plan!r}; presets: {sorted(PRESETS)} (or a path to a .yaml/.json plan)")
+    raise PlanError(f"plan must be a Plan, a preset name or a file path, not {type(plan).__name__}")
+
+
+# ---- generic typed (de)serialization of frozen dataclasses ----------------------------------
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, PassConfig):
+            return {"name": obj.name, "options": {k: _to_plain(v) for k, v in obj.options}}
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _from_plain(tp: Any, data: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if data is None:
+            if type(None) in typing.get_args(tp):
+                return None
+            raise PlanError(f"{where}: a value is required")
+        return _from_plain(args[0], data, where)
+    if origin is tuple:
+        if not isinstance(data, (list, tuple)):
+            raise PlanError(f"{where}: expected a list, got {type(data).__name__}")
+        (elem, _ellipsis) = typing.get_args(tp)
+        return tuple(_from_plain(elem, v, f"{where}[{i}]") for i, v in enumerate(data))
+    if tp is PassConfig:
+        return _pass_config_from_plain(data, where)
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_from_plain(tp, data, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if data not in allowed:
+            raise PlanError(f"{where}: {data!r} is not allowed; allowed: {allowed}")
+        return tp(data)
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise PlanError(f"{where}: expected true/false, got {data!r}")
+        return data
+    if tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise PlanError(f"{where}: expected an integer, got {data!r}")
+        return data
+    if tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise PlanError(f"{where}: expected a number, got {data!r}")
+        return float(data)
+    if tp is str:
+        if not isinstance(data, str):
+            raise PlanError(f"{where}: expected a string, got {data!r}")
+        return data
+    raise PlanError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _dataclass_from_plain(cls: Any, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise PlanError(f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys: {list(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PlanError(f"{where}: missing required key {name!r}")
+            continue
+        kwargs[name] = _from_plain(hints[name], data[name], f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except PlanError as e:
+        raise PlanError(f"{where}: {e}") from None
+
+
+def _freeze_option(value: Any, where: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze_option(v, where) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise PlanError(f"{where}: option values must be numbers, strings, booleans or lists, got {value!r}")
+
+
+def _pass_config_from_plain(data: Any, where: str) -> PassConfig:
+    if isinstance(data, str):
+        return PassConfig(data)
+    if not isinstance(data, Mapping):
+        raise PlanError(f"{where}: expected a pass name or a mapping with keys ['name', 'options']")
+    unknown = sorted(set(data) - {"name", "options"})
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys: ['name', 'options']")
+    if not isinstance(data.get("name"), str):
+        raise PlanError(f"{where}: 'name' (the pass name) is required")
+    options = data.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise PlanError(f"{where}.options: expected a mapping")
+    return PassConfig(
+        data["name"], tuple((str(k), _freeze_option(v, f"{where}.options.{k}")) for k, v in options.items())
+    )
+
+
+__all__ = [
+    "PLAN_VERSION",
+    "Granularity",
+    "WeightMethod",
+    "QuantSpec",
+    "LayerRule",
+    "PassConfig",
+    "LayerQuant",
+    "Plan",
+    "PRESETS",
+    "register_preset",
+    "get_plan",
+]

@@ -1,0 +1,223 @@
+"""Artifacts: a directory of safetensors + JSON, written atomically, checked on load.
+
+Layout (format version :data:`FORMAT_VERSION`)::
+
+    manifest.json        format, versions, plan, target, backend, program (graphs as JSON,
+                         slots, input specs, cache specs, meta), report, sha256 of every file
+    tensors.safetensors  Program state (weights, scales, constants) and the example inputs
+    tokenizer/           the tokenizer's own JSON files, when the model has one
+
+Writing goes to a hidden temporary directory beside the target, which replaces the target
+only once complete, so an interrupted save leaves nothing half-written. Loading verifies the
+format version and every file's sha256 before using anything; a truncated or tampered file
+raises :class:`ArtifactError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qcompile.errors import ArtifactError, PlanError, VerifyError
+from qcompile.ir.program import DimRange, Entry, Program, Slot, SlotKind, TensorSpec
+from qcompile.ir.serialize import graph_from_json, graph_to_json
+from qcompile.passes.manager import CompileReport
+from qcompile.ir.verify import verify
+from qcompile.plan import Plan
+
+if TYPE_CHECKING:
+    from qcompile.runtime.compiled import CompiledModule
+
+FORMAT = "qcompile-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _version() -> str:
+    from qcompile import __version__
+
+    return __version__
+
+
+def _entry_to_json(e: Entry) -> dict[str, Any]:
+    return {
+        "graph": graph_to_json(e.graph),
+        "slots": [[s.kind.value, s.name] for s in e.slots],
+        "user_inputs": [{"shape": list(t.shape), "dtype": t.dtype} for t in e.user_inputs],
+        "dims": {k: [v.min, v.max] for k, v in e.dims.items()},
+        "out_spec": e.out_spec,
+        "examples": len(e.examples),
+    }
+
+
+def _unalias(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: give every tensor its own contiguous copy if needed."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen or not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone().contiguous()
+        seen.add(t.untyped_storage().data_ptr() if t.numel() else -1)
+        out[k] = t
+    return out
+
+
+def save_artifact(cm: "CompiledModule", path: Path) -> Path:
+    path = path.expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
+        raise ArtifactError(f"{path} is a non-empty directory that is not a qcompile artifact; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        prog = cm.program
+        tensors = {f"state/{k}": v for k, v in prog.state.items()}
+        for e in prog.entries.values():
+            tensors.update({f"example/{e.name}/{i}": t for i, t in enumerate(e.examples)})
+        save_file(_unalias(tensors), tmp / TENSORS, metadata={"format": FORMAT})
+        files = {TENSORS: _sha256(tmp / TENSORS)}
+        if cm.tokenizer is not None:
+            cm.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            for f in sorted((tmp / TOKENIZER_DIR).rglob("*")):
+                if f.is_file():
+                    files[f.relative_to(tmp).as_posix()] = _sha256(f)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "qcompile_version": _version(),
+            "torch_version": torch.__version__,
+            "target": cm.target,
+            "backend": cm.backend,
+            "plan": cm.plan.to_dict(),
+            "program": {
+                "meta": prog.meta,
+                "cache_specs": {k: [list(s), dt] for k, (s, dt) in prog.cache_specs.items()},
+                "state_keys": list(prog.state),
+                "entries": {name: _entry_to_json(e) for name, e in prog.entries.items()},
+            },
+            "report": cm.report.to_dict(),
+            "files": files,
+        }
+        manifest["checksum"] = _manifest_checksum(manifest)
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "a")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{path} is not a qcompile artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupt (truncated or edited): {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath} is not a qcompile artifact manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise ArtifactError(f"{mpath} has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {version}, newer than this qcompile ({_version()}) reads "
+            f"(<= {FORMAT_VERSION}); upgrade qcompile to load it"
+        )
+    if manifest.get("checksum") != _manifest_checksum(manifest):
+        raise ArtifactError(f"{mpath} does not match its checksum (edited or corrupted); re-create the artifact")
+    return manifest
+
+
+def load_artifact(path: str | Path, backend: str | None = None) -> "CompiledModule":
+    from qcompile.runtime.compiled import CompiledModule
+
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    files = manifest.get("files") or {}
+    if TENSORS not in files:
+        raise ArtifactError(f"{path}/{MANIFEST} lists no {TENSORS}")
+    for rel, digest in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise ArtifactError(f"{path} is incomplete: {rel} is missing")
+        if _sha256(f) != digest:
+            raise ArtifactError(f"{path}/{rel} does not match its checksum (truncated or tampered); re-create the artifact")
+    try:
+        tensors = load_file(path / TENSORS)
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}/{TENSORS} cannot be read: {e}") from None
+    try:
+        plan = Plan.from_dict(manifest["plan"])
+        program = _program_from_json(manifest["program"], tensors)
+        report = CompileReport.from_dict(manifest.get("report") or {})
+        verify(program, deep=False)
+    except (KeyError, TypeError, ValueError, PlanError, VerifyError) as e:
+        raise ArtifactError(f"{path}/{MANIFEST} is malformed: {type(e).__name__}: {e}") from None
+    tokenizer = None
+    if (path / TOKENIZER_DIR).is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+    return CompiledModule(
+        program, plan, target=manifest["target"], backend=backend or manifest.get("backend"), report=report, tokenizer=tokenizer
+    )
+
+
+def _program_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Program:
+    state = {}
+    for k in data["state_keys"]:
+        if f"state/{k}" not in tensors:
+            raise ArtifactError(f"tensor {k!r} is missing from {TENSORS}")
+        state[k] = tensors[f"state/{k}"]
+    entries = {}
+    for name, e in data["entries"].items():
+        examples = [tensors[f"example/{name}/{i}"] for i in range(int(e["examples"]))]
+        entries[name] = Entry(
+            name=name,
+            graph=graph_from_json(e["graph"]),
+            slots=[Slot(SlotKind(kind), n) for kind, n in e["slots"]],
+            user_inputs=[TensorSpec(tuple(u["shape"]), str(u["dtype"])) for u in e["user_inputs"]],
+            examples=examples,
+            dims={k: DimRange(int(a), int(b)) for k, (a, b) in e["dims"].items()},
+            out_spec=str(e["out_spec"]),
+        )
+    cache_specs = {k: (tuple(int(d) for d in s), str(dt)) for k, (s, dt) in data["cache_specs"].items()}
+    return Program(entries, state, cache_specs, dict(data["meta"]))

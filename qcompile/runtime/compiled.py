@@ -1,0 +1,243 @@
+"""CompiledModule: what ``qcompile.compile`` returns and ``qcompile.load`` brings back.
+
+* ``cm(*inputs)`` runs the ``forward`` entry (inputs checked against the captured specs);
+* ``cm.generate(input_ids, max_new_tokens)`` runs ``prefill`` once and ``decode`` per new token
+  over the Program's static cache (greedy, or sampling with temperature / top-k / top-p);
+* ``cm.report`` is the compile report, ``cm.save(dir)`` writes an artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from qcompile.codegen import get_backend
+from qcompile.codegen.base import BuiltEntry
+from qcompile.errors import InputError, QCompileError
+from qcompile.ir.program import Entry, Program, SlotKind
+from qcompile.passes.manager import CompileReport
+from qcompile.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)  # the first new token comes from prefill
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class CompiledModule:
+    def __init__(
+        self,
+        program: Program,
+        plan: Plan,
+        *,
+        target: str = "cpu",
+        backend: str | None = None,
+        report: CompileReport | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.program = program
+        self.plan = plan
+        self.target = target
+        self._backend = get_backend(backend, target)
+        self.backend = self._backend.name
+        self.report = report or CompileReport(plan.name)
+        self.tokenizer = tokenizer
+        self._built: dict[str, BuiltEntry] = self._backend.build(program, target)
+        self._cache: dict[str, torch.Tensor] = program.new_cache()
+        self.last_generation: GenerationStats | None = None
+
+    # ---- calling ---------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[str]:
+        return list(self.program.entries)
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        return self.run_entry("forward", *args, **kwargs)
+
+    def run_entry(self, name: str, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        """Run entry ``name`` on user inputs (positional or by name); outputs as the model's."""
+        if name not in self.program.entries:
+            raise InputError(f"this module has no entry {name!r}; entries: {self.entries}")
+        entry = self.program.entries[name]
+        inputs = _bind(entry, args, kwargs)
+        check_inputs(entry, inputs)
+        flat = self._build_args(entry, inputs)
+        out = self._built[name](flat)
+        return pytree.tree_unflatten(list(out), pytree.treespec_loads(entry.out_spec))
+
+    def _build_args(self, entry: Entry, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        user = iter(inputs)
+        args = []
+        for slot in entry.slots:
+            if slot.kind is SlotKind.STATE:
+                args.append(self.program.state[slot.name])
+            elif slot.kind is SlotKind.CACHE:
+                args.append(self._cache[slot.name])
+            else:
+                args.append(next(user))
+        return args
+
+    def reset_cache(self) -> None:
+        for t in self._cache.values():
+            t.zero_()
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids[1, P]``; returns ``[1, P + n]`` (stops early at an EOS token).
+
+        ``eos_token_id=None`` uses the model's EOS tokens; pass ``[]`` to never stop early.
+        """
+        if self.program.kind != "causal_lm" or not {"prefill", "decode"} <= set(self.program.entries):
+            raise QCompileError("generate() needs a causal LM compiled with its prefill/decode steps")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise InputError(f"generate() takes input_ids of shape [1, prompt_len] (batch 1), got {got}")
+        if input_ids.dtype != torch.int64:
+            raise InputError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        prompt_len = int(input_ids.shape[1])
+        limit = int(self.program.meta["max_cache_len"])
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prompt_len < 1 or prompt_len + max_new_tokens > limit:
+            raise InputError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) must be between 1 and the "
+                f"compiled cache length {limit}; recompile with a larger max_cache_len"
+            )
+        vocab = int(self.program.meta["vocab_size"])
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise InputError(f"token ids must be in [0, {vocab}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
+        eos = set(self.program.meta.get("eos_token_id") or []) if eos_token_id is None else (
+            {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        )
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.reset_cache()
+        tokens = input_ids.clone()
+        if max_new_tokens == 0:
+            return tokens
+        t0 = time.perf_counter()
+        logits = self.run_entry("prefill", input_ids, torch.arange(prompt_len))
+        t1 = time.perf_counter()
+        nxt = _pick(logits[0, -1], do_sample, temperature, top_k, top_p, gen)
+        tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
+        while tokens.shape[1] < prompt_len + max_new_tokens and int(nxt) not in eos:
+            pos = torch.tensor([tokens.shape[1] - 1])
+            logits = self.run_entry("decode", nxt.view(1, 1), pos)
+            nxt = _pick(logits[0, -1], do_sample, temperature, top_k, top_p, gen)
+            tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
+        t2 = time.perf_counter()
+        self.last_generation = GenerationStats(prompt_len, tokens.shape[1] - prompt_len, t1 - t0, t2 - t1)
+        return tokens
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write an artifact directory atomically (safetensors + JSON)."""
+        from qcompile.runtime.artifact import save_artifact
+
+        return save_artifact(self, Path(path))
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModule(plan={self.plan.name!r}, target={self.target!r}, backend={self.backend!r}, "
+            f"entries={self.entries})"
+        )
+
+
+def _pick(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    logits = logits.to(torch.float32)
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+def _bind(entry: Entry, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    names = [s.name for s in entry.slots if s.kind is SlotKind.USER]
+    if len(args) > len(names):
+        raise InputError(f"{entry.name} takes {len(names)} input(s) {names}, got {len(args)} positional")
+    bound: dict[str, Any] = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise InputError(f"{entry.name} has no input named {k!r}; inputs: {names}")
+        if k in bound:
+            raise InputError(f"{entry.name}: input {k!r} given twice")
+        bound[k] = v
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise InputError(f"{entry.name}: missing input(s) {missing}; inputs: {names}")
+    return [bound[n] for n in names]
+
+
+def check_inputs(entry: Entry, inputs: list[Any]) -> None:
+    """Raise InputError unless ``inputs`` match the entry's dtypes, ranks, static and dynamic dims."""
+    names = [s.name for s in entry.slots if s.kind is SlotKind.USER]
+    bound: dict[str, int] = {}
+    for name, spec, x in zip(names, entry.user_inputs, inputs):
+        expect = spec.describe()
+        ranges = ", ".join(f"{d} in [{entry.dims[d].min}, {entry.dims[d].max}]" for d in spec.shape if isinstance(d, str))
+        hint = f"expected {expect}" + (f" with {ranges}" if ranges else "")
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{entry.name} input {name!r}: {hint}, got {type(x).__name__}")
+        got = f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+        if x.dtype != spec.torch_dtype:
+            raise InputError(f"{entry.name} input {name!r}: {hint}, got dtype {got}")
+        if x.dim() != len(spec.shape):
+            raise InputError(f"{entry.name} input {name!r}: {hint}, got rank {x.dim()} ({got})")
+        for axis, (want, have) in enumerate(zip(spec.shape, x.shape)):
+            if isinstance(want, int):
+                if want != have:
+                    raise InputError(f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} must be {want})")
+                continue
+            rng = entry.dims.get(want)
+            if rng is not None and not rng.min <= have <= rng.max:
+                raise InputError(f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} out of range)")
+            if bound.setdefault(want, have) != have:
+                raise InputError(f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} must equal {bound[want]} like the other inputs)")
