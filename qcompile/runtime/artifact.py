@@ -91,6 +91,8 @@ def save_artifact(cm: "CompiledModule", path: Path) -> Path:
         raise ArtifactError(f"{path} is a non-empty directory that is not a qcompile artifact; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         prog = cm.program
         tensors = {f"state/{k}": v for k, v in prog.state.items()}
@@ -125,6 +127,8 @@ def save_artifact(cm: "CompiledModule", path: Path) -> Path:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; give the usual permissions
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "a")

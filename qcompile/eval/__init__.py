@@ -1,0 +1,1 @@
+"""Evaluation: offline model zoo, datasets, perplexity and accuracy."""

@@ -1,0 +1,1 @@
+"""The IR: Program, capture, matchers, verifier, printer, serialization."""

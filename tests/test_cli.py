@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qcompile.cli import main
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A real Hugging Face model folder: a tiny Llama plus a word-level tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    model = make_tiny_llama(vocab=256)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(d)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
+    return d
+
+
+def test_compile_run_report(hf_folder, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compile", "--model", str(hf_folder), "--plan", "w8a8-rtn", "--max-cache-len", "64", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "compiled with plan 'w8a8-rtn'" in text and "quantize_weights" in text and f"saved artifact to {out}" in text
+    assert main(["run", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines[0].split()) == 6  # six generated words
+    assert lines[-1].startswith("prefill: 3 tokens") and "decode: 6 tokens" in lines[-1]
+    assert main(["report", str(out)]) == 0
+    assert "layers changed 14" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_with_a_message_not_a_traceback(tmp_path, capsys, hf_folder):
+    assert main(["compile", "--model", str(hf_folder), "--plan", "w9a9", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'w9a9'" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [unclosed\n")
+    assert main(["compile", "--model", str(hf_folder), "--plan", str(bad), "-o", str(tmp_path / "x")]) == 2
+    assert "malformed plan YAML" in capsys.readouterr().err
+    assert main(["compile", "--model", "no-such-model", "-o", str(tmp_path / "x")]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path), "--prompt", "w1"]) == 2
+    assert "not a qcompile artifact" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script_exit_codes_and_debug(tmp_path):
+    exe = [sys.executable, "-m", "qcompile.cli"]
+    r = subprocess.run([*exe, "run", str(tmp_path), "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*exe, "--debug", "run", str(tmp_path), "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "ArtifactError" in r.stderr
+
+
+def test_hf_folder_loads_like_transformers(hf_folder):
+    from transformers import AutoModelForCausalLM
+
+    from qcompile.eval.zoo import load_model
+
+    zm = load_model(str(hf_folder))
+    ref = AutoModelForCausalLM.from_pretrained(hf_folder).eval()
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(zm.model(x).logits, ref(x).logits)
