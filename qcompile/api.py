@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from qcompile.errors import QCompileError
-from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, capture
+from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
 from qcompile.ir.program import Program
 from qcompile.ir.verify import verify
 from qcompile.passes.base import PassContext
@@ -31,6 +31,7 @@ def compile(
     calib: Any = None,
     backend: str | None = None,
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    lm_entries: tuple[str, ...] = LM_ENTRIES,
     dump_dir: str | Path | None = None,
     tokenizer: Any = None,
     progress: bool = False,
@@ -38,7 +39,8 @@ def compile(
     """Compile ``model`` for ``target`` under ``plan`` (a Plan, a preset name, or a YAML/JSON path).
 
     ``model`` is an ``nn.Module`` (a causal LM needs no ``example_inputs``), an ``fx.GraphModule``
-    or an already captured :class:`Program` (which is rewritten in place).
+    or an already captured :class:`Program` (which is rewritten in place). ``lm_entries`` picks
+    which of a causal LM's entries to capture (``forward``, ``prefill``, ``decode``).
     """
     the_plan = get_plan(plan)
     manager = PassManager(the_plan, dump_dir=dump_dir)  # plan/pass errors surface before capture
@@ -48,7 +50,9 @@ def compile(
         program = model
     elif isinstance(model, torch.nn.Module):
         log.info("capturing %s", type(model).__name__)
-        program = capture(model, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len)
+        program = capture(
+            model, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len, lm_entries=lm_entries
+        )
     else:
         raise QCompileError(f"compile() takes an nn.Module or a Program, not {type(model).__name__}")
     verify(program)
@@ -56,6 +60,7 @@ def compile(
     ctx = PassContext(plan=the_plan, calib=calib, progress=progress)
     program = manager.run(program, ctx, report)
     report.weight_bytes = program.weight_bytes_by_dtype()
+    report.packed_weight_bytes = program.packed_weight_bytes()
     return CompiledModule(program, the_plan, target=target, backend=backend, report=report, tokenizer=tokenizer)
 
 

@@ -3,6 +3,7 @@
     qcompile compile --model smollm2-135m --plan w8a8-rtn --target cpu -o out/
     qcompile run out/ --prompt "To be, or not to be" --max-new-tokens 32
     qcompile report out/
+    qcompile eval --model smollm2-135m --plan w8a8-rtn --windows 16 --seq 512 --json out/eval.json
 
 User errors exit with status 2 and a one-paragraph message; ``--debug`` shows the traceback.
 """
@@ -51,6 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=None)
     r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--seed", type=int, default=None)
+
+    e = sub.add_parser("eval", help="perplexity / top-1 of a model under a plan")
+    _add_model_args(e)
+    e.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
+    e.add_argument("--source", action="store_true", help="evaluate the unmodified model instead of a compiled one")
+    e.add_argument("--target", default="cpu")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="plain text file to evaluate on")
+    src.add_argument("--dataset", default="shakespeare", help="dataset (default: shakespeare)")
+    e.add_argument("--split", default="evaluation", choices=["evaluation", "calibration"])
+    e.add_argument("--encoding", default="utf-8", help="encoding of --text (default utf-8)")
+    e.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
+    e.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--json", default=None, help="write the record to this JSON file")
 
     rep = sub.add_parser("report", help="print an artifact's compile report")
     rep.add_argument("artifact")
@@ -104,6 +119,37 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from qcompile.eval.harness import TextSource, evaluate
+
+    text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)
+    rec = evaluate(
+        a.model, a.plan, target=a.target, text=text, windows=a.windows, seq=a.seq, gguf_file=a.gguf_file,
+        source=a.source, progress=True,
+    )
+    if "ppl" in rec:
+        print(f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} tokens")
+    elif "top1" in rec:
+        print(f"{rec['model']} / {rec['plan_name']}: top-1 {rec['top1'] * 100:.2f} % on {rec['images']} images")
+    else:
+        print(f"{rec['model']} / {rec['plan_name']}: top-1 agreement with fp32 {rec['top1_agreement'] * 100:.1f} % on {rec['images']} photos")
+    if a.json:
+        _write_json(Path(a.json), rec)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _write_json(path: Path, data: object) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from qcompile.passes.manager import CompileReport
     from qcompile.runtime.artifact import read_manifest
@@ -118,7 +164,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "report": cmd_report}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

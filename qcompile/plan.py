@@ -222,6 +222,35 @@ register_preset(
 )
 
 
+register_preset(
+    Plan(
+        name="w6a6-rtn",
+        description="Round-to-nearest 6-bit symmetric weights (group 128 along K) and dynamic per-token "
+        "symmetric 6-bit activations; int32 accumulation per group. The RTN baseline for FlexQ.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128),
+        activation=QuantSpec(bits=6, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True),
+    )
+)
+register_preset(
+    Plan(
+        name="w4a16-rtn-g128",
+        description="Weight-only round-to-nearest 4-bit symmetric weights, group 128 along K; fp32 activations.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128),
+    )
+)
+register_preset(
+    Plan(
+        name="w4a16-rtn-g32-asym",
+        description="Weight-only round-to-nearest 4-bit asymmetric (min/max, float offset) weights, "
+        "group 32 along K; the grid of GGUF Q4_1.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=False, group_size=32),
+    )
+)
+
+
 def get_plan(plan: "Plan | str | Path") -> Plan:
     """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
     if isinstance(plan, Plan):

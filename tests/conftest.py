@@ -47,3 +47,25 @@ def smollm2():
     from qcompile.eval.zoo import load_smollm2
 
     return load_smollm2()
+
+
+def make_hf_folder(d):
+    """A real Hugging Face model folder: a tiny Llama plus a word-level tokenizer ("w1 w2 ...")."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_tiny_llama(vocab=256)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(d)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")

@@ -5,26 +5,6 @@ import pytest
 import torch
 
 from qcompile.cli import main
-from tests.conftest import make_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A real Hugging Face model folder: a tiny Llama plus a word-level tokenizer."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    model = make_tiny_llama(vocab=256)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(d)
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
-    return d
 
 
 def test_compile_run_report(hf_folder, tmp_path, capsys):

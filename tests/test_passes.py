@@ -147,8 +147,8 @@ def test_dump_dir_has_the_graph_after_each_pass(tmp_path):
 
 
 def test_unsupported_combination_is_a_plan_error():
-    plan = PRESETS["w8a8-rtn"].with_rules(LayerRule("*", weight=qcompile.QuantSpec(4, qcompile.Granularity.PER_CHANNEL)))
-    with pytest.raises(PassError, match="is not supported; supported: W8 per_channel"):
+    plan = PRESETS["w8a8-rtn"].with_rules(LayerRule("*", weight=qcompile.QuantSpec(4, qcompile.Granularity.PER_TENSOR)))
+    with pytest.raises(PassError, match="weight granularity 'per_tensor' is not supported; supported: weights: 2-8 bits"):
         qcompile.compile(_mlp(), plan=plan, example_inputs=(torch.randn(2, 16),))
 
 

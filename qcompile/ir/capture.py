@@ -37,6 +37,7 @@ from qcompile.ir.program import PATH_KEY, DimRange, Entry, Program, Slot, SlotKi
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CACHE_LEN = 1024
+LM_ENTRIES = ("forward", "prefill", "decode")
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -58,6 +59,7 @@ def capture(
     *,
     dynamic_shapes: Any = None,
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    lm_entries: tuple[str, ...] = LM_ENTRIES,
 ) -> Program:
     """Capture ``model`` into a Program.
 
@@ -68,7 +70,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs an nn.Module or fx.GraphModule, got {type(model).__name__}")
     if is_causal_lm(model) and example_inputs is None:
-        return capture_causal_lm(model, max_cache_len=max_cache_len)
+        return capture_causal_lm(model, max_cache_len=max_cache_len, entries=lm_entries)
     if example_inputs is None:
         raise CaptureError(
             f"{type(model).__name__} is not a causal LM, so capture needs example_inputs "
@@ -82,8 +84,14 @@ def capture(
     return prog
 
 
-def capture_causal_lm(model: torch.nn.Module, *, max_cache_len: int = DEFAULT_MAX_CACHE_LEN) -> Program:
-    """Capture a decoder-only LM: ``forward`` (no cache), ``prefill`` and ``decode`` (static cache)."""
+def capture_causal_lm(
+    model: torch.nn.Module, *, max_cache_len: int = DEFAULT_MAX_CACHE_LEN, entries: tuple[str, ...] = LM_ENTRIES
+) -> Program:
+    """Capture a decoder-only LM: ``forward`` (no cache), ``prefill`` and ``decode`` (static cache);
+    ``entries`` selects a subset (evaluation needs only ``forward``, plus ``decode`` for cache sizes)."""
+    unknown = sorted(set(entries) - set(LM_ENTRIES))
+    if unknown or not entries:
+        raise CaptureError(f"unknown LM entries {unknown or list(entries)}; entries: {list(LM_ENTRIES)}")
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
     cfg = model.config
@@ -109,25 +117,27 @@ def capture_causal_lm(model: torch.nn.Module, *, max_cache_len: int = DEFAULT_MA
     gc = model.generation_config
     saved_impl = getattr(gc, "cache_implementation", None)
     with _inference(model):
-        # forward: whole sequence, no cache, dynamic length
-        seq = Dim("seq", min=1, max=max_pos)
-        ep = _export(_LogitsOnly(model), (ids,), {}, ({1: seq},))
-        prog.entries["forward"] = _entry_from_export(prog, "forward", ep, strip="model.", examples=[ids])
+        if "forward" in entries:  # whole sequence, no cache, dynamic length
+            seq = Dim("seq", min=1, max=max_pos)
+            ep = _export(_LogitsOnly(model), (ids,), {}, ({1: seq},))
+            prog.entries["forward"] = _entry_from_export(prog, "forward", ep, strip="model.", examples=[ids])
+        if not {"prefill", "decode"} & set(entries):
+            return prog
         try:
             gc.cache_implementation = "static"
             step = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len)
         finally:
             gc.cache_implementation = saved_impl
-        # prefill: T new tokens at positions cache_position (T dynamic)
-        t = Dim("tokens", min=1, max=max_cache_len)
-        pos = torch.arange(ex_len)
-        kwargs = {"input_ids": ids, "cache_position": pos}
-        ep = _export(step, (), kwargs, {"input_ids": {1: t}, "cache_position": {0: t}})
-        prog.entries["prefill"] = _entry_from_export(prog, "prefill", ep, strip="model.", examples=[ids, pos])
-        # decode: one token
-        one, pos1 = ids[:, :1].clone(), torch.tensor([ex_len])
-        ep = _export(step, (), {"input_ids": one, "cache_position": pos1}, None)
-        prog.entries["decode"] = _entry_from_export(prog, "decode", ep, strip="model.", examples=[one, pos1])
+        if "prefill" in entries:  # T new tokens at positions cache_position (T dynamic)
+            t = Dim("tokens", min=1, max=max_cache_len)
+            pos = torch.arange(ex_len)
+            kwargs = {"input_ids": ids, "cache_position": pos}
+            ep = _export(step, (), kwargs, {"input_ids": {1: t}, "cache_position": {0: t}})
+            prog.entries["prefill"] = _entry_from_export(prog, "prefill", ep, strip="model.", examples=[ids, pos])
+        if "decode" in entries:  # one token
+            one, pos1 = ids[:, :1].clone(), torch.tensor([ex_len])
+            ep = _export(step, (), {"input_ids": one, "cache_position": pos1}, None)
+            prog.entries["decode"] = _entry_from_export(prog, "decode", ep, strip="model.", examples=[one, pos1])
     return prog
 
 

@@ -168,6 +168,29 @@ class Program:
             entries[name] = dataclasses.replace(e, graph=gm, slots=list(e.slots), dims=dict(e.dims))
         return Program(entries, dict(self.state), dict(self.cache_specs), dict(self.meta))
 
+    def packed_weight_bytes(self) -> int:
+        """Bytes of the state if every quantized weight were bit-packed at its own bit-width."""
+        bits = self.meta.get("weight_bits", {})
+        total = 0
+        for k, t in self.state.items():
+            total += (t.numel() * int(bits[k]) + 7) // 8 if k in bits else t.numel() * t.element_size()
+        return total
+
+    def cache_bytes_per_token(self) -> int | None:
+        """Bytes of cache per cached token (all layers, all cache tensors with a sequence axis of
+        ``meta['max_cache_len']``); None when the Program has no cache."""
+        length = self.meta.get("max_cache_len")
+        if not self.cache_specs or not length:
+            return None
+        total = 0
+        for shape, dt in self.cache_specs.values():
+            if int(length) in shape:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                total += numel * torch.empty((), dtype=getattr(torch, dt)).element_size() // int(length)
+        return total
+
     def weight_bytes_by_dtype(self) -> dict[str, int]:
         """Bytes of state tensors by dtype (what the model weighs on disk and in memory)."""
         out: dict[str, int] = {}

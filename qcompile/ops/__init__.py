@@ -6,4 +6,4 @@ saved artifact's graph (which names ``qcompile::`` ops) load and run.
 
 from qcompile.ops import linear  # noqa: F401  (registers the ops)
 
-QCOMPILE_OPS = ("linear_w8a8",)
+QCOMPILE_OPS = ("linear_w8a8", "quant_linear")

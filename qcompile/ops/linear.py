@@ -48,3 +48,61 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
 def _linear_w8a8_fake(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     torch._check(x.shape[-1] == qweight.shape[1])
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("qcompile::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    group_size: int,
+    act_bits: int,
+    act_group: int,
+) -> torch.Tensor:
+    """Grouped-weight linear; optional dynamic symmetric activation quantization.
+
+    Weights: ``w[n, k] = codes[n, k]·scale[n, g(k)] (+ offset[n, g(k)])``, g(k) = k // group_size.
+    ``act_bits == 0``: weight-only — ``y = x @ w.T`` in fp32 (W4A16-style).
+    ``act_bits > 0``: x is quantized per token (``act_group == 0``) or per token-group of
+    ``act_group`` (which must then equal ``group_size``); for every block of K the int32 product
+    ``Σ qx·codes`` is exact, rescaled by ``sx·scale`` and summed in fp32; an asymmetric offset adds
+    ``sx·offset·Σ qx`` (also exact in int32) per block.
+    """
+    from qcompile.quant.rtn import dequantize_weight_groups, num_groups, quantize_activation_groups
+
+    n, k = codes.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_linear: x has {x.shape[-1]} input features, weight expects {k}")
+    x2 = x.reshape(-1, k).to(torch.float32)
+    if act_bits == 0:
+        y = x2 @ dequantize_weight_groups(codes, scale, offset, group_size).t()
+    else:
+        if act_group not in (0, group_size) and group_size != k:
+            raise ValueError(f"quant_linear: activation group {act_group} must be 0 (per token) or equal the weight group {group_size}")
+        block = act_group if act_group else group_size
+        g = num_groups(k, block)
+        if act_group == 0:  # one activation scale per token, repeated per block
+            qx, sx = quantize_activation_groups(x2, act_bits, None)
+            qx = torch.nn.functional.pad(qx.view(-1, k), (0, g * block - k)).view(-1, g, block)
+            sx = sx.expand(-1, g)
+        else:
+            qx, sx = quantize_activation_groups(x2, act_bits, block)  # [M, g, block], [M, g]
+        wq = torch.nn.functional.pad(codes.to(torch.int32), (0, g * block - k)).view(n, g, block)
+        ws = scale if scale.shape[1] == g else scale.expand(n, g)  # per-channel weight scale
+        acc = torch.einsum("mgb,ngb->mng", qx.to(torch.int32), wq)  # exact int32, one partial per block
+        y = (acc.to(torch.float32) * sx[:, None, :] * ws[None, :, :]).sum(-1)
+        if offset is not None:
+            wo = offset if offset.shape[1] == g else offset.expand(n, g)
+            qsum = qx.to(torch.int32).sum(-1)  # [M, g]
+            y = y + (qsum.to(torch.float32) * sx)[:, None, :].mul(wo[None, :, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+@quant_linear.register_fake
+def _quant_linear_fake(x, codes, scale, offset, bias, group_size, act_bits, act_group):  # type: ignore[no-untyped-def]
+    torch._check(x.shape[-1] == codes.shape[1])
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))

@@ -41,6 +41,7 @@ class CompileReport:
     passes: list[PassReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     weight_bytes: dict[str, int] = field(default_factory=dict)
+    packed_weight_bytes: int = 0
     capture_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,7 +50,14 @@ class CompileReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompileReport":
         passes = [PassReport(**{**p, "skipped": [tuple(s) for s in p.get("skipped", [])]}) for p in d.get("passes", [])]
-        return cls(d.get("plan", ""), passes, list(d.get("warnings", [])), dict(d.get("weight_bytes", {})), float(d.get("capture_seconds", 0.0)))
+        return cls(
+            d.get("plan", ""),
+            passes,
+            list(d.get("warnings", [])),
+            dict(d.get("weight_bytes", {})),
+            int(d.get("packed_weight_bytes", 0)),
+            float(d.get("capture_seconds", 0.0)),
+        )
 
     def summary(self) -> str:
         lines = [f"plan {self.plan}: {len(self.passes)} pass(es)"]
@@ -62,7 +70,7 @@ class CompileReport:
             lines.append(f"  warning: {w}")
         total = sum(self.weight_bytes.values())
         by = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.weight_bytes.items())
-        lines.append(f"  weights: {total / 2**20:.1f} MiB ({by})")
+        lines.append(f"  weights: {total / 2**20:.1f} MiB as stored ({by}); {self.packed_weight_bytes / 2**20:.1f} MiB bit-packed")
         return "\n".join(lines)
 
 

