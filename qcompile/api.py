@@ -51,7 +51,12 @@ def compile(
     elif isinstance(model, torch.nn.Module):
         log.info("capturing %s", type(model).__name__)
         program = capture(
-            model, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len, lm_entries=lm_entries
+            model,
+            example_inputs,
+            dynamic_shapes=dynamic_shapes,
+            max_cache_len=max_cache_len,
+            lm_entries=lm_entries,
+            progress=progress,
         )
     else:
         raise QCompileError(f"compile() takes an nn.Module or a Program, not {type(model).__name__}")

@@ -95,7 +95,7 @@ def test_linear_w8a8_fake_kernel_and_export():
         torch.ops.qcompile.linear_w8a8(torch.randn(2, 5), *quantize_weight_per_channel(torch.randn(3, 4)), None)
 
 
-from qcompile.quant.rtn import (  # noqa: E402
+from qcompile.quant.rtn import (  # noqa: E402  (kept beside the tests that use it)
     dequantize_weight_groups,
     num_groups,
     quantize_activation_groups,
@@ -187,3 +187,18 @@ def test_quant_linear_weight_only_is_a_dequantized_matmul():
     torch.testing.assert_close(y, x @ dequantize_weight_groups(codes, scale, offset, 16).T)
     with pytest.raises(ValueError, match="must be 0 \\(per token\\) or equal the weight group 16"):
         torch.ops.qcompile.quant_linear(x, codes, scale, offset, None, 16, 8, 8)
+
+
+@pytest.mark.parametrize("block", [64, 2048])  # float32 path (bound < 2^24) and float64 path (bound > 2^24)
+def test_exact_block_products_both_float_paths(block):
+    from qcompile.ops.linear import exact_block_products
+
+    gen = torch.Generator().manual_seed(block)
+    qx = torch.randint(-127, 128, (3, 2, block), generator=gen, dtype=torch.int8)
+    qw = torch.randint(-127, 128, (5, 2, block), generator=gen, dtype=torch.int8)
+    qx[0, 0, :] = 127
+    qw[0, 0, :] = 127  # the extreme sum 127*127*block
+    got = exact_block_products(qx, qw)
+    want = torch.einsum("mgb,ngb->mng", qx.long(), qw.long())
+    assert torch.equal(got.long(), want)
+    assert int(got[0, 0, 0]) == 127 * 127 * block

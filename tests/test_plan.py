@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -136,6 +137,6 @@ def test_rules_override_in_order_and_field_by_field():
 
 def test_plans_are_frozen():
     plan = PRESETS["fp32"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         plan.name = "other"  # type: ignore[misc]
     assert yaml.safe_load(plan.to_yaml())["version"] == 1

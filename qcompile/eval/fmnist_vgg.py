@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from qcompile.eval.images import fashion_mnist, top1
+from qcompile.fileio import atomic_directory, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,6 @@ def load(cache: Path, progress: bool = True) -> tuple[FmnistVGG, dict]:
     """The cached model (trained on first use); returns (model, record with test top-1)."""
     from safetensors.torch import load_file, save_file
 
-    from qcompile.eval.zoo import sha256_file
 
     folder = cache / "models" / f"fmnist-vgg-v{RECIPE_VERSION}"
     record_path = folder / "record.json"
@@ -103,9 +100,7 @@ def load(cache: Path, progress: bool = True) -> tuple[FmnistVGG, dict]:
             log.warning("cached fmnist-vgg is unusable (%s); retraining", e)
     t0 = time.perf_counter()
     model, acc = train(progress)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         record = {
             "recipe_version": RECIPE_VERSION,
@@ -115,10 +110,4 @@ def load(cache: Path, progress: bool = True) -> tuple[FmnistVGG, dict]:
             "torch": torch.__version__,
         }
         (tmp / "record.json").write_text(json.dumps(record, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model, record

@@ -17,8 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from qcompile.errors import ModelNotFoundError
+from qcompile.fileio import atomic_directory, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +55,6 @@ def package_dir(package: str, pip_hint: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(f"the package {package!r} is not installed; install it with: {pip_hint}")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_hf(folder: Path, gguf_file: str | None) -> tuple[torch.nn.Module, Any]:
@@ -118,21 +109,13 @@ def _cached_gguf_lm(name: str, gguf_path: Path) -> ZooModel:
             log.warning("cached %s is unusable (%s); rebuilding it", folder, e)
     log.info("converting %s to fp32 (first use; cached afterwards in %s)", gguf_path.name, folder)
     model, tok = _load_hf(gguf_path.parent, gguf_path.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         tok.save_pretrained(str(tmp))
         (tmp / "qcompile-cache.json").write_text(json.dumps({"sha256": sha256_file(tmp / "model.safetensors"), "gguf": str(gguf_path)}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ZooModel(name, "causal_lm", model, tok, {"source": str(gguf_path), "cache": str(folder)})
 
 

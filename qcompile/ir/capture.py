@@ -60,6 +60,7 @@ def capture(
     dynamic_shapes: Any = None,
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
     lm_entries: tuple[str, ...] = LM_ENTRIES,
+    progress: bool = False,
 ) -> Program:
     """Capture ``model`` into a Program.
 
@@ -70,7 +71,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs an nn.Module or fx.GraphModule, got {type(model).__name__}")
     if is_causal_lm(model) and example_inputs is None:
-        return capture_causal_lm(model, max_cache_len=max_cache_len, entries=lm_entries)
+        return capture_causal_lm(model, max_cache_len=max_cache_len, entries=lm_entries, progress=progress)
     if example_inputs is None:
         raise CaptureError(
             f"{type(model).__name__} is not a causal LM, so capture needs example_inputs "
@@ -85,7 +86,11 @@ def capture(
 
 
 def capture_causal_lm(
-    model: torch.nn.Module, *, max_cache_len: int = DEFAULT_MAX_CACHE_LEN, entries: tuple[str, ...] = LM_ENTRIES
+    model: torch.nn.Module,
+    *,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    entries: tuple[str, ...] = LM_ENTRIES,
+    progress: bool = False,
 ) -> Program:
     """Capture a decoder-only LM: ``forward`` (no cache), ``prefill`` and ``decode`` (static cache);
     ``entries`` selects a subset (evaluation needs only ``forward``, plus ``decode`` for cache sizes)."""
@@ -114,13 +119,17 @@ def capture_causal_lm(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(cfg.vocab_size), (1, ex_len), generator=gen)
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(entries), desc="capturing (torch.export)", unit="entry", disable=not progress)
     gc = model.generation_config
     saved_impl = getattr(gc, "cache_implementation", None)
-    with _inference(model):
+    with _inference(model), bar:
         if "forward" in entries:  # whole sequence, no cache, dynamic length
             seq = Dim("seq", min=1, max=max_pos)
             ep = _export(_LogitsOnly(model), (ids,), {}, ({1: seq},))
             prog.entries["forward"] = _entry_from_export(prog, "forward", ep, strip="model.", examples=[ids])
+            bar.update(1)
         if not {"prefill", "decode"} & set(entries):
             return prog
         try:
@@ -134,10 +143,12 @@ def capture_causal_lm(
             kwargs = {"input_ids": ids, "cache_position": pos}
             ep = _export(step, (), kwargs, {"input_ids": {1: t}, "cache_position": {0: t}})
             prog.entries["prefill"] = _entry_from_export(prog, "prefill", ep, strip="model.", examples=[ids, pos])
+            bar.update(1)
         if "decode" in entries:  # one token
             one, pos1 = ids[:, :1].clone(), torch.tensor([ex_len])
             ep = _export(step, (), {"input_ids": one, "cache_position": pos1}, None)
             prog.entries["decode"] = _entry_from_export(prog, "decode", ep, strip="model.", examples=[one, pos1])
+            bar.update(1)
     return prog
 
 

@@ -51,15 +51,19 @@ def _linear_w8a8_fake(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
 
 
 def exact_block_products(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    """``acc[m, n, g] = Σ_b qx[m, g, b]·qw[n, g, b]`` exactly, for integer codes of at most 8 bits.
+    """``acc[m, n, g] = Σ_b qx[m, g, b]·qw[n, g, b]`` exactly, for integer codes.
 
-    Computed as a float64 batched GEMM: every product and partial sum is an integer below
-    2^53 (|code| ≤ 255, so up to 2^37 terms), where float64 is exact whatever the summation order;
-    this is the int32 accumulation a kernel does, at BLAS speed. Returned as int32 (|acc| < 2^31
-    for groups up to 32k with 8-bit codes).
+    Computed as a batched float GEMM, which is exact whatever the summation order as long as every
+    partial sum is an integer below the float's 2^mantissa: float32 when
+    ``max|qx|·max|qw|·block < 2^24`` (e.g. 6-bit codes in groups of 128), float64 otherwise
+    (exact below 2^53). This is the int32 accumulation a kernel does, at BLAS speed. Returned as int32.
     """
-    a = qx.to(torch.float64).permute(1, 0, 2)  # [g, M, b]
-    b = qw.to(torch.float64).permute(1, 2, 0)  # [g, b, N]
+    bound = int(qx.abs().max()) * int(qw.abs().max()) * qx.shape[-1] if qx.numel() and qw.numel() else 0
+    if bound >= 2**53:
+        raise ValueError(f"integer products could reach {bound}, beyond exact float64 accumulation")
+    dt = torch.float32 if bound < 2**24 else torch.float64
+    a = qx.to(dt).permute(1, 0, 2)  # [g, M, b]
+    b = qw.to(dt).permute(1, 2, 0)  # [g, b, N]
     return torch.bmm(a, b).permute(1, 2, 0).round().to(torch.int32)
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qcompile.errors import ArtifactError, PlanError, VerifyError
+from qcompile.fileio import atomic_directory, sha256_file
 from qcompile.ir.program import DimRange, Entry, Program, Slot, SlotKind, TensorSpec
 from qcompile.ir.serialize import graph_from_json, graph_to_json
 from qcompile.passes.manager import CompileReport
@@ -42,14 +41,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 TOKENIZER_DIR = "tokenizer"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _version() -> str:
@@ -89,22 +80,18 @@ def save_artifact(cm: "CompiledModule", path: Path) -> Path:
         raise ArtifactError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
         raise ArtifactError(f"{path} is a non-empty directory that is not a qcompile artifact; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+    with atomic_directory(path) as tmp:
         prog = cm.program
         tensors = {f"state/{k}": v for k, v in prog.state.items()}
         for e in prog.entries.values():
             tensors.update({f"example/{e.name}/{i}": t for i, t in enumerate(e.examples)})
         save_file(_unalias(tensors), tmp / TENSORS, metadata={"format": FORMAT})
-        files = {TENSORS: _sha256(tmp / TENSORS)}
+        files = {TENSORS: sha256_file(tmp / TENSORS)}
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             for f in sorted((tmp / TOKENIZER_DIR).rglob("*")):
                 if f.is_file():
-                    files[f.relative_to(tmp).as_posix()] = _sha256(f)
+                    files[f.relative_to(tmp).as_posix()] = sha256_file(f)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -127,18 +114,6 @@ def save_artifact(cm: "CompiledModule", path: Path) -> Path:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; give the usual permissions
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "a")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -182,7 +157,7 @@ def load_artifact(path: str | Path, backend: str | None = None) -> "CompiledModu
         f = path / rel
         if not f.is_file():
             raise ArtifactError(f"{path} is incomplete: {rel} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise ArtifactError(f"{path}/{rel} does not match its checksum (truncated or tampered); re-create the artifact")
     try:
         tensors = load_file(path / TENSORS)
