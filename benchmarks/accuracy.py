@@ -32,6 +32,17 @@ CAVEATS = {
         "trivially (near-)lossless and says nothing about 4-bit quality. Activation and cache quantization "
         "are unaffected by this."
     ),
+    "fmnist-vgg": (
+        "Note: `quantize_weights` rewrites linear layers only; the convolutions stay fp32 (conv "
+        "quantization is not implemented yet), so the quantized rows here quantize the two classifier "
+        "linears only."
+    ),
+    "efficientnet-lite0": (
+        "Note: `quantize_weights` rewrites linear layers only; all convolutions stay fp32 (conv "
+        "quantization is not implemented yet), so the quantized rows quantize only the final classifier. "
+        "There is no labelled ImageNet here: the metric is top-1 agreement with the fp32 model on the "
+        "scikit-image photos listed below."
+    ),
 }
 
 
@@ -58,6 +69,14 @@ def table(records: list[dict[str, Any]]) -> str:
             for r in records
         ]
     return "\n".join([head, *rows])
+
+
+def _predictions(rec: dict[str, Any]) -> list[str]:
+    if "predictions" not in rec:
+        return []
+    lines = ["", f"Top-1 ImageNet class per photo ({rec['plan_name']}):", ""]
+    lines += [f"- {name}: {label}" for name, label in rec["predictions"].items()]
+    return lines
 
 
 def write_section(results_md: Path, section: str, body: str) -> None:
@@ -112,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             table(records),
             "",
             CAVEATS.get(zm.name, ""),
+            *_predictions(records[0]),
         ]
     )
     write_section(Path(a.results), a.section or zm.name, body)
