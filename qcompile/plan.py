@@ -251,6 +251,17 @@ register_preset(
 )
 
 
+for _m in (4, 6, 8):
+    register_preset(
+        Plan(
+            name=f"winograd-f{_m}",
+            description=f"3x3 stride-1 convolutions as Winograd F({_m},3) with the best verified point set "
+            "(fp32 execution; set the pass option fp16: true to run it in fp16).",
+            passes=(PassConfig("winograd_conv", (("m", _m), ("points", "best"))),),
+        )
+    )
+
+
 def get_plan(plan: "Plan | str | Path") -> Plan:
     """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
     if isinstance(plan, Plan):

@@ -1,0 +1,179 @@
+"""winograd_conv: 3×3 convolutions → ``qcompile::winograd_conv2d`` (NOVA-style F(m, 3)).
+
+What it does: every ``aten.conv2d`` whose weight is a constant ``[C_out, C_in, 3, 3]`` tensor, with
+stride 1, dilation 1 and groups 1 (found by graph matching), and whose module path matches one of
+``layers``, is replaced by the Winograd op. The weight is transformed once at compile time in
+float64 (``U = G g Gᵀ``) from exactly-verified rational transforms; inputs of any size and any
+zero padding work (edge tiles are padded and cropped).
+
+Per layer, the tile ``m`` and the point set come from the options, with ``overrides`` —
+``[[glob, m, points], ...]`` — applied in order (later wins). ``points`` is a named set
+(``"best"``, ``"integer"``, ``"fractional"``, ``"nova"``, ``"searched"``; see
+:data:`qcompile.quant.winograd.POINT_SETS`) or explicit rationals ``"0,5/6,-5/6,7/6,-7/6"``.
+``fp16=True`` runs the op in fp16 with fp32 accumulation (see the op's docstring).
+
+Not converted (listed in ``skipped`` with the reason): kernels other than 3×3, strides or
+dilations other than 1, grouped and depthwise convolutions (Winograd per channel saves little over
+a direct depthwise kernel; not implemented), string padding, non-constant weights. A layer named
+exactly (no wildcard) in ``layers`` or ``overrides`` that cannot be converted is an error.
+
+Requires: a captured Program. Guarantees: converted layers compute the same convolution (fp32:
+within float rounding of the transforms); transform matrices and weights are new state tensors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from qcompile.errors import PlanError
+from qcompile.ir.patterns import state_key
+from qcompile.ir.program import PATH_KEY, Entry, Program
+from qcompile.ops.winograd import transform_weight
+from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.quant import winograd
+
+aten = torch.ops.aten
+WILDCARDS = set("*?[")
+
+
+def resolve_points(m: int, points: str) -> tuple[Any, ...]:
+    """The finite points of F(m, 3) for a named set or an explicit comma-separated list."""
+    if "," in points or "/" in points or points.lstrip("-").isdigit():
+        return winograd.as_points([p.strip() for p in points.split(",") if p.strip()])
+    name = points
+    if name == "best":
+        name = winograd.BEST.get(m, "integer")
+    key = (m, name)
+    if key not in winograd.POINT_SETS:
+        names = sorted({n for (mm, n) in winograd.POINT_SETS if mm == m} | {"best"})
+        raise PlanError(f"no point set {points!r} for F({m},3); named sets: {names}, or explicit rationals '0,1,-1,...'")
+    return winograd.POINT_SETS[key]
+
+
+@register_pass
+@dataclass(frozen=True)
+class WinogradConv(Pass):
+    name: ClassVar[str] = "winograd_conv"
+    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
+    provides: ClassVar[frozenset[str]] = frozenset({"winograd"})
+
+    m: int = 4
+    points: str = "best"
+    fp16: bool = False
+    layers: tuple[str, ...] = ("*",)
+    overrides: tuple[tuple[Any, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.m < 2 or self.m > 8:
+            raise PlanError(f"winograd_conv: m must be in [2, 8], got {self.m}")
+        for o in self.overrides:
+            if len(o) != 3 or not isinstance(o[0], str) or not isinstance(o[1], int) or not isinstance(o[2], str):
+                raise PlanError(f"winograd_conv: each override is [glob, m, points], got {list(o)}")
+        for m, points in [(self.m, self.points), *((o[1], o[2]) for o in self.overrides)]:
+            try:  # checked when the plan is read, before anything is captured
+                winograd.transforms(resolve_points(m, points), m, 3)
+            except ValueError as e:
+                raise PlanError(f"winograd_conv: points {points!r} for F({m},3): {e}") from None
+
+    def _config(self, path: str) -> tuple[int, str] | None:
+        if not any(fnmatch.fnmatchcase(path, g) for g in self.layers):
+            return None
+        m, points = self.m, self.points
+        for glob, om, op in self.overrides:
+            if fnmatch.fnmatchcase(path, glob):
+                m, points = om, op
+        return m, points
+
+    def _named_exactly(self, path: str) -> bool:
+        globs = list(self.layers) + [o[0] for o in self.overrides]
+        return any(g == path and not (set(g) & WILDCARDS) for g in globs)
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        cache: dict[tuple[str, int, tuple[Any, ...]], list[str]] = {}
+        changed: list[str] = []
+        skipped: dict[str, str] = {}
+        touched: set[str] = set()
+        for entry in program.entries.values():
+            for node in list(entry.graph.graph.nodes):
+                if node.op != "call_function" or node.target != aten.conv2d.default:
+                    continue
+                ctx.at(entry, node)
+                path = str(node.meta.get(PATH_KEY, ""))
+                cfg = self._config(path)
+                if cfg is None:
+                    continue
+                reason, wkey = self._ineligible(program, entry, node)
+                if reason:
+                    if self._named_exactly(path):
+                        raise PlanError(f"winograd_conv: layer {path!r} was named in the plan but {reason}")
+                    skipped[path] = reason
+                    continue
+                m, pts_name = cfg
+                pts = resolve_points(m, pts_name)
+                key = (wkey, m, pts)
+                if key not in cache:
+                    cache[key] = self._make_state(program, wkey, m, pts)
+                self._replace(entry, node, cache[key], m)
+                touched.add(entry.name)
+                if path not in changed:
+                    changed.append(path)
+        ctx.at(None, None)
+        for name in touched:
+            program.entries[name].remove_unused_placeholders()
+            program.entries[name].graph.recompile()
+        program.prune_state()
+        return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()),
+                          notes={"fp16": self.fp16})
+
+    @staticmethod
+    def _ineligible(program: Program, entry: Entry, node: fx.Node) -> tuple[str, str]:
+        args = list(node.args) + [None] * (7 - len(node.args))
+        _, w, _, stride, padding, dilation, groups = args[:7]
+        wkey = state_key(entry, w)
+        if wkey is None:
+            return "its weight is not a constant", ""
+        shape = tuple(program.state[wkey].shape)
+        if len(shape) != 4 or shape[2:] != (3, 3):
+            return f"its kernel is {'x'.join(map(str, shape[2:]))}, not 3x3", wkey
+        if list(stride or [1, 1]) not in ([1, 1], [1]):
+            return f"stride {list(stride)} (Winograd F(m,3) here needs stride 1)", wkey
+        if list(dilation or [1, 1]) not in ([1, 1], [1]):
+            return f"dilation {list(dilation)} (needs 1)", wkey
+        if (groups or 1) != 1:
+            kind = "depthwise" if groups == shape[0] else "grouped"
+            return f"it is a {kind} convolution (groups={groups}); not implemented", wkey
+        if isinstance(padding, str) or len(list(padding or [0, 0])) not in (1, 2):
+            return f"padding {padding!r} is not a pair of integers", wkey
+        return "", wkey
+
+    @staticmethod
+    def _make_state(program: Program, wkey: str, m: int, pts: tuple[Any, ...]) -> list[str]:
+        t = winograd.transforms(pts, m, 3)
+        winograd.verify(t, trials=2)
+        AT, G, BT = (torch.tensor(a) for a in t.as_arrays())
+        base = wkey.removesuffix(".weight")
+        return [
+            program.add_state(f"{base}.winograd_U", transform_weight(program.state[wkey], G)),
+            program.add_state(f"{base}.winograd_AT", AT.to(torch.float32)),
+            program.add_state(f"{base}.winograd_BT", BT.to(torch.float32)),
+        ]
+
+    def _replace(self, entry: Entry, node: fx.Node, keys: list[str], m: int) -> None:
+        graph = entry.graph.graph
+        args = list(node.args) + [None] * (7 - len(node.args))
+        x, _, bias, _, padding = args[:5]
+        pad = list(padding or [0, 0])
+        pad = pad * 2 if len(pad) == 1 else pad
+        u, at, bt = (entry.state_input(k) for k in keys)
+        with graph.inserting_after(node):
+            new = graph.call_function(
+                torch.ops.qcompile.winograd_conv2d.default, (x, u, at, bt, bias, m, [int(p) for p in pad], self.fp16)
+            )
+        new.meta.update({k: v for k, v in node.meta.items() if k in (PATH_KEY, "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
