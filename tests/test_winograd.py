@@ -67,6 +67,17 @@ def test_fp32_winograd_equals_direct_conv(key, shape, pad):
     assert float((y - ref).norm() / ref.norm()) <= FP32_BOUND.get(key, 1e-4)
 
 
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_depthwise_winograd_equals_direct_conv(m):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(2, 6, 10, 9, generator=g)
+    w = torch.randn(6, 1, 3, 3, generator=g)
+    ref = torch.nn.functional.conv2d(x, w, None, padding=1, groups=6)
+    name = "integer" if m == 2 else "nova"
+    y = _run(m, POINT_SETS[(m, name)], x, w, None, (1, 1))
+    assert float((y - ref).norm() / ref.norm()) <= 1e-4
+
+
 def test_fp16_mode_is_fp16_arithmetic_and_point_choice_matters():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 16, 16, generator=g)
@@ -87,9 +98,10 @@ class Mixed(torch.nn.Module):
         self.c1 = torch.nn.Conv2d(8, 8, 1)
         self.s2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gr = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
 
     def forward(self, x):
-        return self.dw(self.s2(self.c1(self.c3(x))))
+        return self.gr(self.dw(self.s2(self.c1(self.c3(x)))))
 
 
 def test_pass_converts_eligible_convs_and_lists_the_rest():
@@ -99,11 +111,11 @@ def test_pass_converts_eligible_convs_and_lists_the_rest():
     plan = Plan(passes=(PassConfig("winograd_conv", (("m", 4), ("points", "nova"))),))
     cm = qcompile.compile(model, plan=plan, example_inputs=(x,))
     rep = cm.report.passes[0]
-    assert rep.layers_changed == ["c3"]
+    assert rep.layers_changed == ["c3", "dw"]
     reasons = dict(rep.skipped)
     assert reasons["c1"] == "its kernel is 1x1, not 3x3"
     assert reasons["s2"].startswith("stride [2, 2]")
-    assert reasons["dw"].startswith("it is a depthwise convolution")
+    assert reasons["gr"].startswith("it is a grouped convolution (groups=2, not depthwise)")
     ops = [n.target for _, n in cm.program.nodes() if n.op == "call_function"]
     assert torch.ops.qcompile.winograd_conv2d.default in ops
     torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)

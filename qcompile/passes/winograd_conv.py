@@ -1,7 +1,8 @@
 """winograd_conv: 3×3 convolutions → ``qcompile::winograd_conv2d`` (NOVA-style F(m, 3)).
 
 What it does: every ``aten.conv2d`` whose weight is a constant ``[C_out, C_in, 3, 3]`` tensor, with
-stride 1, dilation 1 and groups 1 (found by graph matching), and whose module path matches one of
+stride 1, dilation 1 and groups 1 — or a depthwise one (groups = C_in = C_out), whose per-point
+"GEMM" is an elementwise product — (found by graph matching), and whose module path matches one of
 ``layers``, is replaced by the Winograd op. The weight is transformed once at compile time in
 float64 (``U = G g Gᵀ``) from exactly-verified rational transforms; inputs of any size and any
 zero padding work (edge tiles are padded and cropped).
@@ -13,8 +14,8 @@ Per layer, the tile ``m`` and the point set come from the options, with ``overri
 ``fp16=True`` runs the op in fp16 with fp32 accumulation (see the op's docstring).
 
 Not converted (listed in ``skipped`` with the reason): kernels other than 3×3, strides or
-dilations other than 1, grouped and depthwise convolutions (Winograd per channel saves little over
-a direct depthwise kernel; not implemented), string padding, non-constant weights. A layer named
+dilations other than 1, grouped convolutions that are not depthwise (not implemented), string
+padding, non-constant weights. A layer named
 exactly (no wildcard) in ``layers`` or ``overrides`` that cannot be converted is an error.
 
 Requires: a captured Program. Guarantees: converted layers compute the same convolution (fp32:
@@ -144,9 +145,10 @@ class WinogradConv(Pass):
             return f"stride {list(stride)} (Winograd F(m,3) here needs stride 1)", wkey
         if list(dilation or [1, 1]) not in ([1, 1], [1]):
             return f"dilation {list(dilation)} (needs 1)", wkey
-        if (groups or 1) != 1:
-            kind = "depthwise" if groups == shape[0] else "grouped"
-            return f"it is a {kind} convolution (groups={groups}); not implemented", wkey
+        groups = groups or 1
+        cin = shape[1] * groups
+        if groups != 1 and not (groups == cin == shape[0] and shape[1] == 1):
+            return f"it is a grouped convolution (groups={groups}, not depthwise); not implemented", wkey
         if isinstance(padding, str) or len(list(padding or [0, 0])) not in (1, 2):
             return f"padding {padding!r} is not a pair of integers", wkey
         return "", wkey
