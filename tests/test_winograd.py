@@ -145,3 +145,19 @@ def test_winograd_keeps_fmnist_vgg_top1_in_fp32():
         rec = evaluate("fmnist-vgg", plan)
         assert rec["report"]["passes"][0]["layers_changed"] if "report" in rec else True
         assert abs(rec["top1"] - base) <= 0.0005, (plan, rec["top1"], base)
+
+
+def test_point_search_is_verified_deterministic_and_never_worse_than_its_starts():
+    from qcompile.quant.winograd_search import ConvSample, fp16_error, search, snap
+
+    g = torch.Generator().manual_seed(0)
+    samples = [ConvSample(torch.randn(4, 8, 12, 12, generator=g), torch.randn(8, 8, 3, 3, generator=g) * 0.2, (1, 1))]
+    starts = [POINT_SETS[(6, "nova")], POINT_SETS[(6, "fractional")]]
+    a = search(6, samples, starts=starts, generations=3, population=4, seed=1)
+    b = search(6, samples, starts=starts, generations=3, population=4, seed=1)
+    assert a == b
+    verify(transforms(a.points, 6))
+    assert a.error == fp16_error(a.points, 6, samples)
+    assert a.error <= min(fp16_error(s, 6, samples) for s in starts)
+    assert all(x.denominator <= 10 for x in a.points)
+    assert snap([0.5, 0.5, 1.0], 10) is None  # duplicates after snapping are rejected

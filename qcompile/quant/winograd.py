@@ -158,6 +158,13 @@ POINT_SETS: dict[tuple[int, str], tuple[Fraction, ...]] = {
     (4, "nova"): symmetric("5/6", "7/6"),
     (6, "nova"): symmetric("3/5", 1, "7/6"),
     (8, "nova"): symmetric("2/5", "5/6", 1, "7/6"),
+    # qcompile's searched sets: `python benchmarks/winograd.py --search` (evolution strategy scored by
+    # the measured fp16 error on fmnist-vgg conv inputs of 64 training images; denominators <= 10).
+    # For F(6,3) every search run (seeds 0-2, denominators <= 10/12/16, dyadic or not) returned the
+    # conventional fractional set: nothing better was found, so "searched" is that set.
+    (4, "searched"): symmetric("3/4", "3/2"),
+    (6, "searched"): symmetric("1/2", 1, 2),
+    (8, "searched"): symmetric("3/7", "4/5", "5/4", 2),
 }
 
 # The default ("best") named set per tile size m: the set with the lowest measured fp16 error
