@@ -161,3 +161,17 @@ def test_point_search_is_verified_deterministic_and_never_worse_than_its_starts(
     assert a.error <= min(fp16_error(s, 6, samples) for s in starts)
     assert all(x.denominator <= 10 for x in a.points)
     assert snap([0.5, 0.5, 1.0], 10) is None  # duplicates after snapping are rejected
+
+
+def test_per_layer_overrides_pick_tile_and_points():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    opts = (("m", 4), ("points", "nova"), ("overrides", (("2", 6, "0,1/2,-1/2,1,-1,2,-2"),)))
+    cm = qcompile.compile(model, plan=Plan(passes=(PassConfig("winograd_conv", opts),)), example_inputs=(x,))
+    ops = {n.meta["qcompile_path"]: n for _, n in cm.program.nodes() if n.target == torch.ops.qcompile.winograd_conv2d.default}
+    assert ops["0"].args[5] == 4 and ops["2"].args[5] == 6
+    entry = cm.program.entries["forward"]
+    bt = cm.program.state[entry.slot_of(ops["2"].args[3]).name]
+    assert bt.shape == (8, 8)  # F(6,3): alpha = 8
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
