@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 
-from qcompile.ir.program import PATH_KEY, Entry, Program, SlotKind
+from qcompile.ir.program import PATH_KEY, Entry, Program, Slot, SlotKind
 
 aten = torch.ops.aten
 
@@ -27,25 +27,24 @@ class LinearMatch:
         return str(self.node.meta.get(PATH_KEY, ""))
 
 
-def state_key(entry: Entry, arg: object) -> str | None:
-    """The state key bound to ``arg`` when it is a STATE placeholder, else None."""
-    if not isinstance(arg, fx.Node) or arg.op != "placeholder":
-        return None
-    slot = entry.slot_of(arg)
-    return slot.name if slot.kind is SlotKind.STATE else None
+def state_key(bindings: dict[fx.Node, Slot], arg: object) -> str | None:
+    """The state key bound to ``arg`` when it is a STATE placeholder (``bindings``: ``Entry.bindings()``)."""
+    slot = bindings.get(arg) if isinstance(arg, fx.Node) else None
+    return slot.name if slot is not None and slot.kind is SlotKind.STATE else None
 
 
 def find_linears(program: Program) -> Iterator[LinearMatch]:
     """Every ``aten.linear`` with a constant 2-D weight, in graph order, over all entries."""
     for entry in program.entries.values():
+        bindings = entry.bindings()
         for node in list(entry.graph.graph.nodes):
             if node.op != "call_function" or node.target != aten.linear.default:
                 continue
-            wkey = state_key(entry, node.args[1])
+            wkey = state_key(bindings, node.args[1])
             if wkey is None or program.state[wkey].dim() != 2:
                 continue
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            bkey = state_key(entry, bias) if bias is not None else None
+            bkey = state_key(bindings, bias) if bias is not None else None
             if bias is not None and bkey is None:
                 continue
             yield LinearMatch(entry, node, wkey, bkey)

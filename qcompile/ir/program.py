@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -108,13 +109,23 @@ class Entry:
                 keep.append(slot)
         self.slots = keep
 
+    def bindings(self) -> dict[fx.Node, Slot]:
+        """Placeholder → slot, for looking up many nodes in one pass over the graph."""
+        return dict(zip(self.placeholders(), self.slots, strict=True))
+
     def slot_of(self, node: fx.Node) -> Slot:
         """The slot bound to placeholder ``node``."""
-        return self.slots[self.placeholders().index(node)]
+        return self.bindings()[node]
 
-    def example_inputs(self) -> list[torch.Tensor]:
-        """The inputs the entry was captured with (clones, safe to mutate)."""
-        return [t.clone() for t in self.examples]
+    def replace_call(self, node: fx.Node, target: Any, args: tuple) -> fx.Node:
+        """Replace call ``node`` by ``target(*args)``, keeping its module path and stack metadata."""
+        graph = self.graph.graph
+        with graph.inserting_after(node):
+            new = graph.call_function(target, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k in (PATH_KEY, "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return new
 
 
 @dataclass
@@ -152,6 +163,13 @@ class Program:
         self.state[key] = tensor
         return key
 
+    def finish_rewrite(self, entry_names: set[str]) -> None:
+        """After a pass rewrote ``entry_names``: drop unused placeholders and state, regenerate code."""
+        for name in entry_names:
+            self.entries[name].remove_unused_placeholders()
+            self.entries[name].graph.recompile()
+        self.prune_state()
+
     def prune_state(self) -> list[str]:
         """Drop state tensors no entry refers to; returns the dropped names."""
         used = {s.name for e in self.entries.values() for s in e.slots if s.kind is SlotKind.STATE}
@@ -185,10 +203,7 @@ class Program:
         total = 0
         for shape, dt in self.cache_specs.values():
             if int(length) in shape:
-                numel = 1
-                for d in shape:
-                    numel *= d
-                total += numel * torch.empty((), dtype=getattr(torch, dt)).element_size() // int(length)
+                total += math.prod(shape) * getattr(torch, dt).itemsize // int(length)
         return total
 
     def weight_bytes_by_dtype(self) -> dict[str, int]:
@@ -202,11 +217,7 @@ class Program:
 
 def _deepcopy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = new.graph_copy(graph, env)
-    new.output(out)
-    for old, nn_ in env.items():
-        nn_.meta = dict(old.meta)
+    new.output(new.graph_copy(graph, {}))  # node_copy copies each node's meta
     return new
 
 

@@ -59,7 +59,6 @@ def _verify_entry(program: Program, entry: Entry) -> None:
 
 def _fake_run(program: Program, entry: Entry) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    cache = {k: torch.empty(shape, dtype=getattr(torch, dt), device="meta") for k, (shape, dt) in program.cache_specs.items()}
     user = iter(entry.examples)
     with mode:
         args = []
@@ -67,7 +66,8 @@ def _fake_run(program: Program, entry: Entry) -> None:
             if slot.kind is SlotKind.STATE:
                 args.append(mode.from_tensor(program.state[slot.name]))
             elif slot.kind is SlotKind.CACHE:
-                args.append(torch.zeros(cache[slot.name].shape, dtype=cache[slot.name].dtype))
+                shape, dt = program.cache_specs[slot.name]
+                args.append(torch.zeros(shape, dtype=getattr(torch, dt)))
             else:
                 args.append(mode.from_tensor(next(user)))
         interp = _NodeTrackingInterpreter(entry.graph)

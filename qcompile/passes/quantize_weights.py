@@ -25,7 +25,7 @@ import torch
 
 from qcompile.errors import PlanError
 from qcompile.ir.patterns import find_linears
-from qcompile.ir.program import PATH_KEY, Program
+from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, LayerQuant, QuantSpec, WeightMethod
 from qcompile.quant.rtn import quantize_weight_groups, quantize_weight_per_channel
@@ -75,27 +75,18 @@ class QuantizeWeights(Pass):
             if m.weight_key not in done:
                 done[m.weight_key] = self._quantize(program, m.weight_key, lq.weight, lq.activation, m.path)
             keys, op, extra = done[m.weight_key]
-            graph = m.entry.graph.graph
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
             if op is torch.ops.qcompile.linear_w8a8.default:
                 args = (m.node.args[0], inputs[0], inputs[1], bias)
             else:
                 args = (m.node.args[0], inputs[0], inputs[1], inputs[2], bias, *extra)
-            with graph.inserting_after(m.node):
-                new = graph.call_function(op, args)
-            new.meta.update({k: v for k, v in m.node.meta.items() if k in (PATH_KEY, "nn_module_stack", "stack_trace")})
-            m.node.replace_all_uses_with(new)
-            graph.erase_node(m.node)
+            m.entry.replace_call(m.node, op, args)
             touched.add(m.entry.name)
             if m.path not in changed:
                 changed.append(m.path)
         ctx.at(None, None)
-        for name in touched:
-            entry = program.entries[name]
-            entry.remove_unused_placeholders()
-            entry.graph.recompile()
-        program.prune_state()
+        program.finish_rewrite(touched)
         return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()))
 
     @staticmethod

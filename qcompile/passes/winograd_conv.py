@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from qcompile.errors import PlanError
 from qcompile.ir.patterns import state_key
-from qcompile.ir.program import PATH_KEY, Entry, Program
+from qcompile.ir.program import PATH_KEY, Entry, Program, Slot
 from qcompile.ops.winograd import transform_weight
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.quant import winograd
@@ -100,6 +100,7 @@ class WinogradConv(Pass):
         skipped: dict[str, str] = {}
         touched: set[str] = set()
         for entry in program.entries.values():
+            bindings = entry.bindings()
             for node in list(entry.graph.graph.nodes):
                 if node.op != "call_function" or node.target != aten.conv2d.default:
                     continue
@@ -108,7 +109,7 @@ class WinogradConv(Pass):
                 cfg = self._config(path)
                 if cfg is None:
                     continue
-                reason, wkey = self._ineligible(program, entry, node)
+                reason, wkey = self._ineligible(program, bindings, node)
                 if reason:
                     if self._named_exactly(path):
                         raise PlanError(f"winograd_conv: layer {path!r} was named in the plan but {reason}")
@@ -124,18 +125,15 @@ class WinogradConv(Pass):
                 if path not in changed:
                     changed.append(path)
         ctx.at(None, None)
-        for name in touched:
-            program.entries[name].remove_unused_placeholders()
-            program.entries[name].graph.recompile()
-        program.prune_state()
+        program.finish_rewrite(touched)
         return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()),
                           notes={"fp16": self.fp16})
 
     @staticmethod
-    def _ineligible(program: Program, entry: Entry, node: fx.Node) -> tuple[str, str]:
+    def _ineligible(program: Program, bindings: dict[fx.Node, Slot], node: fx.Node) -> tuple[str, str]:
         args = list(node.args) + [None] * (7 - len(node.args))
         _, w, _, stride, padding, dilation, groups = args[:7]
-        wkey = state_key(entry, w)
+        wkey = state_key(bindings, w)
         if wkey is None:
             return "its weight is not a constant", ""
         shape = tuple(program.state[wkey].shape)
@@ -166,16 +164,11 @@ class WinogradConv(Pass):
         ]
 
     def _replace(self, entry: Entry, node: fx.Node, keys: list[str], m: int) -> None:
-        graph = entry.graph.graph
         args = list(node.args) + [None] * (7 - len(node.args))
         x, _, bias, _, padding = args[:5]
         pad = list(padding or [0, 0])
         pad = pad * 2 if len(pad) == 1 else pad
         u, at, bt = (entry.state_input(k) for k in keys)
-        with graph.inserting_after(node):
-            new = graph.call_function(
-                torch.ops.qcompile.winograd_conv2d.default, (x, u, at, bt, bias, m, [int(p) for p in pad], self.fp16)
-            )
-        new.meta.update({k: v for k, v in node.meta.items() if k in (PATH_KEY, "nn_module_stack", "stack_trace")})
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        entry.replace_call(
+            node, torch.ops.qcompile.winograd_conv2d.default, (x, u, at, bt, bias, m, [int(p) for p in pad], self.fp16)
+        )

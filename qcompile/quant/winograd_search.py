@@ -32,13 +32,20 @@ class ConvSample:
     groups: int = 1
 
 
-def fp16_error(points: Sequence[Fraction], m: int, samples: Sequence[ConvSample]) -> float:
-    """Median over samples of ‖fp16 Winograd − fp32 direct‖ / ‖fp32 direct‖ (inf if not finite)."""
+def direct(s: ConvSample) -> torch.Tensor:
+    """The fp32 direct convolution of a sample (the reference)."""
+    return torch.nn.functional.conv2d(s.x, s.weight, None, padding=s.padding, groups=s.groups)
+
+
+def fp16_error(
+    points: Sequence[Fraction], m: int, samples: Sequence[ConvSample], refs: Sequence[torch.Tensor] | None = None
+) -> float:
+    """Median over samples of ‖fp16 Winograd − fp32 direct‖ / ‖fp32 direct‖ (inf if not finite);
+    ``refs`` are the samples' :func:`direct` outputs when the caller already has them."""
     t = winograd.transforms(points, m, 3)
     AT, G, BT = (torch.tensor(a, dtype=torch.float32) for a in t.as_arrays())
     errs = []
-    for s in samples:
-        ref = torch.nn.functional.conv2d(s.x, s.weight, None, padding=s.padding, groups=s.groups)
+    for s, ref in zip(samples, refs if refs is not None else [direct(s) for s in samples], strict=True):
         y = torch.ops.qcompile.winograd_conv2d(s.x, transform_weight(s.weight, G), AT, BT, None, m, list(s.padding), True)
         e = float((y - ref).norm() / ref.norm())
         errs.append(e if math.isfinite(e) else math.inf)
@@ -86,6 +93,7 @@ def search(
     if m % 2 != 0 or k < 1:
         raise ValueError(f"symmetric point sets need an even m >= 2, got m={m}")
     gen = torch.Generator().manual_seed(seed)
+    refs = [direct(s) for s in samples]
     seen: dict[tuple[Fraction, ...], float] = {}
 
     def score(log_x: torch.Tensor) -> tuple[float, tuple[Fraction, ...] | None]:
@@ -94,7 +102,7 @@ def search(
             return math.inf, None
         if pts not in seen:
             winograd.verify(winograd.transforms(pts, m, 3), trials=1)
-            seen[pts] = fp16_error(pts, m, samples)
+            seen[pts] = fp16_error(pts, m, samples, refs)
         return seen[pts], pts
 
     pool: list[tuple[float, torch.Tensor]] = []

@@ -64,6 +64,7 @@ class CompiledModule:
         self.tokenizer = tokenizer
         self._built: dict[str, BuiltEntry] = self._backend.build(program, target)
         self._cache: dict[str, torch.Tensor] = program.new_cache()
+        self._out_specs = {name: pytree.treespec_loads(e.out_spec) for name, e in program.entries.items()}
         self.last_generation: GenerationStats | None = None
 
     # ---- calling ---------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class CompiledModule:
         check_inputs(entry, inputs)
         flat = self._build_args(entry, inputs)
         out = self._built[name](flat)
-        return pytree.tree_unflatten(list(out), pytree.treespec_loads(entry.out_spec))
+        return pytree.tree_unflatten(list(out), self._out_specs[name])
 
     def _build_args(self, entry: Entry, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         user = iter(inputs)
@@ -192,8 +193,8 @@ def _pick(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=gen)[0]
