@@ -54,6 +54,9 @@ class QuantSpec:
     symmetric: bool = True
     group_size: int | None = None
     dynamic: bool = True  # activations: scales computed at run time (True) or calibrated (False)
+    # per_group only: when group_size does not divide the channels, allow a shorter last group
+    # (the same numbers as zero-padding K to a multiple). False: such a layer is a PlanError.
+    partial_last_group: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in ALLOWED_BITS:
@@ -61,9 +64,9 @@ class QuantSpec:
         if self.granularity is Granularity.PER_GROUP:
             if self.group_size is None or self.group_size <= 0:
                 raise PlanError("granularity 'per_group' needs a positive group_size (e.g. 128)")
-        elif self.group_size is not None:
+        elif self.group_size is not None or self.partial_last_group:
             raise PlanError(
-                f"group_size is only meaningful with granularity 'per_group', not {self.granularity.value!r}"
+                f"group_size/partial_last_group are only meaningful with granularity 'per_group', not {self.granularity.value!r}"
             )
 
 
@@ -228,7 +231,7 @@ register_preset(
         description="Round-to-nearest 6-bit symmetric weights (group 128 along K) and dynamic per-token "
         "symmetric 6-bit activations; int32 accumulation per group. The RTN baseline for FlexQ.",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128),
+        weight=QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True),
         activation=QuantSpec(bits=6, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True),
     )
 )
@@ -237,7 +240,7 @@ register_preset(
         name="w4a16-rtn-g128",
         description="Weight-only round-to-nearest 4-bit symmetric weights, group 128 along K; fp32 activations.",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128),
+        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True),
     )
 )
 register_preset(
@@ -246,7 +249,7 @@ register_preset(
         description="Weight-only round-to-nearest 4-bit asymmetric (min/max, float offset) weights, "
         "group 32 along K; the grid of GGUF Q4_1.",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=False, group_size=32),
+        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=False, group_size=32, partial_last_group=True),
     )
 )
 

@@ -155,3 +155,18 @@ def test_unsupported_combination_is_a_plan_error():
 def test_pass_context_is_plain_data():
     ctx = PassContext(plan=PRESETS["fp32"])
     assert ctx.node is None and ctx.calib is None
+
+
+def test_group_size_must_divide_channels_unless_partial_groups_allowed(tiny_llama):
+    import qcompile
+    from qcompile.errors import PassError
+    from qcompile.plan import Granularity, Plan, PassConfig, QuantSpec
+
+    def plan(partial: bool) -> Plan:
+        w = QuantSpec(4, Granularity.PER_GROUP, group_size=48, partial_last_group=partial)
+        return Plan(name="g48", passes=(PassConfig("quantize_weights"),), weight=w)
+
+    with pytest.raises(PassError, match=r"group_size 48 does not divide its 64 input channels; use a divisor \(e.g. \[8, 16, 32, 64\]\)"):
+        qcompile.compile(tiny_llama, plan=plan(False), lm_entries=("forward",), max_cache_len=64)
+    cm = qcompile.compile(tiny_llama, plan=plan(True), lm_entries=("forward",), max_cache_len=64)
+    assert cm(torch.randint(0, 256, (1, 8))).isfinite().all()

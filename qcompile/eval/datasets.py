@@ -100,3 +100,18 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 def shakespeare_tokens(tokenizer: Any, split: str) -> torch.Tensor:
     """Token stream of a Shakespeare split (cached per tokenizer object; do not modify it)."""
     return tokenize(tokenizer, shakespeare_text(split))
+
+
+def calibration_tokens(tokenizer: Any, windows: int = 8, seq: int = 512) -> torch.Tensor:
+    """``[windows, seq]`` token ids from the calibration split (never the evaluation plays).
+
+    Windows are consecutive, non-overlapping and start at token 0, so the same tokenizer always
+    gives the same calibration set.
+    """
+    if windows < 1 or seq < 2:
+        raise DataError(f"calibration needs windows >= 1 and seq >= 2, got windows={windows}, seq={seq}")
+    stream = shakespeare_tokens(tokenizer, "calibration")
+    need = windows * seq
+    if stream.numel() < need:
+        raise DataError(f"the calibration split has {stream.numel()} tokens; {windows}x{seq} = {need} were asked for")
+    return stream[:need].clone().view(windows, seq)

@@ -75,8 +75,14 @@ def evaluate(
     gguf_file: str | None = None,
     source: bool = False,
     progress: bool = False,
+    calib_windows: int = 8,
+    calib_seq: int = 512,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` under ``plan``; returns the JSON-ready record."""
+    """Evaluate ``model`` under ``plan``; returns the JSON-ready record.
+
+    Passes that calibrate get ``calib_windows`` x ``calib_seq`` tokens of the calibration split
+    (:func:`qcompile.eval.datasets.calibration_tokens`); the evaluation text is never used for it.
+    """
     import qcompile
     from qcompile.plan import get_plan
 
@@ -92,7 +98,8 @@ def evaluate(
         "machine": machine(),
     }
     if zm.kind == "causal_lm":
-        record.update(_eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress))
+        calib = CalibSpec(calib_windows, calib_seq)
+        record.update(_eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib))
     elif zm.name == "fmnist-vgg":
         record.update(_eval_fmnist(zm, the_plan, target, source))
     elif zm.name == "efficientnet-lite0":
@@ -113,7 +120,16 @@ def _weights(cm: Any, model: torch.nn.Module, source: bool) -> dict[str, Any]:
     return {"weight_bytes": cm.report.weight_bytes, "weight_bytes_packed": cm.report.packed_weight_bytes}
 
 
-def _eval_lm(zm: ZooModel, plan: Any, target: str, text: TextSource, windows: int | None, seq: int, source: bool, progress: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CalibSpec:
+    windows: int = 8
+    seq: int = 512
+
+
+def _eval_lm(
+    zm: ZooModel, plan: Any, target: str, text: TextSource, windows: int | None, seq: int, source: bool, progress: bool,
+    calib: CalibSpec = CalibSpec(),
+) -> dict[str, Any]:
     import qcompile
     from qcompile.eval.perplexity import hf_logits, perplexity, windows_of
 
@@ -124,7 +140,12 @@ def _eval_lm(zm: ZooModel, plan: Any, target: str, text: TextSource, windows: in
         fn = hf_logits(zm.model)
         cache = None
     else:
-        cm = qcompile.compile(zm.model, target=target, plan=plan, max_cache_len=seq, lm_entries=("forward", "decode"), progress=progress)
+        from qcompile.eval.datasets import calibration_tokens
+
+        ctoks = calibration_tokens(zm.tokenizer, calib.windows, calib.seq)
+        cm = qcompile.compile(
+            zm.model, target=target, plan=plan, max_cache_len=seq, lm_entries=("forward", "decode"), progress=progress, calib=ctoks
+        )
         fn = cm
         cache = cm.program.cache_bytes_per_token()
     res = perplexity(fn, tokens, seq=seq, windows=windows, progress=progress)
@@ -137,6 +158,7 @@ def _eval_lm(zm: ZooModel, plan: Any, target: str, text: TextSource, windows: in
         "ppl": res.ppl,
         "nll": res.nll,
         "eval_seconds": round(res.seconds, 2),
+        "calibration": None if source else {"split": "shakespeare calibration", "windows": calib.windows, "seq": calib.seq},
         "cache_bytes_per_token": cache,
         **_weights(cm, zm.model, source),
     }

@@ -9,7 +9,8 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
 * any other weight spec (2–8 bits, per-channel or per-group, symmetric or asymmetric) with no
   activation quantization, or with dynamic symmetric per-token / per-group activations →
   ``qcompile::quant_linear`` (weight codes stored one per int8; the report also gives the
-  packed size). A group that does not divide K leaves a shorter last group.
+  packed size). A group size that does not divide K is a PlanError naming the layer, unless the
+  spec sets ``partial_last_group`` (then the last group is shorter, as if K were zero-padded).
 
 Requires: a captured Program. Guarantees after it runs: no selected linear remains in float;
 each layer it did not change is listed in ``skipped`` with the reason; float weights no longer
@@ -47,6 +48,18 @@ def _is_a8_per_token(spec: QuantSpec | None) -> bool:
         and spec.granularity is Granularity.PER_TOKEN
         and spec.symmetric
         and spec.dynamic
+    )
+
+
+def check_group(path: str, k: int, spec: QuantSpec) -> None:
+    """PlanError unless ``spec``'s group size divides ``k`` (or the spec allows a partial last group)."""
+    g = spec.group_size
+    if spec.granularity is not Granularity.PER_GROUP or g is None or k % g == 0 or spec.partial_last_group:
+        return
+    divisors = [d for d in range(8, k + 1, 8) if k % d == 0][-4:]
+    raise PlanError(
+        f"layer {path!r}: group_size {g} does not divide its {k} input channels; use a divisor "
+        f"(e.g. {divisors}) or set partial_last_group: true to allow a shorter last group"
     )
 
 
@@ -106,12 +119,14 @@ class QuantizeWeights(Pass):
         if w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
             raise PlanError(f"layer {path!r}: weight granularity {w.granularity.value!r} is not supported; supported: {SUPPORTED}")
         group = k if w.granularity is Granularity.PER_CHANNEL else int(w.group_size or k)
+        check_group(path, k, w)
         act_bits, act_group = 0, 0
         if a is not None:
             if not a.symmetric or not a.dynamic or a.granularity not in (Granularity.PER_TOKEN, Granularity.PER_GROUP):
                 raise PlanError(f"layer {path!r}: activation {a} is not supported; supported: {SUPPORTED}")
             act_bits = a.bits
             if a.granularity is Granularity.PER_GROUP:
+                check_group(path, k, a)
                 act_group = int(a.group_size or 0)
                 if group not in (k, act_group):
                     raise PlanError(

@@ -1,0 +1,42 @@
+"""Calibration plumbing: input normalization, observers, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile.errors import DataError, PlanError
+from qcompile.ir.patterns import find_linears
+from qcompile.quant.calib import calib_batches, run_observed
+
+
+def test_calib_batches_normalizes_and_checks():
+    assert [b.shape for b in calib_batches(torch.arange(10), who="t")] == [torch.Size([1, 10])]
+    assert len(calib_batches([torch.zeros(2, 4, dtype=torch.int32)] * 3, who="t")) == 3
+    with pytest.raises(PlanError, match="smooth needs calibration data"):
+        calib_batches(None, who="smooth")
+    with pytest.raises(DataError, match="has 8 tokens; at least 100 are needed"):
+        calib_batches(torch.zeros(2, 4, dtype=torch.int64), who="t", min_tokens=100)
+    with pytest.raises(DataError, match="item 0 must be an integer token tensor"):
+        calib_batches([torch.zeros(2, 4)], who="t")
+
+
+def test_observers_see_every_linear_input(tiny_llama, tiny_llama_program):
+    seen: dict[str, torch.Tensor] = {}
+    obs = {m.node: (lambda n, a: seen.setdefault(n.name, a[0])) for m in find_linears(tiny_llama_program) if m.entry.name == "forward"}
+    ids = torch.randint(0, 256, (2, 12))
+    outs = run_observed(tiny_llama_program, calib_batches(ids, who="t"), obs)
+    assert len(outs) == 2 and len(seen) == len(obs) == 15  # 2 layers x 7 linears + lm_head
+    with torch.no_grad():
+        ref = tiny_llama(ids[1:2]).logits
+    torch.testing.assert_close(outs[1][0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_calibration_activations_name_the_layer(tiny_llama_program):
+    prog = tiny_llama_program.copy()
+    key = next(k for k in prog.state if k.endswith("layers.1.post_attention_layernorm.weight"))
+    prog.state[key] = prog.state[key].clone()
+    prog.state[key][3] = float("nan")
+    obs = {m.node: (lambda n, a: None) for m in find_linears(prog) if m.entry.name == "forward"}
+    with pytest.raises(DataError, match=r"layer 'model.layers.1.mlp.gate_proj' contain NaN or Inf"):
+        run_observed(prog, [torch.randint(0, 256, (1, 8))], obs)
