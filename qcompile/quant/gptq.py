@@ -1,0 +1,103 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear layer's weight column by column, updating the
+not-yet-quantized columns to compensate each column's rounding error through the inverse Hessian
+of the layer's reconstruction loss ``‖X Wᵀ − X Ŵᵀ‖²`` (``H = 2 XᵀX / n``).
+
+Options: ``damp`` (fraction of the mean diagonal added to H), ``act_order`` (quantize columns in
+order of decreasing ``H_jj``; group parameters are then computed up front from the original
+weights, so every group keeps contiguous columns and the kernels need no permutation),
+``block`` (columns updated lazily per block, the usual speed trick).
+Without act_order, a group's scale is computed when the group's first column is reached, from
+the already error-updated weights, as in the reference implementation.
+
+The output has the layout of :func:`qcompile.quant.rtn.quantize_weight_groups`: codes ``[N, K]``,
+scales ``[N, G]``, offsets ``[N, G]`` or None; with H = identity it equals RTN exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.quant.quantizer import levels, params_from_range
+from qcompile.quant.rtn import num_groups
+
+
+class Hessian:
+    """Running ``H = 2/n Σ xᵀx`` over calibration rows of one linear's input (float64 sums)."""
+
+    def __init__(self, k: int) -> None:
+        self.sum = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        self.sum += x2.t() @ x2
+        self.n += x2.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("no calibration rows were observed")
+        return (2.0 / self.n) * self.sum
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    *,
+    symmetric: bool = True,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ-quantize ``weight[N, K]`` with Hessian ``[K, K]`` → (codes int8, scale [N, G], offset or None)."""
+    n, k = weight.shape
+    gs = group_size or k
+    g = num_groups(k, gs)
+    qmin, qmax = levels(bits, symmetric)
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    scale = torch.ones(n, g, dtype=torch.float64)
+    offset = torch.zeros(n, g, dtype=torch.float64) if not symmetric else None
+
+    def set_group(gi: int, cols: torch.Tensor) -> None:
+        s, m = params_from_range(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric)
+        scale[:, gi] = s
+        if offset is not None and m is not None:
+            offset[:, gi] = m
+
+    if act_order:  # static groups from the original weights, in original column order
+        orig = weight.detach().to(torch.float64)
+        for gi in range(g):
+            set_group(gi, orig[:, gi * gs : (gi + 1) * gs])
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb = w[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        for j in range(b1 - b0):
+            col = b0 + j
+            orig_col = int(perm[col])
+            gi = orig_col // gs
+            if not act_order and orig_col % gs == 0:
+                set_group(gi, torch.cat([wb[:, j:], w[:, b1:]], dim=1)[:, :gs])
+            s = scale[:, gi]
+            m = offset[:, gi] if offset is not None else 0.0
+            q = torch.clamp(torch.round((wb[:, j] - m) / s), qmin, qmax)
+            codes[:, col] = q
+            e = (wb[:, j] - (q * s + m)) / hinv[col, col]
+            wb[:, j:] -= e[:, None] * hinv[col, b0 + j : b1][None, :]
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    dtype = torch.int8 if symmetric or bits < 8 else torch.uint8
+    return codes.to(dtype), scale.to(torch.float32), None if offset is None else offset.to(torch.float32)
