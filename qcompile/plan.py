@@ -43,6 +43,7 @@ class WeightMethod(str, enum.Enum):
     """Weight quantization algorithm."""
 
     RTN = "rtn"
+    GPTQ = "gptq"  # needs calibration data; see qcompile.quant.gptq
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,58 @@ register_preset(
         "group 32 along K; the grid of GGUF Q4_1.",
         passes=(PassConfig("quantize_weights"),),
         weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=False, group_size=32, partial_last_group=True),
+    )
+)
+
+
+# ---- SmoothQuant / SmoothQuant+ / GPTQ presets (issue 4) ------------------------------------
+
+W4_G128 = QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True)
+W4_G128_ASYM = dataclasses.replace(W4_G128, symmetric=False)
+SMOOTH_SEARCH = PassConfig("smooth_migration", (("alpha", "search"), ("value_out", True)))
+register_preset(
+    Plan(
+        name="w8a8-smooth",
+        description="SmoothQuant: activation outliers migrated into the weights (alpha 0.5, norm->q/k/v and "
+        "norm->gate/up groups, v->o), then W8 per-channel symmetric, A8 dynamic per-token; int32 accumulation.",
+        passes=(PassConfig("smooth_migration", (("alpha", 0.5), ("value_out", True))), PassConfig("quantize_weights")),
+        weight=W8_PER_CHANNEL,
+        activation=A8_PER_TOKEN,
+    )
+)
+register_preset(
+    Plan(
+        name="w4a16-smoothquant+",
+        description="SmoothQuant+: per-group alpha searched (step 0.05, or no smoothing) on calibration data to "
+        "minimize the quantized group output error, then W4 symmetric group-128 RTN weights; fp32 activations.",
+        passes=(SMOOTH_SEARCH, PassConfig("quantize_weights")),
+        weight=W4_G128,
+    )
+)
+register_preset(
+    Plan(
+        name="w4a16-smoothquant+-asym",
+        description="As w4a16-smoothquant+ with asymmetric (min/max, float offset) group-128 weights.",
+        passes=(SMOOTH_SEARCH, PassConfig("quantize_weights")),
+        weight=W4_G128_ASYM,
+    )
+)
+register_preset(
+    Plan(
+        name="w4a16-gptq-g128",
+        description="GPTQ W4 symmetric group-128 weights (sequential, block by block; damp 0.01), no smoothing.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W4_G128,
+        weight_method=WeightMethod.GPTQ,
+    )
+)
+register_preset(
+    Plan(
+        name="w4a16-smoothquant+-gptq",
+        description="SmoothQuant+ alpha search followed by GPTQ W4 symmetric group-128 weights.",
+        passes=(SMOOTH_SEARCH, PassConfig("quantize_weights")),
+        weight=W4_G128,
+        weight_method=WeightMethod.GPTQ,
     )
 )
 

@@ -48,3 +48,169 @@ def find_linears(program: Program) -> Iterator[LinearMatch]:
             if bias is not None and bkey is None:
                 continue
             yield LinearMatch(entry, node, wkey, bkey)
+
+
+# ---- per-channel scale producers (for scale migration and step folding) -----------------------
+
+LAYOUT_OPS = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.transpose.int,
+        aten.clone.default,
+        aten.contiguous.default,
+        aten.unsqueeze.default,
+        aten.expand.default,
+    }
+)
+SDPA_OPS = frozenset({aten.scaled_dot_product_attention.default})
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears whose shared input ``X`` can absorb a per-input-channel scale ``s`` exactly.
+
+    ``producer`` says how ``X / s`` is made at no run-time cost:
+
+    * ``"norm"``: ``X = h ⊙ w (+ b)`` with a 1-D state weight ``w`` (RMSNorm/LayerNorm affine):
+      divide ``w`` (and ``b``) by ``s``;
+    * ``"linear"``: ``X`` is the output rows of another linear (``up_proj`` through the
+      elementwise product with the gate, or ``v_proj`` through attention, which mixes tokens but
+      not channels): divide that linear's rows ``channel_map`` maps to by ``s``.
+
+    ``channel_map[j]`` is the producer channel that feeds input channel ``j`` (several ``j`` may share
+    one producer channel, e.g. GQA heads sharing a V head; their scales must then be equal).
+    """
+
+    producer: str  # "norm" or "linear"
+    producer_weight: str  # state key: norm weight, or the producing linear's weight
+    producer_bias: str | None
+    linears: tuple[str, ...]  # weight keys of the consuming linears
+    paths: tuple[str, ...]  # their module paths
+    channel_map: tuple[int, ...] | None = None  # None: identity
+
+    def producer_index(self) -> torch.Tensor | None:
+        return None if self.channel_map is None else torch.tensor(self.channel_map)
+
+
+def _linear_weight_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | None:
+    if node.op != "call_function" or node.target != aten.linear.default:
+        return None
+    return state_key(bindings, node.args[1])
+
+
+def _norm_affine(node: fx.Node, bindings: dict[fx.Node, Slot], program: Program) -> tuple[str, str | None] | None:
+    """(weight key, bias key) when ``node`` is ``h ⊙ w`` or ``h ⊙ w + b`` with 1-D state w, b."""
+    bias = None
+    if node.target == aten.add.Tensor:
+        keys = [state_key(bindings, a) for a in node.args]
+        if keys[1] is None or program.state[keys[1]].dim() != 1 or not isinstance(node.args[0], fx.Node):
+            return None
+        bias, node = keys[1], node.args[0]
+    if node.op != "call_function" or node.target != aten.mul.Tensor:
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        key = state_key(bindings, a)
+        if key is not None and program.state[key].dim() == 1 and isinstance(b, fx.Node):
+            return key, bias
+    return None
+
+
+def _strip_layout(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in LAYOUT_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _attention_value_producer(x: fx.Node, bindings: dict[fx.Node, Slot]) -> tuple[fx.Node, str, int] | None:
+    """For ``x`` = layout(SDPA(q, k, layout(V(...)))), the V linear node, its weight key and head dim."""
+    sdpa = _strip_layout(x)
+    if sdpa.op != "call_function" or sdpa.target not in SDPA_OPS or len(sdpa.users) != 1:
+        return None
+    value = sdpa.args[2]
+    if not isinstance(value, fx.Node):
+        return None
+    v = _strip_layout(value)
+    wkey = _linear_weight_key(v, bindings)
+    if wkey is None:
+        return None
+    head_dim = int(value.meta["val"].shape[-1])
+    return v, wkey, head_dim
+
+
+def find_scale_groups(program: Program, *, norms: bool = True, value_out: bool = False, up_down: bool = False) -> list[ScaleGroup]:
+    """Every group of linears whose input can absorb a per-channel scale (see :class:`ScaleGroup`).
+
+    Matched in every entry; a group is returned when all entries agree on it and its producer
+    tensors are used nowhere else (so rescaling them changes nothing but this group's input).
+    """
+    found: dict[tuple, ScaleGroup] = {}
+    present: dict[str, set[str]] = {}  # state key -> entries that use it
+    matched: dict[str, set[str]] = {}  # norm producer key -> entries where every use is a matched norm
+    weight_only: dict[str, bool] = {}  # state key -> used only as a linear's weight, everywhere
+    for entry in program.entries.values():
+        bindings = entry.bindings()
+        for ph, slot in bindings.items():
+            if slot.kind is SlotKind.STATE and ph.users:
+                present.setdefault(slot.name, set()).add(entry.name)
+                only = all(u.target == aten.linear.default and u.args[1] is ph and u.args[0] is not ph for u in ph.users)
+                weight_only[slot.name] = weight_only.get(slot.name, True) and only
+        for node in entry.graph.graph.nodes:
+            if node.op != "call_function":
+                continue
+            users = list(node.users)
+            keys = [_linear_weight_key(u, bindings) for u in users]
+            if not users or any(k is None for k in keys) or any(u.args[0] is not node for u in users):
+                continue
+            paths = tuple(str(u.meta.get(PATH_KEY, "")) for u in users)
+            lin = tuple(k for k in keys if k is not None)
+            group: ScaleGroup | None = None
+            if norms and (aff := _norm_affine(node, bindings, program)) is not None:
+                group = ScaleGroup("norm", aff[0], aff[1], lin, paths)
+                placeholders = {n: s.name for n, s in bindings.items() if s.name in aff}
+                if all(len(ph.users) == 1 for ph in placeholders):
+                    for k in aff:
+                        if k:
+                            matched.setdefault(k, set()).add(entry.name)
+            elif len(users) == 1 and (value_out or up_down):
+                group = _linear_producer_group(node, bindings, lin, paths, value_out, up_down)
+            if group is not None:
+                found[(group.producer, group.producer_weight, group.linears)] = group
+    out = []
+    for g in found.values():
+        weights = g.linears if g.producer == "norm" else (*g.linears, g.producer_weight)
+        if not all(weight_only.get(k, False) for k in weights):
+            continue  # e.g. a weight tied to an embedding
+        if g.producer == "norm":
+            # rescaling the norm's weight must change nothing but this group's input, in every entry
+            keys = [k for k in (g.producer_weight, g.producer_bias) if k]
+            if any(matched.get(k) != present.get(k) for k in keys):
+                continue
+        out.append(g)
+    return out
+
+
+def _linear_producer_group(node, bindings, lin, paths, value_out, up_down) -> ScaleGroup | None:
+    if up_down and node.target == aten.mul.Tensor:
+        for a in node.args:
+            if isinstance(a, fx.Node) and len(a.users) == 1 and (pkey := _linear_weight_key(a, bindings)) is not None:
+                n_out = int(a.meta["val"].shape[-1])
+                if n_out == int(node.meta["val"].shape[-1]):
+                    return ScaleGroup("linear", pkey, _bias_key(a, bindings), lin, paths)
+    if value_out:
+        found = _attention_value_producer(node, bindings)
+        if found is not None:
+            v, vkey, hd = found
+            k_in = int(node.meta["val"].shape[-1])
+            n_v = int(v.meta["val"].shape[-1])
+            if k_in % n_v == 0 and n_v % hd == 0:
+                rep = k_in // n_v
+                cmap = tuple(((j // hd) // rep) * hd + j % hd for j in range(k_in))
+                return ScaleGroup("linear", vkey, _bias_key(v, bindings), lin, paths, None if rep == 1 else cmap)
+    return None
+
+
+def _bias_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | None:
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return state_key(bindings, bias) if bias is not None else None

@@ -12,6 +12,15 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
   packed size). A group size that does not divide K is a PlanError naming the layer, unless the
   spec sets ``partial_last_group`` (then the last group is shorter, as if K were zero-padded).
 
+Weight methods (``plan.weight_method``): ``rtn`` (round to nearest; with the option
+``clip_search`` the per-group clip ratio is grid-searched on calibration inputs to minimize the
+output error, :func:`qcompile.quant.quantizer.search_clip`), and ``gptq``
+(:mod:`qcompile.quant.gptq`, options ``damp`` and ``act_order``). GPTQ runs decoder block by block
+(blocks are the module-path prefixes up to the layer index): each block's Hessians are
+collected from a calibration run that stops after the block, the block's weights are quantized
+and written back dequantized, so later blocks calibrate on the quantized model's activations
+(the sequential GPTQ of the paper) and only one block's Hessians are held at a time.
+
 Requires: a captured Program. Guarantees after it runs: no selected linear remains in float;
 each layer it did not change is listed in ``skipped`` with the reason; float weights no longer
 used by any entry are dropped from the state.
@@ -29,7 +38,13 @@ from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, LayerQuant, QuantSpec, WeightMethod
-from qcompile.quant.rtn import quantize_weight_groups, quantize_weight_per_channel
+from qcompile.quant.calib import calib_batches, observe_linear_inputs
+from qcompile.quant.gptq import Hessian, gptq_quantize
+from qcompile.quant.observers import SampleObserver
+from qcompile.quant.quantizer import quantize, search_clip
+from qcompile.quant.rtn import dequantize_weight_groups, quantize_weight_groups, quantize_weight_per_channel
+
+Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 SUPPORTED = (
     "weights: 2-8 bits, per_channel or per_group, symmetric or not; activations: none, or 2-8 bits "
@@ -51,6 +66,15 @@ def _is_a8_per_token(spec: QuantSpec | None) -> bool:
     )
 
 
+def _block_of(path: str) -> str:
+    """The decoder block of a module path: the prefix up to its first numeric part (else the parent)."""
+    parts = path.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
 def check_group(path: str, k: int, spec: QuantSpec) -> None:
     """PlanError unless ``spec``'s group size divides ``k`` (or the spec allows a partial last group)."""
     g = spec.group_size
@@ -70,9 +94,13 @@ class QuantizeWeights(Pass):
     requires: ClassVar[frozenset[str]] = frozenset({"captured"})
     provides: ClassVar[frozenset[str]] = frozenset({"quantized_weights"})
 
+    damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added
+    act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
+    clip_search: bool = False  # rtn: grid-search clip ratios on calibration inputs
+    samples: int = 512  # rtn clip search: calibration rows per layer
+
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        if ctx.plan.weight_method is not WeightMethod.RTN:
-            raise PlanError(f"quantize_weights implements weight_method 'rtn' only, not {ctx.plan.weight_method.value!r}")
+        pre = self._calibrated_codes(program, ctx)
         done: dict[str, tuple[str, str]] = {}  # weight key -> (qweight key, scale key)
         changed: list[str] = []
         skipped: dict[str, str] = {}
@@ -86,7 +114,7 @@ class QuantizeWeights(Pass):
                 continue
             assert lq.weight is not None
             if m.weight_key not in done:
-                done[m.weight_key] = self._quantize(program, m.weight_key, lq.weight, lq.activation, m.path)
+                done[m.weight_key] = self._quantize(program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key))
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
@@ -102,9 +130,70 @@ class QuantizeWeights(Pass):
         program.finish_rewrite(touched)
         return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()))
 
+    def _targets(self, program: Program, plan: Any) -> list[tuple[str, str, QuantSpec]]:
+        """(weight key, path, weight spec) of every linear to quantize, forward entry order."""
+        out, seen = [], set()
+        for m in find_linears(program):
+            lq = plan.resolve(m.path)
+            if self._skip_reason(lq) or m.weight_key in seen or lq.weight is None:
+                continue
+            seen.add(m.weight_key)
+            check_group(m.path, program.state[m.weight_key].shape[1], lq.weight)
+            out.append((m.weight_key, m.path, lq.weight))
+        return out
+
+    def _calibrated_codes(self, program: Program, ctx: PassContext) -> dict[str, Codes]:
+        method = ctx.plan.weight_method
+        if method is WeightMethod.RTN and not self.clip_search:
+            return {}
+        targets = self._targets(program, ctx.plan)
+        if not targets:
+            return {}
+        who = f"quantize_weights ({'gptq' if method is WeightMethod.GPTQ else 'clip search'})"
+        batches = calib_batches(ctx.calib, who=who, min_tokens=64)
+        if method is WeightMethod.GPTQ:
+            return self._gptq(program, ctx, batches, targets)
+        obs = observe_linear_inputs(
+            program, batches, [k for k, _, _ in targets], lambda _k: [SampleObserver(cap=self.samples, stride=7)],
+            progress=ctx.progress, desc="quantize_weights: clip search",
+        )
+        out: dict[str, Codes] = {}
+        for key, _path, spec in targets:
+            w = program.state[key].to(torch.float32)
+            k = w.shape[1]
+            gs = spec.group_size if spec.granularity is Granularity.PER_GROUP else k
+            ratio = search_clip(w, obs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric)
+            q = quantize(w, spec.bits, Granularity.PER_GROUP, symmetric=spec.symmetric, group_size=gs, partial_last_group=True, clip=ratio)
+            codes = q.codes.reshape(w.shape[0], -1)[:, :k]
+            dtype = torch.int8 if spec.symmetric or spec.bits < 8 else torch.uint8
+            out[key] = (codes.to(dtype), q.scale[..., 0], None if q.offset is None else q.offset[..., 0])
+        return out
+
+    def _gptq(self, program: Program, ctx: PassContext, batches: list[torch.Tensor], targets: list[tuple[str, str, QuantSpec]]) -> dict[str, Codes]:
+        from tqdm.auto import tqdm
+
+        blocks: dict[str, list[tuple[str, str, QuantSpec]]] = {}
+        for t in targets:
+            blocks.setdefault(_block_of(t[1]), []).append(t)
+        out: dict[str, Codes] = {}
+        for block, items in tqdm(blocks.items(), desc="quantize_weights: gptq", disable=not ctx.progress, unit="block"):
+            hs = observe_linear_inputs(
+                program, batches, [k for k, _, _ in items], lambda key: [Hessian(program.state[key].shape[1])],
+                desc=f"gptq {block}", stop_early=True,
+            )
+            for key, _path, spec in items:
+                w = program.state[key]
+                gs = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
+                codes, scale, offset = gptq_quantize(
+                    w, hs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric, damp=self.damp, act_order=self.act_order
+                )
+                out[key] = (codes, scale, offset)
+                program.state[key] = dequantize_weight_groups(codes, scale, offset, gs or w.shape[1]).to(w.dtype)
+        return out
+
     @staticmethod
     def _quantize(
-        program: Program, wkey: str, w: QuantSpec, a: QuantSpec | None, path: str
+        program: Program, wkey: str, w: QuantSpec, a: QuantSpec | None, path: str, pre: Codes | None = None
     ) -> tuple[list[str | None], Any, tuple[int, ...]]:
         """Quantize weight ``wkey`` once; returns (state keys, op, extra op args)."""
         weight = program.state[wkey]
@@ -112,7 +201,7 @@ class QuantizeWeights(Pass):
         base = wkey.removesuffix(".weight")
         bits = program.meta.setdefault("weight_bits", {})
         if _is_w8_per_channel(w) and _is_a8_per_token(a):
-            q, scale = quantize_weight_per_channel(weight, 8)
+            q, scale = (pre[0], pre[1][:, 0]) if pre is not None else quantize_weight_per_channel(weight, 8)
             qkey = program.add_state(f"{base}.qweight", q)
             bits[qkey] = 8
             return [qkey, program.add_state(f"{base}.w_scale", scale)], torch.ops.qcompile.linear_w8a8.default, ()
@@ -133,7 +222,7 @@ class QuantizeWeights(Pass):
                         f"layer {path!r}: activation group {act_group} must equal the weight group {group} "
                         "(or use per_channel weights)"
                     )
-        codes, scale, offset = quantize_weight_groups(weight, w.bits, group, w.symmetric)
+        codes, scale, offset = pre if pre is not None else quantize_weight_groups(weight, w.bits, group, w.symmetric)
         qkey = program.add_state(f"{base}.qweight", codes)
         bits[qkey] = w.bits
         okey = program.add_state(f"{base}.w_offset", offset) if offset is not None else None

@@ -89,7 +89,8 @@ def run_observed(
     desc: str = "calibrating",
 ) -> list[Any]:
     """Run ``entry`` on every batch; before each node in ``observers`` runs, call
-    ``observers[node](node, concrete_args)``. Returns the entry's flat outputs per batch.
+    ``observers[node](node, concrete_args)``. Returns the entry's flat outputs per batch (None for
+    a batch an observer ended early with :class:`StopRun`).
 
     Calibration input with NaN/Inf is rejected naming the first observed node that sees it.
     """
@@ -104,7 +105,10 @@ def run_observed(
         batches = list(batches)
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            outs.append(_Observing(gm, wrapped).run(*entry_args(program, entry, [b])))
+            try:
+                outs.append(_Observing(gm, wrapped).run(*entry_args(program, entry, [b])))
+            except StopRun:
+                outs.append(None)
     return outs
 
 
@@ -121,3 +125,51 @@ def _finite_check(obs: Observer) -> Observer:
         obs(n, args)
 
     return check
+
+
+class StopRun(Exception):
+    """Raised by an observer to end the current batch early (nothing after it is needed)."""
+
+
+def observe_linear_inputs(
+    program: Program,
+    batches: list[torch.Tensor],
+    weight_keys: list[str],
+    make: Callable[[str], list[Any]],
+    *,
+    entry: str = "forward",
+    progress: bool = False,
+    desc: str = "calibrating",
+    stop_early: bool = False,
+) -> dict[str, list[Any]]:
+    """Run ``entry`` over ``batches`` feeding the input of the first linear whose weight is each of
+    ``weight_keys`` to the observers ``make(key)`` returns (objects with ``update(x)``).
+
+    ``stop_early``: end each batch right after the last observed linear (the rest of the model
+    is not run). Returns ``{key: observers}``.
+    """
+    from qcompile.ir.patterns import find_linears
+
+    wanted = set(weight_keys)
+    nodes: dict[str, fx.Node] = {}
+    for m in find_linears(program):
+        if m.entry.name == entry and m.weight_key in wanted and m.weight_key not in nodes:
+            nodes[m.weight_key] = m.node
+    missing = sorted(wanted - set(nodes))
+    if missing:
+        raise ValueError(f"no linear in entry {entry!r} uses weight(s) {missing[:3]}")
+    obs = {k: make(k) for k in weight_keys}
+    order = {n: i for i, n in enumerate(program.entries[entry].graph.graph.nodes)}
+    last = max(nodes.values(), key=lambda n: order[n])
+
+    def observer(key: str) -> Observer:
+        def fn(n: fx.Node, args: tuple[Any, ...]) -> None:
+            for o in obs[key]:
+                o.update(args[0])
+            if stop_early and n is last:
+                raise StopRun
+
+        return fn
+
+    run_observed(program, batches, {nodes[k]: observer(k) for k in weight_keys}, entry=entry, progress=progress, desc=desc)
+    return obs

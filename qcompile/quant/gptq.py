@@ -33,6 +33,8 @@ class Hessian:
         self.sum += x2.t() @ x2
         self.n += x2.shape[0]
 
+    update = add  # the observer interface
+
     def value(self) -> torch.Tensor:
         if self.n == 0:
             raise ValueError("no calibration rows were observed")

@@ -1,0 +1,166 @@
+"""smooth_migration: SmoothQuant / SmoothQuant+ scale migration into norms and weights.
+
+What it does: for every group of linears that share one input ``X`` whose producer can absorb a
+per-channel scale (found by graph matching, :func:`qcompile.ir.patterns.find_scale_groups`: the
+affine weight of a norm feeding q/k/v or gate/up; with ``value_out``, v_proj's output rows
+feeding o_proj through attention, GQA heads handled by the channel map), it computes per input
+channel ``j``::
+
+    s_j = max|X_j|^α / max|W_j|^(1−α)      (max|W_j| over all linears of the group)
+
+from calibration data (``ctx.calib``), divides the producer (norm weight and bias, or the
+producing linear's rows and bias) by ``s`` and multiplies the consumers' weight columns by ``s``.
+Without quantization the model computes the same function (up to float rounding).
+
+``alpha``: a number in [0, 1] (SmoothQuant, one α for all groups), or ``"search"``
+(SmoothQuant+): per group, every α on a grid of step ``grid_step`` from 0 to 1, *and* no smoothing
+(s ≡ 1), are scored by the error of the group's quantized outputs on calibration rows,
+``Σ_linears ‖X Wᵀ − Q_a(X/s) Q_w(W·diag(s))ᵀ‖²``, with the quantizers the plan assigns to each
+linear; the lowest wins, so the search never does worse than plain RTN on calibration data.
+The chosen α per group is in the pass notes. Note that α = 0 is *not* the identity in this
+formula (s_j = 1 / max|W_j|); the identity candidate is listed separately as ``"none"``.
+
+Requires: a captured Program and calibration data. Run it before ``quantize_weights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+import torch
+
+from qcompile.errors import PlanError
+from qcompile.ir.patterns import ScaleGroup, find_scale_groups
+from qcompile.ir.program import Program
+from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.plan import Granularity, Plan, QuantSpec
+from qcompile.quant.calib import calib_batches, observe_linear_inputs
+from qcompile.quant.observers import AbsMaxObserver, SampleObserver
+from qcompile.quant.quantizer import fake_quantize
+
+MIN_CALIB_TOKENS = 64
+
+
+@register_pass
+@dataclass(frozen=True)
+class SmoothMigration(Pass):
+    name: ClassVar[str] = "smooth_migration"
+    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
+    provides: ClassVar[frozenset[str]] = frozenset({"smoothed"})
+
+    alpha: Union[float, str] = 0.5
+    grid_step: float = 0.05
+    value_out: bool = False  # also migrate o_proj's input scales into v_proj's rows
+    samples: int = 512  # calibration rows kept per group for the α search
+    min_scale: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, str):
+            if self.alpha != "search":
+                raise PlanError(f"smooth_migration: alpha must be a number in [0, 1] or 'search', not {self.alpha!r}")
+        elif not 0.0 <= float(self.alpha) <= 1.0:
+            raise PlanError(f"smooth_migration: alpha must be in [0, 1], got {self.alpha}")
+        if not 0 < self.grid_step <= 1:
+            raise PlanError(f"smooth_migration: grid_step must be in (0, 1], got {self.grid_step}")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        groups = [g for g in find_scale_groups(program, value_out=self.value_out) if not _all_skipped(ctx.plan, g)]
+        if not groups:
+            return PassResult(program, modified=False, notes={"groups": 0})
+        batches = calib_batches(ctx.calib, who="smooth_migration", min_tokens=MIN_CALIB_TOKENS)
+        search = self.alpha == "search"
+        keys = [g.linears[0] for g in groups]
+
+        def make(_key: str) -> list:
+            return [AbsMaxObserver(), SampleObserver(cap=self.samples, stride=7)] if search else [AbsMaxObserver()]
+
+        stats = observe_linear_inputs(program, batches, keys, make, progress=ctx.progress, desc="smooth_migration: calibrating")
+        chosen: dict[str, str] = {}
+        changed: list[str] = []
+        for g in groups:
+            obs = stats[g.linears[0]]
+            xmax = obs[0].value()
+            weights = [program.state[k].to(torch.float32) for k in g.linears]
+            wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+            if search:
+                label, s = self._search(ctx.plan, g, xmax, wmax, weights, obs[1].value())
+            else:
+                label, s = f"{float(self.alpha):.2f}", self._scales(g, xmax, wmax, float(self.alpha))
+            chosen[g.paths[0]] = label
+            if s is not None:
+                _apply(program, g, s)
+                changed.extend(g.paths)
+        return PassResult(program, modified=bool(changed), layers_changed=changed, notes={"alpha": chosen, "groups": len(groups)})
+
+    def _scales(self, g: ScaleGroup, xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Per consumer input channel scales (equal within a producer channel's consumers)."""
+        idx = g.producer_index()
+        if idx is not None:  # one scale per producer channel: reduce the maxima over its consumers
+            n = int(idx.max()) + 1
+            xmax = torch.zeros(n).scatter_reduce(0, idx, xmax, "amax")[idx]
+            wmax = torch.zeros(n).scatter_reduce(0, idx, wmax, "amax")[idx]
+        s = xmax.clamp(min=self.min_scale).pow(alpha) / wmax.clamp(min=self.min_scale).pow(1 - alpha)
+        return torch.where((xmax > 0) & (wmax > 0), s, torch.ones_like(s)).clamp(min=self.min_scale)
+
+    def _search(self, plan: Plan, g: ScaleGroup, xmax, wmax, weights, x) -> tuple[str, torch.Tensor | None]:
+        specs = [plan.resolve(p) for p in g.paths]
+        ref = [x @ w.t() for w in weights]
+        steps = round(1 / self.grid_step)
+        best: tuple[float, str, torch.Tensor | None] = (_error(x, weights, specs, ref, None), "none", None)
+        for i in range(steps + 1):
+            a = min(1.0, i * self.grid_step)
+            s = self._scales(g, xmax, wmax, a)
+            err = _error(x, weights, specs, ref, s)
+            if err < best[0]:
+                best = (err, f"{a:.2f}", s)
+        return best[1], best[2]
+
+
+def _all_skipped(plan: Plan, g: ScaleGroup) -> bool:
+    return all(plan.resolve(p).skip for p in g.paths)
+
+
+def _fq_weight(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    if spec is None:
+        return w
+    if spec.granularity is Granularity.PER_GROUP:
+        return fake_quantize(w, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=spec.group_size, partial_last_group=True)
+    return fake_quantize(w, spec.bits, spec.granularity, symmetric=spec.symmetric)
+
+
+def _fq_act(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    if spec is None:
+        return x
+    if spec.granularity is Granularity.PER_GROUP:
+        return fake_quantize(x, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=spec.group_size, partial_last_group=True)
+    return fake_quantize(x, spec.bits, spec.granularity, symmetric=spec.symmetric)
+
+
+def _error(x, weights, specs, ref, s: torch.Tensor | None) -> float:
+    total = 0.0
+    for w, lq, r in zip(weights, specs, ref):
+        if lq.skip:
+            continue
+        xs, ws = (x, w) if s is None else (x / s, w * s)
+        y = _fq_act(xs, lq.activation) @ _fq_weight(ws, lq.weight).t()
+        total += float((y - r).pow(2).sum())
+    return total
+
+
+def _apply(program: Program, g: ScaleGroup, s: torch.Tensor) -> None:
+    """Divide the producer by ``s`` and multiply the consumers' columns by ``s`` (exact rewrite)."""
+    idx = g.producer_index()
+    if idx is None:
+        sp = s
+    else:
+        sp = torch.ones(int(idx.max()) + 1).scatter(0, idx, s)  # scales are equal within a producer channel
+    for key in (g.producer_weight, g.producer_bias):
+        if key is None:
+            continue
+        t = program.state[key]
+        div = sp if t.dim() == 1 else sp[:, None]
+        program.state[key] = (t.to(torch.float32) / div).to(t.dtype)
+    for key in g.linears:
+        w = program.state[key]
+        program.state[key] = (w.to(torch.float32) * s[None, :]).to(w.dtype)
