@@ -272,6 +272,15 @@ register_preset(
 )
 register_preset(
     Plan(
+        name="w8a8-smoothquant+",
+        description="As w8a8-smooth, with the alpha of each group searched on calibration data (SmoothQuant+).",
+        passes=(SMOOTH_SEARCH, PassConfig("quantize_weights")),
+        weight=W8_PER_CHANNEL,
+        activation=A8_PER_TOKEN,
+    )
+)
+register_preset(
+    Plan(
         name="w4a16-smoothquant+",
         description="SmoothQuant+: per-group alpha searched (step 0.05, or no smoothing) on calibration data to "
         "minimize the quantized group output error, then W4 symmetric group-128 RTN weights; fp32 activations.",
