@@ -316,6 +316,46 @@ register_preset(
 )
 
 
+# ---- MergeQuant presets (issue 4) ---------------------------------------------------------------
+
+
+def _static(bits: int, granularity: Granularity = Granularity.PER_CHANNEL) -> QuantSpec:
+    return QuantSpec(bits=bits, granularity=granularity, symmetric=True, dynamic=False)
+
+
+for _b in (4, 8):
+    register_preset(
+        Plan(
+            name=f"w{_b}a{_b}-mergequant",
+            description=f"MergeQuant: static per-channel {_b}-bit activations whose steps are folded into the producing "
+            f"norm / linear (QSM), adaptive clipping, dimensional reconstruction of up->down; W{_b} per-channel "
+            "symmetric weights absorbing the steps; integer GEMM with no activation scale at run time.",
+            passes=(PassConfig("fold_quant_steps"),),
+            weight=QuantSpec(bits=_b, granularity=Granularity.PER_CHANNEL, symmetric=True),
+            activation=_static(_b),
+        )
+    )
+register_preset(
+    Plan(
+        name="w4a4-static-per-tensor",
+        description="Static per-tensor 4-bit activations (one clipped step per layer input, folded as in "
+        "w4a4-mergequant); W4 per-channel. The naive static baseline for MergeQuant.",
+        passes=(PassConfig("fold_quant_steps", (("reconstruct", False),)),),
+        weight=QuantSpec(bits=4, granularity=Granularity.PER_CHANNEL, symmetric=True),
+        activation=_static(4, Granularity.PER_TENSOR),
+    )
+)
+register_preset(
+    Plan(
+        name="w4a4-rtn",
+        description="W4 per-channel symmetric RTN weights, dynamic per-token symmetric 4-bit activations.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=QuantSpec(bits=4, granularity=Granularity.PER_CHANNEL, symmetric=True),
+        activation=QuantSpec(bits=4, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True),
+    )
+)
+
+
 for _m in (4, 6, 8):
     register_preset(
         Plan(

@@ -12,6 +12,7 @@ user's model. Plan rules match on these paths.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -184,7 +185,7 @@ class Program:
         for name, e in self.entries.items():
             gm = fx.GraphModule(e.graph, _deepcopy_graph(e.graph.graph))
             entries[name] = dataclasses.replace(e, graph=gm, slots=list(e.slots), dims=dict(e.dims))
-        return Program(entries, dict(self.state), dict(self.cache_specs), dict(self.meta))
+        return Program(entries, dict(self.state), dict(self.cache_specs), copy.deepcopy(self.meta))
 
     def packed_weight_bytes(self) -> int:
         """Bytes of the state if every quantized weight were bit-packed at its own bit-width."""

@@ -12,7 +12,8 @@ from calibration data (``ctx.calib``), divides the producer (norm weight and bia
 producing linear's rows and bias) by ``s`` and multiplies the consumers' weight columns by ``s``.
 Without quantization the model computes the same function (up to float rounding).
 
-``alpha``: a number in [0, 1] (SmoothQuant, one α for all groups), or ``"search"``
+``alpha``: a number in [0, 1] (SmoothQuant, one α for all groups), ``"none"`` (s ≡ 1: the pass
+changes nothing; for A/B plans), or ``"search"``
 (SmoothQuant+): per group, every α on a grid of step ``grid_step`` from 0 to 1, *and* no smoothing
 (s ≡ 1), are scored by the error of the group's quantized outputs on calibration rows,
 ``Σ_linears ‖X Wᵀ − Q_a(X/s) Q_w(W·diag(s))ᵀ‖²``, with the quantizers the plan assigns to each
@@ -57,8 +58,8 @@ class SmoothMigration(Pass):
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):
-            if self.alpha != "search":
-                raise PlanError(f"smooth_migration: alpha must be a number in [0, 1] or 'search', not {self.alpha!r}")
+            if self.alpha not in ("search", "none"):
+                raise PlanError(f"smooth_migration: alpha must be a number in [0, 1], 'search' or 'none', not {self.alpha!r}")
         elif not 0.0 <= float(self.alpha) <= 1.0:
             raise PlanError(f"smooth_migration: alpha must be in [0, 1], got {self.alpha}")
         if not 0 < self.grid_step <= 1:
@@ -66,8 +67,8 @@ class SmoothMigration(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         groups = [g for g in find_scale_groups(program, value_out=self.value_out) if not _all_skipped(ctx.plan, g)]
-        if not groups:
-            return PassResult(program, modified=False, notes={"groups": 0})
+        if not groups or self.alpha == "none":
+            return PassResult(program, modified=False, notes={"groups": len(groups), "alpha": "none"})
         batches = calib_batches(ctx.calib, who="smooth_migration", min_tokens=MIN_CALIB_TOKENS)
         search = self.alpha == "search"
         keys = [g.linears[0] for g in groups]
