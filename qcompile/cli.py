@@ -28,6 +28,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", default=None, help="GGUF file inside the --model folder")
 
 
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for passes that calibrate (default 8)")
+    p.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
+
+
+def _calibration(zm, a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Calibration token windows for a causal LM (None for other models)."""
+    from qcompile.errors import DataError
+    from qcompile.eval.datasets import calibration_tokens, read_text_file, tokenize
+
+    if zm.kind != "causal_lm" or zm.tokenizer is None:
+        return None
+    if a.calib_text is None:
+        return calibration_tokens(zm.tokenizer, a.calib_windows, a.calib_seq)
+    ids = tokenize(zm.tokenizer, read_text_file(a.calib_text))
+    n = ids.numel() // a.calib_seq
+    if n < 1:
+        raise DataError(f"{a.calib_text} has {ids.numel()} tokens; one calibration window needs {a.calib_seq} (--calib-seq)")
+    return ids[: min(n, a.calib_windows) * a.calib_seq].view(-1, a.calib_seq)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qcompile", description="compile models into quantized, runnable modules")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -42,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-cache-len", type=int, default=1024)
     c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    _add_calib_args(c)
+    c.add_argument("--calib-text", default=None, help="calibrate on this UTF-8 text file instead of the Shakespeare calibration split")
 
     r = sub.add_parser("run", help="generate a continuation with a saved artifact")
     r.add_argument("artifact")
@@ -66,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
     e.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--json", default=None, help="write the record to this JSON file")
+    _add_calib_args(e)
 
     rep = sub.add_parser("report", help="print an artifact's compile report")
     rep.add_argument("artifact")
@@ -85,7 +109,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cm = qcompile.compile(
         zm.model, target=a.target, plan=plan, backend=a.backend, max_cache_len=a.max_cache_len,
-        dump_dir=a.dump_dir, tokenizer=zm.tokenizer, progress=True,
+        dump_dir=a.dump_dir, tokenizer=zm.tokenizer, progress=True, calib=_calibration(zm, a),
     )
     print(f"compiled with plan {plan.name!r} for {a.target} in {time.perf_counter() - t0:.1f}s", flush=True)
     print(cm.report.summary())
@@ -125,7 +149,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)
     rec = evaluate(
         a.model, a.plan, target=a.target, text=text, windows=a.windows, seq=a.seq, gguf_file=a.gguf_file,
-        source=a.source, progress=True,
+        source=a.source, progress=True, calib_windows=a.calib_windows, calib_seq=a.calib_seq,
     )
     if "ppl" in rec:
         print(f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} tokens")

@@ -52,3 +52,18 @@ def test_hf_folder_loads_like_transformers(hf_folder):
     x = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(zm.model(x).logits, ref(x).logits)
+
+
+def test_compile_calibrates_on_a_text_file(hf_folder, tmp_path, capsys):
+    from qcompile.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 255 + 1}" for i in range(300)))
+    out = tmp_path / "smooth"
+    args = ["compile", "--model", str(hf_folder), "--plan", "w8a8-smooth", "--max-cache-len", "64", "--calib-seq", "64"]
+    assert main([*args, "--calib-text", str(text), "-o", str(out)]) == 0
+    assert "smooth_migration" in capsys.readouterr().out
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    assert main([*args, "--calib-text", str(short), "-o", str(tmp_path / "y")]) == 2
+    assert "has 3 tokens; one calibration window needs 64 (--calib-seq)" in capsys.readouterr().err
