@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=None, help="RESULTS.md section name (default: the model name)")
     ap.add_argument("--json", default=None, help="JSON output (default benchmarks/results/accuracy-<model>.json)")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--notes", default=None, help="markdown file whose text is appended to the section (the reading of the table)")
     a = ap.parse_args(argv)
     zm = load_model(a.model)
     records = []
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             CAVEATS.get(zm.name, ""),
             *_predictions(records[0]),
+            *([Path(a.notes).read_text()] if a.notes else []),
         ]
     )
     write_section(Path(a.results), a.section or zm.name, body)

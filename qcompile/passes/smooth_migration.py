@@ -122,20 +122,12 @@ def _all_skipped(plan: Plan, g: ScaleGroup) -> bool:
     return all(plan.resolve(p).skip for p in g.paths)
 
 
-def _fq_weight(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+def _fake(t: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """``t`` fake-quantized as ``spec`` says (weights and activations alike; None: unchanged)."""
     if spec is None:
-        return w
-    if spec.granularity is Granularity.PER_GROUP:
-        return fake_quantize(w, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=spec.group_size, partial_last_group=True)
-    return fake_quantize(w, spec.bits, spec.granularity, symmetric=spec.symmetric)
-
-
-def _fq_act(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    if spec is None:
-        return x
-    if spec.granularity is Granularity.PER_GROUP:
-        return fake_quantize(x, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=spec.group_size, partial_last_group=True)
-    return fake_quantize(x, spec.bits, spec.granularity, symmetric=spec.symmetric)
+        return t
+    gs = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
+    return fake_quantize(t, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=gs, partial_last_group=True)
 
 
 def _error(x, weights, specs, ref, s: torch.Tensor | None) -> float:
@@ -144,7 +136,7 @@ def _error(x, weights, specs, ref, s: torch.Tensor | None) -> float:
         if lq.skip:
             continue
         xs, ws = (x, w) if s is None else (x / s, w * s)
-        y = _fq_act(xs, lq.activation) @ _fq_weight(ws, lq.weight).t()
+        y = _fake(xs, lq.activation) @ _fake(ws, lq.weight).t()
         total += float((y - r).pow(2).sum())
     return total
 
