@@ -160,12 +160,12 @@ class FoldQuantSteps(Pass):
         budget = int(self.max_extra * step.numel())
         order = torch.argsort(step, descending=True)
         extra_total = 0
-        for j in order.tolist():
+        for j in order.tolist():  # largest steps first, while the budget of extra channels lasts
             e = int(m[j]) - 1
-            if e <= 0 or extra_total + e > budget:
-                m[j] = 1 if e <= 0 or extra_total + e > budget else m[j]
-                continue
-            extra_total += e
+            if e > 0 and extra_total + e <= budget:
+                extra_total += e
+            else:
+                m[j] = 1
         if extra_total == 0:
             return step, 0
         idx = torch.repeat_interleave(torch.arange(step.numel()), m)  # channel of every new position
