@@ -323,34 +323,38 @@ def _static(bits: int, granularity: Granularity = Granularity.PER_CHANNEL) -> Qu
     return QuantSpec(bits=bits, granularity=granularity, symmetric=True, dynamic=False)
 
 
-for _b in (4, 8):
-    register_preset(
-        Plan(
-            name=f"w{_b}a{_b}-mergequant",
-            description=f"MergeQuant: static per-channel {_b}-bit activations whose steps are folded into the producing "
-            f"norm / linear (QSM), adaptive clipping, dimensional reconstruction of up->down; W{_b} per-channel "
-            "symmetric weights absorbing the steps; integer GEMM with no activation scale at run time.",
-            passes=(PassConfig("fold_quant_steps"),),
-            weight=QuantSpec(bits=_b, granularity=Granularity.PER_CHANNEL, symmetric=True),
-            activation=_static(_b),
-        )
+def _mergequant(bits: int, weight: QuantSpec) -> Plan:
+    return Plan(
+        name=f"w{bits}a{bits}-mergequant",
+        description=f"MergeQuant: static per-channel {bits}-bit activations whose steps are folded into the producing "
+        "norm / linear (QSM), adaptive clipping, dimensional reconstruction of up->down; the weights absorb the "
+        f"steps and are quantized to {bits} bits ({weight.granularity.value}"
+        f"{'' if weight.group_size is None else f' {weight.group_size}'}); integer GEMM, no activation scale at run time.",
+        passes=(PassConfig("fold_quant_steps"),),
+        weight=weight,
+        activation=_static(bits),
     )
+
+
+register_preset(_mergequant(4, W4_G128))
+register_preset(_mergequant(8, W8_PER_CHANNEL))
 register_preset(
     Plan(
         name="w4a4-static-per-tensor",
         description="Static per-tensor 4-bit activations (one clipped step per layer input, folded as in "
-        "w4a4-mergequant); W4 per-channel. The naive static baseline for MergeQuant.",
+        "w4a4-mergequant); W4 group-128 weights. The naive static baseline for MergeQuant.",
         passes=(PassConfig("fold_quant_steps", (("reconstruct", False),)),),
-        weight=QuantSpec(bits=4, granularity=Granularity.PER_CHANNEL, symmetric=True),
+        weight=W4_G128,
         activation=_static(4, Granularity.PER_TENSOR),
     )
 )
 register_preset(
     Plan(
         name="w4a4-rtn",
-        description="W4 per-channel symmetric RTN weights, dynamic per-token symmetric 4-bit activations.",
+        description="W4 group-128 symmetric RTN weights, dynamic per-token symmetric 4-bit activations "
+        "(the dynamic baseline for w4a4-mergequant, same weight quantizer).",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=4, granularity=Granularity.PER_CHANNEL, symmetric=True),
+        weight=W4_G128,
         activation=QuantSpec(bits=4, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True),
     )
 )
