@@ -3,7 +3,8 @@
 What it does: for every group of linears that share one input ``X`` whose producer can absorb a
 per-channel scale (found by graph matching, :func:`qcompile.ir.patterns.find_scale_groups`: the
 affine weight of a norm feeding q/k/v or gate/up; with ``value_out``, v_proj's output rows
-feeding o_proj through attention, GQA heads handled by the channel map), it computes per input
+feeding o_proj through attention, GQA heads handled by the channel map; with ``up_down``,
+up_proj's rows feeding down_proj through the product with the gate), it computes per input
 channel ``j``::
 
     s_j = max|X_j|^α / max|W_j|^(1−α)      (max|W_j| over all linears of the group)
@@ -53,6 +54,7 @@ class SmoothMigration(Pass):
     alpha: Union[float, str] = 0.5
     grid_step: float = 0.05
     value_out: bool = False  # also migrate o_proj's input scales into v_proj's rows
+    up_down: bool = False  # also migrate down_proj's input scales into up_proj's rows
     samples: int = 512  # calibration rows kept per group for the α search
     min_scale: float = 1e-5
 
@@ -66,7 +68,7 @@ class SmoothMigration(Pass):
             raise PlanError(f"smooth_migration: grid_step must be in (0, 1], got {self.grid_step}")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        groups = [g for g in find_scale_groups(program, value_out=self.value_out) if not _all_skipped(ctx.plan, g)]
+        groups = [g for g in find_scale_groups(program, value_out=self.value_out, up_down=self.up_down) if not _all_skipped(ctx.plan, g)]
         if not groups or self.alpha == "none":
             return PassResult(program, modified=False, notes={"groups": len(groups), "alpha": "none"})
         batches = calib_batches(ctx.calib, who="smooth_migration", min_tokens=MIN_CALIB_TOKENS)
