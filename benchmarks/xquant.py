@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
