@@ -292,6 +292,14 @@ for _b in (4, 3, 2):
         "per-token groups of 64.",
         mode="x", bits=_b, group_size=64, symmetric=False, granularity="per_token", cross_layer=True,
     )
+for _b in (4, 2):
+    _xquant_preset(
+        f"xcache-clr-{_b}bit",
+        f"XQuant-CL on the residual stream: per layer cache the {_b}-bit quantized difference h_l - A_(l-1) of the "
+        "residual stream the attention norm reads against its running reconstruction A; X_l = norm_l(A_l). "
+        "Asymmetric per-token groups of 64.",
+        mode="x", bits=_b, group_size=64, symmetric=False, granularity="per_token", cross_layer=True, cl_space="residual",
+    )
 _xquant_preset(
     "xcache-2bit-pc",
     "XQuant 2-bit with static per-channel scales (calibrated on the calibration split): no per-token scale "

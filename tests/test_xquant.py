@@ -58,9 +58,10 @@ def _step_logits(cm, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("mode", ["x", "latent"])
+@pytest.mark.parametrize("mode", ["x", "latent", "cl-residual"])
 def test_unquantized_rewrite_matches_kv_cache_model(tiny_llama, kv_model, mode):
-    cm = _compiled(tiny_llama, mode=mode, bits=0)
+    opts = dict(mode="x", cross_layer=True, cl_space="residual") if mode == "cl-residual" else dict(mode=mode)
+    cm = _compiled(tiny_llama, bits=0, **opts)
     assert not any(k.startswith(("key_cache", "value_cache")) for k in cm.program.cache_specs)
     assert any(k.startswith("xcache.") for k in cm.program.cache_specs)
     ids = _prompt()
@@ -80,10 +81,11 @@ def test_unquantized_rewrite_matches_kv_cache_model(tiny_llama, kv_model, mode):
         dict(mode="x", bits=4, group_size=16, symmetric=False),
         dict(mode="latent", bits=3, group_size=16),
         dict(mode="x", bits=2, group_size=16, symmetric=False, cross_layer=True),
+        dict(mode="x", bits=3, group_size=16, cross_layer=True, cl_space="residual"),
         dict(mode="kv", bits=4, group_size=8, symmetric=False),  # K per-channel (calibrated), V per-token
         dict(mode="latent", bits=4, granularity="per_channel", symmetric=False),
     ],
-    ids=["x4", "latent3", "cl2", "kv4", "latent4-pc"],
+    ids=["x4", "latent3", "cl2", "clr3", "kv4", "latent4-pc"],
 )
 def test_forward_matches_token_by_token_decoding(tiny_llama, opts):
     """Perplexity's forward entry sees exactly the quantized cache that prefill/decode read back."""
