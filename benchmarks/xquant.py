@@ -94,6 +94,49 @@ def cmd_speed(a: argparse.Namespace) -> None:
     _save(data)
 
 
+def cmd_error(a: argparse.Namespace) -> None:
+    """Relative error of K and V rematerialized from a quantized latent cache vs K/V quantized directly
+    (per token, asymmetric, groups of 64), and of X itself; one calibration window (never evaluation text)."""
+    import torch
+
+    import qcompile  # noqa: F401  (registers the ops)
+    from qcompile.eval.datasets import calibration_tokens
+
+    zm = load_model(a.model)
+    m = zm.model
+    ids = calibration_tokens(zm.tokenizer, 1, 512)
+    xs: list = []
+    hooks = [layer.input_layernorm.register_forward_hook(lambda mod, i, o: (xs.append(o[0].float()), None)[-1]) for layer in m.model.layers]
+    with torch.no_grad():
+        m(ids)
+    for h in hooks:
+        h.remove()
+
+    def fq(z, bits):
+        c, s, o = torch.ops.qcompile.cache_quantize(z, bits, 64, False)
+        return torch.ops.qcompile.cache_dequantize(c, s, o, 64)
+
+    def rel(a_, b_):
+        return float((a_ - b_).norm() / b_.norm())
+
+    out = {}
+    with torch.no_grad():
+        for bits in (8, 4, 3, 2):
+            lat, kv, xx = [], [], []
+            for layer, x in zip(m.model.layers, xs):
+                for w in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight):
+                    u, s, vh = torch.linalg.svd(w.double().t(), full_matrices=False)
+                    k = x @ w.t()
+                    lat.append(rel(fq((x.double() @ u).float(), bits) @ (s[:, None] * vh).float(), k))
+                    kv.append(rel(fq(k, bits), k))
+                xx.append(rel(fq(x, bits), x))
+            out[bits] = {"kv_from_latent_cache": sum(lat) / len(lat), "kv_quantized_directly": sum(kv) / len(kv), "x": sum(xx) / len(xx)}
+            print(bits, {k: round(v, 3) for k, v in out[bits].items()}, flush=True)
+    data = _load()
+    data["relative_error"] = {"bits": out, "command": "python benchmarks/xquant.py error", "data": "1 calibration window x 512 tokens"}
+    _save(data)
+
+
 def cmd_table(a: argparse.Namespace) -> None:
     data = _load()
     recs = data["records"]
@@ -157,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--new", type=int, default=32)
     s.add_argument("--max-cache-len", type=int, default=256)
     s.add_argument("--repeat", type=int, default=2)
+    er = sub.add_parser("error")
+    er.add_argument("--model", default="smollm2-135m")
     t = sub.add_parser("table")
     t.add_argument("--results", default=str(HERE / "RESULTS.md"))
     t.add_argument("--notes", default=str(HERE / "results" / "xquant-notes.md"))
     a = ap.parse_args(argv)
-    {"eval": cmd_eval, "speed": cmd_speed, "table": cmd_table}[a.cmd](a)
+    {"eval": cmd_eval, "speed": cmd_speed, "error": cmd_error, "table": cmd_table}[a.cmd](a)
     return 0
 
 
