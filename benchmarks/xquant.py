@@ -52,6 +52,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         rec.pop("report", None)
         rec["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
         rec["machine"] = machine()
+        data = _load()  # re-read: another subcommand may have written meanwhile
         data["records"][plan] = rec
         data["commands"] = sorted(set(data["commands"]) | {"python benchmarks/xquant.py eval --plans " + a.plans})
         _save(data)
