@@ -371,6 +371,48 @@ for _m in (4, 6, 8):
     )
 
 
+# ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
+def _xquant_preset(name: str, description: str, **options: Any) -> None:
+    register_preset(Plan(name=name, description=description, passes=(PassConfig("kv_to_xcache", tuple(options.items())),)))
+
+
+for _b in (8, 4, 3, 2):
+    _xquant_preset(
+        f"xcache-{_b}bit",
+        f"XQuant: cache {_b}-bit quantized X (or, when K and V together are narrower than X as in GQA, the "
+        "latent X·U of an offline SVD of W_k / W_v) instead of K and V; K (with RoPE) and V are rematerialized "
+        "every step. Asymmetric per-token quantization, fp16 scale+offset per group of 64 channels.",
+        mode="auto", bits=_b, group_size=64, symmetric=False, granularity="per_token",
+    )
+    _xquant_preset(
+        f"kvquant-{_b}bit",
+        f"KIVI-style KV-cache quantization baseline at {_b} bits: post-RoPE K per channel (static scales "
+        "calibrated on the calibration split), V per token (fp16 scale+offset per group of 64), asymmetric.",
+        mode="kv", bits=_b, group_size=64, symmetric=False, k_granularity="per_channel", v_granularity="per_token",
+    )
+for _b in (4, 3, 2):
+    _xquant_preset(
+        f"xcache-cl-{_b}bit",
+        f"XQuant-CL: per layer cache the {_b}-bit quantized difference X_l - A_(l-1) against the running "
+        "reconstruction A (layer 0: X_0 itself); X_l is rebuilt as A_l = A_(l-1) + deq(code_l). Asymmetric "
+        "per-token groups of 64.",
+        mode="x", bits=_b, group_size=64, symmetric=False, granularity="per_token", cross_layer=True,
+    )
+for _b in (4, 2):
+    _xquant_preset(
+        f"xcache-clr-{_b}bit",
+        f"XQuant-CL on the residual stream: per layer cache the {_b}-bit quantized difference h_l - A_(l-1) of the "
+        "residual stream the attention norm reads against its running reconstruction A; X_l = norm_l(A_l). "
+        "Asymmetric per-token groups of 64.",
+        mode="x", bits=_b, group_size=64, symmetric=False, granularity="per_token", cross_layer=True, cl_space="residual",
+    )
+_xquant_preset(
+    "xcache-2bit-pc",
+    "XQuant 2-bit with static per-channel scales (calibrated on the calibration split): no per-token scale "
+    "bytes, so a GQA latent cache is exactly 8x smaller than an fp16 KV cache.",
+    mode="auto", bits=2, group_size=0, symmetric=False, granularity="per_channel",
+)
+
 def get_plan(plan: "Plan | str | Path") -> Plan:
     """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
     if isinstance(plan, Plan):

@@ -138,7 +138,7 @@ def _eval_lm(
     cm = None
     if source:
         fn = hf_logits(zm.model)
-        cache = None
+        cache = kv16 = None
     else:
         from qcompile.eval.datasets import calibration_tokens
 
@@ -148,6 +148,7 @@ def _eval_lm(
         )
         fn = cm
         cache = cm.program.cache_bytes_per_token()
+        kv16 = cm.program.fp16_kv_bytes_per_token()
     res = perplexity(fn, tokens, seq=seq, windows=windows, progress=progress)
     out = {
         **text.describe(),
@@ -160,6 +161,9 @@ def _eval_lm(
         "eval_seconds": round(res.seconds, 2),
         "calibration": None if source else {"split": "shakespeare calibration", "windows": calib.windows, "seq": calib.seq},
         "cache_bytes_per_token": cache,
+        "fp16_kv_cache_bytes_per_token": kv16,
+        "cache_saving_vs_fp16_kv": round(kv16 / cache, 3) if cache and kv16 else None,
+        "cache_layout": cm.program.meta.get("xcache") if cm is not None else None,
         **_weights(cm, zm.model, source),
     }
     if cm is not None:

@@ -197,15 +197,32 @@ class Program:
 
     def cache_bytes_per_token(self) -> int | None:
         """Bytes of cache per cached token (all layers, all cache tensors with a sequence axis of
-        ``meta['max_cache_len']``); None when the Program has no cache."""
+        ``meta['max_cache_len']``, scales included; caches listed in ``meta['cache_bits']`` count
+        as bit-packed at that width); None when the Program has no cache."""
+        length = self.meta.get("max_cache_len")
+        if not self.cache_specs or not length:
+            return None
+        bits = self.meta.get("cache_bits", {})  # bit-packed caches (quantized codes): key -> bits
+        total = 0
+        for key, (shape, dt) in self.cache_specs.items():
+            if int(length) in shape:
+                per_token = math.prod(shape) // int(length)
+                total += (per_token * int(bits[key]) + 7) // 8 if key in bits else per_token * getattr(torch, dt).itemsize
+        return total
+
+    def fp16_kv_bytes_per_token(self) -> int | None:
+        """Bytes per token of the fp16 K/V cache this Program's cache replaces (or, for a plain KV
+        cache, of it stored in fp16): the reference for cache savings."""
+        if "fp16_kv_bytes_per_token" in self.meta:
+            return int(self.meta["fp16_kv_bytes_per_token"])
         length = self.meta.get("max_cache_len")
         if not self.cache_specs or not length:
             return None
         total = 0
         for shape, dt in self.cache_specs.values():
-            if int(length) in shape:
-                total += math.prod(shape) * getattr(torch, dt).itemsize // int(length)
-        return total
+            if int(length) in shape and getattr(torch, dt).is_floating_point:
+                total += 2 * math.prod(shape) // int(length)
+        return total or None
 
     def weight_bytes_by_dtype(self) -> dict[str, int]:
         """Bytes of state tensors by dtype (what the model weighs on disk and in memory)."""

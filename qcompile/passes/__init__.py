@@ -1,6 +1,12 @@
 """Passes: Program -> Program rewrites, one per file, registered by name in :data:`PASSES`."""
 
-from qcompile.passes import fold_quant_steps, quantize_weights, smooth_migration, winograd_conv  # noqa: F401  (registers the passes)
+from qcompile.passes import (  # noqa: F401  (registers the passes)
+    fold_quant_steps,
+    kv_to_xcache,
+    quantize_weights,
+    smooth_migration,
+    winograd_conv,
+)
 from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, make_pass, register_pass
 from qcompile.passes.manager import CompileReport, PassManager, PassReport
 

@@ -66,6 +66,12 @@ class CompileReport:
                 f"  {p.name:<20} {p.seconds:7.2f}s  modified={p.modified}  nodes {p.nodes_before}->{p.nodes_after} "
                 f"(+{p.nodes_added}/-{p.nodes_removed})  layers changed {len(p.layers_changed)}  skipped {len(p.skipped)}"
             )
+            if p.notes.get("cache_bytes_per_token") is not None:
+                n = p.notes
+                lines.append(
+                    f"    cache: {n['cache_bytes_per_token']} B/token (all layers, scales included) vs fp16 KV "
+                    f"{n.get('fp16_kv_bytes_per_token')} B/token: saving x{n.get('saving_vs_fp16_kv')}; {n.get('cached_per_layer', '')}"
+                )
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         total = sum(self.weight_bytes.values())
