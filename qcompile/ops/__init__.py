@@ -4,6 +4,6 @@ Importing this package registers them; ``import qcompile`` does so too, which is
 saved artifact's graph (which names ``qcompile::`` ops) load and run.
 """
 
-from qcompile.ops import linear, winograd  # noqa: F401  (registers the ops)
+from qcompile.ops import linear, packed, winograd  # noqa: F401  (registers the ops)
 
-QCOMPILE_OPS = ("linear_w8a8", "quant_linear", "winograd_conv2d")
+QCOMPILE_OPS = ("linear_w8a8", "quant_linear", "packed_linear", "winograd_conv2d")
