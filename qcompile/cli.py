@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-cache-len", type=int, default=1024)
     c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    c.add_argument("--calib-windows", type=int, default=8, help="calibration windows for passes that calibrate (0: none)")
+    c.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
 
     r = sub.add_parser("run", help="generate a continuation with a saved artifact")
     r.add_argument("artifact")
@@ -83,10 +85,18 @@ def cmd_compile(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     zm = load_model(a.model, a.gguf_file)
     print(f"loaded {zm.name} ({type(zm.model).__name__}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    calib = None
+    from qcompile.passes import PASSES
+
+    needs_calib = any(PASSES[pc.name].needs_calib for pc in plan.passes if pc.name in PASSES)
+    if needs_calib and a.calib_windows > 0 and zm.tokenizer is not None and zm.kind == "causal_lm":
+        from qcompile.eval.datasets import calibration_tokens
+
+        calib = calibration_tokens(zm.tokenizer, a.calib_windows, a.calib_seq)  # the calibration split only
     t0 = time.perf_counter()
     cm = qcompile.compile(
         zm.model, target=a.target, plan=plan, backend=a.backend, max_cache_len=a.max_cache_len,
-        dump_dir=a.dump_dir, tokenizer=zm.tokenizer, progress=True,
+        dump_dir=a.dump_dir, tokenizer=zm.tokenizer, progress=True, calib=calib,
     )
     print(f"compiled with plan {plan.name!r} for {a.target} in {time.perf_counter() - t0:.1f}s", flush=True)
     print(cm.report.summary())

@@ -150,16 +150,29 @@ def test_assign_precision_is_deterministic_and_saved(tiny_llama, tiny_llama_prog
     assert torch.equal(again(ids), cm1(ids))
 
 
-def test_assign_precision_budget_semantics(tiny_llama, tiny_llama_program):
+def _run_pass(program, budget, unit="linears"):
+    from qcompile.passes.assign_precision import AssignPrecision
+    from qcompile.passes.base import PassContext
+
+    ctx = PassContext(plan=PRESETS["w6a8-flexq"], calib=CALIB)
+    res = AssignPrecision(budget=budget, unit=unit).run(program, ctx)  # leaves the program as is
+    assert not res.modified and [r.match for r in ctx.plan.rules] == res.notes["a8_layers"]
+    return res.notes
+
+
+def test_assign_precision_budget_semantics(tiny_llama_program):
     def a8(budget, unit="linears"):
-        return set(_a8_layers(_compile(tiny_llama_program, _flexq(budget, unit), CALIB)))
+        return set(_run_pass(tiny_llama_program, budget, unit)["a8_layers"])
 
     none, some, more, all_ = a8(0.0), a8(2 / 7), a8(3 / 7), a8(1.0)
     assert none == set() and len(all_) == 14 and len(some) == 4 and len(more) == 6
     assert some < more < all_  # nested: a larger budget only adds layers
-    cm = _compile(tiny_llama_program, _flexq(0.25, "flops"), CALIB)
-    notes = cm.report.passes[0].notes
+    notes = _run_pass(tiny_llama_program, 0.25, "flops")
+    flops = {r["path"]: r["flops_per_token"] for r in notes["sensitivity"]}
     assert 0 < notes["a8_fraction_flops"] <= 0.25
+    assert sum(flops[p] for p in notes["a8_layers"]) <= 0.25 * sum(flops.values())
+    # the whole budget takes every layer
+    assert _run_pass(tiny_llama_program, 1.0, "flops")["a8_fraction_flops"] == 1.0
 
 
 def test_budget_zero_and_one_match_w6a6_and_w6a8(tiny_llama, tiny_llama_program):
@@ -217,3 +230,19 @@ def test_report_plot(tiny_llama, tiny_llama_program, tmp_path):
     png = tmp_path / "sens.png"
     assert main(["report", str(tmp_path / "art"), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fisher_ranking_agrees_with_exact_kl(tiny_llama_program):
+    from qcompile.passes.assign_precision import AssignPrecision
+    from qcompile.passes.base import PassContext
+
+    calib = CALIB[:2, :64]
+    scores = {}
+    for metric in ("fisher", "kl"):
+        ctx = PassContext(plan=PRESETS["w6a8-flexq"], calib=calib)
+        notes = AssignPrecision(metric=metric, min_tokens=64).run(tiny_llama_program, ctx).notes
+        scores[metric] = torch.tensor([r["score"] for r in notes["sensitivity"]])
+        assert (scores[metric] > -1e-9).all() and scores[metric].max() > 0
+    ranks = {k: v.argsort().argsort().double() for k, v in scores.items()}
+    spearman = torch.corrcoef(torch.stack([ranks["fisher"], ranks["kl"]]))[0, 1]
+    assert spearman > 0.6, spearman

@@ -13,7 +13,7 @@ to the CompiledModule, so the assignment is saved with the artifact, printed by
 them) and reproducible: the same calibration data gives the same assignment (scores are rounded
 to 6 significant digits and ties broken by module path before ranking).
 
-Sensitivity metric (``metric: fisher``, the only one): the second-order (Fisher) estimate of the
+Sensitivity metric (``metric: fisher``, the default): the second-order (Fisher) estimate of the
 increase of the calibration loss caused by that layer's A8 → A6 change,
 
     s(layer) = 1/(2·T) · Σ_t ( g_t · δ_t )²
@@ -26,7 +26,11 @@ number of calibration tokens. The exact alternative — re-running the model onc
 measuring the output KL — costs O(layers²) (every perturbation re-runs the layers after it); this
 estimate needs one forward and one backward pass over the calibration tokens plus one
 extra small GEMM per layer, so its cost grows linearly with the number of layers (SmolLM2,
-210 linears, 4096 tokens: see benchmarks/RESULTS.md for the measured time).
+210 linears, 4096 tokens: see benchmarks/RESULTS.md for the measured time). ``metric: kl`` is the
+exact measurement, for validation and small models: the mean per-token KL divergence of the
+next-token distribution of the all-``high_bits`` model to that of the model with only this layer at
+``low_bits``; each of those runs restarts from the stored values of the nodes before the layer
+(memory: every node value of one calibration sequence), so it costs O(layers²).
 
 Budget: ``budget`` ∈ [0, 1] is the fraction of candidate linears (``unit: linears``; the number
 of A8 layers is ``floor(budget · n)``) or of their FLOPs (``unit: flops``; layers are taken in
@@ -62,7 +66,7 @@ from qcompile.quant.rtn import dequantize_weight_groups, quantize_activation_gro
 log = logging.getLogger(__name__)
 
 UNITS = ("linears", "flops")
-METRICS = ("fisher",)
+METRICS = ("fisher", "kl")
 
 
 def fake_quant_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -103,13 +107,16 @@ class _Candidate:
 
 
 class _Simulator(fx.Interpreter):
-    """Runs the forward entry with candidate linears fake-quantized at ``high`` activations, W-bits
-    weights, recording each candidate's input and (retained-grad) output."""
+    """Runs the forward entry with candidate linears fake-quantized (W-bits weights, ``high``
+    activations, or ``low`` for the node in ``low``). With ``track`` it records each candidate's
+    input and (retained-grad) output for the Fisher estimate."""
 
-    def __init__(self, gm: fx.GraphModule, cands: dict[fx.Node, _Candidate], wdq: dict[str, torch.Tensor]) -> None:
-        super().__init__(gm)
-        self.cands = cands
-        self.wdq = wdq
+    def __init__(
+        self, gm: fx.GraphModule, cands: dict[fx.Node, _Candidate], wdq: dict[str, torch.Tensor],
+        *, track: bool = False, low: fx.Node | None = None, keep_values: bool = False,
+    ) -> None:
+        super().__init__(gm, garbage_collect_values=not keep_values)
+        self.cands, self.wdq, self.track, self.low = cands, wdq, track, low
         self.inputs: dict[fx.Node, torch.Tensor] = {}
         self.outputs: dict[fx.Node, torch.Tensor] = {}
 
@@ -120,14 +127,16 @@ class _Simulator(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x = args[0]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        xq = x + (fake_quant_activation(x.detach(), c.high) - x).detach()  # straight-through
+        spec = c.low if n is self.low else c.high
+        xq = x + (fake_quant_activation(x.detach(), spec) - x).detach()  # straight-through
         y = torch.nn.functional.linear(xq, self.wdq[c.weight_key], bias)
-        if y.requires_grad:
-            y.retain_grad()
-        else:
-            y.requires_grad_(True)
-        self.inputs[n] = x.detach()
-        self.outputs[n] = y
+        if self.track:
+            if y.requires_grad:
+                y.retain_grad()
+            else:
+                y.requires_grad_(True)
+            self.inputs[n] = x.detach()
+            self.outputs[n] = y
         return y
 
 
@@ -137,6 +146,7 @@ class AssignPrecision(Pass):
     name: ClassVar[str] = "assign_precision"
     requires: ClassVar[frozenset[str]] = frozenset({"captured"})
     provides: ClassVar[frozenset[str]] = frozenset({"precision_assigned"})
+    needs_calib: ClassVar[bool] = True
 
     budget: float = 1 / 7
     unit: str = "linears"
@@ -258,8 +268,11 @@ class AssignPrecision(Pass):
         vocab = program.meta.get("vocab_size")
         scores = {c.path: 0.0 for c in cands}
         tokens = 0
+        if self.metric == "kl":
+            self._measure_kl(program, ctx, cands, rows, wdq, scores)
+            return
         for row in tqdm(rows, desc="assign_precision: sensitivity", disable=not ctx.progress, unit="seq"):
-            sim = _Simulator(entry.graph, by_node, wdq)
+            sim = _Simulator(entry.graph, by_node, wdq, track=True)
             with torch.enable_grad():
                 outs = sim.run(*entry_args(program, self.entry, [row]))
                 logits = _logits(outs, vocab)
@@ -278,6 +291,38 @@ class AssignPrecision(Pass):
                     scores[c.path] += 0.5 * float((gd * gd).sum())
             tokens += row.numel()
             del sim, outs, logits, loss
+        for c in cands:
+            c.score = float(f"{scores[c.path] / tokens:.6g}")
+
+    def _measure_kl(
+        self, program: Program, ctx: PassContext, cands: list[_Candidate], rows: list[torch.Tensor],
+        wdq: dict[str, torch.Tensor], scores: dict[str, float],
+    ) -> None:
+        """Exact: mean KL(all-high ‖ only-this-layer-low) of the next-token distributions, per token.
+        Each perturbed run starts from the stored values of the nodes before the layer."""
+        from tqdm.auto import tqdm
+
+        entry = program.entries[self.entry]
+        by_node = {c.node: c for c in cands}
+        order = {n: i for i, n in enumerate(entry.graph.graph.nodes)}
+        vocab = program.meta.get("vocab_size")
+        tokens = 0
+        bar = tqdm(total=len(rows) * len(cands), desc="assign_precision: exact KL", disable=not ctx.progress, unit="run")
+        with torch.no_grad():
+            for row in rows:
+                base = _Simulator(entry.graph, by_node, wdq, keep_values=True)
+                ref = torch.log_softmax(_logits(base.run(*entry_args(program, self.entry, [row])), vocab).double(), -1)
+                env = base.env
+                for c in cands:
+                    start = {n: v for n, v in env.items() if order[n] < order[c.node]}
+                    sim = _Simulator(entry.graph, by_node, wdq, low=c.node)
+                    out = torch.log_softmax(_logits(sim.run(initial_env=start), vocab).double(), -1)
+                    kl = (ref.exp() * (ref - out)).sum(-1)  # [1, T]
+                    scores[c.path] += float(kl.sum())
+                    bar.update(1)
+                tokens += row.numel()
+                del base, env
+        bar.close()
         for c in cands:
             c.score = float(f"{scores[c.path] / tokens:.6g}")
 

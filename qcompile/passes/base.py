@@ -47,6 +47,7 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
+    needs_calib: ClassVar[bool] = False  # True: run() reads ctx.calib (the CLI then supplies calibration tokens)
 
     @abc.abstractmethod
     def run(self, program: Program, ctx: PassContext) -> PassResult: ...
