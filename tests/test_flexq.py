@@ -59,7 +59,7 @@ def test_per_group_integer_gemm_direct_and_bitserial_equal_int32_matmul(m, n, gr
 
 @settings(max_examples=25, deadline=None)
 @given(
-    m=st.integers(1, 4), n=st.integers(1, 6), k=st.sampled_from([64, 128, 200, 256, 576 // 2]),
+    m=st.integers(1, 4), n=st.integers(1, 6), k=st.sampled_from([64, 128, 200, 256, 576]),
     a_bits=st.sampled_from([6, 8]), per_group=st.booleans(), bias=st.booleans(), seed=st.integers(0, 10_000),
 )
 def test_packed_linear_op_equals_bitserial_form_and_quant_linear(m, n, k, a_bits, per_group, bias, seed):
@@ -144,8 +144,8 @@ def test_assign_precision_is_deterministic_and_saved(tiny_llama, tiny_llama_prog
     back = qcompile.load(tmp_path / "a")
     assert back.plan == cm1.plan and back.report.passes[0].notes["a8_layers"] == _a8_layers(cm1)
     # the saved plan reproduces the module without calibration data
-    replay = dataclasses.replace(Plan.from_json(back.plan.to_json()), passes=(PassConfig("quantize_weights"),))
-    again = _compile(tiny_llama_program, replay)
+    assert [pc.name for pc in back.plan.passes] == ["quantize_weights"]  # the analysis is replaced by its rules
+    again = _compile(tiny_llama_program, Plan.from_json(back.plan.to_json()))  # no calibration needed
     ids = torch.randint(0, 256, (1, 16))
     assert torch.equal(again(ids), cm1(ids))
 
@@ -157,6 +157,7 @@ def _run_pass(program, budget, unit="linears"):
     ctx = PassContext(plan=PRESETS["w6a8-flexq"], calib=CALIB)
     res = AssignPrecision(budget=budget, unit=unit).run(program, ctx)  # leaves the program as is
     assert not res.modified and [r.match for r in ctx.plan.rules] == res.notes["a8_layers"]
+    assert "assign_precision" not in [pc.name for pc in ctx.plan.passes]
     return res.notes
 
 

@@ -38,8 +38,9 @@ sensitivity order while they fit) that gets ``high_bits``. FlexQ's fixed rule (e
 ``down_proj`` at A8) is 1/7 of a Llama's linears, the default budget.
 
 Requires: a captured Program with float linears (run it before ``quantize_weights``), calibration
-token ids. Guarantees: ``ctx.plan`` has the new rules appended (the Program itself is unchanged;
-``quantize_weights`` applies the rules).
+token ids. Guarantees: ``ctx.plan`` has the new rules appended and this pass removed from its pass
+list (so the saved plan replays to the same module without calibration data); the Program itself
+is unchanged (``quantize_weights`` applies the rules).
 """
 
 from __future__ import annotations
@@ -189,7 +190,15 @@ class AssignPrecision(Pass):
         chosen = self._choose(cands)
         plan = ctx.plan
         rules = tuple(LayerRule(match=_glob_escape(c.path), activation=c.high) for c in cands if c.path in chosen)
-        ctx.plan = dataclasses.replace(plan, rules=plan.rules + rules)
+        # the refined plan replaces this pass by its result, so replaying it needs no calibration and
+        # gives the same module (re-running the analysis on top of its own rules would not)
+        done = f"A{self.high_bits} layers assigned by assign_precision ({self.metric}, budget {self.budget:.4g} of {self.unit})"
+        ctx.plan = dataclasses.replace(
+            plan,
+            passes=tuple(pc for pc in plan.passes if pc.name != self.name),
+            rules=plan.rules + rules,
+            description=f"{plan.description} [{done}]" if plan.description else done,
+        )
         total_flops = sum(c.flops for c in cands)
         high_flops = sum(c.flops for c in cands if c.path in chosen)
         seconds = time.perf_counter() - t0
