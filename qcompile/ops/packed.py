@@ -107,7 +107,9 @@ def packed_linear_bitserial(
     else:
         qx, sx = quantize_activation_groups(x2, act_bits, block)
     wq = torch.nn.functional.pad(codes, (0, g * block - k)).view(n, g, block)
-    acc = torch.stack([bitserial_matmul(qx[:, i], wq[:, i], act_bits, w_bits) for i in range(g)], dim=-1)
+    # [g, M, N] viewed as [M, N, g]: the layout of the direct form's batched product, so that the
+    # fp32 rescale-and-sum below reduces in the same order and the results are bit-identical
+    acc = torch.stack([bitserial_matmul(qx[:, i], wq[:, i], act_bits, w_bits) for i in range(g)], dim=0).permute(1, 2, 0)
     ws = scale if scale.shape[1] == g else scale.expand(n, g)
     y = (acc.to(torch.int32).to(torch.float32) * sx[:, None, :] * ws[None, :, :]).sum(-1)
     if bias is not None:
