@@ -66,7 +66,9 @@ def compile(
     program = manager.run(program, ctx, report)
     report.weight_bytes = program.weight_bytes_by_dtype()
     report.packed_weight_bytes = program.packed_weight_bytes()
-    return CompiledModule(program, the_plan, target=target, backend=backend, report=report, tokenizer=tokenizer)
+    # passes may refine the plan (assign_precision writes per-layer rules): the refined plan is the
+    # one the module carries, saves and reports
+    return CompiledModule(program, ctx.plan, target=target, backend=backend, report=report, tokenizer=tokenizer)
 
 
 def load(path: str | Path, backend: str | None = None) -> CompiledModule:

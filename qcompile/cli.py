@@ -2,7 +2,7 @@
 
     qcompile compile --model smollm2-135m --plan w8a8-rtn --target cpu -o out/
     qcompile run out/ --prompt "To be, or not to be" --max-new-tokens 32
-    qcompile report out/
+    qcompile report out/ --plot sensitivity.png     (assign_precision's per-layer sensitivity)
     qcompile eval --model smollm2-135m --plan w8a8-rtn --windows 16 --seq 512 --json out/eval.json
 
 User errors exit with status 2 and a one-paragraph message; ``--debug`` shows the traceback.
@@ -29,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for passes that calibrate (default 8)")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for passes that calibrate (default 8; 0: none)")
     p.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
 
 
@@ -38,7 +38,7 @@ def _calibration(zm, a: argparse.Namespace):  # type: ignore[no-untyped-def]
     from qcompile.errors import DataError
     from qcompile.eval.datasets import calibration_tokens, read_text_file, tokenize
 
-    if zm.kind != "causal_lm" or zm.tokenizer is None:
+    if zm.kind != "causal_lm" or zm.tokenizer is None or a.calib_windows <= 0:
         return None
     if a.calib_text is None:
         return calibration_tokens(zm.tokenizer, a.calib_windows, a.calib_seq)
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print an artifact's compile report")
     rep.add_argument("artifact")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
+    rep.add_argument("--plot", default=None, metavar="PNG", help="write the per-layer sensitivity plot (assign_precision) to this PNG")
     return ap
 
 
@@ -185,6 +186,24 @@ def cmd_report(a: argparse.Namespace) -> int:
     else:
         print(f"artifact {a.artifact}: qcompile {manifest.get('qcompile_version')}, target {manifest.get('target')}, backend {manifest.get('backend')}")
         print(report.summary())
+        for p in report.passes:
+            if p.name == "assign_precision" and "sensitivity" in p.notes:
+                n = p.notes
+                high = [k for k in n if k.startswith("a") and k.endswith("_layers")][0]
+                print(
+                    f"  assign_precision: {n['metric']} sensitivity on {n['tokens']} calibration tokens in {n['analysis_seconds']}s; "
+                    f"budget {n['budget']:.4g} of {n['unit']}: {high.split('_')[0].upper()} for {len(n[high])} of {n['candidates']} linears"
+                )
+                for path in n[high]:
+                    print(f"    {path}")
+    if a.plot:
+        from qcompile.passes.assign_precision import plot_sensitivity
+
+        notes = next((p.notes for p in report.passes if p.name == "assign_precision" and "sensitivity" in p.notes), None)
+        if notes is None:
+            raise QCompileError(f"{a.artifact} has no sensitivity analysis to plot (its plan does not run assign_precision)")
+        plot_sensitivity(notes, a.plot)
+        print(f"wrote {a.plot}")
     return 0
 
 

@@ -370,6 +370,59 @@ for _m in (4, 6, 8):
         )
     )
 
+# ---- FlexQ presets (arXiv 2508.04405): W6 weights, A6 activations with A8 where it matters ----------
+# Weights: 6-bit symmetric RTN, group 128 along K, stored densely packed (qcompile::packed_linear).
+# Activations: dynamic symmetric per token, group 128 along K (FlexQ's granularity). SmolLM2's
+# K = 576 is not a multiple of 128: the last group is shorter (partial_last_group).
+W6_G128 = QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True)
+A6_G128 = QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, dynamic=True, partial_last_group=True)
+A8_G128 = dataclasses.replace(A6_G128, bits=8)
+FLEXQ_BUDGET = 1 / 7  # FlexQ's fixed rule (every down_proj at A8) is 1 of a Llama block's 7 linears
+
+register_preset(
+    Plan(
+        name="w6a6",
+        description="FlexQ W6A6: 6-bit symmetric weights (group 128, packed 4 codes / 3 bytes) and dynamic "
+        "symmetric 6-bit activations per token and group of 128; int32 accumulation per group, fp32 rescale.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W6_G128,
+        activation=A6_G128,
+    )
+)
+register_preset(
+    Plan(
+        name="w6a8",
+        description="FlexQ W6A8: 6-bit symmetric weights (group 128, packed) and dynamic symmetric 8-bit "
+        "activations per token and group of 128 in every linear.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W6_G128,
+        activation=A8_G128,
+    )
+)
+register_preset(
+    Plan(
+        name="w6a8-flexq",
+        description="FlexQ: W6 weights everywhere; 6-bit activations except in the linears that the "
+        "assign_precision sensitivity analysis (on the calibration data) ranks most sensitive, which get "
+        "8-bit activations; default budget 1/7 of the linears (the share of FlexQ's fixed down_proj rule).",
+        passes=(PassConfig("assign_precision", (("budget", FLEXQ_BUDGET),)), PassConfig("quantize_weights")),
+        weight=W6_G128,
+        activation=A6_G128,
+    )
+)
+register_preset(
+    Plan(
+        name="w6a8-flexq-fixed",
+        description="FlexQ's hard-coded rule from its public code: W6 weights everywhere, 8-bit activations "
+        "in every mlp.down_proj, 6-bit elsewhere (1/7 of a Llama's linears at A8).",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W6_G128,
+        activation=A6_G128,
+        rules=(LayerRule(match="*.mlp.down_proj", activation=A8_G128),),
+    )
+)
+
+
 
 # ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
 def _xquant_preset(name: str, description: str, **options: Any) -> None:

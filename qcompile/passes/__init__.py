@@ -1,6 +1,7 @@
 """Passes: Program -> Program rewrites, one per file, registered by name in :data:`PASSES`."""
 
 from qcompile.passes import (  # noqa: F401  (registers the passes)
+    assign_precision,
     fold_quant_steps,
     kv_to_xcache,
     quantize_weights,

@@ -9,7 +9,8 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
 * any other weight spec (2–8 bits, per-channel or per-group, symmetric or asymmetric) with no
   activation quantization, or with dynamic symmetric per-token / per-group activations →
   ``qcompile::quant_linear`` (weight codes stored one per int8; the report also gives the
-  packed size). A group size that does not divide K is a PlanError naming the layer, unless the
+  packed size); symmetric 6-bit weights (FlexQ's W6) are stored densely packed, 4 codes in 3 bytes,
+  and run by ``qcompile::packed_linear``. A group size that does not divide K is a PlanError naming the layer, unless the
   spec sets ``partial_last_group`` (then the last group is shorter, as if K were zero-padded).
 
 Weight methods (``plan.weight_method``): ``rtn`` (round to nearest; with the option
@@ -37,6 +38,7 @@ from qcompile.errors import PlanError
 from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.ops.packed import pack_codes
 from qcompile.plan import Granularity, LayerQuant, QuantSpec, WeightMethod
 from qcompile.quant.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.gptq import Hessian, gptq_quantize
@@ -45,6 +47,9 @@ from qcompile.quant.quantizer import quantize, search_clip
 from qcompile.quant.rtn import dequantize_weight_groups, quantize_weight_groups, quantize_weight_per_channel
 
 Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+# symmetric weights of these widths are stored densely packed and run by qcompile::packed_linear
+PACKED_BITS = (6,)
 
 SUPPORTED = (
     "weights: 2-8 bits, per_channel or per_group, symmetric or not; activations: none, or 2-8 bits "
@@ -118,8 +123,8 @@ class QuantizeWeights(Pass):
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
-            if op is torch.ops.qcompile.linear_w8a8.default:
-                args = (m.node.args[0], inputs[0], inputs[1], bias)
+            if op in (torch.ops.qcompile.linear_w8a8.default, torch.ops.qcompile.packed_linear.default):
+                args = (m.node.args[0], inputs[0], inputs[1], bias, *extra)
             else:
                 args = (m.node.args[0], inputs[0], inputs[1], inputs[2], bias, *extra)
             m.entry.replace_call(m.node, op, args)
@@ -223,6 +228,10 @@ class QuantizeWeights(Pass):
                         "(or use per_channel weights)"
                     )
         codes, scale, offset = pre if pre is not None else quantize_weight_groups(weight, w.bits, group, w.symmetric)
+        if w.bits in PACKED_BITS and w.symmetric:  # stored densely packed (6-bit: 4 codes in 3 bytes)
+            pkey = program.add_state(f"{base}.qweight_packed", pack_codes(codes, w.bits))
+            skey = program.add_state(f"{base}.w_scale", scale)
+            return [pkey, skey], torch.ops.qcompile.packed_linear.default, (k, w.bits, group, act_bits, act_group)
         qkey = program.add_state(f"{base}.qweight", codes)
         bits[qkey] = w.bits
         okey = program.add_state(f"{base}.w_offset", offset) if offset is not None else None

@@ -1,0 +1,385 @@
+"""assign_precision: FlexQ layer-sensitivity analysis → per-layer activation bits (A6 / A8).
+
+What it does: every linear the plan quantizes with ``low_bits`` activations (6 in FlexQ) is a
+candidate. On the calibration data (``compile(..., calib=...)``, never evaluation text) it measures
+how much the model suffers when *only that layer's* activations drop from ``high_bits`` (8) to
+``low_bits`` (6) while every weight is at the plan's weight quantization (W6) and every other
+layer keeps ``high_bits`` activations; ranks the layers; gives ``high_bits`` activations to the
+most sensitive ones within ``budget``; and writes that choice into the plan as one
+:class:`~qcompile.plan.LayerRule` per chosen layer (``match`` = its exact module path,
+``activation`` = the layer's activation spec at ``high_bits``). ``compile`` hands the refined plan
+to the CompiledModule, so the assignment is saved with the artifact, printed by
+``qcompile report`` (the pass notes hold every layer's score; ``qcompile report --plot`` draws
+them) and reproducible: the same calibration data gives the same assignment (scores are rounded
+to 6 significant digits and ties broken by module path before ranking).
+
+Sensitivity metric (``metric: fisher``, the default): the second-order (Fisher) estimate of the
+increase of the calibration loss caused by that layer's A8 → A6 change,
+
+    s(layer) = 1/(2·T) · Σ_t ( g_t · δ_t )²
+
+where, on the all-``high_bits`` model (W6, fake-quantized in fp32 with the exact same quantizers
+as the integer ops), ``δ_t = W·(q_low(x_t) − q_high(x_t))`` is the change of the layer's output at
+token ``t`` and ``g_t`` the gradient of the next-token cross-entropy of the calibration text with
+respect to that output (straight-through estimator across the activation quantizers), ``T`` the
+number of calibration tokens. The exact alternative — re-running the model once per layer and
+measuring the output KL — costs O(layers²) (every perturbation re-runs the layers after it); this
+estimate needs one forward and one backward pass over the calibration tokens plus one
+extra small GEMM per layer, so its cost grows linearly with the number of layers (SmolLM2,
+210 linears, 4096 tokens: see benchmarks/RESULTS.md for the measured time). ``metric: kl`` is the
+exact measurement, for validation and small models: the mean per-token KL divergence of the
+next-token distribution of the all-``high_bits`` model to that of the model with only this layer at
+``low_bits``; each of those runs restarts from the stored values of the nodes before the layer
+(memory: every node value of one calibration sequence), so it costs O(layers²).
+
+Budget: ``budget`` ∈ [0, 1] is the fraction of candidate linears (``unit: linears``; the number
+of A8 layers is ``floor(budget · n)``) or of their FLOPs (``unit: flops``; layers are taken in
+sensitivity order while they fit) that gets ``high_bits``. FlexQ's fixed rule (every
+``down_proj`` at A8) is 1/7 of a Llama's linears, the default budget.
+
+Requires: a captured Program with float linears (run it before ``quantize_weights``), calibration
+token ids. Guarantees: ``ctx.plan`` has the new rules appended and this pass removed from its pass
+list (so the saved plan replays to the same module without calibration data); the Program itself
+is unchanged (``quantize_weights`` applies the rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from qcompile.errors import DataError, PlanError
+from qcompile.ir.patterns import find_linears
+from qcompile.ir.program import Program
+from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.passes.quantize_weights import check_group
+from qcompile.plan import ALLOWED_BITS, Granularity, LayerRule, QuantSpec
+from qcompile.quant.calib import calib_batches, entry_args
+from qcompile.quant.rtn import dequantize_weight_groups, quantize_activation_groups, quantize_weight_groups
+
+log = logging.getLogger(__name__)
+
+UNITS = ("linears", "flops")
+METRICS = ("fisher", "kl")
+
+
+def fake_quant_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize ``x[..., K]`` exactly as the integer linear ops quantize activations."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.float32)
+    if spec.granularity is Granularity.PER_GROUP:
+        q, s = quantize_activation_groups(x2, spec.bits, int(spec.group_size or k))
+    else:
+        q, s = quantize_activation_groups(x2, spec.bits, None)
+    return (q.to(torch.float32) * s[..., None]).reshape(x2.shape[0], -1)[:, :k].reshape(x.shape)
+
+
+def dequantized_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The float weight that ``quantize_weights`` encodes for ``spec`` (RTN)."""
+    k = weight.shape[1]
+    group = int(spec.group_size or k) if spec.granularity is Granularity.PER_GROUP else k
+    codes, scale, offset = quantize_weight_groups(weight, spec.bits, group, spec.symmetric)
+    return dequantize_weight_groups(codes, scale, offset, group)
+
+
+def _glob_escape(path: str) -> str:
+    """A glob matching exactly ``path`` (fnmatch specials bracketed)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
+@dataclass
+class _Candidate:
+    path: str
+    node: fx.Node
+    weight_key: str
+    low: QuantSpec
+    high: QuantSpec
+    weight_spec: QuantSpec
+    flops: int  # multiply-adds per token: N·K
+    order: int
+    score: float = 0.0
+
+
+class _Simulator(fx.Interpreter):
+    """Runs the forward entry with candidate linears fake-quantized (W-bits weights, ``high``
+    activations, or ``low`` for the node in ``low``). With ``track`` it records each candidate's
+    input and (retained-grad) output for the Fisher estimate."""
+
+    def __init__(
+        self, gm: fx.GraphModule, cands: dict[fx.Node, _Candidate], wdq: dict[str, torch.Tensor],
+        *, track: bool = False, low: fx.Node | None = None, keep_values: bool = False,
+    ) -> None:
+        super().__init__(gm, garbage_collect_values=not keep_values)
+        self.cands, self.wdq, self.track, self.low = cands, wdq, track, low
+        self.inputs: dict[fx.Node, torch.Tensor] = {}
+        self.outputs: dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        c = self.cands.get(n)
+        if c is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        spec = c.low if n is self.low else c.high
+        xq = x + (fake_quant_activation(x.detach(), spec) - x).detach()  # straight-through
+        y = torch.nn.functional.linear(xq, self.wdq[c.weight_key], bias)
+        if self.track:
+            if y.requires_grad:
+                y.retain_grad()
+            else:
+                y.requires_grad_(True)
+            self.inputs[n] = x.detach()
+            self.outputs[n] = y
+        return y
+
+
+@register_pass
+@dataclass(frozen=True)
+class AssignPrecision(Pass):
+    name: ClassVar[str] = "assign_precision"
+    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
+    provides: ClassVar[frozenset[str]] = frozenset({"precision_assigned"})
+
+    budget: float = 1 / 7
+    unit: str = "linears"
+    low_bits: int = 6
+    high_bits: int = 8
+    metric: str = "fisher"
+    min_tokens: int = 256  # fewer calibration tokens than this: DataError
+    max_tokens: int = 4096  # use at most this many calibration tokens (whole sequences)
+    entry: str = "forward"
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 <= b <= 1:
+            raise PlanError(
+                f"assign_precision: budget must be a number in [0, 1] (the fraction of linears or of linear "
+                f"FLOPs given {self.high_bits}-bit activations), got {b!r}"
+            )
+        if self.unit not in UNITS:
+            raise PlanError(f"assign_precision: unit {self.unit!r} is not allowed; allowed: {list(UNITS)}")
+        if self.metric not in METRICS:
+            raise PlanError(f"assign_precision: metric {self.metric!r} is not allowed; allowed: {list(METRICS)}")
+        for name in ("low_bits", "high_bits"):
+            if getattr(self, name) not in ALLOWED_BITS:
+                raise PlanError(f"assign_precision: {name} must be one of {list(ALLOWED_BITS)}, got {getattr(self, name)!r}")
+        if self.low_bits >= self.high_bits:
+            raise PlanError(f"assign_precision: low_bits ({self.low_bits}) must be below high_bits ({self.high_bits})")
+        if not isinstance(self.min_tokens, int) or not isinstance(self.max_tokens, int) or not 2 <= self.min_tokens <= self.max_tokens:
+            raise PlanError(f"assign_precision: need 2 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+
+    # ---- the pass ---------------------------------------------------------------------------
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        t0 = time.perf_counter()
+        if self.entry not in program.entries:
+            raise PlanError(f"assign_precision: the program has no entry {self.entry!r}; entries: {list(program.entries)}")
+        cands, fixed = self._candidates(program, ctx)
+        if not cands:
+            return PassResult(program, modified=False, skipped=fixed, notes={"reason": "no linear with quantized activations to assign"})
+        rows = self._calib_rows(ctx)
+        self._measure(program, ctx, cands, rows)
+        chosen = self._choose(cands)
+        plan = ctx.plan
+        rules = tuple(LayerRule(match=_glob_escape(c.path), activation=c.high) for c in cands if c.path in chosen)
+        # the refined plan replaces this pass by its result, so replaying it needs no calibration and
+        # gives the same module (re-running the analysis on top of its own rules would not)
+        done = f"A{self.high_bits} layers assigned by assign_precision ({self.metric}, budget {self.budget:.4g} of {self.unit})"
+        ctx.plan = dataclasses.replace(
+            plan,
+            passes=tuple(pc for pc in plan.passes if pc.name != self.name),
+            rules=plan.rules + rules,
+            description=f"{plan.description} [{done}]" if plan.description else done,
+        )
+        total_flops = sum(c.flops for c in cands)
+        high_flops = sum(c.flops for c in cands if c.path in chosen)
+        seconds = time.perf_counter() - t0
+        notes = {
+            "metric": self.metric,
+            "budget": self.budget,
+            "unit": self.unit,
+            "tokens": int(sum(r.numel() for r in rows)),
+            "sequences": len(rows),
+            "candidates": len(cands),
+            f"a{self.high_bits}_layers": [c.path for c in cands if c.path in chosen],
+            f"a{self.high_bits}_fraction_linears": len(chosen) / len(cands),
+            f"a{self.high_bits}_fraction_flops": high_flops / total_flops if total_flops else 0.0,
+            "analysis_seconds": round(seconds, 2),
+            "sensitivity": [
+                {"path": c.path, "score": c.score, "flops_per_token": c.flops,
+                 "act_bits": self.high_bits if c.path in chosen else self.low_bits}
+                for c in cands
+            ],
+        }
+        log.info("assign_precision: A%d for %d of %d linears in %.1fs", self.high_bits, len(chosen), len(cands), seconds)
+        return PassResult(program, modified=False, layers_changed=[c.path for c in cands if c.path in chosen], skipped=fixed, notes=notes)
+
+    def _candidates(self, program: Program, ctx: PassContext) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+        cands: list[_Candidate] = []
+        fixed: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for m in find_linears(program):
+            if m.entry.name != self.entry or m.path in seen:
+                continue
+            seen.add(m.path)
+            ctx.at(m.entry, m.node)
+            lq = ctx.plan.resolve(m.path)
+            if lq.skip or lq.weight is None:
+                fixed.append((m.path, "not quantized by the plan"))
+                continue
+            a = lq.activation
+            if a is None or a.bits != self.low_bits:
+                got = "float" if a is None else f"{a.bits}-bit"
+                fixed.append((m.path, f"activations fixed by the plan ({got}, not {self.low_bits}-bit)"))
+                continue
+            if not a.symmetric or not a.dynamic or a.granularity not in (Granularity.PER_TOKEN, Granularity.PER_GROUP):
+                raise PlanError(f"layer {m.path!r}: assign_precision handles dynamic symmetric per_token/per_group activations, got {a}")
+            if lq.weight.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+                raise PlanError(f"layer {m.path!r}: weight granularity {lq.weight.granularity.value!r} is not supported")
+            n, k = program.state[m.weight_key].shape
+            check_group(m.path, k, lq.weight)
+            check_group(m.path, k, a)
+            cands.append(_Candidate(m.path, m.node, m.weight_key, a, dataclasses.replace(a, bits=self.high_bits), lq.weight, n * k, len(cands)))
+        ctx.at(None, None)
+        return cands, fixed
+
+    def _calib_rows(self, ctx: PassContext) -> list[torch.Tensor]:
+        batches = calib_batches(ctx.calib, who="assign_precision (sensitivity analysis)", min_tokens=self.min_tokens)
+        rows: list[torch.Tensor] = []
+        used = 0
+        for b in batches:
+            if b.shape[1] < 2:
+                raise DataError(f"assign_precision: calibration sequences need at least 2 tokens (next-token loss), got {b.shape[1]}")
+            for row in b:
+                if used >= self.max_tokens:
+                    break
+                rows.append(row[None])
+                used += row.numel()
+        return rows
+
+    def _measure(self, program: Program, ctx: PassContext, cands: list[_Candidate], rows: list[torch.Tensor]) -> None:
+        from tqdm.auto import tqdm
+
+        entry = program.entries[self.entry]
+        by_node = {c.node: c for c in cands}
+        wdq: dict[str, torch.Tensor] = {}
+        for c in cands:
+            if c.weight_key not in wdq:
+                wdq[c.weight_key] = dequantized_weight(program.state[c.weight_key], c.weight_spec)
+        vocab = program.meta.get("vocab_size")
+        scores = {c.path: 0.0 for c in cands}
+        tokens = 0
+        if self.metric == "kl":
+            self._measure_kl(program, ctx, cands, rows, wdq, scores)
+            return
+        for row in tqdm(rows, desc="assign_precision: sensitivity", disable=not ctx.progress, unit="seq"):
+            sim = _Simulator(entry.graph, by_node, wdq, track=True)
+            with torch.enable_grad():
+                outs = sim.run(*entry_args(program, self.entry, [row]))
+                logits = _logits(outs, vocab)
+                loss = torch.nn.functional.cross_entropy(
+                    logits[0, :-1].to(torch.float32), row[0, 1:], reduction="sum"
+                )
+                loss.backward()
+            with torch.no_grad():
+                for c in cands:
+                    x, y = sim.inputs[c.node], sim.outputs[c.node]
+                    if y.grad is None:
+                        continue  # the output does not reach the loss
+                    dx = fake_quant_activation(x, c.low) - fake_quant_activation(x, c.high)
+                    delta = torch.nn.functional.linear(dx, wdq[c.weight_key])
+                    gd = (y.grad.to(torch.float64) * delta.to(torch.float64)).sum(-1)  # [1, T]
+                    scores[c.path] += 0.5 * float((gd * gd).sum())
+            tokens += row.numel()
+            del sim, outs, logits, loss
+        for c in cands:
+            c.score = float(f"{scores[c.path] / tokens:.6g}")
+
+    def _measure_kl(
+        self, program: Program, ctx: PassContext, cands: list[_Candidate], rows: list[torch.Tensor],
+        wdq: dict[str, torch.Tensor], scores: dict[str, float],
+    ) -> None:
+        """Exact: mean KL(all-high ‖ only-this-layer-low) of the next-token distributions, per token.
+        Each perturbed run starts from the stored values of the nodes before the layer."""
+        from tqdm.auto import tqdm
+
+        entry = program.entries[self.entry]
+        by_node = {c.node: c for c in cands}
+        order = {n: i for i, n in enumerate(entry.graph.graph.nodes)}
+        vocab = program.meta.get("vocab_size")
+        tokens = 0
+        bar = tqdm(total=len(rows) * len(cands), desc="assign_precision: exact KL", disable=not ctx.progress, unit="run")
+        with torch.no_grad():
+            for row in rows:
+                base = _Simulator(entry.graph, by_node, wdq, keep_values=True)
+                ref = torch.log_softmax(_logits(base.run(*entry_args(program, self.entry, [row])), vocab).double(), -1)
+                env = base.env
+                for c in cands:
+                    start = {n: v for n, v in env.items() if order[n] < order[c.node]}
+                    sim = _Simulator(entry.graph, by_node, wdq, low=c.node)
+                    out = torch.log_softmax(_logits(sim.run(initial_env=start), vocab).double(), -1)
+                    kl = (ref.exp() * (ref - out)).sum(-1)  # [1, T]
+                    scores[c.path] += float(kl.sum())
+                    bar.update(1)
+                tokens += row.numel()
+                del base, env
+        bar.close()
+        for c in cands:
+            c.score = float(f"{scores[c.path] / tokens:.6g}")
+
+    def _choose(self, cands: list[_Candidate]) -> set[str]:
+        ranked = sorted(cands, key=lambda c: (-c.score, c.path))
+        if self.unit == "linears":
+            count = math.floor(self.budget * len(cands) + 1e-9)
+            return {c.path for c in ranked[:count]}
+        cap = self.budget * sum(c.flops for c in cands) * (1 + 1e-9)
+        chosen, used = set(), 0
+        for c in ranked:
+            if used + c.flops <= cap:
+                chosen.add(c.path)
+                used += c.flops
+        return chosen
+
+
+def _logits(outs: Any, vocab: Any) -> torch.Tensor:
+    flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    for t in flat:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3 and (vocab is None or t.shape[-1] == int(vocab)):
+            return t
+    raise PlanError("assign_precision needs a causal LM whose entry returns logits [1, T, vocab]")
+
+
+def plot_sensitivity(notes: dict[str, Any], path: str, title: str = "") -> None:
+    """Bar chart (PNG) of the per-layer sensitivity recorded in the pass notes, A8 layers highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = notes["sensitivity"]
+    high = max(r["act_bits"] for r in rows)
+    scores = [max(r["score"], 1e-30) for r in rows]
+    colors = ["tab:red" if r["act_bits"] == high else "tab:blue" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.06), 4.5))
+    ax.bar(range(len(rows)), scores, color=colors, width=1.0)
+    ax.set_yscale("log")
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_xlabel("linear layer (graph order)")
+    ax.set_ylabel(f"sensitivity ({notes.get('metric', '')}: est. loss increase / token)")
+    ax.set_title(title or f"A{high} (red) for {sum(c == 'tab:red' for c in colors)} of {len(rows)} linears, budget {notes.get('budget'):.3g} of {notes.get('unit')}")
+    step = max(1, len(rows) // 30)
+    ax.set_xticks(range(0, len(rows), step))
+    ax.set_xticklabels([rows[i]["path"].removeprefix("model.") for i in range(0, len(rows), step)], rotation=90, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["AssignPrecision", "fake_quant_activation", "dequantized_weight", "plot_sensitivity"]
