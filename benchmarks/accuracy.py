@@ -72,7 +72,7 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def _predictions(rec: dict[str, Any]) -> list[str]:
-    if "predictions" not in rec:
+    if not isinstance(rec.get("predictions"), dict):  # image models: class per photo; LMs: a count
         return []
     lines = ["", f"Top-1 ImageNet class per photo ({rec['plan_name']}):", ""]
     lines += [f"- {name}: {label}" for name, label in rec["predictions"].items()]
@@ -99,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=None, help="RESULTS.md section name (default: the model name)")
     ap.add_argument("--json", default=None, help="JSON output (default benchmarks/results/accuracy-<model>.json)")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--from-json", action="store_true", help="do not evaluate: rewrite the section from the records in --json")
     ap.add_argument("--notes", default=None, help="markdown file whose text is appended to the section (the reading of the table)")
     a = ap.parse_args(argv)
+    out = Path(a.json or HERE / "results" / f"accuracy-{a.model}.json")
+    if a.from_json:
+        records = json.loads(out.read_text())
+        _write(a, argv, out, records, records[0]["model"])
+        return 0
     zm = load_model(a.model)
     records = []
     for plan in [p.strip() for p in a.plans.split(",") if p.strip()]:
@@ -109,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         metric = rec.get("ppl", rec.get("top1", rec.get("top1_agreement")))
         print(f"{plan}: {metric:.4f} ({rec['wall_seconds']:.0f} s)", flush=True)
         records.append(rec)
-    out = Path(a.json or HERE / "results" / f"accuracy-{zm.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1))
+    _write(a, argv, out, records, zm.name)
+    return 0
+
+
+def _write(a: argparse.Namespace, argv: list[str] | None, out: Path, records: list[dict[str, Any]], model: str) -> None:
     first = records[0]
     scope = (
         f"{first['dataset'] if 'dataset' in first else first.get('text_file')}, {first['windows']} windows × {first['seq']} tokens "
@@ -119,26 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         if "ppl" in first
         else f"{first['dataset']}, {first['images']} images"
     )
-    cmd = "python benchmarks/accuracy.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--from-json",)]
+    if a.from_json:  # the command that measured the records
+        args = ["--model", model, "--plans", ",".join(r["plan_name"].split(" ")[0] for r in records), "--windows", str(first["windows"]), "--seq", str(first["seq"])]
+        args += ["--json", str(out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out)] + (["--section", a.section] if a.section else [])
+    cmd = "python benchmarks/accuracy.py " + " ".join(shlex.quote(x) for x in args)
     body = "\n".join(
         [
-            f"### Accuracy: {zm.name}",
+            f"### Accuracy: {model}" + (f" ({a.section})" if a.section and a.section != model else ""),
             "",
             f"- command: `{cmd}`",
-            f"- date: {dt.date.today().isoformat()}; machine: {machine()}; target cpu (torch reference backend)",
+            f"- date: {dt.date.today().isoformat()}; machine: {first.get('machine') or machine()}; target cpu (torch reference backend)",
             f"- data: {scope}; baseline: the fp32 row (the unmodified model is the `source` row)",
             f"- JSON: `{out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out}`",
             "",
             table(records),
             "",
-            CAVEATS.get(zm.name, ""),
+            CAVEATS.get(model, ""),
             *_predictions(records[0]),
             *([Path(a.notes).read_text()] if a.notes else []),
         ]
     )
-    write_section(Path(a.results), a.section or zm.name, body)
-    print(f"wrote {out} and the '{a.section or zm.name}' section of {a.results}")
-    return 0
+    write_section(Path(a.results), a.section or model, body)
+    print(f"wrote {out} and the '{a.section or model}' section of {a.results}")
 
 
 if __name__ == "__main__":
