@@ -93,6 +93,23 @@ class ScaleGroup:
     def producer_index(self) -> torch.Tensor | None:
         return None if self.channel_map is None else torch.tensor(self.channel_map)
 
+    def shared_max(self, v: torch.Tensor) -> torch.Tensor:
+        """Per consumer channel, the max of ``v`` over the consumer channels fed by the same producer channel."""
+        idx = self.producer_index()
+        if idx is None:
+            return v
+        return torch.zeros(int(idx.max()) + 1).scatter_reduce(0, idx, v, "amax")[idx]
+
+    def divide_producer(self, state: dict[str, torch.Tensor], s: torch.Tensor) -> None:
+        """Divide the producer (norm weight and bias, or the producing linear's rows and bias) by the
+        per-consumer-channel scales ``s`` (equal within a producer channel, see :meth:`shared_max`)."""
+        idx = self.producer_index()
+        sp = s if idx is None else torch.ones(int(idx.max()) + 1).scatter(0, idx, s)
+        for key in (self.producer_weight, self.producer_bias):
+            if key is not None:
+                t = state[key]
+                state[key] = (t.to(torch.float32) / (sp if t.dim() == 1 else sp[:, None])).to(t.dtype)
+
 
 def _linear_weight_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | None:
     if node.op != "call_function" or node.target != aten.linear.default:

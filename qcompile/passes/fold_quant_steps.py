@@ -46,7 +46,7 @@ from typing import ClassVar
 import torch
 
 from qcompile.errors import PlanError
-from qcompile.ir.patterns import ScaleGroup, find_linears, find_scale_groups
+from qcompile.ir.patterns import LinearMatch, ScaleGroup, find_linears, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.passes.quantize_weights import check_group
@@ -106,24 +106,28 @@ class FoldQuantSteps(Pass):
             absmax, x = stats[g.linears[0]][0].value(), stats[g.linears[0]][1].value()
             if lq.activation.granularity is Granularity.PER_TENSOR:
                 absmax = absmax.max().expand_as(absmax).clone()
-            absmax = _shared(g, absmax)
+            absmax = g.shared_max(absmax)
             ratio = self._clip(program, g, lq, absmax, x)
             notes[g.paths[0]] = {"clip": ratio}
             plan.append((g, lq, absmax.clamp(min=1e-8) * ratio / levels(lq.activation.bits, True)[1]))
+        # the graph does not change until step 4, and step 4 only replaces each weight's own linears
+        linears: dict[str, list[LinearMatch]] = {}
+        for m in find_linears(program):
+            linears.setdefault(m.weight_key, []).append(m)
         # 2. dimensional reconstruction (exact weight rewrites) before anything is quantized
         for i, (g, lq, step) in enumerate(plan):
             assert lq.activation is not None
             if self.reconstruct and g.producer == "linear" and g.channel_map is None and lq.activation.granularity is Granularity.PER_CHANNEL:
-                new_step, extra = self._split(program, g, step)
+                new_step, extra = self._split(program, linears, g, step)
                 if extra:
                     splits[g.paths[0]] = extra
                     plan[i] = (g, lq, new_step)
         # 3. fold the steps into the producers, 4. then quantize the step-scaled consumers
         if self.fold:
             for g, _lq, step in plan:
-                _divide_producer(program, g, step)
+                g.divide_producer(program.state, step)
         for g, lq, step in plan:
-            self._rewrite(program, g, lq, step)
+            self._rewrite(program, linears, g, lq, step)
             changed.extend(g.paths)
         touched = {e.name for e in program.entries.values()}
         program.finish_rewrite(touched)
@@ -153,7 +157,7 @@ class FoldQuantSteps(Pass):
                 best = (err, float(r))
         return best[1]
 
-    def _split(self, program: Program, g: ScaleGroup, step: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _split(self, program: Program, linears: dict[str, list[LinearMatch]], g: ScaleGroup, step: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Dimensional reconstruction for an up→down group (see the module docstring)."""
         med = float(step.median())
         m = torch.clamp(torch.ceil(step / (self.split_threshold * med)), 1, self.max_split).to(torch.int64)
@@ -171,24 +175,24 @@ class FoldQuantSteps(Pass):
         idx = torch.repeat_interleave(torch.arange(step.numel()), m)  # channel of every new position
         div = m[idx].to(torch.float32)
         up_key, (down_key,) = g.producer_weight, g.linears
-        gate_key = _gate_of(program, up_key)
+        gate_key = _gate_of(linears, up_key)
         if gate_key is None:
             return step, 0
         for key, scale_rows in ((gate_key, False), (up_key, True)):
             w = program.state[key]
             new = w.to(torch.float32)[idx]
             program.state[key] = (new / div[:, None] if scale_rows else new).to(w.dtype)
-            bkey = _bias_of(program, key)
+            bkey = linears[key][0].bias_key
             if bkey is not None:
                 b = program.state[bkey].to(torch.float32)[idx]
                 program.state[bkey] = b / div if scale_rows else b
-        if g.producer_bias is not None and g.producer_bias != _bias_of(program, up_key):
+        if g.producer_bias is not None and g.producer_bias != linears[up_key][0].bias_key:
             raise PlanError("fold_quant_steps: unexpected bias layout in the up/down group")
         w = program.state[down_key]
         program.state[down_key] = w[:, idx]
         return step[idx] / div, extra_total
 
-    def _rewrite(self, program: Program, g: ScaleGroup, lq: LayerQuant, step: torch.Tensor) -> None:
+    def _rewrite(self, program: Program, linears: dict[str, list[LinearMatch]], g: ScaleGroup, lq: LayerQuant, step: torch.Tensor) -> None:
         assert lq.activation is not None and lq.weight is not None
         bits = lq.activation.bits
         step_key = None if self.fold else program.add_state(f"{g.linears[0].removesuffix('.weight')}.act_step", step.clone())
@@ -205,7 +209,7 @@ class FoldQuantSteps(Pass):
                 program.meta.setdefault("weight_bits", {})[ck] = lq.weight.bits
             else:
                 fk = program.add_state(f"{base}.weight_fq", dequantize_weight_groups(codes, scale, None, gs) / step)
-            for m in [m for m in find_linears(program) if m.weight_key == wkey]:
+            for m in linears[wkey]:
                 bias = m.node.args[2] if len(m.node.args) > 2 else None
                 graph = m.entry.graph.graph
                 if self.fold:
@@ -240,25 +244,6 @@ def _specs(plan: Plan, g: ScaleGroup) -> LayerQuant | None:
     return lqs[0]
 
 
-def _divide_producer(program: Program, g: ScaleGroup, step: torch.Tensor) -> None:
-    idx = g.producer_index()
-    pstep = step if idx is None else torch.ones(int(idx.max()) + 1).scatter(0, idx, step)
-    for key in (g.producer_weight, g.producer_bias):
-        if key is not None:
-            t = program.state[key]
-            div = pstep if t.dim() == 1 else pstep[:, None]
-            program.state[key] = (t.to(torch.float32) / div).to(t.dtype)
-
-
-def _shared(g: ScaleGroup, absmax: torch.Tensor) -> torch.Tensor:
-    """Consumers fed by one producer channel get one step: the max over them."""
-    idx = g.producer_index()
-    if idx is None:
-        return absmax
-    n = int(idx.max()) + 1
-    return torch.zeros(n).scatter_reduce(0, idx, absmax, "amax")[idx]
-
-
 def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     k = w.shape[1]
     gs = k if spec.granularity is Granularity.PER_CHANNEL else int(spec.group_size or k)
@@ -266,23 +251,11 @@ def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize_weight_groups(codes, scale, None, gs)
 
 
-def _gate_of(program: Program, up_key: str) -> str | None:
+def _gate_of(linears: dict[str, list[LinearMatch]], up_key: str) -> str | None:
     """The other linear of the elementwise product that feeds down_proj (the gate), by graph."""
-    for m in find_linears(program):
-        if m.weight_key != up_key:
-            continue
-        (prod,) = m.node.users
-        other = next(a for a in prod.args if a is not m.node)
-        while other.op == "call_function" and other.target != aten.linear.default and other.args:
-            other = other.args[0]
-        for m2 in find_linears(program):
-            if m2.node is other:
-                return m2.weight_key
-    return None
-
-
-def _bias_of(program: Program, wkey: str) -> str | None:
-    for m in find_linears(program):
-        if m.weight_key == wkey:
-            return m.bias_key
-    return None
+    m = linears[up_key][0]
+    (prod,) = m.node.users
+    other = next(a for a in prod.args if a is not m.node)
+    while other.op == "call_function" and other.target != aten.linear.default and other.args:
+        other = other.args[0]
+    return next((k for k, ms in linears.items() if any(x.node is other for x in ms)), None)

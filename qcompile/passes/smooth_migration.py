@@ -98,11 +98,8 @@ class SmoothMigration(Pass):
 
     def _scales(self, g: ScaleGroup, xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
         """Per consumer input channel scales (equal within a producer channel's consumers)."""
-        idx = g.producer_index()
-        if idx is not None:  # one scale per producer channel: reduce the maxima over its consumers
-            n = int(idx.max()) + 1
-            xmax = torch.zeros(n).scatter_reduce(0, idx, xmax, "amax")[idx]
-            wmax = torch.zeros(n).scatter_reduce(0, idx, wmax, "amax")[idx]
+        # one scale per producer channel: reduce the maxima over its consumers
+        xmax, wmax = g.shared_max(xmax), g.shared_max(wmax)
         s = xmax.clamp(min=self.min_scale).pow(alpha) / wmax.clamp(min=self.min_scale).pow(1 - alpha)
         return torch.where((xmax > 0) & (wmax > 0), s, torch.ones_like(s)).clamp(min=self.min_scale)
 
@@ -145,17 +142,7 @@ def _error(x, weights, specs, ref, s: torch.Tensor | None) -> float:
 
 def _apply(program: Program, g: ScaleGroup, s: torch.Tensor) -> None:
     """Divide the producer by ``s`` and multiply the consumers' columns by ``s`` (exact rewrite)."""
-    idx = g.producer_index()
-    if idx is None:
-        sp = s
-    else:
-        sp = torch.ones(int(idx.max()) + 1).scatter(0, idx, s)  # scales are equal within a producer channel
-    for key in (g.producer_weight, g.producer_bias):
-        if key is None:
-            continue
-        t = program.state[key]
-        div = sp if t.dim() == 1 else sp[:, None]
-        program.state[key] = (t.to(torch.float32) / div).to(t.dtype)
+    g.divide_producer(program.state, s)
     for key in g.linears:
         w = program.state[key]
         program.state[key] = (w.to(torch.float32) * s[None, :]).to(w.dtype)
