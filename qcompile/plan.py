@@ -123,8 +123,11 @@ class Plan:
     weight_method: WeightMethod = WeightMethod.RTN
     skip: tuple[str, ...] = ("*lm_head*",)  # globs kept in float by default
     rules: tuple[LayerRule, ...] = ()
+    fallback: str | None = None  # "torch": nodes the backend cannot lower run with torch (reported)
 
     def __post_init__(self) -> None:
+        if self.fallback not in (None, "torch"):
+            raise PlanError(f"fallback must be 'torch' or absent, got {self.fallback!r}")
         if self.version > PLAN_VERSION:
             raise PlanError(
                 f"plan version {self.version} is newer than this qcompile understands "

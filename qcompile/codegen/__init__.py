@@ -2,17 +2,27 @@
 
 * ``torch`` — the reference: runs each entry's ATen graph as is (qcompile ops run their
   reference kernels). Targets: ``cpu``.
-* ``tvm`` — arrives with the TVM backend issue.
+* ``tvm`` — Relax + qcompile's TIR kernels, built with ``tvm.compile`` for the host CPU and run on
+  the Relax VM (the default for ``cpu``). Imported lazily: TVM loads only when it is used.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from qcompile.codegen.base import Backend, BuiltEntry
 from qcompile.codegen.torch_backend import TorchBackend
 from qcompile.errors import QCompileError
 
-BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend}
-DEFAULT_BACKEND = {"cpu": "torch"}
+def _tvm_backend() -> Backend:
+    from qcompile.codegen.tvm import TVMBackend
+
+    return TVMBackend()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "tvm": _tvm_backend}
+BACKEND_TARGETS = {"torch": ("cpu",), "tvm": ("cpu",)}
+DEFAULT_BACKEND = {"cpu": "tvm"}
 TARGETS = ("cpu", "cuda")
 
 
@@ -30,10 +40,9 @@ def get_backend(name: str | None, target: str) -> Backend:
         name = DEFAULT_BACKEND[kind]
     if name not in BACKENDS:
         raise QCompileError(f"unknown backend {name!r}; backends: {sorted(BACKENDS)}")
-    backend = BACKENDS[name]()
-    if kind not in backend.targets:
-        raise QCompileError(f"backend {name!r} does not support target {kind!r} (it supports {list(backend.targets)})")
-    return backend
+    if kind not in BACKEND_TARGETS[name]:
+        raise QCompileError(f"backend {name!r} does not support target {kind!r} (it supports {list(BACKEND_TARGETS[name])})")
+    return BACKENDS[name]()
 
 
 __all__ = ["BACKENDS", "Backend", "BuiltEntry", "get_backend"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -17,6 +18,14 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     targets: ClassVar[tuple[str, ...]]
 
+    info: dict[str, object]  # what the build did (target, kernels, fallbacks, timings), for the report
+
     @abc.abstractmethod
-    def build(self, program: Program, target: str) -> dict[str, BuiltEntry]:
-        """One callable per entry of ``program``."""
+    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
+        """One callable per entry of ``program``. ``allow_fallback``: nodes the backend cannot lower
+        run with torch (listed in ``info``). ``artifact``: a directory :meth:`save` wrote, to load
+        instead of building."""
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write what :meth:`build` needs to skip compiling (nothing for backends that build fast)."""
+        return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Sequence
 
 import torch
@@ -15,7 +16,10 @@ class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     targets: ClassVar[tuple[str, ...]] = ("cpu",)
 
-    def build(self, program: Program, target: str) -> dict[str, BuiltEntry]:
+    def __init__(self) -> None:
+        self.info: dict[str, object] = {}
+
+    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
         return {name: _runner(entry.graph) for name, entry in program.entries.items()}
 
 

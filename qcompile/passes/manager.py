@@ -43,6 +43,7 @@ class CompileReport:
     weight_bytes: dict[str, int] = field(default_factory=dict)
     packed_weight_bytes: int = 0
     capture_seconds: float = 0.0
+    backend: dict[str, Any] = field(default_factory=dict)  # what the backend built (target, kernels, fallbacks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +58,7 @@ class CompileReport:
             dict(d.get("weight_bytes", {})),
             int(d.get("packed_weight_bytes", 0)),
             float(d.get("capture_seconds", 0.0)),
+            dict(d.get("backend", {})),
         )
 
     def summary(self) -> str:
@@ -77,6 +79,15 @@ class CompileReport:
         total = sum(self.weight_bytes.values())
         by = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.weight_bytes.items())
         lines.append(f"  weights: {total / 2**20:.1f} MiB as stored ({by}); {self.packed_weight_bytes / 2**20:.1f} MiB bit-packed")
+        b = self.backend
+        if b.get("name"):
+            lines.append(f"  backend {b['name']}: {b.get('target_description', '')}")
+            if b.get("kernels"):
+                lines.append(f"    kernels: {len(b['kernels'])} distinct qcompile kernels, {sum(b['kernels'].values())} call sites")
+            if b.get("build_seconds") is not None:
+                lines.append(f"    lowered in {b.get('lower_seconds')} s, built in {b.get('build_seconds')} s")
+            for f in b.get("fallbacks", []):
+                lines.append(f"    fallback to torch: {f}")
         return "\n".join(lines)
 
 

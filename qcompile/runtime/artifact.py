@@ -5,6 +5,8 @@ Layout (format version :data:`FORMAT_VERSION`)::
     manifest.json        format, versions, plan, target, backend, program (graphs as JSON,
                          slots, input specs, cache specs, meta), report, sha256 of every file
     tensors.safetensors  Program state (weights, scales, constants) and the example inputs
+    backend/             what the backend built (tvm: module.so from export_library, the repacked
+                         weights, tvm.json with the target and TVM version, checked on load)
     tokenizer/           the tokenizer's own JSON files, when the model has one
 
 Writing goes to a hidden temporary directory beside the target, which replaces the target
@@ -41,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 TOKENIZER_DIR = "tokenizer"
+BACKEND_DIR = "backend"
 
 
 def _version() -> str:
@@ -87,6 +90,8 @@ def save_artifact(cm: "CompiledModule", path: Path) -> Path:
             tensors.update({f"example/{e.name}/{i}": t for i, t in enumerate(e.examples)})
         save_file(_unalias(tensors), tmp / TENSORS, metadata={"format": FORMAT})
         files = {TENSORS: sha256_file(tmp / TENSORS)}
+        for f in cm._backend.save(tmp / BACKEND_DIR):  # the compiled library, when the backend has one
+            files[f.relative_to(tmp).as_posix()] = sha256_file(f)
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             for f in sorted((tmp / TOKENIZER_DIR).rglob("*")):
@@ -175,8 +180,10 @@ def load_artifact(path: str | Path, backend: str | None = None) -> "CompiledModu
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+    chosen = backend or manifest.get("backend")
+    prebuilt = path / BACKEND_DIR if chosen == manifest.get("backend") and (path / BACKEND_DIR).is_dir() else None
     return CompiledModule(
-        program, plan, target=manifest["target"], backend=backend or manifest.get("backend"), report=report, tokenizer=tokenizer
+        program, plan, target=manifest["target"], backend=chosen, report=report, tokenizer=tokenizer, artifact=prebuilt
     )
 
 

@@ -54,6 +54,7 @@ class CompiledModule:
         backend: str | None = None,
         report: CompileReport | None = None,
         tokenizer: Any = None,
+        artifact: Path | None = None,
     ) -> None:
         self.program = program
         self.plan = plan
@@ -62,7 +63,11 @@ class CompiledModule:
         self.backend = self._backend.name
         self.report = report or CompileReport(plan.name)
         self.tokenizer = tokenizer
-        self._built: dict[str, BuiltEntry] = self._backend.build(program, target)
+        self._built: dict[str, BuiltEntry] = self._backend.build(
+            program, target, allow_fallback=plan.fallback == "torch", artifact=artifact
+        )
+        if self._backend.info:
+            self.report.backend = {"name": self.backend, **self._backend.info}
         self._cache: dict[str, torch.Tensor] = program.new_cache()
         self._out_specs = {name: pytree.treespec_loads(e.out_spec) for name, e in program.entries.items()}
         self.last_generation: GenerationStats | None = None

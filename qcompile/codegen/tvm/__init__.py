@@ -1,0 +1,169 @@
+"""The TVM backend: Program → Relax (TVM's PyTorch importer + qcompile's kernels) → ``tvm.compile``
+for the host CPU → Relax VM.
+
+One executable holds every entry (``forward``, ``prefill``, ``decode``) as a Relax function. The
+Program's state and the runtime's cache tensors are shared with the VM without copies (DLPack), so
+a decode step writes its rows into the same cache tensors that ``CompiledModule`` owns. Weights are
+repacked once into the kernels' layouts (extra function parameters). ``save`` writes the compiled
+library (``export_library``) and the repacked tensors; loading an artifact runs that library
+without rebuilding, after checking the TVM version and that this CPU has the instructions it was
+built for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import tvm
+from safetensors.torch import load_file, save_file
+from tvm import relax
+
+from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.codegen.tvm.lower import Lowered, LoweringError, lower_program, register_fallback
+from qcompile.codegen.tvm.target import CpuTarget, host_target, missing_features
+from qcompile.errors import ArtifactError
+from qcompile.ir.program import Program, SlotKind
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "module.so"
+PARAMS = "params.safetensors"
+INFO = "tvm.json"
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with dlight's CPU rules scheduling the ordinary (non-qcompile) kernels."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + [dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
+    return tvm.runtime.from_dlpack(t if t.is_contiguous() else t.contiguous())
+
+
+class _Runner:
+    """Calls one Relax function with the entry's slot tensors plus the repacked weights."""
+
+    def __init__(self, fn: Any, kinds: list[SlotKind], extras: list[tvm.runtime.Tensor]) -> None:
+        self.fn = fn
+        self.kinds = kinds
+        self.extras = extras
+        self.bound: dict[int, tuple[torch.Tensor, tvm.runtime.Tensor]] = {}
+
+    def __call__(self, args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        tv = []
+        for i, (kind, a) in enumerate(zip(self.kinds, args)):
+            if kind is SlotKind.USER:
+                tv.append(_to_tvm(a))
+                continue
+            hit = self.bound.get(i)
+            if hit is None or hit[0] is not a:  # state and cache tensors are stable: convert once
+                if not a.is_contiguous():
+                    raise ValueError(f"slot {i} is not contiguous; the VM would not see in-place updates")
+                hit = self.bound[i] = (a, _to_tvm(a))
+            tv.append(hit[1])
+        out = self.fn(*tv, *self.extras)
+        return [torch.from_dlpack(o) for o in out]
+
+
+class TVMBackend(Backend):
+    name: ClassVar[str] = "tvm"
+    targets: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    def __init__(self) -> None:
+        self.executable: Any = None
+        self.params: dict[str, torch.Tensor] = {}
+        self.info: dict[str, Any] = {}
+
+    # ---- build ------------------------------------------------------------------------------
+    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
+        if artifact is not None and (artifact / INFO).is_file():
+            self._load(program, artifact)
+        else:
+            self._compile(program, allow_fallback)
+        vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        built: dict[str, BuiltEntry] = {}
+        for name, entry in program.entries.items():
+            extras = [_to_tvm(self.params[k]) for k in self.info["extra_params"][name]]
+            built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras)
+        return built
+
+    def _compile(self, program: Program, allow_fallback: bool) -> None:
+        cpu = host_target()
+        t0 = time.perf_counter()
+        lowered: Lowered = lower_program(program, allow_fallback)
+        t1 = time.perf_counter()
+        self.executable = tvm.compile(lowered.mod, target=cpu.tvm, relax_pipeline=relax_pipeline(cpu.tvm))
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            self.params = {k: f(program.state).contiguous() for k, f in lowered.repacks.items()}
+        self.info = {
+            "target": cpu.to_dict(),
+            "target_description": cpu.describe(),
+            "tvm_version": tvm.__version__,
+            "extra_params": lowered.extra_params,
+            "fallbacks": lowered.fallbacks,
+            "kernels": lowered.kernels,
+            "lower_seconds": round(t1 - t0, 3),
+            "build_seconds": round(t2 - t1, 3),
+        }
+        log.info("tvm backend: %s, lowered in %.1fs, built in %.1fs", cpu.describe(), t1 - t0, t2 - t1)
+
+    # ---- artifacts --------------------------------------------------------------------------
+    def save(self, directory: Path) -> list[Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(directory / LIBRARY))
+        save_file(self.params, str(directory / PARAMS))
+        (directory / INFO).write_text(json.dumps(self.info, indent=1), encoding="utf-8")
+        return [directory / LIBRARY, directory / PARAMS, directory / INFO]
+
+    def _load(self, program: Program, directory: Path) -> None:
+        info = json.loads((directory / INFO).read_text(encoding="utf-8"))
+        if info.get("tvm_version") != tvm.__version__:
+            raise ArtifactError(
+                f"{directory} was built with TVM {info.get('tvm_version')}, this is TVM {tvm.__version__}; "
+                "recompile the model (or load it with backend='torch')"
+            )
+        lacking = missing_features(info.get("target", {}))
+        if lacking:
+            raise ArtifactError(
+                f"{directory} was built for {info.get('target_description')}; this CPU "
+                f"({host_target().describe()}) lacks {', '.join(lacking)}. Recompile on this machine "
+                "or load it with backend='torch'"
+            )
+        for item in info.get("fallbacks", []):
+            ename, rest = item.split(":", 1)
+            nname = rest.split(" ", 1)[0]
+            node = next(n for n in program.entries[ename].graph.graph.nodes if n.name == nname)
+            from qcompile.codegen.tvm.lower import fallback_name
+
+            register_fallback(fallback_name(ename, nname), node)
+        self.executable = tvm.runtime.load_module(str(directory / LIBRARY))
+        self.params = load_file(str(directory / PARAMS))
+        self.info = info
+
+
+def cpu_target() -> CpuTarget:
+    return host_target()
+
+
+__all__ = ["LoweringError", "TVMBackend", "relax_pipeline", "cpu_target"]

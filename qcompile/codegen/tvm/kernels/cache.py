@@ -1,0 +1,46 @@
+"""In-place cache writes: ``cache.index_copy_(dim, index, src)`` as a TIR kernel that the Relax
+function calls with ``call_tir_inplace``, so a decode step writes its rows into the cache tensor the
+runtime owns instead of copying the whole cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T  # noqa: F401  (used by the generated TVMScript)
+
+
+@dataclass(frozen=True)
+class IndexCopy:
+    shape: tuple[int, ...]  # the cache's (static) shape
+    dtype: str
+    dim: int
+    rows: int | None  # rows written per call; None: dynamic
+
+    @property
+    def name(self) -> str:
+        rows = "dyn" if self.rows is None else self.rows
+        return f"qc_index_copy_{'x'.join(map(str, self.shape))}_{self.dtype}_d{self.dim}_r{rows}"
+
+
+def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
+    """``cache[..., index[t], ...] = src[..., t, ...]`` along ``spec.dim`` (cache is argument 0 and
+    is updated in place; indices are not checked, the caller keeps them below the cache length)."""
+    rank = len(spec.shape)
+    names = [f"i{a}" for a in range(rank)]
+    t = "t" if spec.rows is None else str(spec.rows)
+    src_shape = [str(s) if a != spec.dim else t for a, s in enumerate(spec.shape)]
+    cache_idx = [n if a != spec.dim else f"index[{n}]" for a, n in enumerate(names)]
+    loops = ", ".join(src_shape)
+    decl = "t = T.int64()" if spec.rows is None else ""
+    src = f"""
+@T.prim_func(private=True)
+def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
+    T.func_attr({{"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True}})
+    {decl}
+    index = T.match_buffer(index_h, ({t},), "int64")
+    src = T.match_buffer(src_h, ({', '.join(src_shape)},), "{spec.dtype}")
+    for {', '.join(names)} in T.grid({loops}):
+        cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]
+"""
+    return tvm.script.from_source(src)

@@ -1,0 +1,304 @@
+"""Linear-layer kernels for the CPU (TE compute + s_tir schedules), one template for every format.
+
+``y[m, n] = Σ_g scale(m, n, g) · Σ_{k in group g} a(m, k) · b(n, k)  (+ offset term) (+ bias[n])``
+
+Weight formats (the backend repacks the Program's tensors into these at build time; N is padded to
+a multiple of the block ``NB``, K to a multiple of the group, with zero weights):
+
+* ``f32``  — ``W[N/NB, K, NB]`` float32 (plain fp32 linear, one group);
+* ``i8``   — ``W[N/NB, K, NB]`` int8 codes (W8 per channel);
+* ``u4``   — ``W[N/NB, K, NB/2]`` uint8, byte j = lane j (low nibble) | lane j + NB/2 (high nibble),
+  unsigned codes ``u = code + zero`` (W4: symmetric codes are stored ``+8``);
+* ``i6``   — the same nibble array for the low 4 bits of ``u = code + 32`` plus ``H[N/NB, K, NB/4]``
+  holding the top 2 bits of lanes j, j+NB/4, j+2·NB/4, j+3·NB/4 (exactly 6 bits per weight).
+
+Lane-blocked layouts make every weight load a contiguous vector across NB output channels, so the
+inner loop is load → unpack (shift/mask, uniform per vector) → multiply-accumulate into NB
+register lanes, with no horizontal reductions; blocks of NB outputs are split across threads.
+
+Activations: fp32 (``act_bits == 0``; weight-only formats rescale per group and add the
+zero-point/offset term ``c[n, g]·Σ_k x``), or int8 codes with fp32 scales per token or per token
+group (``act_bits > 0``) from :func:`quantize_rows`, multiplied exactly in int32 per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+NB = 64  # output channels per block (lanes): 8 AVX2 / 4 AVX-512 float registers
+
+WFMTS = ("f32", "i8", "u4", "i6")
+
+
+@dataclass(frozen=True)
+class LinearKernel:
+    """One kernel instance: a weight of N×K (padded sizes) in ``wfmt`` with groups of ``group``."""
+
+    n: int  # padded to a multiple of NB
+    k: int  # padded to a multiple of group
+    wfmt: str
+    group: int  # == k for one scale per output channel
+    act_bits: int  # 0: fp32 activations
+    act_group: int  # 0: one activation scale per token; else == group
+    zero_term: bool  # weight-only: add c[n, g]·Σx (zero point / float offset)
+    bias: bool
+    m: int | None  # None: dynamic number of rows
+
+    def __post_init__(self) -> None:
+        if self.wfmt not in WFMTS:
+            raise ValueError(f"unknown weight format {self.wfmt!r}; formats: {WFMTS}")
+        if self.n % NB or self.k % self.group:
+            raise ValueError(f"kernel sizes must be padded: N={self.n} (block {NB}), K={self.k} (group {self.group})")
+        if self.act_bits and self.wfmt in ("f32", "u4"):
+            raise ValueError(f"{self.wfmt} weights take fp32 activations")
+        if self.act_bits and self.zero_term:
+            raise ValueError("integer activations need symmetric weights (no zero term)")
+
+    @property
+    def groups(self) -> int:
+        return self.k // self.group
+
+    @property
+    def name(self) -> str:
+        act = f"a{self.act_bits}{'g' if self.act_group else 't'}" if self.act_bits else "af32"
+        m = "mdyn" if self.m is None else f"m{self.m}"
+        z = "_z" if self.zero_term else ""
+        b = "_b" if self.bias else ""
+        return f"qc_linear_{self.wfmt}_{act}_n{self.n}_k{self.k}_g{self.group}{z}{b}_{m}"
+
+    def weight_shapes(self) -> list[tuple[tuple[int, ...], str]]:
+        nb = self.n // NB
+        return {
+            "f32": [((nb, self.k, NB), "float32")],
+            "i8": [((nb, self.k, NB), "int8")],
+            "u4": [((nb, self.k, NB // 2), "uint8")],
+            "i6": [((nb, self.k, NB // 2), "uint8"), ((nb, self.k, NB // 4), "uint8")],
+        }[self.wfmt]
+
+
+def _rows(m: int | None) -> tvm.tirx.PrimExpr | int:
+    return te.var("m", "int64") if m is None else m
+
+
+def _decode(spec: LinearKernel, ws: list[te.Tensor], n: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The weight of output ``n``, input ``k`` as an integer (unsigned for u4, signed otherwise)."""
+    blk, lane = n // NB, n % NB
+    if spec.wfmt in ("f32", "i8"):
+        return ws[0][blk, k, lane]
+    half, quarter = NB // 2, NB // 4
+    lo = (ws[0][blk, k, lane % half] >> (lane // half * 4).astype("uint8")) & tirx.const(15, "uint8")
+    if spec.wfmt == "u4":
+        return lo.astype("int32")
+    hi = (ws[1][blk, k, lane % quarter] >> (lane // quarter * 2).astype("uint8")) & tirx.const(3, "uint8")
+    return lo.astype("int32") + hi.astype("int32") * 16 - 32
+
+
+def linear_primfunc(spec: LinearKernel) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of ``spec``; arguments in :func:`kernel_args` order, output last."""
+    m = _rows(spec.m)
+    n_, k_, g_, gs = spec.n, spec.k, spec.groups, spec.group
+    nblk = n_ // NB
+    ws = [te.placeholder(shape, dt, name=f"W{i}") for i, (shape, dt) in enumerate(spec.weight_shapes())]
+    args: list[te.Tensor] = []
+    if spec.act_bits:
+        x = te.placeholder((m, k_), "int8", name="QX")
+        sx = te.placeholder((m, g_ if spec.act_group else 1), "float32", name="SX")
+        args += [x, sx]
+    else:
+        x = te.placeholder((m, k_), "float32", name="X")
+        args.append(x)
+    args += ws
+    s = c = b = None
+    if spec.wfmt != "f32":
+        s = te.placeholder((nblk, g_, NB), "float32", name="S")
+        args.append(s)
+    if spec.zero_term:
+        c = te.placeholder((nblk, g_, NB), "float32", name="C")
+        args.append(c)
+    if spec.bias:
+        b = te.placeholder((n_,), "float32", name="B")
+        args.append(b)
+
+    if spec.wfmt == "f32":
+        kk = te.reduce_axis((0, k_), "k")
+        y = te.compute((m, n_), lambda i, j: te.sum(x[i, kk] * _decode(spec, ws, j, kk), axis=kk), name="Y")
+        acc = xs = None
+    else:
+        kk = te.reduce_axis((0, gs), "kk")
+        if spec.act_bits:
+            acc = te.compute(
+                (m, n_, g_),
+                lambda i, j, g: te.sum(x[i, g * gs + kk].astype("int32") * _decode(spec, ws, j, g * gs + kk), axis=kk),
+                name="ACC",
+            )
+        else:
+            acc = te.compute(
+                (m, n_, g_),
+                lambda i, j, g: te.sum(x[i, g * gs + kk] * _decode(spec, ws, j, g * gs + kk).astype("float32"), axis=kk),
+                name="ACC",
+            )
+        xs = None
+        if spec.zero_term:
+            k2 = te.reduce_axis((0, gs), "k2")
+            xs = te.compute((m, g_), lambda i, g: te.sum(x[i, g * gs + k2], axis=k2), name="XS")
+        gg = te.reduce_axis((0, g_), "g")
+
+        def term(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+            sw = s[j // NB, gg, j % NB]
+            if spec.act_bits:
+                sa = sx[i, gg] if spec.act_group else sx[i, 0]
+                return acc[i, j, gg].astype("float32") * sa * sw
+            t = acc[i, j, gg] * sw
+            return t + c[j // NB, gg, j % NB] * xs[i, gg] if spec.zero_term else t
+
+        y = te.compute((m, n_), lambda i, j: te.sum(term(i, j), axis=gg), name="Y")
+    out = y
+    if spec.bias:
+        out = te.compute((m, n_), lambda i, j: y[i, j] + b[j], name="YB")
+    func = te.create_prim_func(args + [out])
+    return _schedule(spec, func).with_attr("tir.is_scheduled", True)
+
+
+def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    sch = Schedule(func)
+    y = sch.get_sblock("Y")
+    i, j, r = sch.get_loops(y)
+    jo, ji = sch.split(j, [None, NB])
+    sch.reorder(jo, i, r, ji)
+    if spec.bias:  # the bias epilogue writes the output from the register accumulator
+        yl = sch.get_sblock("YB")
+        sch.set_scope(y, 0, "local")
+    else:
+        yl = sch.cache_write(y, 0, "local")
+    sch.reverse_compute_at(yl, i)
+    sch.vectorize(sch.get_loops(yl)[-1])
+    if spec.wfmt == "f32":
+        ro, ri = sch.split(r, [None, 4])
+        sch.unroll(ri)
+        sch.vectorize(ji)
+        sch.parallel(jo)
+        init = sch.decompose_reduction(y, ro)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch.mod["main"]
+    acc = sch.get_sblock("ACC")
+    sch.compute_at(acc, r)
+    sch.set_scope(acc, 0, "local")
+    aj, ak = sch.get_loops(acc)[-2:]  # under r: the 64 lanes and the group's K (unit loops dropped)
+    sch.reorder(ak, aj)
+    ako, aki = sch.split(ak, [None, 4])
+    parts = sch.split(aj, [None, 2, NB // 4]) if spec.wfmt == "i6" else sch.split(aj, [None, NB // 2])
+    for p in parts[:-1]:
+        sch.unroll(p)
+    sch.vectorize(parts[-1])
+    sch.unroll(aki)
+    if spec.zero_term:
+        xs = sch.get_sblock("XS")
+        xi, xg, _ = sch.get_loops(xs)
+        sch.parallel(sch.fuse(xi, xg)) if spec.m is None else None
+    sch.vectorize(ji)
+    sch.parallel(jo)
+    ainit = sch.decompose_reduction(acc, ako)
+    sch.vectorize(sch.get_loops(ainit)[-1])
+    yinit = sch.decompose_reduction(y, r)
+    sch.vectorize(sch.get_loops(yinit)[-1])
+    return sch.mod["main"]
+
+
+# ---- activation quantization ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantRows:
+    """Dynamic symmetric ``bits``-bit quantization of ``x[M, K]`` per row or per group of K."""
+
+    k: int
+    bits: int
+    group: int  # 0: one scale per row
+    m: int | None
+
+    @property
+    def name(self) -> str:
+        return f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}_{'mdyn' if self.m is None else f'm{self.m}'}"
+
+    @property
+    def groups(self) -> int:
+        return self.k // self.group if self.group else 1
+
+
+def quant_rows_primfunc(spec: QuantRows) -> tvm.tirx.PrimFunc:
+    """``(x) -> (codes int8[M, K], scales f32[M, G])``: the same float operations as
+    ``qcompile.quant.rtn`` (scale = absmax / qmax, 1 for an all-zero group; codes =
+    clamp(round-half-even(x / scale))), so the codes match the reference exactly."""
+    m = _rows(spec.m)
+    qmax = float(2 ** (spec.bits - 1) - 1)
+    gs = spec.group or spec.k
+    x = te.placeholder((m, spec.k), "float32", name="X")
+    r = te.reduce_axis((0, gs), "r")
+    amax = te.compute((m, spec.groups), lambda i, g: te.max(te.abs(x[i, g * gs + r]), axis=r), name="AMAX")
+    sc = te.compute(
+        (m, spec.groups),
+        lambda i, g: tirx.Select(amax[i, g] > 0, amax[i, g] / tirx.const(qmax, "float32"), tirx.const(1.0, "float32")),
+        name="SCALE",
+    )
+    q = te.compute(
+        (m, spec.k),
+        lambda i, k: tirx.max(tirx.min(tirx.nearbyint(x[i, k] / sc[i, k // gs]), qmax), -qmax).astype("int8"),
+        name="Q",
+    )
+    func = te.create_prim_func([x, q, sc])
+    sch = Schedule(func)
+    qi, qk = sch.get_loops(sch.get_sblock("Q"))
+    ko, ki = sch.split(qk, [None, 16])
+    sch.vectorize(ki)
+    if spec.m is None:
+        sch.parallel(qi)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+# ---- weight repacking (torch, at build / load time) -----------------------------------------
+
+
+def _pad(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, k - t.shape[1], 0, n - t.shape[0]))
+
+
+def _lanes(t: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` → ``[N/NB, K, NB]``."""
+    n, k = t.shape
+    return t.view(n // NB, NB, k).transpose(1, 2).contiguous()
+
+
+def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torch.Tensor]:
+    """The kernel's weight tensors from ``w[N, K]`` (float for f32, integer codes otherwise;
+    u4 stores ``code + zero``; i6 stores ``code + 32``)."""
+    if spec.wfmt == "f32":
+        return [_lanes(_pad(w.to(torch.float32), spec.n, spec.k))]
+    codes = w.to(torch.int32)
+    if spec.wfmt == "i8":
+        return [_lanes(_pad(codes, spec.n, spec.k)).to(torch.int8)]
+    u = codes + (zero if spec.wfmt == "u4" else 32)
+    # padded lanes hold u = 0; their scales are 0, so they contribute nothing
+    u = _lanes(_pad(u, spec.n, spec.k))
+    half, quarter = NB // 2, NB // 4
+    lo = u & 15
+    nib = (lo[..., :half] | (lo[..., half:] << 4)).to(torch.uint8)
+    if spec.wfmt == "u4":
+        return [nib.contiguous()]
+    hi = u >> 4
+    top = hi[..., :quarter] | (hi[..., quarter : 2 * quarter] << 2) | (hi[..., 2 * quarter : 3 * quarter] << 4) | (hi[..., 3 * quarter :] << 6)
+    return [nib.contiguous(), top.to(torch.uint8).contiguous()]
+
+
+def pack_groups(spec: LinearKernel, t: torch.Tensor) -> torch.Tensor:
+    """Per-(output, group) values ``[N, G]`` → ``[N/NB, G, NB]`` (padding 0)."""
+    return _lanes(_pad(t.to(torch.float32), spec.n, spec.groups))
+
+
+def padded(n: int, k: int, group: int) -> tuple[int, int]:
+    """(N, K) rounded up to the block and the group."""
+    return -(-n // NB) * NB, -(-k // group) * group

@@ -1,0 +1,410 @@
+"""Program → one Relax IRModule (a function per entry) through TVM's own PyTorch importer.
+
+Each entry's graph is already a ``torch.export`` ATen graph; it is handed to
+``tvm.relax.frontend.torch``'s ``ExportedProgramImporter`` with the Program's slots standing in
+for the ExportedProgram's signature (every placeholder becomes a function parameter, in slot
+order) and a converter map that adds, to TVM's own converters:
+
+* ``qcompile`` ops → ``call_tir`` of qcompile's TIR kernels (:mod:`.kernels.linear`), with their
+  weights repacked into the kernels' layouts (extra parameters after the slots);
+* ``aten.linear`` with a constant 2-D weight → the fp32 kernel (so every linear layer is a
+  qcompile kernel with a known schedule);
+* ``aten.index_copy_`` into a cache slot → ``call_tir_inplace`` (the cache stays in the runtime's
+  tensors; a decode step writes its rows only);
+* a few ATen ops TVM 0.27's importer lacks or gets wrong here (``diff``, ``cumsum`` of bools,
+  ``to.device``, ``scaled_dot_product_attention`` with a boolean mask or an explicit scale).
+
+An op with no converter is a :class:`LoweringError` naming the op and the node, unless the plan
+sets ``fallback: torch``: then the node runs its torch implementation from the VM through a packed
+function (``call_dps_packed``) and is listed in :attr:`Lowered.fallbacks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
+from qcompile.codegen.tvm.kernels.linear import (
+    LinearKernel,
+    QuantRows,
+    linear_primfunc,
+    pack_groups,
+    pack_weight,
+    padded,
+    quant_rows_primfunc,
+)
+from qcompile.errors import QCompileError
+from qcompile.ir.program import Entry, Program, SlotKind
+from qcompile.ops.packed import unpack_codes
+
+
+class LoweringError(QCompileError):
+    """A graph the TVM backend cannot lower (names the op and the node)."""
+
+
+# A repacked tensor: computed from the Program's state when the module is built or loaded.
+Repack = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Lowered:
+    mod: tvm.IRModule
+    extra_params: dict[str, list[str]]  # entry -> repacked-tensor keys passed after the slots
+    repacks: dict[str, Repack]  # key -> how to compute it from the Program's state
+    fallbacks: list[str]  # "entry:node (op)" run by torch
+    kernels: dict[str, int] = field(default_factory=dict)  # kernel name -> call sites
+
+
+def fallback_name(entry: str, node: str) -> str:
+    return f"qcompile.fallback.{entry}.{node}"
+
+
+class _Lowering:
+    def __init__(self, program: Program, allow_fallback: bool) -> None:
+        self.program = program
+        self.allow_fallback = allow_fallback
+        self.bb = relax.BlockBuilder()
+        self.kernels: dict[str, tvm.ir.GlobalVar] = {}
+        self.kernel_uses: dict[str, int] = {}
+        self.repacks: dict[str, Repack] = {}
+        self.extra: dict[str, list[str]] = {}
+        self.fallbacks: list[str] = []
+
+    # ---- helpers used by converters ------------------------------------------------------
+    def kernel(self, name: str, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
+        if name not in self.kernels:
+            func = make().with_attr("op_pattern", 8).with_attr("global_symbol", name)
+            self.kernels[name] = self.bb.add_func(func, name)
+        self.kernel_uses[name] = self.kernel_uses.get(name, 0) + 1
+        return self.kernels[name]
+
+    def param(self, key: str, repack: Repack, shape: tuple[int, ...], dtype: str) -> relax.Var:
+        """A repacked tensor as an extra parameter of the entry being lowered."""
+        self.repacks.setdefault(key, repack)
+        if key not in self.cur_extra:
+            self.cur_extra[key] = relax.Var(key, relax.TensorType(list(shape), dtype))
+        return self.cur_extra[key]
+
+    def state_key(self, node: Any, what: str, at: fx.Node) -> str:
+        slot = self.slots.get(node) if isinstance(node, fx.Node) else None
+        if slot is None or slot.kind is not SlotKind.STATE:
+            raise _Unsupported(f"its {what} is not a constant of the Program")
+        return slot.name
+
+    # ---- one entry ------------------------------------------------------------------------
+    def lower_entry(self, entry: Entry) -> None:
+        imp = ExportedProgramImporter()
+        imp.block_builder = self.bb
+        self.imp = imp
+        self.entry = entry
+        self.slots = entry.bindings()
+        self.cur_extra: dict[str, relax.Var] = {}
+        self.tvm_linear = imp.convert_map["linear.default"]
+        converters = _converters(self)
+        # every converter (TVM's own too) takes (node, importer) and names the node when it fails
+        imp.convert_map = {k: self._guard(k, f, k in converters) for k, f in {**imp.convert_map, **converters}.items()}
+        symvars: dict[str, tvm.tirx.Var] = {}
+        inputs: dict[str, relax.Var] = {}
+        for node, slot in self.slots.items():
+            if slot.kind is SlotKind.STATE:  # placeholders added by passes carry no fake value
+                t = self.program.state[slot.name]
+                dims, dtype = list(t.shape), t.dtype
+            elif slot.kind is SlotKind.CACHE:
+                shape_, dt = self.program.cache_specs[slot.name]
+                dims, dtype = list(shape_), getattr(torch, dt)
+            else:
+                dims, dtype = list(node.meta["val"].shape), node.meta["val"].dtype
+            shape = [symvars.setdefault(str(d), tvm.tirx.Var(str(d), "int64")) if isinstance(d, torch.SymInt) else int(d) for d in dims]
+            inputs[node.name] = relax.Var(node.name, relax.TensorType(shape, imp._convert_data_type(dtype)))
+        self.symvars = symvars
+        nodes = list(entry.graph.graph.nodes)
+        for node in nodes:
+            if node.op == "call_function" and node.target.__name__ not in imp.convert_map:
+                self._unsupported(node, "no converter for this op")
+        attrs: dict[str, Any] = {}
+        if entry.dims:
+            attrs["tir_var_lower_bound"] = {k: r.min for k, r in entry.dims.items()}
+            attrs["tir_var_upper_bound"] = {k: r.max for k, r in entry.dims.items()}
+        # parameters: slots in order, then the repacked tensors (known only after conversion,
+        # so the function is built with a placeholder list that is extended in place)
+        with self.bb.function(entry.name, attrs=attrs, pure=True):
+            with self.bb.dataflow():
+                outs = imp._translate_fx_graph(entry.graph, nodes, inputs, set(imp.convert_map))
+                out = self.bb.emit_output(relax.Tuple(list(outs)))
+            self.bb.emit_func_output(out, params=list(inputs.values()) + list(self.cur_extra.values()))
+        self.extra[entry.name] = list(self.cur_extra)
+
+    def _guard(self, key: str, fn: Callable[..., relax.Var], ours: bool) -> Callable[[fx.Node, Any], relax.Var]:
+        def convert(node: fx.Node, _imp: Any = None) -> relax.Var:
+            try:
+                return fn(node, self.imp) if ours else fn(node)
+            except (_Unsupported, AssertionError, ValueError, TypeError, KeyError, NotImplementedError, tvm.error.InternalError, RuntimeError) as e:
+                if not self.allow_fallback:
+                    raise LoweringError(
+                        f"the TVM backend cannot lower node {node.name!r} ({node.target}) of entry {self.entry.name!r}: "
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+                        "Set `fallback: torch` in the plan to run such nodes with torch, or use backend='torch'."
+                    ) from e
+                return self.fallback(node)
+
+        return convert
+
+    def _unsupported(self, node: fx.Node, why: str) -> None:
+        if not self.allow_fallback:
+            raise LoweringError(
+                f"the TVM backend cannot lower node {node.name!r} ({node.target}) of entry {self.entry.name!r}: {why}. "
+                "Set `fallback: torch` in the plan to run such nodes with torch, or use backend='torch'."
+            )
+        self.imp.convert_map[node.target.__name__] = lambda n, _imp=None: self.fallback(n)
+
+    def fallback(self, node: fx.Node) -> relax.Var:
+        """Run ``node`` with torch from the VM (destination-passing packed function)."""
+        name = fallback_name(self.entry.name, node.name)
+        register_fallback(name, node)
+        val = node.meta["val"]
+        shape = [self._dim(d) for d in val.shape]
+        args = [self.imp.env[a] for a in _tensor_args(node)]
+        out = relax.TensorType(shape, self.imp._convert_data_type(val.dtype))
+        self.fallbacks.append(f"{self.entry.name}:{node.name} ({node.target})")
+        return self.bb.emit(relax.call_dps_packed(name, args, out))
+
+    def _dim(self, d: Any) -> Any:
+        if not isinstance(d, torch.SymInt):
+            return int(d)
+        key = str(d)
+        if key not in self.symvars:
+            raise LoweringError(f"entry {self.entry.name!r}: output dimension {key} is not an input dimension")
+        return self.symvars[key]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.args if isinstance(a, fx.Node)]
+
+
+_FALLBACKS: dict[str, fx.Node] = {}
+
+
+def register_fallback(name: str, node: fx.Node) -> None:
+    """Register the packed function ``name`` that runs ``node``'s op with torch (DPS: the last
+    argument is the output)."""
+    _FALLBACKS[name] = node
+    if tvm.get_global_func(name, allow_missing=True) is not None:
+        return
+
+    def run(*args: Any) -> None:
+        n = _FALLBACKS[name]
+        tensors = iter(torch.from_dlpack(a) for a in args[:-1])
+        call_args = [next(tensors) if isinstance(a, fx.Node) else a for a in n.args]
+        with torch.no_grad():
+            res = n.target(*call_args, **n.kwargs)
+        torch.from_dlpack(args[-1]).copy_(res)
+
+    tvm_ffi.register_global_func(name, run, override=True)
+
+
+# ---- converters ---------------------------------------------------------------------------------
+
+
+def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]:
+    bb = lw.bb
+
+    env = lambda n: lw.imp.env[n]  # noqa: E731
+
+    def rows(x: relax.Var) -> tuple[relax.Var, list[Any]]:
+        shape = list(lw.imp.shape_of(x))
+        lead = shape[:-1]
+        m = math.prod(int(d) for d in lead) if all(isinstance(d, tvm.tirx.IntImm) for d in lead) else None
+        flat = bb.emit(relax.op.reshape(x, [m if m is not None else _prod(lead), shape[-1]]))
+        return flat, lead
+
+    def linear_call(node: fx.Node, x: relax.Var, spec_args: dict[str, Any], w_codes: Repack, zero: int,
+                    s_of: Repack | None, c_of: Repack | None, b_key: str | None, n: int, k: int, key: str) -> relax.Var:
+        flat, lead = rows(x)
+        shp = lw.imp.shape_of(flat)
+        m_static = int(shp[0]) if isinstance(shp[0], tvm.tirx.IntImm) else None
+        group = spec_args["group"]
+        n_p, k_p = padded(n, k, group)
+        spec = LinearKernel(n_p, k_p, m=m_static, bias=b_key is not None, **{**spec_args, "group": group})
+        if k_p != k:
+            flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k]))
+        args: list[relax.Expr] = []
+        if spec.act_bits:
+            qr = QuantRows(k_p, spec.act_bits, spec.act_group, m_static)
+            qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
+            mdim = shp[0]
+            q = bb.emit(relax.call_tir(qf, [flat], [relax.TensorType([mdim, k_p], "int8"), relax.TensorType([mdim, qr.groups], "float32")]))
+            args += [bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))]
+        else:
+            args.append(flat)
+        for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
+            args.append(lw.param(f"{key}@{spec.wfmt}{i}", lambda st, i=i: pack_weight(spec, w_codes(st), zero)[i], wshape, wdt))
+        gshape = (n_p // 64, spec.groups, 64)
+        if s_of is not None:
+            args.append(lw.param(f"{key}@scale", lambda st: pack_groups(spec, s_of(st)), gshape, "float32"))
+        if c_of is not None:
+            args.append(lw.param(f"{key}@zero", lambda st: pack_groups(spec, c_of(st)), gshape, "float32"))
+        if b_key is not None:
+            args.append(lw.param(f"{b_key}@pad{n_p}", lambda st: torch.nn.functional.pad(st[b_key].float(), (0, n_p - n)), (n_p,), "float32"))
+        f = lw.kernel(spec.name, lambda: linear_primfunc(spec))
+        y = bb.emit(relax.call_tir(f, args, relax.TensorType([shp[0], n_p], "float32")))
+        if n_p != n:
+            y = bb.emit(relax.op.strided_slice(y, [1], [0], [n], assume_inbound=True))
+        y = bb.emit(relax.op.reshape(y, [*lead, n]))
+        want = str(x.ty.dtype)  # qcompile's linear ops return x's dtype
+        return bb.emit(relax.op.astype(y, want)) if want != "float32" else y
+
+    def bias_key(node: Any) -> str | None:
+        return None if node is None else lw.state_key(node, "bias", node)
+
+    def aten_linear(node: fx.Node) -> relax.Var:
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else None
+        slot = lw.slots.get(w)
+        if slot is None or slot.kind is not SlotKind.STATE or node.meta["val"].dtype != torch.float32:
+            return lw.tvm_linear(node)  # TVM's own converter (dense weights computed in-graph)
+        wkey = slot.name
+        n, k = lw.program.state[wkey].shape
+        return linear_call(node, env(x), dict(wfmt="f32", group=k, act_bits=0, act_group=0, zero_term=False),
+                           lambda st: st[wkey], 0, None, None, bias_key(b), n, k, wkey)
+
+    def linear_w8a8(node: fx.Node) -> relax.Var:
+        x, qw, ws, b = node.args
+        wkey, skey = lw.state_key(qw, "weight", node), lw.state_key(ws, "scale", node)
+        n, k = lw.program.state[wkey].shape
+        return linear_call(node, env(x), dict(wfmt="i8", group=k, act_bits=8, act_group=0, zero_term=False),
+                           lambda st: st[wkey], 0, lambda st: st[skey].float()[:, None], None, bias_key(b), n, k, wkey)
+
+    def grouped(node: fx.Node, x: fx.Node, codes_of: Repack, wkey: str, skey: str, okey: str | None, b: Any,
+                n: int, k: int, bits: int, group: int, act_bits: int, act_group: int) -> relax.Var:
+        if act_bits and okey is not None:
+            raise _Unsupported("integer activations with asymmetric weights have no kernel")
+        if bits > 8 or (okey is not None and bits == 8):
+            raise _Unsupported(f"{bits}-bit {'asymmetric ' if okey else ''}weights have no kernel")
+        if act_bits:
+            wfmt = "i6" if bits == 6 else "i8"
+        else:
+            wfmt = "u4" if bits <= 4 else ("i6" if bits == 6 and okey is None else "i8")
+        zero = 0 if (okey is not None or wfmt != "u4") else 8
+        s_of = lambda st: st[skey].float()  # noqa: E731
+        c_of = None
+        if okey is not None or zero:
+            c_of = lambda st: (st[okey].float() if okey else 0) - zero * st[skey].float()  # noqa: E731
+        if wfmt == "i8" and okey is not None:
+            raise _Unsupported("asymmetric codes above 4 bits have no kernel")
+        spec_args = dict(wfmt=wfmt, group=group, act_bits=act_bits, act_group=act_group, zero_term=c_of is not None)
+        return linear_call(node, env(x), spec_args, codes_of, zero, s_of, c_of, bias_key(b), n, k, wkey)
+
+    def quant_linear(node: fx.Node) -> relax.Var:
+        x, codes, scale, offset, b, group, act_bits, act_group = node.args
+        wkey, skey = lw.state_key(codes, "codes", node), lw.state_key(scale, "scale", node)
+        okey = lw.state_key(offset, "offset", node) if offset is not None else None
+        n, k = lw.program.state[wkey].shape
+        bits = int(lw.program.meta.get("weight_bits", {}).get(wkey, 8))
+        return grouped(node, x, lambda st: st[wkey], wkey, skey, okey, b, n, k, bits, group, act_bits, act_group)
+
+    def packed_linear(node: fx.Node) -> relax.Var:
+        x, packed, scale, b, k, w_bits, group, act_bits, act_group = node.args
+        pkey, skey = lw.state_key(packed, "packed weight", node), lw.state_key(scale, "scale", node)
+        n = lw.program.state[pkey].shape[0]
+        return grouped(node, x, lambda st: unpack_codes(st[pkey], k, w_bits), pkey, skey, None, b, n, k, w_bits, group, act_bits, act_group)
+
+    def index_copy_(node: fx.Node) -> relax.Var:
+        dst, dim, index, src = node.args
+        slot = lw.slots.get(dst)
+        if slot is None or slot.kind is not SlotKind.CACHE:
+            raise _Unsupported("in-place index_copy_ is supported into cache tensors only")
+        cache = env(dst)
+        shape = tuple(int(d) for d in lw.imp.shape_of(cache))
+        rows_dim = lw.imp.shape_of(env(index))[0]
+        rows_n = int(rows_dim) if isinstance(rows_dim, tvm.tirx.IntImm) else None
+        dtype = str(cache.ty.dtype)
+        spec = IndexCopy(shape, dtype, dim % len(shape), rows_n)
+        f = lw.kernel(spec.name, lambda: index_copy_primfunc(spec))
+        srcv = env(src)
+        if str(srcv.ty.dtype) != dtype:
+            srcv = bb.emit(relax.op.astype(srcv, dtype))
+        new = bb.emit(relax.call_tir_inplace(f, [cache, env(index), srcv], [0], relax.TensorType(list(shape), dtype)))
+        lw.imp.env[dst] = new  # later reads of the cache see the written tensor
+        return new
+
+    def diff(node: fx.Node) -> relax.Var:
+        x = env(node.args[0])
+        n = node.args[1] if len(node.args) > 1 else 1
+        dim = node.args[2] if len(node.args) > 2 else -1
+        pre = node.args[3] if len(node.args) > 3 else node.kwargs.get("prepend")
+        app = node.args[4] if len(node.args) > 4 else node.kwargs.get("append")
+        parts = ([env(pre)] if pre is not None else []) + [x] + ([env(app)] if app is not None else [])
+        if len(parts) > 1:
+            x = bb.emit(relax.op.concat(parts, axis=dim))
+        for _ in range(n):
+            shape = lw.imp.shape_of(x)
+            ax = dim % len(shape)
+            hi = bb.emit(relax.op.strided_slice(x, [ax], [1], [shape[ax]], assume_inbound=True))
+            lo = bb.emit(relax.op.strided_slice(x, [ax], [0], [shape[ax] - 1], assume_inbound=True))
+            x = bb.emit(relax.op.subtract(hi, lo))
+        return x
+
+    def cumsum(node: fx.Node) -> relax.Var:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        dt = lw.imp._convert_data_type(node.meta["val"].dtype)
+        return bb.emit(relax.op.cumsum(env(node.args[0]), axis=dim, dtype=dt))
+
+    def sdpa(node: fx.Node) -> relax.Var:
+        q, k, v = (env(a) for a in node.args[:3])
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if node.kwargs.get("is_causal", False) or node.kwargs.get("dropout_p", 0.0) or node.kwargs.get("enable_gqa", False):
+            raise _Unsupported("causal / dropout / enable_gqa attention is not converted")
+        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
+        rank = len(lw.imp.shape_of(k))
+        kt = bb.emit(relax.op.permute_dims(k, list(range(rank - 2)) + [rank - 1, rank - 2]))
+        s = bb.emit(relax.op.multiply(bb.emit(relax.op.matmul(q, kt)), relax.const(scale, "float32")))
+        if mask is not None:
+            m = env(mask)
+            if mask.meta["val"].dtype == torch.bool:
+                m = m if str(m.ty.dtype) == "bool" else bb.emit(relax.op.astype(m, "bool"))
+                s = bb.emit(relax.op.where(m, s, relax.const(float("-inf"), "float32")))
+            else:
+                s = bb.emit(relax.op.add(s, m))
+        p = bb.emit(relax.op.nn.softmax(s, axis=-1))
+        return bb.emit(relax.op.matmul(p, v))
+
+    table: dict[str, Callable[[fx.Node], relax.Var]] = {
+        "linear.default": aten_linear,
+        "linear_w8a8.default": linear_w8a8,
+        "quant_linear.default": quant_linear,
+        "packed_linear.default": packed_linear,
+        "index_copy_.default": index_copy_,
+        "diff.default": diff,
+        "cumsum.default": cumsum,
+        "scaled_dot_product_attention.default": sdpa,
+        "to.device": lambda node: env(node.args[0]),
+    }
+    return {k: (lambda f: lambda node, _imp: f(node))(f) for k, f in table.items()}
+
+
+def _prod(dims: list[Any]) -> Any:
+    out: Any = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+def lower_program(program: Program, allow_fallback: bool = False) -> Lowered:
+    """Lower every entry of ``program`` into one IRModule (a Relax function per entry)."""
+    lw = _Lowering(program, allow_fallback)
+    for entry in program.entries.values():
+        lw.lower_entry(entry)
+    return Lowered(lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses))
