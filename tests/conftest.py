@@ -30,6 +30,16 @@ def make_tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0) -> torch.n
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend_unless_marked_tvm(request, monkeypatch):
+    """Tests of passes and numerics check against the reference, so they compile for the torch
+    backend; tests marked ``tvm`` (tests/test_tvm_*.py) use the product default for cpu, tvm."""
+    if request.node.get_closest_marker("tvm") is None:
+        from qcompile.codegen import DEFAULT_BACKEND
+
+        monkeypatch.setitem(DEFAULT_BACKEND, "cpu", "torch")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> torch.nn.Module:
     return make_tiny_llama()

@@ -57,7 +57,11 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
-    return tvm.runtime.from_dlpack(t if t.is_contiguous() else t.contiguous())
+    """Share ``t`` with TVM (which needs 64-byte aligned data: tensors read from a memory-mapped
+    file may not be, and are copied once)."""
+    if not t.is_contiguous() or t.data_ptr() % 64:
+        t = t.contiguous().clone()  # torch's CPU allocator aligns to 64 bytes
+    return tvm.runtime.from_dlpack(t)
 
 
 class _Runner:
@@ -77,8 +81,8 @@ class _Runner:
                 continue
             hit = self.bound.get(i)
             if hit is None or hit[0] is not a:  # state and cache tensors are stable: convert once
-                if not a.is_contiguous():
-                    raise ValueError(f"slot {i} is not contiguous; the VM would not see in-place updates")
+                if kind is SlotKind.CACHE and (not a.is_contiguous() or a.data_ptr() % 64):
+                    raise ValueError(f"cache slot {i} is not contiguous and 64-byte aligned; the VM could not update it in place")
                 hit = self.bound[i] = (a, _to_tvm(a))
             tv.append(hit[1])
         out = self.fn(*tv, *self.extras)
@@ -131,9 +135,10 @@ class TVMBackend(Backend):
     # ---- artifacts --------------------------------------------------------------------------
     def save(self, directory: Path) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)
+        info = {k: v for k, v in self.info.items() if k != "loaded_prebuilt"}
         self.executable.export_library(str(directory / LIBRARY))
         save_file(self.params, str(directory / PARAMS))
-        (directory / INFO).write_text(json.dumps(self.info, indent=1), encoding="utf-8")
+        (directory / INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
         return [directory / LIBRARY, directory / PARAMS, directory / INFO]
 
     def _load(self, program: Program, directory: Path) -> None:
@@ -159,7 +164,7 @@ class TVMBackend(Backend):
             register_fallback(fallback_name(ename, nname), node)
         self.executable = tvm.runtime.load_module(str(directory / LIBRARY))
         self.params = load_file(str(directory / PARAMS))
-        self.info = info
+        self.info = {**info, "loaded_prebuilt": True}
 
 
 def cpu_target() -> CpuTarget:

@@ -235,9 +235,12 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         flat, lead = rows(x)
         shp = lw.imp.shape_of(flat)
         m_static = int(shp[0]) if isinstance(shp[0], tvm.tirx.IntImm) else None
-        group = spec_args["group"]
-        n_p, k_p = padded(n, k, group)
-        spec = LinearKernel(n_p, k_p, m=m_static, bias=b_key is not None, **{**spec_args, "group": group})
+        n_p, k_p, group = padded(n, k, spec_args["group"])
+        act_group = group if spec_args["act_group"] else 0
+        try:
+            spec = LinearKernel(n_p, k_p, m=m_static, bias=b_key is not None, **{**spec_args, "group": group, "act_group": act_group})
+        except ValueError as e:
+            raise _Unsupported(str(e)) from None
         if k_p != k:
             flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k]))
         args: list[relax.Expr] = []

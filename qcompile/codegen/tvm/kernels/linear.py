@@ -52,6 +52,8 @@ class LinearKernel:
     def __post_init__(self) -> None:
         if self.wfmt not in WFMTS:
             raise ValueError(f"unknown weight format {self.wfmt!r}; formats: {WFMTS}")
+        if self.group < 4:
+            raise ValueError(f"groups of {self.group} input channels have no kernel (at least 4)")
         if self.n % NB or self.k % self.group:
             raise ValueError(f"kernel sizes must be padded: N={self.n} (block {NB}), K={self.k} (group {self.group})")
         if self.act_bits and self.wfmt in ("f32", "u4"):
@@ -299,6 +301,11 @@ def pack_groups(spec: LinearKernel, t: torch.Tensor) -> torch.Tensor:
     return _lanes(_pad(t.to(torch.float32), spec.n, spec.groups))
 
 
-def padded(n: int, k: int, group: int) -> tuple[int, int]:
-    """(N, K) rounded up to the block and the group."""
-    return -(-n // NB) * NB, -(-k // group) * group
+def padded(n: int, k: int, group: int) -> tuple[int, int, int]:
+    """(N, K, group) of the kernel for an N×K weight with groups of ``group`` (``group == k``: one per
+    output channel): N rounded up to the block, K to the group; a per-channel group becomes the padded
+    K, itself rounded up to 4."""
+    if group == k:
+        k_p = -(-k // 4) * 4
+        return -(-n // NB) * NB, k_p, k_p
+    return -(-n // NB) * NB, -(-k // group) * group, group

@@ -1,0 +1,110 @@
+"""qcompile's TIR kernels against the reference arithmetic: integer accumulators exactly (unit
+scales make the kernel's fp32 output the integer sum itself), activation codes exactly, float
+formats to rounding error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qcompile.ops  # noqa: F401  (registers the reference ops)
+from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, padded, quant_rows_primfunc
+from qcompile.codegen.tvm.target import host_target
+from qcompile.ops.linear import exact_block_products
+from qcompile.quant.rtn import num_groups, quantize_activation_groups, quantize_weight_groups
+
+pytestmark = pytest.mark.tvm
+
+
+def _run(func, inputs: list[torch.Tensor], outputs: list[tuple[tuple[int, ...], str]]) -> list[torch.Tensor]:
+    import tvm
+
+    lib = tvm.compile(func, target=host_target().tvm)
+    ins = [tvm.runtime.tensor(a.contiguous().numpy()) for a in inputs]
+    outs = [tvm.runtime.tensor(np.zeros(s, d)) for s, d in outputs]
+    lib(*ins, *outs)
+    return [torch.from_numpy(o.numpy()) for o in outs]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    m=st.integers(1, 5),
+    n=st.integers(1, 150),
+    k=st.integers(1, 300),
+    wfmt=st.sampled_from(["i8", "i6"]),
+    act_bits=st.sampled_from([8, 6]),
+    grouping=st.sampled_from(["channel", "group-token", "group-group"]),
+    gsize=st.sampled_from([32, 64, 128]),
+    dynamic=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_integer_linear_accumulators_are_exact(m, n, k, wfmt, act_bits, grouping, gsize, dynamic, seed):
+    """K not a multiple of the group (or of the vector width) is zero-padded by the lowering, as here."""
+    g = torch.Generator().manual_seed(seed)
+    wmax = 127 if wfmt == "i8" else 31
+    amax = 2 ** (act_bits - 1) - 1
+    n_p, k_p, group = padded(n, k, k if grouping == "channel" else gsize)
+    act_group = group if grouping == "group-group" else 0
+    codes = torch.randint(-wmax, wmax + 1, (n, k), generator=g, dtype=torch.int32)
+    qx = torch.randint(-amax, amax + 1, (m, k), generator=g, dtype=torch.int32)
+    spec = LinearKernel(n_p, k_p, wfmt, group, act_bits, act_group, False, False, None if dynamic else m)
+    groups = num_groups(k_p, group)
+    ones_w = torch.ones(n, groups)
+    sx = torch.ones(m, groups if act_group else 1)
+    qxp = torch.nn.functional.pad(qx, (0, k_p - k)).to(torch.int8)
+    (y,) = _run(linear_primfunc(spec), [qxp, sx, *pack_weight(spec, codes), pack_groups(spec, ones_w)], [((m, n_p), "float32")])
+    ref = exact_block_products(qxp.view(m, groups, group).to(torch.int32), torch.nn.functional.pad(codes, (0, k_p - k)).view(n, groups, group))
+    assert torch.equal(y[:, :n].to(torch.int64), ref.to(torch.int64).sum(-1)), "int32 accumulators differ"
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(m=st.integers(1, 4), groups=st.integers(1, 4), bits=st.sampled_from([8, 6]), per_group=st.booleans(), seed=st.integers(0, 2**16), zero_row=st.booleans())
+def test_activation_quantization_matches_the_reference_exactly(m, groups, bits, per_group, seed, zero_row):
+    k = 32 * groups
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 3
+    x[0, :5] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5]) * (x.abs().max() / 127)  # ties: half to even
+    if zero_row:
+        x[-1] = 0
+    spec = QuantRows(k, bits, 32 if per_group else 0, m)
+    q, s = _run(quant_rows_primfunc(spec), [x], [((m, k), "int8"), ((m, spec.groups), "float32")])
+    rq, rs = quantize_activation_groups(x, bits, 32 if per_group else None)
+    assert torch.equal(q, rq.view(m, k)) and torch.equal(s, rs)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_w4a16_kernel_matches_quant_linear(symmetric, m):
+    torch.manual_seed(0)
+    n, k, group = 130, 200, 64  # padded to 192 x 256
+    w, x, bias = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
+    codes, scale, offset = quantize_weight_groups(w, 4, group, symmetric)
+    ref = torch.ops.qcompile.quant_linear(x, codes, scale, offset, bias, group, 0, 0)
+    n_p, k_p, group = padded(n, k, group)
+    zero = 8 if symmetric else 0
+    spec = LinearKernel(n_p, k_p, "u4", group, 0, 0, True, True, m)
+    c = (offset if offset is not None else 0) - zero * scale
+    inputs = [torch.nn.functional.pad(x, (0, k_p - k)), *pack_weight(spec, codes, zero), pack_groups(spec, scale), pack_groups(spec, c), torch.nn.functional.pad(bias, (0, n_p - n))]
+    (y,) = _run(linear_primfunc(spec), inputs, [((m, n_p), "float32")])
+    torch.testing.assert_close(y[:, :n], ref, rtol=1e-5, atol=1e-4)
+
+
+def test_f32_kernel_matches_linear():
+    torch.manual_seed(0)
+    n, k, m = 100, 70, 2
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    n_p, k_p, group = padded(n, k, k)
+    spec = LinearKernel(n_p, k_p, "f32", group, 0, 0, False, False, None)
+    (y,) = _run(linear_primfunc(spec), [torch.nn.functional.pad(x, (0, k_p - k)), *pack_weight(spec, w)], [((m, n_p), "float32")])
+    torch.testing.assert_close(y[:, :n], x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_kernel_specs_are_rejected():
+    with pytest.raises(ValueError, match="padded"):
+        LinearKernel(100, 64, "i8", 64, 8, 0, False, False, 1)
+    with pytest.raises(ValueError, match="fp32 activations"):
+        LinearKernel(64, 64, "u4", 64, 8, 0, False, False, 1)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        LinearKernel(64, 64, "i3", 64, 0, 0, False, False, 1)
