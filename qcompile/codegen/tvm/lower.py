@@ -32,6 +32,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
 from qcompile.codegen.tvm.kernels.linear import (
     LinearKernel,
@@ -366,11 +367,14 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         return bb.emit(relax.op.cumsum(env(node.args[0]), axis=dim, dtype=dt))
 
     def sdpa(node: fx.Node) -> relax.Var:
-        q, k, v = (env(a) for a in node.args[:3])
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if node.kwargs.get("is_causal", False) or node.kwargs.get("dropout_p", 0.0) or node.kwargs.get("enable_gqa", False):
             raise _Unsupported("causal / dropout / enable_gqa attention is not converted")
         scale = node.kwargs.get("scale") or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
+        fused = attention_kernel(node, mask, float(scale))
+        if fused is not None:
+            return fused
+        q, k, v = (env(a) for a in node.args[:3])
         rank = len(lw.imp.shape_of(k))
         kt = bb.emit(relax.op.permute_dims(k, list(range(rank - 2)) + [rank - 1, rank - 2]))
         s = bb.emit(relax.op.multiply(bb.emit(relax.op.matmul(q, kt)), relax.const(scale, "float32")))
@@ -384,6 +388,43 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         p = bb.emit(relax.op.nn.softmax(s, axis=-1))
         return bb.emit(relax.op.matmul(p, v))
 
+    def attention_kernel(node: fx.Node, mask: fx.Node | None, scale: float) -> relax.Var | None:
+        """qcompile's attention kernel on the un-repeated K/V heads, when the graph's shapes fit it."""
+        (kn, gk), (vn, gv) = _unrepeat(node.args[1]), _unrepeat(node.args[2])
+        q = env(node.args[0])
+        qs, ks = list(lw.imp.shape_of(q)), list(lw.imp.shape_of(env(kn)))
+        if gk != gv or len(qs) != 4 or len(ks) != 4:
+            return None
+        if not all(isinstance(d, tvm.tirx.IntImm) for d in ks[:2] + ks[3:]):
+            return None
+        if not isinstance(ks[2], tvm.tirx.IntImm) and not _same(ks[2], qs[2]):
+            return None  # dynamic keys only when they are the queries (no cache)
+        if str(q.ty.dtype) != "float32" or str(env(kn).ty.dtype) != "float32" or str(env(vn).ty.dtype) != "float32":
+            return None
+        b, kvh, dim = int(ks[0]), int(ks[1]), int(ks[3])
+        keys = int(ks[2]) if isinstance(ks[2], tvm.tirx.IntImm) else None
+        heads = int(qs[1])
+        queries = int(qs[2]) if isinstance(qs[2], tvm.tirx.IntImm) else None
+        mkind, mheads, margs = "none", 1, []
+        if mask is not None:
+            mv = env(mask)
+            ms = list(lw.imp.shape_of(mv))
+            if len(ms) != 4 or not _same(ms[3], ks[2]) or not _same(ms[2], qs[2]):
+                return None
+            if int(ms[0]) != b or int(ms[1]) not in (1, heads):
+                return None
+            mkind = "bool" if mask.meta["val"].dtype == torch.bool else "float"
+            mheads = int(ms[1])
+            if mkind == "bool" and str(mv.ty.dtype) != "bool":
+                mv = bb.emit(relax.op.astype(mv, "bool"))
+            margs = [mv]
+        spec = Attention(b, heads, kvh, keys, dim, queries, mkind, mheads, scale)
+        try:
+            f = lw.kernel(spec.name, lambda: attention_primfunc(spec))
+        except ValueError:
+            return None
+        return bb.emit(relax.call_tir(f, [q, env(kn), env(vn), *margs], relax.TensorType(qs, "float32")))
+
     table: dict[str, Callable[[fx.Node], relax.Var]] = {
         "linear.default": aten_linear,
         "linear_w8a8.default": linear_w8a8,
@@ -396,6 +437,36 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         "to.device": lambda node: env(node.args[0]),
     }
     return {k: (lambda f: lambda node, _imp: f(node))(f) for k, f in table.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two shape dimensions that are the same constant or the same symbolic variable."""
+    return str(a) == str(b)
+
+
+_RESHAPES = {"reshape.default", "view.default", "_unsafe_view.default"}
+
+
+def _unrepeat(node: fx.Node) -> tuple[fx.Node, int]:
+    """(K/V before the grouped-query repeat, repeat count): matches ``reshape(expand(unsqueeze(x, 2)))``
+    that turns ``[B, KVH, L, D]`` into ``[B, KVH·g, L, D]``; anything else is itself with count 1."""
+    try:
+        exp = node.args[0]
+        uns = exp.args[0]
+        if (
+            node.target.__name__ in _RESHAPES
+            and exp.target.__name__ == "expand.default"
+            and uns.target.__name__ == "unsqueeze.default"
+            and uns.args[1] == 2
+        ):
+            src = uns.args[0]
+            b, kvh, length, dim = src.meta["val"].shape
+            shape = exp.meta["val"].shape
+            if len(shape) == 5 and shape[0] == b and shape[1] == kvh and shape[3] == length and shape[4] == dim:
+                return src, int(shape[2])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        pass
+    return node, 1
 
 
 def _prod(dims: list[Any]) -> Any:
