@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
     c.add_argument("--target", default="cpu")
-    c.add_argument("--backend", default=None)
+    c.add_argument("--backend", default=None, help="tvm (default for cpu) or torch (the reference)")
     c.add_argument("--max-cache-len", type=int, default=1024)
     c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
     e.add_argument("--source", action="store_true", help="evaluate the unmodified model instead of a compiled one")
     e.add_argument("--target", default="cpu")
+    e.add_argument("--backend", default=None, help="tvm (default for cpu) or torch (the reference)")
     src = e.add_mutually_exclusive_group()
     src.add_argument("--text", default=None, help="plain text file to evaluate on")
     src.add_argument("--dataset", default="shakespeare", help="dataset (default: shakespeare)")
@@ -150,7 +151,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)
     rec = evaluate(
         a.model, a.plan, target=a.target, text=text, windows=a.windows, seq=a.seq, gguf_file=a.gguf_file,
-        source=a.source, progress=True, calib_windows=a.calib_windows, calib_seq=a.calib_seq,
+        source=a.source, progress=True, calib_windows=a.calib_windows, calib_seq=a.calib_seq, backend=a.backend,
     )
     if "ppl" in rec:
         print(f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} tokens")

@@ -206,6 +206,9 @@ W8_PER_CHANNEL = QuantSpec(bits=8, granularity=Granularity.PER_CHANNEL, symmetri
 A8_PER_TOKEN = QuantSpec(bits=8, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True)
 
 PRESETS: dict[str, Plan] = {}
+# Presets whose ops the TVM backend has no kernels for yet (static activation quantization, quantized
+# caches, Winograd convolution): those nodes run with torch under the tvm backend (listed in the report).
+TORCH_FALLBACK = "torch"
 
 
 def register_preset(plan: Plan) -> Plan:
@@ -339,6 +342,7 @@ def _mergequant(bits: int, weight: QuantSpec) -> Plan:
         passes=(PassConfig("fold_quant_steps"),),
         weight=weight,
         activation=_static(bits),
+        fallback=TORCH_FALLBACK,
     )
 
 
@@ -352,6 +356,7 @@ register_preset(
         passes=(PassConfig("fold_quant_steps", (("reconstruct", False),)),),
         weight=W4_G128,
         activation=_static(4, Granularity.PER_TENSOR),
+        fallback=TORCH_FALLBACK,
     )
 )
 register_preset(
@@ -373,6 +378,7 @@ for _m in (4, 6, 8):
             description=f"3x3 stride-1 convolutions as Winograd F({_m},3) with the best verified point set "
             "(fp32 execution; set the pass option fp16: true to run it in fp16).",
             passes=(PassConfig("winograd_conv", (("m", _m), ("points", "best"))),),
+            fallback=TORCH_FALLBACK,
         )
     )
 
@@ -432,7 +438,9 @@ register_preset(
 
 # ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
 def _xquant_preset(name: str, description: str, **options: Any) -> None:
-    register_preset(Plan(name=name, description=description, passes=(PassConfig("kv_to_xcache", tuple(options.items())),)))
+    register_preset(
+        Plan(name=name, description=description, passes=(PassConfig("kv_to_xcache", tuple(options.items())),), fallback=TORCH_FALLBACK)
+    )
 
 
 for _b in (8, 4, 3, 2):

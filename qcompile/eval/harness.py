@@ -77,6 +77,7 @@ def evaluate(
     progress: bool = False,
     calib_windows: int = 8,
     calib_seq: int = 512,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` under ``plan``; returns the JSON-ready record.
 
@@ -99,7 +100,7 @@ def evaluate(
     }
     if zm.kind == "causal_lm":
         calib = CalibSpec(calib_windows, calib_seq)
-        record.update(_eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib))
+        record.update(_eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend))
     elif zm.name == "fmnist-vgg":
         record.update(_eval_fmnist(zm, the_plan, target, source))
     elif zm.name == "efficientnet-lite0":
@@ -129,6 +130,7 @@ class CalibSpec:
 def _eval_lm(
     zm: ZooModel, plan: Any, target: str, text: TextSource, windows: int | None, seq: int, source: bool, progress: bool,
     calib: CalibSpec = CalibSpec(),
+    backend: str | None = None,
 ) -> dict[str, Any]:
     import qcompile
     from qcompile.eval.perplexity import hf_logits, perplexity, windows_of
@@ -144,7 +146,8 @@ def _eval_lm(
 
         ctoks = calibration_tokens(zm.tokenizer, calib.windows, calib.seq)
         cm = qcompile.compile(
-            zm.model, target=target, plan=plan, max_cache_len=seq, lm_entries=("forward", "decode"), progress=progress, calib=ctoks
+            zm.model, target=target, plan=plan, max_cache_len=seq, lm_entries=("forward", "decode"), progress=progress, calib=ctoks,
+            backend=backend,
         )
         fn = cm
         cache = cm.program.cache_bytes_per_token()
@@ -168,6 +171,7 @@ def _eval_lm(
     }
     if cm is not None:
         out["report"] = cm.report.to_dict()
+        out["backend"] = cm.backend
     return out
 
 

@@ -108,6 +108,7 @@ class _Lowering:
         self.imp = imp
         self.entry = entry
         self.slots = entry.bindings()
+        _ensure_fake_values(entry, self.program)
         self.cur_extra: dict[str, relax.Var] = {}
         self.tvm_linear = imp.convert_map["linear.default"]
         converters = _converters(self)
@@ -172,11 +173,11 @@ class _Lowering:
         name = fallback_name(self.entry.name, node.name)
         register_fallback(name, node)
         val = node.meta["val"]
-        shape = [self._dim(d) for d in val.shape]
+        vals = list(val) if isinstance(val, (tuple, list)) else [val]
+        outs = [relax.TensorType([self._dim(d) for d in v.shape], self.imp._convert_data_type(v.dtype)) for v in vals]
         args = [self.imp.env[a] for a in _tensor_args(node)]
-        out = relax.TensorType(shape, self.imp._convert_data_type(val.dtype))
         self.fallbacks.append(f"{self.entry.name}:{node.name} ({node.target})")
-        return self.bb.emit(relax.call_dps_packed(name, args, out))
+        return self.bb.emit(relax.call_dps_packed(name, args, outs if isinstance(val, (tuple, list)) else outs[0]))
 
     def _dim(self, d: Any) -> Any:
         if not isinstance(d, torch.SymInt):
@@ -199,19 +200,21 @@ _FALLBACKS: dict[str, fx.Node] = {}
 
 
 def register_fallback(name: str, node: fx.Node) -> None:
-    """Register the packed function ``name`` that runs ``node``'s op with torch (DPS: the last
-    argument is the output)."""
+    """Register the packed function ``name`` that runs ``node``'s op with torch (destination
+    passing: the node's tensor arguments, then one output tensor per result)."""
     _FALLBACKS[name] = node
     if tvm.get_global_func(name, allow_missing=True) is not None:
         return
 
     def run(*args: Any) -> None:
         n = _FALLBACKS[name]
-        tensors = iter(torch.from_dlpack(a) for a in args[:-1])
+        n_in = sum(isinstance(a, fx.Node) for a in n.args)
+        tensors = iter(torch.from_dlpack(a) for a in args[:n_in])
         call_args = [next(tensors) if isinstance(a, fx.Node) else a for a in n.args]
         with torch.no_grad():
             res = n.target(*call_args, **n.kwargs)
-        torch.from_dlpack(args[-1]).copy_(res)
+        for dst, r in zip(args[n_in:], res if isinstance(res, (tuple, list)) else [res]):
+            torch.from_dlpack(dst).copy_(r)
 
     tvm_ffi.register_global_func(name, run, override=True)
 
@@ -437,6 +440,31 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         "to.device": lambda node: env(node.args[0]),
     }
     return {k: (lambda f: lambda node, _imp: f(node))(f) for k, f in table.items()}
+
+
+def _ensure_fake_values(entry: Entry, program: Program) -> None:
+    """Give every node a fake value (shape, dtype): nodes that passes inserted have none, and the
+    converters and the torch fallback need them. Re-propagates through the graph in the fake mode
+    (and symbolic shapes) of the captured user inputs."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    nodes = [n for n in entry.graph.graph.nodes if n.op != "output"]
+    if all("val" in n.meta for n in nodes):
+        return
+    mode = next((n.meta["val"].fake_mode for n in nodes if hasattr(n.meta.get("val"), "fake_mode")), None)
+    if mode is None:
+        raise LoweringError(f"entry {entry.name!r} carries no fake values to infer shapes from")
+    fakes = []
+    for node, slot in entry.bindings().items():
+        if "val" in node.meta:
+            fakes.append(node.meta["val"])
+        elif slot.kind is SlotKind.STATE:
+            fakes.append(mode.from_tensor(program.state[slot.name], static_shapes=True))
+        else:
+            shape, dt = program.cache_specs[slot.name]
+            fakes.append(mode.from_tensor(torch.zeros(shape, dtype=getattr(torch, dt)), static_shapes=True))
+    with mode:
+        FakeTensorProp(entry.graph, mode).propagate_dont_convert_inputs(*fakes)
 
 
 def _same(a: Any, b: Any) -> bool:

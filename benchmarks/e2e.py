@@ -1,0 +1,153 @@
+"""End-to-end decode speed on SmolLM2-135M: transformers eager fp32, qcompile's torch reference
+backend, and qcompile's TVM backend under several plans, in one run on one machine.
+
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/e2e.py                # all rows, table into RESULTS.md
+    .venv/bin/python benchmarks/e2e.py --rows eager,tvm:fp32 --no-write
+
+Each row: greedy decoding, batch 1, a ``--prompt``-token prompt from the calibration split (so
+no evaluation text is used), ``--new`` new tokens, best of ``--repeat`` runs; decode tokens/s
+counts the steps after the first new token (which prefill produces). ``eager`` is
+``model.generate`` with a static cache of the same length as qcompile's; compile time is
+``qcompile.compile`` wall time (capture + passes + TVM build). Ratios are against the eager row
+of the same run. Perplexity is checked separately (``--ppl``: tvm vs torch backend on the
+evaluation split, the 1e-3 relative bar of issue 7). JSON: benchmarks/results/e2e-smollm2-135m.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import qcompile  # noqa: E402
+from benchmarks.accuracy import write_section  # noqa: E402
+from qcompile.eval.datasets import calibration_tokens  # noqa: E402
+from qcompile.eval.harness import machine  # noqa: E402
+from qcompile.eval.zoo import load_model  # noqa: E402
+
+OUT = HERE / "results" / "e2e-smollm2-135m.json"
+ROWS = "eager,torch:fp32,tvm:fp32,tvm:w8a8-rtn,tvm:w6a8,tvm:w4a16-rtn-g128,tvm:w4a16-rtn-g32-asym"
+
+
+def _eager(model: torch.nn.Module, ids: torch.Tensor, new: int, cache_len: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of transformers' own generate, static cache, greedy."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
+        nxt = out.logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        for i in range(new - 1):
+            pos = torch.tensor([ids.shape[1] + i])
+            out = model(nxt, past_key_values=cache, use_cache=True, cache_position=pos)
+            nxt = out.logits[:, -1:].argmax(-1)
+    t2 = time.perf_counter()
+    return t1 - t0, (new - 1) / (t2 - t1)
+
+
+def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    cache_len = ids.shape[1] + args.new
+    if row == "eager":
+        best = max((_eager(model, ids, args.new, cache_len) for _ in range(args.repeat)), key=lambda r: r[1])
+        return {"row": row, "prefill_s": best[0], "decode_tok_s": best[1], "compile_s": None}
+    backend, plan = row.split(":", 1)
+    t0 = time.perf_counter()
+    cm = qcompile.compile(model, plan=plan, backend=backend, max_cache_len=cache_len)
+    compile_s = time.perf_counter() - t0
+    runs = []
+    for _ in range(args.repeat):
+        cm.generate(ids, args.new, eos_token_id=[])
+        runs.append(cm.last_generation)
+    best = max(runs, key=lambda s: s.decode_tokens_per_s)
+    rec = {"row": row, "prefill_s": best.prefill_seconds, "decode_tok_s": best.decode_tokens_per_s, "compile_s": compile_s}
+    if backend == "tvm":
+        rec["build_s"] = cm.report.backend.get("build_seconds")
+        rec["weights_mib"] = round(cm.report.packed_weight_bytes / 2**20, 1)
+    return rec
+
+
+def table(data: dict[str, Any]) -> str:
+    recs = data["rows"]
+    eager = next((r["decode_tok_s"] for r in recs if r["row"] == "eager"), None)
+    lines = [
+        f"Command: `{data['command']}`  ",
+        f"Date: {data['date']}. Machine: {data['machine']}; TVM target: {data.get('tvm_target', '?')}.  ",
+        f"SmolLM2-135M, batch 1, {data['prompt']}-token prompt (calibration split), {data['new']} new tokens, greedy, "
+        f"best of {data['repeat']}. Baseline: transformers eager fp32 in the same run.",
+        "",
+        "| row | decode tok/s | × eager | prefill s | compile s (TVM build s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in recs:
+        ratio = f"{r['decode_tok_s'] / eager:.2f}" if eager else "n/a"
+        comp = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}" + (f" ({r['build_s']:.1f})" if r.get("build_s") else "")
+        lines.append(f"| {r['row']} | {r['decode_tok_s']:.2f} | {ratio} | {r['prefill_s']:.3f} | {comp} |")
+    return "\n".join(lines)
+
+
+def ppl_check(plans: list[str], windows: int) -> list[dict[str, Any]]:
+    """Perplexity through the tvm and the torch backend (evaluation split, ``windows`` × 512)."""
+    from qcompile.eval.harness import TextSource, evaluate
+
+    out = []
+    for plan in plans:
+        res = {b: evaluate("smollm2-135m", plan, TextSource.evaluation(), windows=windows, seq=512, backend=b)["ppl"] for b in ("torch", "tvm")}
+        out.append({"plan": plan, **res, "rel": abs(res["tvm"] - res["torch"]) / res["torch"]})
+        print(out[-1], flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=ROWS)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--ppl", default="", help="plans whose perplexity to compare between the tvm and torch backends")
+    ap.add_argument("--ppl-windows", type=int, default=4)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("TVM_NUM_THREADS", "2")))
+    from qcompile.codegen.tvm.target import host_target
+
+    zm = load_model("smollm2-135m")
+    ids = calibration_tokens(zm.tokenizer, a.prompt)[None, : a.prompt]
+    data: dict[str, Any] = {
+        "command": "python benchmarks/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "tvm_target": host_target().describe(),
+        "prompt": a.prompt,
+        "new": a.new,
+        "repeat": a.repeat,
+        "rows": [],
+    }
+    for row in a.rows.split(","):
+        rec = run_row(row, zm.model, ids, a)
+        print(json.dumps(rec), flush=True)
+        data["rows"].append(rec)
+    if a.ppl:
+        data["ppl"] = ppl_check(a.ppl.split(","), a.ppl_windows)
+    print(table(data))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(data, indent=1))
+    if not a.no_write:
+        write_section(Path(a.results), "e2e", table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
