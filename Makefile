@@ -29,9 +29,9 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	@echo "== 1/2 compile SmolLM2-135M with w8a8-rtn on the CPU and save it to $(DEMO_OUT)"
+	@echo "== 1/2 compile SmolLM2-135M with w8a8-rtn for the CPU (TVM backend) and save it to $(DEMO_OUT)"
 	$(VENV)/bin/qcompile compile --model smollm2-135m --plan w8a8-rtn --target cpu -o $(DEMO_OUT)
-	@echo "== 2/2 load $(DEMO_OUT) in a new process and continue a prompt"
+	@echo "== 2/2 load $(DEMO_OUT) (its compiled library, no rebuild) in a new process and continue a prompt"
 	$(VENV)/bin/qcompile run $(DEMO_OUT) --prompt "The capital of France is" --max-new-tokens 32
 
 test: setup
