@@ -1,0 +1,88 @@
+"""qcompile's linear kernels as stand-alone callables, for benchmarks/kernels.py.
+
+``BENCH_KERNELS[name](weight_fp32[N, K], M)`` quantizes the weight as the matching preset does,
+repacks it, builds (once per shape) the kernel(s) the TVM backend would call, and returns
+``run(x[M, K]) -> y[M, N]`` (fp32 in and out; the timed call includes the activation
+quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+import torch
+import tvm
+
+from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, padded, quant_rows_primfunc
+from qcompile.codegen.tvm.target import host_target
+from qcompile.quant.rtn import quantize_weight_groups, quantize_weight_per_channel
+
+Run = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.lru_cache(maxsize=None)
+def _lib(kind: str, spec: LinearKernel | QuantRows) -> tvm.runtime.Module:
+    func = linear_primfunc(spec) if kind == "linear" else quant_rows_primfunc(spec)  # type: ignore[arg-type]
+    return tvm.compile(func, target=host_target().tvm)
+
+
+def _tv(t: torch.Tensor) -> tvm.runtime.Tensor:
+    return tvm.runtime.from_dlpack(t.contiguous().clone())
+
+
+def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: bool, symmetric: bool) -> Callable[[torch.Tensor, int], Run]:
+    def prepare(w: torch.Tensor, m: int) -> Run:
+        n, k = w.shape
+        g = group or k
+        if fmt == "f32":
+            codes, scale, offset = w, None, None
+        elif fmt == "i8":
+            codes, s = quantize_weight_per_channel(w, 8)
+            scale, offset = s[:, None], None
+        else:
+            codes, scale, offset = quantize_weight_groups(w, bits, g, symmetric)
+        n_p, k_p, g = padded(n, k, g)
+        zero = 8 if fmt == "u4" and symmetric else 0
+        cterm = None
+        if fmt == "u4":
+            cterm = (offset if offset is not None else 0) - zero * scale
+        spec = LinearKernel(n_p, k_p, fmt, g, act_bits, g if act_group else 0, cterm is not None, False, m)
+        weights = [_tv(t) for t in pack_weight(spec, codes, zero)]
+        if scale is not None:
+            weights.append(_tv(pack_groups(spec, scale)))
+        if cterm is not None:
+            weights.append(_tv(pack_groups(spec, cterm)))
+        lib = _lib("linear", spec)
+        qspec = QuantRows(k_p, act_bits, spec.act_group, m) if act_bits else None
+        qlib = _lib("quant", qspec) if qspec else None
+        y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
+        qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
+        sx = tvm.runtime.tensor(np.zeros((m, qspec.groups if qspec else 1), "float32"))
+        out = torch.from_dlpack(y)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            xp = x if k_p == k else torch.nn.functional.pad(x, (0, k_p - k))
+            xt = tvm.runtime.from_dlpack(xp.contiguous())
+            if qlib is not None:
+                qlib(xt, qx, sx)
+                lib(qx, sx, *weights, y)
+            else:
+                lib(xt, *weights, y)
+            return out[:, :n]
+
+        run.weight_bytes = sum(t.numpy().nbytes for t in weights)  # type: ignore[attr-defined]
+        return run
+
+    return prepare
+
+
+BENCH_KERNELS: dict[str, Callable[[torch.Tensor, int], Run]] = {
+    "qc_f32": _prepare("f32", 32, None, 0, False, True),
+    "qc_w8a8": _prepare("i8", 8, None, 8, False, True),
+    "qc_w6a8_g128": _prepare("i6", 6, 128, 8, True, True),
+    "qc_w6a6_g128": _prepare("i6", 6, 128, 6, True, True),
+    "qc_w4a16_g32_asym": _prepare("u4", 4, 32, 0, False, False),
+    "qc_w4a16_g128": _prepare("u4", 4, 128, 0, False, True),
+}
