@@ -13,7 +13,7 @@ from qcompile.runtime.artifact import FORMAT_VERSION, MANIFEST, TENSORS, _manife
 
 @pytest.fixture(scope="module")
 def w8a8_tiny(tiny_llama):
-    return qcompile.compile(tiny_llama, plan="w8a8-rtn", max_cache_len=64)
+    return qcompile.compile(tiny_llama, plan="w8a8-rtn", max_cache_len=64, backend="torch")
 
 
 @pytest.fixture(scope="module")

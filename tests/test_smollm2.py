@@ -15,7 +15,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def fp32(smollm2):
-    return qcompile.compile(smollm2.model, plan="fp32", max_cache_len=128, tokenizer=smollm2.tokenizer)
+    return qcompile.compile(smollm2.model, plan="fp32", max_cache_len=128, tokenizer=smollm2.tokenizer, backend="torch")
 
 
 def test_fp32_logits_match_transformers(smollm2, fp32):

@@ -108,3 +108,22 @@ def test_bad_kernel_specs_are_rejected():
         LinearKernel(64, 64, "u4", 64, 8, 0, False, False, 1)
     with pytest.raises(ValueError, match="unknown weight format"):
         LinearKernel(64, 64, "i3", 64, 0, 0, False, False, 1)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(m=st.integers(1, 3), nblocks=st.integers(1, 3), groups=st.integers(1, 2), a_bits=st.sampled_from([6, 8]), per_group=st.booleans(), seed=st.integers(0, 2**16))
+def test_bitserial_kernel_accumulators_are_exact(m, nblocks, groups, a_bits, per_group, seed):
+    """Σ 2^(i+j)·popcount(a_i AND w_j) with the sign planes negated equals the integer product."""
+    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+
+    g = torch.Generator().manual_seed(seed)
+    n, k = NBB * nblocks, 128 * groups
+    qmax = 2 ** (a_bits - 1) - 1
+    qx = torch.randint(-qmax, qmax + 1, (m, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(-31, 32, (n, k), generator=g)
+    spec = BitSerial(n, k, 128, 6, a_bits, 128 if per_group else 0, m)
+    (planes,) = _run(act_planes_primfunc(spec), [qx], [((a_bits, m, k // 32), "int32")])
+    sx = torch.ones(m, groups if per_group else 1)
+    (y,) = _run(bitserial_primfunc(spec), [planes, sx, pack_weight_planes(spec, codes), torch.ones(n // NBB, groups, NBB)], [((m, n), "float32")])
+    ref = exact_block_products(qx.view(m, groups, 128).to(torch.int32), codes.view(n, groups, 128)).sum(-1)
+    assert torch.equal(y.to(torch.int64), ref.to(torch.int64))

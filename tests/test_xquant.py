@@ -42,7 +42,7 @@ def _compiled(model, **opts):
 
 @pytest.fixture(scope="module")
 def kv_model(tiny_llama):
-    return qcompile.compile(_program(tiny_llama), plan="fp32")
+    return qcompile.compile(_program(tiny_llama), plan="fp32", backend="torch")
 
 
 def _prompt() -> torch.Tensor:

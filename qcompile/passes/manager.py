@@ -84,6 +84,9 @@ class CompileReport:
             lines.append(f"  backend {b['name']}: {b.get('target_description', '')}")
             if b.get("kernels"):
                 lines.append(f"    kernels: {len(b['kernels'])} distinct qcompile kernels, {sum(b['kernels'].values())} call sites")
+            for kname, c in (b.get("kernel_choices") or {}).items():
+                if "unpack_ms" in c:
+                    lines.append(f"    {kname}: unpack {c['unpack_ms']} ms vs bit-serial {c['bitserial_ms']} ms at {c['rows']} rows -> {c['chosen']}")
             if b.get("build_seconds") is not None:
                 lines.append(f"    lowered in {b.get('lower_seconds')} s, built in {b.get('build_seconds')} s")
             for f in b.get("fallbacks", []):

@@ -131,6 +131,7 @@ class TVMBackend(Backend):
             "extra_params": lowered.extra_params,
             "fallbacks": lowered.fallbacks,
             "kernels": lowered.kernels,
+            "kernel_choices": lowered.choices,
             "lower_seconds": round(t1 - t0, 3),
             "build_seconds": round(t2 - t1, 3),
         }

@@ -33,6 +33,7 @@ from tvm import relax
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc
+from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
 from qcompile.codegen.tvm.kernels.linear import (
     LinearKernel,
@@ -43,6 +44,7 @@ from qcompile.codegen.tvm.kernels.linear import (
     padded,
     quant_rows_primfunc,
 )
+from qcompile.codegen.tvm.select import bitserial_spec, measure_w6
 from qcompile.errors import QCompileError
 from qcompile.ir.program import Entry, Program, SlotKind
 from qcompile.ops.packed import unpack_codes
@@ -63,6 +65,7 @@ class Lowered:
     repacks: dict[str, Repack]  # key -> how to compute it from the Program's state
     fallbacks: list[str]  # "entry:node (op)" run by torch
     kernels: dict[str, int] = field(default_factory=dict)  # kernel name -> call sites
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # kernel -> measured alternatives
 
 
 def fallback_name(entry: str, node: str) -> str:
@@ -70,9 +73,11 @@ def fallback_name(entry: str, node: str) -> str:
 
 
 class _Lowering:
-    def __init__(self, program: Program, allow_fallback: bool) -> None:
+    def __init__(self, program: Program, allow_fallback: bool, select: bool) -> None:
         self.program = program
         self.allow_fallback = allow_fallback
+        self.select = select
+        self.choices: dict[str, dict[str, Any]] = {}
         self.bb = relax.BlockBuilder()
         self.kernels: dict[str, tvm.ir.GlobalVar] = {}
         self.kernel_uses: dict[str, int] = {}
@@ -247,13 +252,14 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
             raise _Unsupported(str(e)) from None
         if k_p != k:
             flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k]))
+        if lw.select and bitserial_spec(spec) is not None:
+            choice = measure_w6(spec)
+            lw.choices[spec.name] = choice
+            if choice["chosen"] == "bitserial":
+                return bitserial_call(spec, flat, lead, shp[0], w_codes, s_of, b_key, n, key)
         args: list[relax.Expr] = []
         if spec.act_bits:
-            qr = QuantRows(k_p, spec.act_bits, spec.act_group, m_static)
-            qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
-            mdim = shp[0]
-            q = bb.emit(relax.call_tir(qf, [flat], [relax.TensorType([mdim, k_p], "int8"), relax.TensorType([mdim, qr.groups], "float32")]))
-            args += [bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))]
+            args += list(quantize(spec, flat, shp[0]))
         else:
             args.append(flat)
         for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
@@ -272,6 +278,33 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         y = bb.emit(relax.op.reshape(y, [*lead, n]))
         want = str(x.ty.dtype)  # qcompile's linear ops return x's dtype
         return bb.emit(relax.op.astype(y, want)) if want != "float32" else y
+
+    def quantize(spec: LinearKernel, flat: relax.Var, mdim: Any) -> tuple[relax.Var, relax.Var]:
+        qr = QuantRows(spec.k, spec.act_bits, spec.act_group, spec.m)
+        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
+        q = bb.emit(relax.call_tir(qf, [flat], [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]))
+        return bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
+
+    def bitserial_call(spec: LinearKernel, flat: relax.Var, lead: list[Any], mdim: Any, w_codes: Repack,
+                       s_of: Repack | None, b_key: str | None, n: int, key: str) -> relax.Var:
+        bs = bitserial_spec(spec)
+        assert bs is not None and s_of is not None
+        qx, sx = quantize(spec, flat, mdim)
+        pf = lw.kernel("qc_planes_" + bs.name, lambda: act_planes_primfunc(bs))
+        planes = bb.emit(relax.call_tir(pf, [qx], relax.TensorType([bs.a_bits, mdim, bs.k // 32], "int32")))
+        wp = lw.param(f"{key}@planes", lambda st: pack_weight_planes(bs, w_codes(st)), (6, bs.n // NBB, bs.k // 32, NBB), "int32")
+        sp = lw.param(
+            f"{key}@scale{NBB}",
+            lambda st: torch.nn.functional.pad(s_of(st), (0, 0, 0, bs.n - n)).view(bs.n // NBB, NBB, -1).transpose(1, 2).contiguous(),
+            (bs.n // NBB, bs.groups, NBB), "float32",
+        )
+        f = lw.kernel(bs.name, lambda: bitserial_primfunc(bs))
+        y = bb.emit(relax.call_tir(f, [planes, sx, wp, sp], relax.TensorType([mdim, bs.n], "float32")))
+        if bs.n != n:
+            y = bb.emit(relax.op.strided_slice(y, [1], [0], [n], assume_inbound=True))
+        if b_key is not None:
+            y = bb.emit(relax.op.add(y, lw.param(f"{b_key}@f32", lambda st: st[b_key].float(), (n,), "float32")))
+        return bb.emit(relax.op.reshape(y, [*lead, n]))
 
     def bias_key(node: Any) -> str | None:
         return None if node is None else lw.state_key(node, "bias", node)
@@ -504,9 +537,10 @@ def _prod(dims: list[Any]) -> Any:
     return out
 
 
-def lower_program(program: Program, allow_fallback: bool = False) -> Lowered:
-    """Lower every entry of ``program`` into one IRModule (a Relax function per entry)."""
-    lw = _Lowering(program, allow_fallback)
+def lower_program(program: Program, allow_fallback: bool = False, select: bool = True) -> Lowered:
+    """Lower every entry of ``program`` into one IRModule (a Relax function per entry).
+    ``select``: choose between alternative kernels by timing them here (see :mod:`.select`)."""
+    lw = _Lowering(program, allow_fallback, select)
     for entry in program.entries.values():
         lw.lower_entry(entry)
-    return Lowered(lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses))
+    return Lowered(lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses), lw.choices)

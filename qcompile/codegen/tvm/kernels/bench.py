@@ -78,11 +78,47 @@ def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: b
     return prepare
 
 
+def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
+    """W6 (group 128) × A``act_bits`` (group 128) through the bit-serial kernel."""
+    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+
+    def prepare(w: torch.Tensor, m: int) -> Run:
+        n, k = w.shape
+        codes, scale, _ = quantize_weight_groups(w, 6, 128, True)
+        n_p, k_p = -(-n // NBB) * NBB, -(-k // 128) * 128
+        spec = BitSerial(n_p, k_p, 128, 6, act_bits, 128, m)
+        qspec = QuantRows(k_p, act_bits, 128, m)
+        target = host_target().tvm
+        quant = _lib("quant", qspec)
+        planes_f = tvm.compile(act_planes_primfunc(spec), target=target)
+        serial = tvm.compile(bitserial_primfunc(spec), target=target)
+        wp = _tv(pack_weight_planes(spec, codes))
+        sc = _tv(torch.nn.functional.pad(scale, (0, 0, 0, n_p - n)).view(n_p // NBB, NBB, -1).transpose(1, 2))
+        qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
+        sx = tvm.runtime.tensor(np.zeros((m, qspec.groups), "float32"))
+        planes = tvm.runtime.tensor(np.zeros((act_bits, m, k_p // 32), "int32"))
+        y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
+        out = torch.from_dlpack(y)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            xp = x if k_p == k else torch.nn.functional.pad(x, (0, k_p - k))
+            quant(tvm.runtime.from_dlpack(xp.contiguous()), qx, sx)
+            planes_f(qx, planes)
+            serial(planes, sx, wp, sc, y)
+            return out[:, :n]
+
+        run.weight_bytes = wp.numpy().nbytes + sc.numpy().nbytes  # type: ignore[attr-defined]
+        return run
+
+    return prepare
+
+
 BENCH_KERNELS: dict[str, Callable[[torch.Tensor, int], Run]] = {
     "qc_f32": _prepare("f32", 32, None, 0, False, True),
     "qc_w8a8": _prepare("i8", 8, None, 8, False, True),
     "qc_w6a8_g128": _prepare("i6", 6, 128, 8, True, True),
     "qc_w6a6_g128": _prepare("i6", 6, 128, 6, True, True),
+    "qc_w6a8_bitserial": _prepare_bitserial(8),
     "qc_w4a16_g32_asym": _prepare("u4", 4, 32, 0, False, False),
     "qc_w4a16_g128": _prepare("u4", 4, 128, 0, False, True),
 }

@@ -1,0 +1,90 @@
+"""Kernel selection by measurement: for a W6 linear with integer activations, time the unpack-to-int
+kernel and the bit-serial kernel on this CPU at the layer's shape and keep the faster one.
+
+Measured once per (shape, rows) and process; a dynamic number of rows is measured at
+:data:`DYNAMIC_ROWS`. Both timings and the choice go into the build report.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import tvm
+
+from qcompile.codegen.tvm.kernels.bitserial import BitSerial, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, quant_rows_primfunc
+from qcompile.codegen.tvm.target import host_target
+
+DYNAMIC_ROWS = 64
+REPEATS = 20
+
+
+def bitserial_spec(spec: LinearKernel) -> BitSerial | None:
+    """The bit-serial kernel computing the same integer products as ``spec``, if one exists."""
+    if spec.wfmt != "i6" or not spec.act_bits or spec.group % 32:
+        return None
+    n_p = -(-spec.n // 8) * 8
+    return BitSerial(n_p, spec.k, spec.group, 6, spec.act_bits, spec.act_group, spec.m)
+
+
+def _best_ms(fn: Any, args: list[Any]) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(REPEATS):
+            fn(*args)
+        best = min(best, (time.perf_counter() - t0) / REPEATS * 1e3)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def measure_w6(spec: LinearKernel) -> dict[str, Any]:
+    """Milliseconds of both W6 kernels at ``spec``'s shape (activation quantization included in
+    both), and the choice."""
+    bs = bitserial_spec(spec)
+    if bs is None:
+        return {"chosen": "unpack", "reason": "no bit-serial form for this shape"}
+    rows = spec.m or DYNAMIC_ROWS
+    target = host_target().tvm
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-31, 32, (spec.n, spec.k), generator=g)
+    x = torch.randn(rows, spec.k, generator=g)
+    scales = torch.rand(spec.n, spec.groups, generator=g)
+    tv = lambda t: tvm.runtime.tensor(t.contiguous().numpy())  # noqa: E731
+    zeros = lambda shape, dt: tvm.runtime.tensor(np.zeros(shape, dt))  # noqa: E731
+    fixed = replace(spec, m=rows, bias=False)
+    qspec = QuantRows(spec.k, spec.act_bits, spec.act_group, rows)
+    quant = tvm.compile(quant_rows_primfunc(qspec), target=target)
+    qx, sx = zeros((rows, spec.k), "int8"), zeros((rows, qspec.groups), "float32")
+    xt = tv(x)
+
+    unpack = tvm.compile(linear_primfunc(fixed), target=target)
+    uw = [tv(t) for t in pack_weight(fixed, codes)] + [tv(pack_groups(fixed, scales))]
+    y = zeros((rows, spec.n), "float32")
+
+    def run_unpack() -> None:
+        quant(xt, qx, sx)
+        unpack(qx, sx, *uw, y)
+
+    bsf = replace(bs, m=rows)
+    planes_f = tvm.compile(act_planes_primfunc(bsf), target=target)
+    serial = tvm.compile(bitserial_primfunc(bsf), target=target)
+    planes = zeros((bs.a_bits, rows, spec.k // 32), "int32")
+    bw = tv(pack_weight_planes(bsf, codes))
+    bscale = tv(torch.nn.functional.pad(scales, (0, 0, 0, bs.n - spec.n)).view(bs.n // 8, 8, spec.groups).transpose(1, 2))
+    yb = zeros((rows, bs.n), "float32")
+
+    def run_bitserial() -> None:
+        quant(xt, qx, sx)
+        planes_f(qx, planes)
+        serial(planes, sx, bw, bscale, yb)
+
+    ms_unpack, ms_serial = _best_ms(run_unpack, []), _best_ms(run_bitserial, [])
+    chosen = "bitserial" if ms_serial < ms_unpack else "unpack"
+    return {"unpack_ms": round(ms_unpack, 4), "bitserial_ms": round(ms_serial, 4), "rows": rows, "chosen": chosen}
