@@ -360,6 +360,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4096x4096 and 576x1536, M=1,64, fewer calls")
     ap.add_argument("--kernels", help="comma list of method (column) names to run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=None, help="also write the table into this RESULTS.md (section kernels)")
     args = ap.parse_args()
     shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
               else QUICK_SHAPES if args.quick else SHAPES)
@@ -403,8 +404,17 @@ def main() -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"machine": machine_info(args.threads, bw, bw_bytes, others), "notes": notes,
                                      "rows": rows}, indent=1))
-    print(report(rows, [m.name for m in all_methods], bw, notes))
+    table = report(rows, [m.name for m in all_methods], bw, notes)
+    print(table)
     print(f"\nwrote {json_path}", file=sys.stderr)
+    if args.results:
+        from benchmarks.accuracy import write_section
+
+        info = machine_info(args.threads, bw, bw_bytes, others)
+        head = (f"Command: `python {' '.join(sys.argv)}`  \nDate: {info['date']}. Machine: {info['cpu']}, {info['cores']} cores, "
+                f"{args.threads} threads; torch {info['torch']}, onnxruntime {info['onnxruntime']}. Baselines in the same run: "
+                "torch fp32 F.linear, torch._int_mm, onnxruntime MatMulNBits and int8 dynamic MatMul.\n\n")
+        write_section(args.results, "kernels", head + table)
 
 
 if __name__ == "__main__":

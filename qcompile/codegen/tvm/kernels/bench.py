@@ -23,9 +23,12 @@ Run = Callable[[torch.Tensor], torch.Tensor]
 
 
 @functools.lru_cache(maxsize=None)
-def _lib(kind: str, spec: LinearKernel | QuantRows) -> tvm.runtime.Module:
-    func = linear_primfunc(spec) if kind == "linear" else quant_rows_primfunc(spec)  # type: ignore[arg-type]
-    return tvm.compile(func, target=host_target().tvm)
+def _lib(kind: str, spec: object) -> tvm.runtime.Module:
+    """The compiled kernel (once per kind and shape: weight sets share it)."""
+    from qcompile.codegen.tvm.kernels.bitserial import act_planes_primfunc, bitserial_primfunc
+
+    make = {"linear": linear_primfunc, "quant": quant_rows_primfunc, "planes": act_planes_primfunc, "bitserial": bitserial_primfunc}[kind]
+    return tvm.compile(make(spec), target=host_target().tvm)
 
 
 def _tv(t: torch.Tensor) -> tvm.runtime.Tensor:
@@ -80,7 +83,7 @@ def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: b
 
 def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
     """W6 (group 128) × A``act_bits`` (group 128) through the bit-serial kernel."""
-    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, pack_weight_planes
 
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
@@ -88,10 +91,7 @@ def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
         n_p, k_p = -(-n // NBB) * NBB, -(-k // 128) * 128
         spec = BitSerial(n_p, k_p, 128, 6, act_bits, 128, m)
         qspec = QuantRows(k_p, act_bits, 128, m)
-        target = host_target().tvm
-        quant = _lib("quant", qspec)
-        planes_f = tvm.compile(act_planes_primfunc(spec), target=target)
-        serial = tvm.compile(bitserial_primfunc(spec), target=target)
+        quant, planes_f, serial = _lib("quant", qspec), _lib("planes", spec), _lib("bitserial", spec)
         wp = _tv(pack_weight_planes(spec, codes))
         sc = _tv(torch.nn.functional.pad(scale, (0, 0, 0, n_p - n)).view(n_p // NBB, NBB, -1).transpose(1, 2))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
