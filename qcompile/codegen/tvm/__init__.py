@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from tvm import relax
 
 from qcompile.codegen.base import Backend, BuiltEntry
-from qcompile.codegen.tvm.lower import Lowered, LoweringError, lower_program, register_fallback
-from qcompile.codegen.tvm.target import CpuTarget, host_target, missing_features
+from qcompile.codegen.tvm.lower import Lowered, LoweringError, fallback_name, lower_program, register_fallback
+from qcompile.codegen.tvm.target import host_target, missing_features
 from qcompile.errors import ArtifactError
 from qcompile.ir.program import Program, SlotKind
 
@@ -164,16 +164,10 @@ class TVMBackend(Backend):
             ename, rest = item.split(":", 1)
             nname = rest.split(" ", 1)[0]
             node = next(n for n in program.entries[ename].graph.graph.nodes if n.name == nname)
-            from qcompile.codegen.tvm.lower import fallback_name
-
             register_fallback(fallback_name(ename, nname), node)
         self.executable = tvm.runtime.load_module(str(directory / LIBRARY))
         self.params = load_file(str(directory / PARAMS))
         self.info = {**info, "loaded_prebuilt": True}
 
 
-def cpu_target() -> CpuTarget:
-    return host_target()
-
-
-__all__ = ["LoweringError", "TVMBackend", "relax_pipeline", "cpu_target"]
+__all__ = ["LoweringError", "TVMBackend", "relax_pipeline"]

@@ -33,7 +33,7 @@ from tvm import relax
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc
-from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc, pack_plane_scales, pack_weight_planes
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
 from qcompile.codegen.tvm.kernels.linear import (
     LinearKernel,
@@ -155,22 +155,22 @@ class _Lowering:
             try:
                 return fn(node, self.imp) if ours else fn(node)
             except (_Unsupported, AssertionError, ValueError, TypeError, KeyError, NotImplementedError, tvm.error.InternalError, RuntimeError) as e:
-                if not self.allow_fallback:
-                    raise LoweringError(
-                        f"the TVM backend cannot lower node {node.name!r} ({node.target}) of entry {self.entry.name!r}: "
-                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
-                        "Set `fallback: torch` in the plan to run such nodes with torch, or use backend='torch'."
-                    ) from e
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self._refuse(node, f"{type(e).__name__}: {first}", e)
                 return self.fallback(node)
 
         return convert
 
-    def _unsupported(self, node: fx.Node, why: str) -> None:
+    def _refuse(self, node: fx.Node, why: str, cause: BaseException | None = None) -> None:
+        """Raise the LoweringError for ``node`` unless the plan allows the torch fallback."""
         if not self.allow_fallback:
             raise LoweringError(
                 f"the TVM backend cannot lower node {node.name!r} ({node.target}) of entry {self.entry.name!r}: {why}. "
                 "Set `fallback: torch` in the plan to run such nodes with torch, or use backend='torch'."
-            )
+            ) from cause
+
+    def _unsupported(self, node: fx.Node, why: str) -> None:
+        self._refuse(node, why)
         self.imp.convert_map[node.target.__name__] = lambda n, _imp=None: self.fallback(n)
 
     def fallback(self, node: fx.Node) -> relax.Var:
@@ -295,7 +295,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         wp = lw.param(f"{key}@planes", lambda st: pack_weight_planes(bs, w_codes(st)), (6, bs.n // NBB, bs.k // 32, NBB), "int32")
         sp = lw.param(
             f"{key}@scale{NBB}",
-            lambda st: torch.nn.functional.pad(s_of(st), (0, 0, 0, bs.n - n)).view(bs.n // NBB, NBB, -1).transpose(1, 2).contiguous(),
+            lambda st: pack_plane_scales(bs, s_of(st)),
             (bs.n // NBB, bs.groups, NBB), "float32",
         )
         f = lw.kernel(bs.name, lambda: bitserial_primfunc(bs))
@@ -331,19 +331,19 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
                 n: int, k: int, bits: int, group: int, act_bits: int, act_group: int) -> relax.Var:
         if act_bits and okey is not None:
             raise _Unsupported("integer activations with asymmetric weights have no kernel")
-        if bits > 8 or (okey is not None and bits == 8):
-            raise _Unsupported(f"{bits}-bit {'asymmetric ' if okey else ''}weights have no kernel")
+        if bits > 8:
+            raise _Unsupported(f"{bits}-bit weights have no kernel")
+        if okey is not None and bits > 4:
+            raise _Unsupported("asymmetric codes above 4 bits have no kernel")
         if act_bits:
             wfmt = "i6" if bits == 6 else "i8"
         else:
-            wfmt = "u4" if bits <= 4 else ("i6" if bits == 6 and okey is None else "i8")
+            wfmt = "u4" if bits <= 4 else ("i6" if bits == 6 else "i8")
         zero = 0 if (okey is not None or wfmt != "u4") else 8
         s_of = lambda st: st[skey].float()  # noqa: E731
         c_of = None
         if okey is not None or zero:
             c_of = lambda st: (st[okey].float() if okey else 0) - zero * st[skey].float()  # noqa: E731
-        if wfmt == "i8" and okey is not None:
-            raise _Unsupported("asymmetric codes above 4 bits have no kernel")
         spec_args = dict(wfmt=wfmt, group=group, act_bits=act_bits, act_group=act_group, zero_term=c_of is not None)
         return linear_call(node, env(x), spec_args, codes_of, zero, s_of, c_of, bias_key(b), n, k, wkey)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import tvm
 
-from qcompile.codegen.tvm.kernels.bitserial import BitSerial, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+from qcompile.codegen.tvm.kernels.bitserial import BitSerial, act_planes_primfunc, bitserial_primfunc, pack_plane_scales, pack_weight_planes
 from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, quant_rows_primfunc
 from qcompile.codegen.tvm.target import host_target
 
@@ -77,7 +77,7 @@ def measure_w6(spec: LinearKernel) -> dict[str, Any]:
     serial = tvm.compile(bitserial_primfunc(bsf), target=target)
     planes = zeros((bs.a_bits, rows, spec.k // 32), "int32")
     bw = tv(pack_weight_planes(bsf, codes))
-    bscale = tv(torch.nn.functional.pad(scales, (0, 0, 0, bs.n - spec.n)).view(bs.n // 8, 8, spec.groups).transpose(1, 2))
+    bscale = tv(pack_plane_scales(bsf, scales))
     yb = zeros((rows, bs.n), "float32")
 
     def run_bitserial() -> None:

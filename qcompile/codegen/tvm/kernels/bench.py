@@ -83,7 +83,7 @@ def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: b
 
 def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
     """W6 (group 128) × A``act_bits`` (group 128) through the bit-serial kernel."""
-    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, pack_weight_planes
+    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, pack_plane_scales, pack_weight_planes
 
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
@@ -93,7 +93,7 @@ def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
         qspec = QuantRows(k_p, act_bits, 128, m)
         quant, planes_f, serial = _lib("quant", qspec), _lib("planes", spec), _lib("bitserial", spec)
         wp = _tv(pack_weight_planes(spec, codes))
-        sc = _tv(torch.nn.functional.pad(scale, (0, 0, 0, n_p - n)).view(n_p // NBB, NBB, -1).transpose(1, 2))
+        sc = _tv(pack_plane_scales(spec, scale))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
         sx = tvm.runtime.tensor(np.zeros((m, qspec.groups), "float32"))
         planes = tvm.runtime.tensor(np.zeros((act_bits, m, k_p // 32), "int32"))

@@ -119,6 +119,12 @@ def bitserial_primfunc(spec: BitSerial) -> tvm.tirx.PrimFunc:
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
+def pack_plane_scales(spec: BitSerial, scales: torch.Tensor) -> torch.Tensor:
+    """Per-(output, group) scales ``[N, G]`` → ``[N/NBB, G, NBB]`` (padded with zeros)."""
+    s = torch.nn.functional.pad(scales.to(torch.float32), (0, 0, 0, spec.n - scales.shape[0]))
+    return s.view(spec.n // NBB, NBB, spec.groups).transpose(1, 2).contiguous()
+
+
 def pack_weight_planes(spec: BitSerial, codes: torch.Tensor) -> torch.Tensor:
     """Signed codes ``[N, K]`` → ``int32[w_bits, N/NBB, K/32, NBB]`` bit-plane words (padded)."""
     n, k = codes.shape

@@ -201,7 +201,8 @@ def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     if spec.zero_term:
         xs = sch.get_sblock("XS")
         xi, xg, _ = sch.get_loops(xs)
-        sch.parallel(sch.fuse(xi, xg)) if spec.m is None else None
+        if spec.m is None:
+            sch.parallel(sch.fuse(xi, xg))
     sch.vectorize(ji)
     sch.parallel(jo)
     ainit = sch.decompose_reduction(acc, ako)
