@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import fnmatch
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -124,10 +125,13 @@ class Plan:
     skip: tuple[str, ...] = ("*lm_head*",)  # globs kept in float by default
     rules: tuple[LayerRule, ...] = ()
     fallback: str | None = None  # "torch": nodes the backend cannot lower run with torch (reported)
+    arch: str | None = None  # CUDA arch for target "cuda" ("sm_80", "sm_86", "sm_89", "sm_90")
 
     def __post_init__(self) -> None:
         if self.fallback not in (None, "torch"):
             raise PlanError(f"fallback must be 'torch' or absent, got {self.fallback!r}")
+        if self.arch is not None and not re.fullmatch(r"sm_\d+a?", self.arch):
+            raise PlanError(f"arch must look like 'sm_90', got {self.arch!r}")
         if self.version > PLAN_VERSION:
             raise PlanError(
                 f"plan version {self.version} is newer than this qcompile understands "

@@ -2,8 +2,9 @@
 
 * ``torch`` — the reference: runs each entry's ATen graph as is (qcompile ops run their
   reference kernels). Targets: ``cpu``.
-* ``tvm`` — Relax + qcompile's TIR kernels, built with ``tvm.compile`` for the host CPU and run on
-  the Relax VM (the default for ``cpu``). Imported lazily: TVM loads only when it is used.
+* ``tvm`` — Relax + qcompile's TIR kernels, built with ``tvm.compile`` for the host CPU or an
+  NVIDIA GPU (``cuda``, ``cuda:sm_86``: tensor-core kernels compiled ahead of time with nvcc) and
+  run on the Relax VM (the default for both). Imported lazily: TVM loads only when it is used.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def _tvm_backend() -> Backend:
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "tvm": _tvm_backend}
-BACKEND_TARGETS = {"torch": ("cpu",), "tvm": ("cpu",)}
-DEFAULT_BACKEND = {"cpu": "tvm"}
+BACKEND_TARGETS = {"torch": ("cpu",), "tvm": ("cpu", "cuda")}
+DEFAULT_BACKEND = {"cpu": "tvm", "cuda": "tvm"}
 TARGETS = ("cpu", "cuda")
 
 

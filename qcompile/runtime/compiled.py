@@ -58,6 +58,8 @@ class CompiledModule:
     ) -> None:
         self.program = program
         self.plan = plan
+        if plan.arch is not None and target.strip() == "cuda":
+            target = f"cuda:{plan.arch}"  # the plan's arch; a target string that names one wins (checked by the backend)
         self.target = target
         self._backend = get_backend(backend, target)
         self.backend = self._backend.name

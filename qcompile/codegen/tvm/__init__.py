@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tvm import relax
 
 from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.codegen.tvm import cuda
 from qcompile.codegen.tvm.lower import Lowered, LoweringError, fallback_name, lower_program, register_fallback
 from qcompile.codegen.tvm.target import host_target, missing_features
 from qcompile.errors import ArtifactError
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 LIBRARY = "module.so"
 PARAMS = "params.safetensors"
 INFO = "tvm.json"
+FATBIN = "kernels.fatbin"  # CUDA: the nvcc build of the library's device code
 
 
 def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -69,64 +71,103 @@ def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
 
 
 class _Runner:
-    """Calls one Relax function with the entry's slot tensors plus the repacked weights."""
+    """Calls one Relax function with the entry's slot tensors plus the repacked weights.
 
-    def __init__(self, fn: Any, kinds: list[SlotKind], extras: list[tvm.runtime.Tensor]) -> None:
+    On a GPU (``device="cuda"``) state and cache tensors get device copies made once and kept: the
+    caches' rows are written in place on the device (the host cache tensors are not updated), user
+    inputs are copied per call and outputs come back to the host."""
+
+    def __init__(self, fn: Any, kinds: list[SlotKind], extras: list[tvm.runtime.Tensor], device: str = "cpu") -> None:
         self.fn = fn
         self.kinds = kinds
         self.extras = extras
+        self.device = device
         self.bound: dict[int, tuple[torch.Tensor, tvm.runtime.Tensor]] = {}
+
+    def _share(self, t: torch.Tensor) -> tvm.runtime.Tensor:
+        return _to_tvm(t) if self.device == "cpu" else tvm.runtime.from_dlpack(t.to(self.device).contiguous())
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         tv = []
         for i, (kind, a) in enumerate(zip(self.kinds, args)):
             if kind is SlotKind.USER:
-                tv.append(_to_tvm(a))
+                tv.append(self._share(a))
                 continue
             hit = self.bound.get(i)
             if hit is None or hit[0] is not a:  # state and cache tensors are stable: convert once
-                if kind is SlotKind.CACHE and (not a.is_contiguous() or a.data_ptr() % 64):
+                if kind is SlotKind.CACHE and self.device == "cpu" and (not a.is_contiguous() or a.data_ptr() % 64):
                     raise ValueError(f"cache slot {i} is not contiguous and 64-byte aligned; the VM could not update it in place")
-                hit = self.bound[i] = (a, _to_tvm(a))
+                hit = self.bound[i] = (a, self._share(a))
             tv.append(hit[1])
         out = self.fn(*tv, *self.extras)
-        return [torch.from_dlpack(o) for o in out]
+        return [torch.from_dlpack(o).to("cpu") for o in out]
+
+
+class _NoDevice:
+    """An entry of a CUDA module built where no GPU is: calling it explains instead of crashing."""
+
+    def __init__(self, arch: str) -> None:
+        self.arch = arch
+
+    def __call__(self, args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        raise RuntimeError(
+            f"this module was compiled for CUDA {self.arch} but this machine has no CUDA device visible to TVM; "
+            "save it (cm.save) and load it on a machine with the GPU: the kernels are already compiled"
+        )
 
 
 class TVMBackend(Backend):
     name: ClassVar[str] = "tvm"
-    targets: ClassVar[tuple[str, ...]] = ("cpu",)
+    targets: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
     def __init__(self) -> None:
         self.executable: Any = None
         self.params: dict[str, torch.Tensor] = {}
         self.info: dict[str, Any] = {}
+        self.fatbin: bytes | None = None
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
+        gpu = cuda.cuda_target(target) if target.split()[0].split(":")[0] == "cuda" else None
         if artifact is not None and (artifact / INFO).is_file():
             self._load(program, artifact)
         else:
-            self._compile(program, allow_fallback)
-        vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            self._compile(program, allow_fallback, gpu)
         built: dict[str, BuiltEntry] = {}
+        arch = self.info["target"].get("arch")
+        if arch is not None:
+            if not tvm.cuda().exist:
+                return {name: _NoDevice(arch) for name in program.entries}
+            cuda.check_device(arch)
+            vm = relax.VirtualMachine(self.executable, tvm.cuda())
+        else:
+            vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        device = "cpu" if arch is None else "cuda"
         for name, entry in program.entries.items():
-            extras = [_to_tvm(self.params[k]) for k in self.info["extra_params"][name]]
-            built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras)
+            extras = [_Runner([], [], [], device)._share(self.params[k]) for k in self.info["extra_params"][name]]
+            built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device)
         return built
 
-    def _compile(self, program: Program, allow_fallback: bool) -> None:
-        cpu = host_target()
+    def _compile(self, program: Program, allow_fallback: bool, gpu: cuda.CudaTarget | None) -> None:
+        target = host_target() if gpu is None else gpu
         t0 = time.perf_counter()
-        lowered: Lowered = lower_program(program, allow_fallback)
+        lowered: Lowered = lower_program(program, allow_fallback, cuda=gpu)
         t1 = time.perf_counter()
-        self.executable = tvm.compile(lowered.mod, target=cpu.tvm, relax_pipeline=relax_pipeline(cpu.tvm))
+        pipeline = relax_pipeline(target.tvm) if gpu is None else cuda.relax_pipeline(target.tvm)
+        self.executable = tvm.compile(lowered.mod, target=target.tvm, relax_pipeline=pipeline)
         t2 = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if gpu is not None:  # ahead of time: nvcc now, the fatbin answers the load-time hook
+            source = cuda.device_source(self.executable)
+            self.fatbin = cuda.compile_fatbin(source, gpu.arch)
+            cuda.install_fatbins({cuda.source_key(source): self.fatbin})
+            extra = {"cuda_source_sha256": cuda.source_key(source), "generic_kernels": lowered.generic,
+                     "nvcc_seconds": round(time.perf_counter() - t2, 3)}
         with torch.no_grad():
             self.params = {k: f(program.state).contiguous() for k, f in lowered.repacks.items()}
         self.info = {
-            "target": cpu.to_dict(),
-            "target_description": cpu.describe(),
+            "target": target.to_dict(),
+            "target_description": target.describe(),
             "tvm_version": tvm.__version__,
             "extra_params": lowered.extra_params,
             "fallbacks": lowered.fallbacks,
@@ -134,8 +175,9 @@ class TVMBackend(Backend):
             "kernel_choices": lowered.choices,
             "lower_seconds": round(t1 - t0, 3),
             "build_seconds": round(t2 - t1, 3),
+            **extra,
         }
-        log.info("tvm backend: %s, lowered in %.1fs, built in %.1fs", cpu.describe(), t1 - t0, t2 - t1)
+        log.info("tvm backend: %s, lowered in %.1fs, built in %.1fs", target.describe(), t1 - t0, t2 - t1)
 
     # ---- artifacts --------------------------------------------------------------------------
     def save(self, directory: Path) -> list[Path]:
@@ -144,7 +186,11 @@ class TVMBackend(Backend):
         self.executable.export_library(str(directory / LIBRARY))
         save_file(self.params, str(directory / PARAMS))
         (directory / INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
-        return [directory / LIBRARY, directory / PARAMS, directory / INFO]
+        written = [directory / LIBRARY, directory / PARAMS, directory / INFO]
+        if self.fatbin is not None:
+            (directory / FATBIN).write_bytes(self.fatbin)
+            written.append(directory / FATBIN)
+        return written
 
     def _load(self, program: Program, directory: Path) -> None:
         info = json.loads((directory / INFO).read_text(encoding="utf-8"))
@@ -153,7 +199,7 @@ class TVMBackend(Backend):
                 f"{directory} was built with TVM {info.get('tvm_version')}, this is TVM {tvm.__version__}; "
                 "recompile the model (or load it with backend='torch')"
             )
-        lacking = missing_features(info.get("target", {}))
+        lacking = missing_features(info["target"]) if info["target"].get("kind", "llvm") != "cuda" else []
         if lacking:
             raise ArtifactError(
                 f"{directory} was built for {info.get('target_description')}; this CPU "
@@ -165,9 +211,14 @@ class TVMBackend(Backend):
             nname = rest.split(" ", 1)[0]
             node = next(n for n in program.entries[ename].graph.graph.nodes if n.name == nname)
             register_fallback(fallback_name(ename, nname), node)
-        self.executable = tvm.runtime.load_module(str(directory / LIBRARY))
         self.params = load_file(str(directory / PARAMS))
         self.info = {**info, "loaded_prebuilt": True}
+        if info["target"].get("kind") == "cuda":
+            self.fatbin = (directory / FATBIN).read_bytes()
+            if not tvm.cuda().exist:  # TVM cannot even deserialize CUDA modules without the driver
+                return
+            cuda.install_fatbins({info["cuda_source_sha256"]: self.fatbin})
+        self.executable = tvm.runtime.load_module(str(directory / LIBRARY))
 
 
 __all__ = ["LoweringError", "TVMBackend", "relax_pipeline"]

@@ -35,6 +35,15 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc, pack_plane_scales, pack_weight_planes
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
+from qcompile.codegen.tvm.kernels.cuda import (
+    MMA,
+    CudaLinear,
+    CudaQuant,
+    Uncovered,
+    linear_cuda_primfunc,
+    pack_cuda_weight,
+    quant_cuda_primfunc,
+)
 from qcompile.codegen.tvm.kernels.linear import (
     LinearKernel,
     QuantRows,
@@ -44,7 +53,8 @@ from qcompile.codegen.tvm.kernels.linear import (
     padded,
     quant_rows_primfunc,
 )
-from qcompile.codegen.tvm.select import bitserial_spec, measure_w6
+from qcompile.codegen.tvm.cuda import CudaTarget
+from qcompile.codegen.tvm.select import bitserial_spec, cuda_w6_choice, measure_w6
 from qcompile.errors import QCompileError
 from qcompile.ir.program import Entry, Program, SlotKind
 from qcompile.ops.packed import unpack_codes
@@ -66,6 +76,7 @@ class Lowered:
     fallbacks: list[str]  # "entry:node (op)" run by torch
     kernels: dict[str, int] = field(default_factory=dict)  # kernel name -> call sites
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # kernel -> measured alternatives
+    generic: list[str] = field(default_factory=list)  # CUDA: linears on the generic (dlight) kernel, and why
 
 
 def fallback_name(entry: str, node: str) -> str:
@@ -73,8 +84,10 @@ def fallback_name(entry: str, node: str) -> str:
 
 
 class _Lowering:
-    def __init__(self, program: Program, allow_fallback: bool, select: bool) -> None:
+    def __init__(self, program: Program, allow_fallback: bool, select: bool, cuda: CudaTarget | None = None) -> None:
         self.program = program
+        self.cuda = cuda
+        self.generic: list[str] = []
         self.allow_fallback = allow_fallback
         self.select = select
         self.choices: dict[str, dict[str, Any]] = {}
@@ -241,6 +254,10 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
 
     def linear_call(node: fx.Node, x: relax.Var, spec_args: dict[str, Any], w_codes: Repack, zero: int,
                     s_of: Repack | None, c_of: Repack | None, b_key: str | None, n: int, k: int, key: str) -> relax.Var:
+        if lw.cuda is not None:
+            y = cuda_linear(node, x, spec_args, w_codes, zero, s_of, c_of, b_key, n, k, key)
+            if y is not None:
+                return y
         flat, lead = rows(x)
         shp = lw.imp.shape_of(flat)
         m_static = int(shp[0]) if isinstance(shp[0], tvm.tirx.IntImm) else None
@@ -252,7 +269,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
             raise _Unsupported(str(e)) from None
         if k_p != k:
             flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k]))
-        if lw.select and bitserial_spec(spec) is not None:
+        if lw.select and lw.cuda is None and bitserial_spec(spec) is not None:
             choice = measure_w6(spec)
             lw.choices[spec.name] = choice
             if choice["chosen"] == "bitserial":
@@ -271,17 +288,79 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
             args.append(lw.param(f"{key}@zero", lambda st: pack_groups(spec, c_of(st)), gshape, "float32"))
         if b_key is not None:
             args.append(lw.param(f"{b_key}@pad{n_p}", lambda st: torch.nn.functional.pad(st[b_key].float(), (0, n_p - n)), (n_p,), "float32"))
-        f = lw.kernel(spec.name, lambda: linear_primfunc(spec))
+        f = lw.kernel(spec.name, lambda: linear_primfunc(spec, schedule=lw.cuda is None))
         y = bb.emit(relax.call_tir(f, args, relax.TensorType([shp[0], n_p], "float32")))
+        return finish(y, x, lead, n_p, n)
+
+    def finish(y: relax.Var, x: relax.Var, lead: list[Any], n_p: int, n: int) -> relax.Var:
         if n_p != n:
             y = bb.emit(relax.op.strided_slice(y, [1], [0], [n], assume_inbound=True))
         y = bb.emit(relax.op.reshape(y, [*lead, n]))
         want = str(x.ty.dtype)  # qcompile's linear ops return x's dtype
         return bb.emit(relax.op.astype(y, want)) if want != "float32" else y
 
+    def cuda_linear(node: fx.Node, x: relax.Var, spec_args: dict[str, Any], w_codes: Repack, zero: int,
+                    s_of: Repack | None, c_of: Repack | None, b_key: str | None, n: int, k: int, key: str) -> relax.Var | None:
+        """A tensor-core kernel for this linear, or None (reported) when none covers it."""
+        assert lw.cuda is not None
+        wfmt, act_bits, group = spec_args["wfmt"], spec_args["act_bits"], spec_args["group"]
+        kind = {("i8", 8): "s8", ("i6", 6): "w6", ("i6", 8): "w6", ("u4", 0): "f16"}.get((wfmt, act_bits))
+        if kind is None or s_of is None:
+            lw.generic.append(f"{node.name}: {wfmt} weights with {act_bits or 'fp32'}-bit activations have no tensor-core kernel")
+            return None
+        if kind == "w6":
+            choice = cuda_w6_choice(lw.cuda.arch, n, k, act_bits)
+            kind = choice["chosen"]
+        per_channel = group == k
+        align = 16 if kind == "f16" else 128  # activation codes are produced 128 at a time
+        k_p = -(-k // align) * align if per_channel else -(-k // group) * group
+        grp = k_p if per_channel else group
+        n_p = -(-n // 16) * 16
+        flat, lead = rows(x)
+        mdim = lw.imp.shape_of(flat)[0]
+        m_static = int(mdim) if isinstance(mdim, tvm.tirx.IntImm) else None
+        try:
+            spec = CudaLinear(kind, n_p, k_p, grp, act_bits, 0 if per_channel or not spec_args["act_group"] else grp,
+                              b_key is not None, zero_term=c_of is not None,
+                              tokens=8 if m_static is not None and m_static <= 8 else 32)
+            qspec = CudaQuant(k_p, act_bits, spec.act_group, planes=kind == "b1") if act_bits else None
+        except Uncovered as e:
+            lw.generic.append(f"{node.name}: {e}")
+            return None
+        if kind in ("b1", "u6"):
+            lw.choices[spec.name] = choice
+        if k_p != k:
+            flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k]))
+        if qspec is not None:
+            qf = lw.kernel(qspec.name, lambda: quant_cuda_primfunc(qspec))
+            one = lw.param("qc@one", lambda st: torch.ones(1), (1,), "float32")
+            pshape = [mdim, k_p // 128, 8, 4] if qspec.planes else [1, 1, 8, 4]
+            q = bb.emit(relax.call_tir(qf, [flat, one], [relax.TensorType([mdim, k_p], "int8"),
+                                                         relax.TensorType([mdim, qspec.groups], "float32"),
+                                                         relax.TensorType(pshape, "uint32")]))
+            act = bb.emit(relax.TupleGetItem(q, 2 if qspec.planes else 0))
+            fourth = bb.emit(relax.TupleGetItem(q, 1))
+        else:
+            act = flat
+        ((wshape, wdt),) = spec.weight_shapes()
+        codes = lambda st: torch.nn.functional.pad(w_codes(st).to(torch.int64) + (zero if kind == "f16" else 0), (0, k_p - k, 0, n_p - n))  # noqa: E731
+        w = lw.param(f"{key}@cuda_{kind}", lambda st: pack_cuda_weight(spec, codes(st)), wshape, wdt)
+        groups = spec.groups
+        padg = lambda t: torch.nn.functional.pad(t.float(), (0, groups - t.shape[1], 0, n_p - n))  # noqa: E731
+        sw = lw.param(f"{key}@cuda_scale{n_p}x{groups}", lambda st: padg(s_of(st)), (n_p, groups), "float32")
+        if qspec is None:
+            fourth = lw.param(f"{key}@cuda_offset{n_p}x{groups}", lambda st: padg(c_of(st)), (n_p, groups), "float32") if c_of is not None else sw
+        if b_key is not None:
+            bias = lw.param(f"{b_key}@pad{n_p}", lambda st: torch.nn.functional.pad(st[b_key].float(), (0, n_p - n)), (n_p,), "float32")
+        else:
+            bias = lw.param(f"qc@zeros{n_p}", lambda st: torch.zeros(n_p), (n_p,), "float32")
+        f = lw.kernel(spec.name, lambda: linear_cuda_primfunc(spec))
+        y = bb.emit(relax.call_tir(f, [act, w, sw, fourth, bias], relax.TensorType([mdim, n_p], "float32")))
+        return finish(y, x, lead, n_p, n)
+
     def quantize(spec: LinearKernel, flat: relax.Var, mdim: Any) -> tuple[relax.Var, relax.Var]:
         qr = QuantRows(spec.k, spec.act_bits, spec.act_group, spec.m)
-        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
+        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr, schedule=lw.cuda is None))
         q = bb.emit(relax.call_tir(qf, [flat], [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]))
         return bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
 
@@ -313,8 +392,8 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         slot = lw.slots.get(w)
-        if slot is None or slot.kind is not SlotKind.STATE or node.meta["val"].dtype != torch.float32:
-            return lw.tvm_linear(node)  # TVM's own converter (dense weights computed in-graph)
+        if slot is None or slot.kind is not SlotKind.STATE or node.meta["val"].dtype != torch.float32 or lw.cuda is not None:
+            return lw.tvm_linear(node)  # TVM's own converter (dense weights computed in-graph; on CUDA, dlight's GEMV/matmul)
         wkey = slot.name
         n, k = lw.program.state[wkey].shape
         return linear_call(node, env(x), dict(wfmt="f32", group=k, act_bits=0, act_group=0, zero_term=False),
@@ -371,7 +450,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         rows_dim = lw.imp.shape_of(env(index))[0]
         rows_n = int(rows_dim) if isinstance(rows_dim, tvm.tirx.IntImm) else None
         dtype = str(cache.ty.dtype)
-        spec = IndexCopy(shape, dtype, dim % len(shape), rows_n)
+        spec = IndexCopy(shape, dtype, dim % len(shape), rows_n, cuda=lw.cuda is not None)
         f = lw.kernel(spec.name, lambda: index_copy_primfunc(spec))
         srcv = env(src)
         if str(srcv.ty.dtype) != dtype:
@@ -425,7 +504,10 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         return bb.emit(relax.op.matmul(p, v))
 
     def attention_kernel(node: fx.Node, mask: fx.Node | None, scale: float) -> relax.Var | None:
-        """qcompile's attention kernel on the un-repeated K/V heads, when the graph's shapes fit it."""
+        """qcompile's attention kernel on the un-repeated K/V heads, when the graph's shapes fit it
+        (CPU only: on CUDA attention is TVM's matmul/softmax under dlight's schedules)."""
+        if lw.cuda is not None:
+            return None
         (kn, gk), (vn, gv) = _unrepeat(node.args[1]), _unrepeat(node.args[2])
         q = env(node.args[0])
         qs, ks = list(lw.imp.shape_of(q)), list(lw.imp.shape_of(env(kn)))
@@ -537,10 +619,11 @@ def _prod(dims: list[Any]) -> Any:
     return out
 
 
-def lower_program(program: Program, allow_fallback: bool = False, select: bool = True) -> Lowered:
+def lower_program(program: Program, allow_fallback: bool = False, select: bool = True, cuda: CudaTarget | None = None) -> Lowered:
     """Lower every entry of ``program`` into one IRModule (a Relax function per entry).
-    ``select``: choose between alternative kernels by timing them here (see :mod:`.select`)."""
-    lw = _Lowering(program, allow_fallback, select)
+    ``select``: choose between alternative CPU kernels by timing them here (see :mod:`.select`).
+    ``cuda``: lower for that GPU target (tensor-core kernels; anything else scheduled by dlight)."""
+    lw = _Lowering(program, allow_fallback, select, cuda)
     for entry in program.entries.values():
         lw.lower_entry(entry)
-    return Lowered(lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses), lw.choices)
+    return Lowered(lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses), lw.choices, lw.generic)

@@ -1,5 +1,7 @@
 """Kernel selection by measurement: for a W6 linear with integer activations, time the unpack-to-int
-kernel and the bit-serial kernel on this CPU at the layer's shape and keep the faster one.
+kernel and the bit-serial kernel on this CPU at the layer's shape and keep the faster one. For
+CUDA targets the choice comes from GPU measurements recorded in ``cuda_choices.json`` (the build
+machine has no GPU to time on), else from a documented per-arch default.
 
 Measured once per (shape, rows) and process; a dynamic number of rows is measured at
 :data:`DYNAMIC_ROWS`. Both timings and the choice go into the build report.
@@ -8,8 +10,10 @@ Measured once per (shape, rows) and process; a dynamic number of rows is measure
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,3 +92,28 @@ def measure_w6(spec: LinearKernel) -> dict[str, Any]:
     ms_unpack, ms_serial = _best_ms(run_unpack, []), _best_ms(run_bitserial, [])
     chosen = "bitserial" if ms_serial < ms_unpack else "unpack"
     return {"unpack_ms": round(ms_unpack, 4), "bitserial_ms": round(ms_serial, 4), "rows": rows, "chosen": chosen}
+
+
+# ---- CUDA: unpack-to-int8 (u6) vs bit-serial (b1) for W6 ---------------------------------------
+
+CUDA_CHOICES = Path(__file__).with_name("cuda_choices.json")
+# Without a measurement: bit-serial where the arch lists binary tensor-core throughput (Ampere and
+# Ada, FlexQ's setting), unpack + int8 MMA on Hopper, whose tables list no INT4/binary throughput.
+CUDA_W6_DEFAULT = {"sm_80": "b1", "sm_86": "b1", "sm_89": "b1", "sm_90": "u6"}
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_measurements() -> dict[str, Any]:
+    if not CUDA_CHOICES.is_file():
+        return {}
+    return json.loads(CUDA_CHOICES.read_text(encoding="utf-8"))
+
+
+def cuda_w6_choice(arch: str, n: int, k: int, act_bits: int) -> dict[str, Any]:
+    """The W6 kernel for (arch, N×K, activation bits): a measurement recorded by
+    ``benchmarks/gpu_check.py --write-choices`` (in ``cuda_choices.json``), else the arch's default."""
+    per_arch = _cuda_measurements().get(arch, {})
+    hit = per_arch.get("choices", {}).get(f"{n}x{k}/a{act_bits}")
+    if hit is not None:
+        return {**hit, "source": f"measured on {per_arch.get('card', '?')} ({per_arch.get('date', '?')})"}
+    return {"chosen": CUDA_W6_DEFAULT[arch], "source": f"default for {arch} (no measurement for {n}x{k}/a{act_bits})"}

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+
+from qcompile.codegen.tvm.kernels.cuda import with_root
 from tvm.script import tirx as T  # noqa: F401  (used by the generated TVMScript)
 
 
@@ -16,11 +18,12 @@ class IndexCopy:
     dtype: str
     dim: int
     rows: int | None  # rows written per call; None: dynamic
+    cuda: bool = False  # thread-bound for GPUs
 
     @property
     def name(self) -> str:
         rows = "dyn" if self.rows is None else self.rows
-        return f"qc_index_copy_{'x'.join(map(str, self.shape))}_{self.dtype}_d{self.dim}_r{rows}"
+        return f"qc_index_copy_{'x'.join(map(str, self.shape))}_{self.dtype}_d{self.dim}_r{rows}{'_cuda' if self.cuda else ''}"
 
 
 def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
@@ -36,11 +39,34 @@ def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
     src = f"""
 @T.prim_func(private=True)
 def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
-    T.func_attr({{"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True}})
+    T.func_attr({{"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True}})
     {decl}
     index = T.match_buffer(index_h, ({t},), "int64")
     src = T.match_buffer(src_h, ({', '.join(src_shape)},), "{spec.dtype}")
     for {', '.join(names)} in T.grid({loops}):
         cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]
 """
-    return tvm.script.from_source(src)
+    if spec.cuda:  # one thread per source element: unravel a flat index (no thread-free loops on GPUs)
+        sizes = src_shape
+        total = " * ".join(f"({d})" for d in sizes)
+        unravel = []
+        for a, n in enumerate(names):
+            inner = " * ".join(f"({d})" for d in sizes[a + 1:]) or "1"
+            unravel.append(f"{n} = (flat // ({inner})) % ({sizes[a]})")
+        body = "\n                ".join(unravel)
+        src = f"""
+@T.prim_func(private=True)
+def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
+    T.func_attr({{"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True}})
+    {decl}
+    index = T.match_buffer(index_h, ({t},), "int64")
+    src = T.match_buffer(src_h, ({', '.join(src_shape)},), "{spec.dtype}")
+    for bx in T.thread_binding(({total} + 255) // 256, thread="blockIdx.x"):
+        for tx in T.thread_binding(256, thread="threadIdx.x"):
+            flat = bx * 256 + tx
+            if flat < {total}:
+                {body}
+                cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]
+"""
+    func = tvm.script.from_source(src)
+    return with_root(func) if spec.cuda else func

@@ -100,8 +100,9 @@ def _decode(spec: LinearKernel, ws: list[te.Tensor], n: tirx.PrimExpr, k: tirx.P
     return lo.astype("int32") + hi.astype("int32") * 16 - 32
 
 
-def linear_primfunc(spec: LinearKernel) -> tvm.tirx.PrimFunc:
-    """The scheduled PrimFunc of ``spec``; arguments in :func:`kernel_args` order, output last."""
+def linear_primfunc(spec: LinearKernel, schedule: bool = True) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of ``spec``, scheduled for the CPU (``schedule=False``: the plain compute, which
+    the CUDA pipeline schedules with dlight as the generic fallback); output last."""
     m = _rows(spec.m)
     n_, k_, g_, gs = spec.n, spec.k, spec.groups, spec.group
     nblk = n_ // NB
@@ -163,7 +164,7 @@ def linear_primfunc(spec: LinearKernel) -> tvm.tirx.PrimFunc:
     if spec.bias:
         out = te.compute((m, n_), lambda i, j: y[i, j] + b[j], name="YB")
     func = te.create_prim_func(args + [out])
-    return _schedule(spec, func).with_attr("tir.is_scheduled", True)
+    return _schedule(spec, func).with_attr("tir.is_scheduled", True) if schedule else func
 
 
 def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
@@ -233,7 +234,7 @@ class QuantRows:
         return self.k // self.group if self.group else 1
 
 
-def quant_rows_primfunc(spec: QuantRows) -> tvm.tirx.PrimFunc:
+def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.PrimFunc:
     """``(x) -> (codes int8[M, K], scales f32[M, G])``: the same float operations as
     ``qcompile.quant.rtn`` (scale = absmax / qmax, 1 for an all-zero group; codes =
     clamp(round-half-even(x / scale))), so the codes match the reference exactly."""
@@ -254,6 +255,8 @@ def quant_rows_primfunc(spec: QuantRows) -> tvm.tirx.PrimFunc:
         name="Q",
     )
     func = te.create_prim_func([x, q, sc])
+    if not schedule:
+        return func
     sch = Schedule(func)
     qi, qk = sch.get_loops(sch.get_sblock("Q"))
     ko, ki = sch.split(qk, [None, 16])

@@ -1,0 +1,178 @@
+"""The CUDA target: arch checks, ahead-of-time nvcc builds, and the Relax pipeline for GPUs.
+
+TVM 0.27's CUDA codegen keeps the generated CUDA source in the module and compiles it when the
+module is loaded, through the ``tvm_callback_cuda_compile`` hook. qcompile compiles that source
+with nvcc at build time instead (one fatbin per artifact, for the chosen arch) and stores it next
+to the library; at load time :func:`install_fatbins` answers the hook with the stored fatbin, keyed
+by the source's sha256, so the machine that runs the module needs no compiler. A source the
+artifact has no fatbin for is an error, never a silent JIT compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+
+from qcompile.errors import QCompileError
+
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+DEFAULT_ARCH = "sm_90"  # the lent H100 (see DESIGN.md); pass ``cuda:sm_XX`` or ``Plan.arch`` for others
+# Why an older arch is refused: the instruction a kernel needs and the first arch that has it.
+_NEEDS = (  # the most basic missing instruction is named first
+    (75, "binary/int8 mma.sync (mma .b1 .xor.popc, m8n8k16 .s8) needs sm_75"),
+    (80, "mma.sync m8n8k128 .b1 with .and.popc (bit-serial INT6) and m16n8k32 .s8 need sm_80"),
+)
+
+
+class CudaTargetError(QCompileError):
+    """A CUDA target the kernels cannot be built for."""
+
+
+@dataclass(frozen=True)
+class CudaTarget:
+    arch: str
+
+    @property
+    def sm(self) -> int:
+        return int(self.arch[3:])
+
+    @property
+    def tvm(self) -> tvm.target.Target:
+        # host code for a generic x86-64 (the GPU machine's CPU is not this one)
+        return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host={"kind": "llvm"})
+
+    def describe(self) -> str:
+        return f"cuda {self.arch}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": "cuda", "arch": self.arch}
+
+
+def cuda_target(target: str, arch: str | None = None) -> CudaTarget:
+    """``"cuda"``, ``"cuda:sm_86"`` or ``"cuda -arch=sm_86"`` (+ an arch from the plan) → a checked
+    target. Archs before sm_80 are refused with the instruction they lack."""
+    m = re.fullmatch(r"cuda(?::(\S+)|\s+-arch=(\S+))?\s*", target)
+    if m is None:
+        raise CudaTargetError(f"cannot parse CUDA target {target!r}; write 'cuda', 'cuda:sm_90' or 'cuda -arch=sm_90'")
+    named = m.group(1) or m.group(2)
+    if named and arch and named != arch:
+        raise CudaTargetError(f"the target names {named} but the plan names {arch}")
+    chosen = named or arch or DEFAULT_ARCH
+    mm = re.fullmatch(r"sm_(\d+)a?", chosen)
+    if mm is None:
+        raise CudaTargetError(f"unknown CUDA arch {chosen!r}; supported: {', '.join(ARCHS)}")
+    sm = int(mm.group(1))
+    for first, why in _NEEDS:
+        if sm < first:
+            raise CudaTargetError(f"{chosen} is not supported: {why}. Supported: {', '.join(ARCHS)}")
+    if chosen not in ARCHS:
+        raise CudaTargetError(
+            f"{chosen} is not one of the archs qcompile's kernels are built and tested for ({', '.join(ARCHS)}); "
+            "an 'a' suffix also disables TVM's tensor-core schedules"
+        )
+    return CudaTarget(chosen)
+
+
+def check_device(arch: str) -> None:
+    """Refuse a GPU older than the arch the fatbin was built for (newer ones JIT its PTX)."""
+    version = tvm.cuda().compute_version  # e.g. "9.0"
+    have = int(version.replace(".", ""))
+    if have < int(arch[3:]):
+        raise CudaTargetError(f"this module was built for {arch}; this GPU is sm_{have}. Recompile with target 'cuda:sm_{have}'")
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc")
+
+
+def _nvcc(source: str, arch: str, fmt: str) -> bytes:
+    """nvcc without ``--use_fast_math`` (TVM's helper adds it): activation codes divide by the scale
+    exactly as the reference does."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise CudaTargetError("nvcc is not on PATH: CUDA kernels are compiled ahead of time and need the CUDA toolkit at build time")
+    sm = arch[3:]
+    with tempfile.TemporaryDirectory(prefix="qcompile-nvcc-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
+        src.write_text(source, encoding="utf-8")
+        cmd = [nvcc, f"--{fmt}", "-O3", "-gencode", f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]" if fmt == "fatbin" else f"arch=compute_{sm},code=compute_{sm}" if fmt == "ptx" else f"arch=compute_{sm},code=sm_{sm}",
+               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "--expt-relaxed-constexpr",
+               "-diag-suppress=177,550", "-o", str(out), str(src)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise CudaTargetError(f"nvcc failed for {arch}:\n{run.stderr[-4000:]}")
+        return out.read_bytes()
+
+
+def compile_fatbin(source: str, arch: str) -> bytes:
+    """nvcc ``-fatbin`` for ``arch`` (SASS plus PTX)."""
+    return _nvcc(source, arch, "fatbin")
+
+
+def compile_ptx(source: str, arch: str) -> str:
+    return _nvcc(source, arch, "ptx").decode()
+
+
+def device_source(executable: tvm.runtime.Executable | tvm.runtime.Module) -> str:
+    """The CUDA source of a module built by ``tvm.compile`` for a CUDA target."""
+    mod = getattr(executable, "mod", executable)
+    found, todo = [], list(mod.imports)
+    while todo:  # the device module hangs under the host (llvm) module
+        m = todo.pop()
+        (found if m.kind == "cuda" else todo).append(m) if m.kind == "cuda" else todo.extend(m.imports)
+    cuda = found
+    if len(cuda) != 1:
+        raise CudaTargetError(f"expected one CUDA module in the build, found {len(cuda)}")
+    return cuda[0].inspect_source()
+
+
+def source_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+_FATBINS: dict[str, bytes] = {}
+
+
+def install_fatbins(fatbins: dict[str, bytes]) -> None:
+    """Answer TVM's load-time CUDA compile hook with prebuilt fatbins (keyed by :func:`source_key`)."""
+    _FATBINS.update(fatbins)
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _prebuilt(code: str, *_target: object) -> bytes:
+        key = source_key(code)
+        if key not in _FATBINS:
+            raise CudaTargetError(
+                f"no ahead-of-time fatbin for CUDA source {key[:12]}: the artifact was built by another "
+                "qcompile/TVM version or is damaged; recompile it"
+            )
+        return _FATBINS[key]
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CUDA pipeline: qcompile's kernels come scheduled; every other TIR function (norms,
+    rotary embeddings, attention, fp32 linears) gets dlight's default GPU schedules."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                [relax.transform.DeadCodeElimination()]
+                + cuda.library_dispatch_passes(target)
+                + cuda.legalize_passes(target)
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline

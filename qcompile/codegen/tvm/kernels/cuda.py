@@ -1,0 +1,577 @@
+"""CUDA linear-layer kernels written in TIR with explicit PTX tensor-core instructions (``T.ptx``).
+
+Every kernel computes ``Y[M, N] = Σ_chunks float(Σ_{k in chunk} a(m, k)·w(n, k)) · sw(n, g) · sx(m, g)
+(+ bias[n])`` with the weights on the MMA's M side (output channels) and the tokens on its N side
+("swap AB"), so a decode step (M = 1) wastes no weight bandwidth. Weights are repacked at build
+time into *fragment order*: the bytes a lane feeds to one ``mma`` sit together, so each lane's load
+is one vector and a warp reads whole 128-byte lines. Per (n-tile, token tile) a block of ``KS``
+warps splits K by chunks; a chunk is one quantization group (or K/KS for per-channel scales), its
+integer partials are exact int32 in the MMA accumulators and rescaled to fp32 once per chunk; the
+warps' fp32 sums meet in shared memory.
+
+Kernels (``CudaLinear.kind``):
+
+* ``s8``  — W8A8: int8 weights and activation codes, ``mma.m16n8k32.s8.s8.s32``;
+* ``u6``  — W6A6 / W6A8 by unpack: weights stored at exactly 6 bits (3 words per lane per 32 K),
+  widened to int8 in registers (shift/mask, ``__vsub4``), then the same s8 MMA;
+* ``b1``  — W6A6 / W6A8 bit-serial (FlexQ): weight and activation bit planes,
+  ``mma.m8n8k128.b1.b1.s32.and.popc`` per (weight plane, 8 activation planes of one token), plane
+  pairs weighted by ``±2^(i+j)`` (sign planes negated) and summed exactly in int32, one 128-wide
+  K step per quantization group;
+* ``f16`` — W4A16: 4-bit codes dequantized to fp16 in registers (``u·s + c``), ``mma.m16n8k16``
+  with fp32 accumulation, fp32 activations rounded to fp16 on load.
+
+:func:`quant_rows_cuda` quantizes activations per token (or per token group) to the codes these
+kernels read (int8 words, and bit planes for ``b1``), optionally fused with the RMSNorm that
+produces them; codes equal :mod:`qcompile.quant.rtn`'s (same float operations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import tvm
+from tvm.script import tirx as T
+
+KS = 4  # warps per block, splitting K
+KINDS = ("s8", "u6", "b1", "f16")
+MMA = {  # kind -> (rows per tile, K per MMA step, PTX)
+    "s8": (16, 32, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32"),
+    "u6": (16, 32, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32"),
+    "b1": (8, 128, "mma.sync.aligned.m8n8k128.row.col.s32.b1.b1.s32.and.popc"),
+    "f16": (16, 16, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
+}
+WORDS = {"s8": 4, "u6": 3, "f16": 1}  # uint32 weight words per lane per MMA step
+
+
+class Uncovered(ValueError):
+    """The shape or format has no CUDA tensor-core kernel (the caller falls back to a generic one)."""
+
+
+@dataclass(frozen=True)
+class CudaLinear:
+    """One kernel instance for an N×K weight (N, K already padded to the tile and the group)."""
+
+    kind: str
+    n: int
+    k: int
+    group: int  # weight scale group (== k: per output channel)
+    act_bits: int  # 0: fp32 activations (f16 kind); else 6 or 8
+    act_group: int  # 0: one activation scale per token; else == group
+    bias: bool
+    zero_term: bool = False  # f16: w = u·s + c
+    tokens: int = 8  # tokens per block (b1: any; others: a multiple of 8, one n8 MMA tile each)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown CUDA kernel kind {self.kind!r}; kinds: {KINDS}")
+        rows, kstep, _ = MMA[self.kind]
+        if self.n % rows or self.k % kstep:
+            raise Uncovered(f"{self.kind} needs N % {rows} == 0 and K % {kstep} == 0, got {self.n}×{self.k}")
+        if self.group % kstep or self.k % self.group:
+            raise Uncovered(f"{self.kind} needs groups that are a multiple of {kstep} dividing K, got group {self.group}")
+        if self.act_group not in (0, self.group):
+            raise Uncovered("activation groups must equal the weight groups")
+        if (self.kind == "f16") != (self.act_bits == 0):
+            raise Uncovered(f"{self.kind} takes {'fp32' if self.kind == 'f16' else 'integer'} activations")
+        if self.act_bits not in (0, 6, 8) or (self.kind == "s8" and self.act_bits != 8):
+            raise Uncovered(f"no {self.kind} kernel for {self.act_bits}-bit activations")
+        if self.tokens <= 0 or (self.kind != "b1" and self.tokens % 8):
+            raise ValueError("tokens per block must be positive (a multiple of 8 for the m16n8 kernels)")
+
+    @property
+    def groups(self) -> int:
+        return self.k // self.group
+
+    @property
+    def chunk(self) -> int:
+        """K per exact int32 partial: the group, or for one group K/KS rounded to the MMA step."""
+        _, kstep, _ = MMA[self.kind]
+        if self.groups > 1:
+            return self.group
+        steps = self.k // kstep
+        return kstep * max(1, -(-steps // KS))
+
+    @property
+    def name(self) -> str:
+        return (f"qc_cuda_{self.kind}_n{self.n}_k{self.k}_g{self.group}_a{self.act_bits}"
+                f"{'g' if self.act_group else 't'}{'_b' if self.bias else ''}{'_z' if self.zero_term else ''}_t{self.tokens}")
+
+    def weight_shapes(self) -> list[tuple[tuple[int, ...], str]]:
+        rows, kstep, _ = MMA[self.kind]
+        if self.kind == "b1":
+            return [((self.n // 8, self.k // 128, 6, 32), "uint32")]
+        return [((self.n // rows, self.k // kstep, 32, WORDS[self.kind]), "uint32")]
+
+    def act_shape(self) -> tuple[tuple[int | str, ...], str]:
+        """Shape of the activation operand (``"m"`` is the token count)."""
+        if self.kind == "b1":
+            return ("m", self.k // 128, 8, 4), "uint32"
+        if self.kind == "f16":
+            return ("m", self.k), "float32"
+        return ("m", self.k), "int8"
+
+
+def _shfl_xor(v: tvm.tirx.PrimExpr, lane_mask: int) -> tvm.tirx.PrimExpr:
+    return T.call_extern("int32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF), v, lane_mask, 32)
+
+
+def _sync() -> tvm.tirx.PrimExpr:
+    return T.tvm_storage_sync("shared")
+
+
+def with_root(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """Wrap a hand-scheduled body in the root block Relax's pattern analyses expect."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    if isinstance(func.body, SBlockRealize):
+        return func
+    root = SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=func.body)
+    return func.with_body(SBlockRealize([], True, root))
+
+
+def linear_cuda_primfunc(spec: CudaLinear) -> tvm.tirx.PrimFunc:
+    """``(x, w, sw, sx | c, bias) -> y`` for ``spec``; ``M`` is dynamic."""
+    if spec.kind == "b1":
+        return with_root(_bitserial(spec))
+    if spec.kind == "f16":
+        return with_root(_w4a16(spec))
+    return with_root(_int8(spec))
+
+
+# ---- s8 / u6: int8 MMA m16n8k32 ---------------------------------------------------------------
+
+
+def _int8(spec: CudaLinear) -> tvm.tirx.PrimFunc:
+    n, k, tm, words = spec.n, spec.k, spec.tokens, WORDS[spec.kind]
+    tiles, steps = n // 16, k // 32
+    chunk_steps = spec.chunk // 32
+    chunks = -(-steps // chunk_steps)
+    g_w, g_x = spec.group // 32, (spec.act_group or k) // 32  # MMA steps per scale group
+    gw_n, gx_n = spec.groups, (spec.groups if spec.act_group else 1)
+    ptx = MMA[spec.kind][2]
+    six = spec.kind == "u6"
+    has_bias = spec.bias
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, sx_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        m = T.int32()
+        X = T.match_buffer(x_h, (m, k), "int8")
+        W = T.match_buffer(w_h, (tiles, steps, 32, words), "uint32")
+        SW = T.match_buffer(sw_h, (n, gw_n), "float32")
+        SX = T.match_buffer(sx_h, (m, gx_n), "float32")
+        B = T.match_buffer(b_h, (n,), "float32")
+        Y = T.match_buffer(y_h, (m, n), "float32")
+        for by in T.thread_binding((m + tm - 1) // tm, thread="blockIdx.y"):
+            for bx in T.thread_binding(tiles, thread="blockIdx.x"):
+                red = T.alloc_buffer((KS, tm, 16), "float32", scope="shared")
+                for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        acc = T.alloc_local((tm // 8, 4), "float32")
+                        ci = T.alloc_local((tm // 8, 4), "uint32")
+                        a = T.alloc_local((4,), "uint32")
+                        raw = T.alloc_local((4,), "uint32")
+                        bx0 = T.alloc_local((2,), "uint32")
+                        for j, r in T.grid(tm // 8, 4):
+                            acc[j, r] = T.float32(0)
+                        for c in T.serial((chunks - wy + KS - 1) // KS):
+                            for j, r in T.grid(tm // 8, 4):
+                                ci[j, r] = T.uint32(0)
+                            for s in T.unroll(chunk_steps):
+                                st = (wy + c * KS) * chunk_steps + s
+                                if st < steps:
+                                    if six:
+                                        for r in T.serial(3):
+                                            raw[r] = W[bx, st, lane, r]
+                                        for r in T.unroll(4):
+                                            a[r] = T.call_pure_extern(
+                                                "uint32", "__vsub4",
+                                                ((raw[r // 2] >> T.uint32(4 * (r % 2))) & T.uint32(0x0F0F0F0F))
+                                                | (((raw[2] >> T.uint32(2 * r)) & T.uint32(0x03030303)) << T.uint32(4)),
+                                                T.uint32(0x20202020),
+                                            )
+                                    else:
+                                        for r in T.vectorized(4):
+                                            a[r] = W[bx, st, lane, r]
+                                    for j in T.serial(tm // 8):
+                                        if by * tm + j * 8 < m:
+                                            tok = T.min(by * tm + j * 8 + lane // 4, m - 1)
+                                            for h in T.serial(2):
+                                                bx0[h] = T.reinterpret("uint32", X[tok, T.Ramp(st * 32 + h * 16 + (lane % 4) * 4, 1, 4)])
+                                            T.ptx[ptx](ci[j, 0], ci[j, 1], ci[j, 2], ci[j, 3], a[0], a[1], a[2], a[3],
+                                                       bx0[0], bx0[1], ci[j, 0], ci[j, 1], ci[j, 2], ci[j, 3])
+                            k0 = (wy + c * KS) * chunk_steps
+                            for j, r in T.grid(tm // 8, 4):
+                                row = bx * 16 + lane // 4 + (r // 2) * 8
+                                tok = T.min(by * tm + j * 8 + (lane % 4) * 2 + r % 2, m - 1)
+                                acc[j, r] = acc[j, r] + T.Cast("float32", T.reinterpret("int32", ci[j, r])) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                        for j, r in T.grid(tm // 8, 4):
+                            red[wy, j * 8 + (lane % 4) * 2 + r % 2, lane // 4 + (r // 2) * 8] = acc[j, r]
+                T.evaluate(_sync())
+                for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        for e in T.serial((tm * 16 + KS * 32 - 1) // (KS * 32)):
+                            idx = e * KS * 32 + wy * 32 + lane
+                            tok = by * tm + idx // 16
+                            col = bx * 16 + idx % 16
+                            if idx < tm * 16 and tok < m:
+                                Y[tok, col] = red[0, idx // 16, idx % 16] + red[1, idx // 16, idx % 16] \
+                                    + red[2, idx // 16, idx % 16] + red[3, idx // 16, idx % 16] \
+                                    + T.if_then_else(has_bias, B[col], T.float32(0))
+
+    return kernel
+
+
+# ---- b1: bit-serial MMA m8n8k128 --------------------------------------------------------------
+
+
+def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
+    n, k, tm, ab = spec.n, spec.k, spec.tokens, spec.act_bits
+    tiles, steps = n // 8, k // 128
+    chunk_steps = spec.chunk // 128
+    chunks = -(-steps // chunk_steps)
+    g_w, g_x = spec.group // 128, (spec.act_group or k) // 128
+    gw_n, gx_n = spec.groups, (spec.groups if spec.act_group else 1)
+    ptx = MMA["b1"][2]
+    has_bias = spec.bias
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, sx_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        m = T.int32()
+        X = T.match_buffer(x_h, (m, steps, 8, 4), "uint32")
+        W = T.match_buffer(w_h, (tiles, steps, 6, 32), "uint32")
+        SW = T.match_buffer(sw_h, (n, gw_n), "float32")
+        SX = T.match_buffer(sx_h, (m, gx_n), "float32")
+        B = T.match_buffer(b_h, (n,), "float32")
+        Y = T.match_buffer(y_h, (m, n), "float32")
+        for by in T.thread_binding((m + tm - 1) // tm, thread="blockIdx.y"):
+            for bx in T.thread_binding(tiles, thread="blockIdx.x"):
+                red = T.alloc_buffer((KS, tm, 8), "float32", scope="shared")
+                for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        acc = T.alloc_local((tm,), "float32")
+                        isum = T.alloc_local((tm,), "int32")
+                        a = T.alloc_local((6,), "uint32")
+                        d = T.alloc_local((2,), "uint32")
+                        zero = T.alloc_local((2,), "uint32")
+                        bw = T.alloc_local((1,), "uint32")
+                        zero[0] = T.uint32(0)
+                        zero[1] = T.uint32(0)
+                        for j in T.serial(tm):
+                            acc[j] = T.float32(0)
+                        for c in T.serial((chunks - wy + KS - 1) // KS):
+                            for j in T.serial(tm):
+                                isum[j] = 0
+                            for s in T.serial(chunk_steps):
+                                st = (wy + c * KS) * chunk_steps + s
+                                if st < steps:
+                                    for p in T.unroll(6):
+                                        a[p] = W[bx, st, p, lane]
+                                    for j in T.serial(tm):
+                                        if by * tm + j < m:
+                                            bw[0] = X[by * tm + j, st, lane // 4, lane % 4]
+                                            for p in T.unroll(6):
+                                                T.ptx[ptx](d[0], d[1], a[p], bw[0], zero[0], zero[1])
+                                                for h in T.unroll(2):
+                                                    q = (lane % 4) * 2 + h
+                                                    # plane weights ±2^(p+q); the sign planes (p = 5, q = ab - 1) count negative
+                                                    isum[j] = isum[j] + T.if_then_else(
+                                                        q < ab,
+                                                        T.if_then_else((p == 5) != (q == ab - 1), -1, 1)
+                                                        * (T.reinterpret("int32", d[h]) << (p + q)),
+                                                        0,
+                                                    )
+                            k0 = (wy + c * KS) * chunk_steps
+                            for j in T.serial(tm):
+                                isum[j] = isum[j] + _shfl_xor(isum[j], 1)
+                                isum[j] = isum[j] + _shfl_xor(isum[j], 2)
+                                tok = T.min(by * tm + j, m - 1)
+                                row = bx * 8 + lane // 4
+                                acc[j] = acc[j] + T.Cast("float32", isum[j]) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                        if lane % 4 == 0:
+                            for j in T.serial(tm):
+                                red[wy, j, lane // 4] = acc[j]
+                T.evaluate(_sync())
+                for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        for e in T.serial((tm * 8 + KS * 32 - 1) // (KS * 32)):
+                            idx = e * KS * 32 + wy * 32 + lane
+                            tok = by * tm + idx // 8
+                            col = bx * 8 + idx % 8
+                            if idx < tm * 8 and tok < m:
+                                Y[tok, col] = red[0, idx // 8, idx % 8] + red[1, idx // 8, idx % 8] \
+                                    + red[2, idx // 8, idx % 8] + red[3, idx // 8, idx % 8] \
+                                    + T.if_then_else(has_bias, B[col], T.float32(0))
+
+    return kernel
+
+
+# ---- f16: W4A16 dequantize + MMA m16n8k16 -----------------------------------------------------
+
+
+def _w4a16(spec: CudaLinear) -> tvm.tirx.PrimFunc:
+    n, k, tm = spec.n, spec.k, spec.tokens
+    tiles, steps = n // 16, k // 16
+    chunk_steps = spec.chunk // 16
+    chunks = -(-steps // chunk_steps)
+    g_w, gw_n = spec.group // 16, spec.groups
+    ptx = MMA["f16"][2]
+    has_bias, has_zero = spec.bias, spec.zero_term
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, c_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        m = T.int32()
+        X = T.match_buffer(x_h, (m, k), "float32")
+        W = T.match_buffer(w_h, (tiles, steps, 32, 1), "uint32")
+        SW = T.match_buffer(sw_h, (n, gw_n), "float32")
+        C = T.match_buffer(c_h, (n, gw_n), "float32")
+        B = T.match_buffer(b_h, (n,), "float32")
+        Y = T.match_buffer(y_h, (m, n), "float32")
+        for by in T.thread_binding((m + tm - 1) // tm, thread="blockIdx.y"):
+            for bx in T.thread_binding(tiles, thread="blockIdx.x"):
+                red = T.alloc_buffer((KS, tm, 16), "float32", scope="shared")
+                for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        acc = T.alloc_local((tm // 8, 4), "float32")
+                        a = T.alloc_local((4,), "uint32")
+                        bf = T.alloc_local((2,), "uint32")
+                        sc = T.alloc_local((2,), "float16")
+                        of = T.alloc_local((2,), "float16")
+                        for j, r in T.grid(tm // 8, 4):
+                            acc[j, r] = T.float32(0)
+                        for c in T.serial((chunks - wy + KS - 1) // KS):
+                            for s in T.serial(chunk_steps):
+                                st = (wy + c * KS) * chunk_steps + s
+                                if st < steps:
+                                    for h in T.serial(2):
+                                        row = bx * 16 + lane // 4 + h * 8
+                                        sc[h] = T.Cast("float16", SW[row, st // g_w])
+                                        of[h] = T.Cast("float16", T.if_then_else(has_zero, C[row, st // g_w], T.float32(0)))
+                                    for r in T.unroll(4):
+                                        # nibbles 2r, 2r+1 of the lane's word: two K-neighbours of row (r % 2)·8
+                                        a[r] = T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", (W[bx, st, lane, 0] >> T.uint32(8 * r)) & T.uint32(15)) * sc[r % 2] + of[r % 2])) \
+                                            | (T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", (W[bx, st, lane, 0] >> T.uint32(8 * r + 4)) & T.uint32(15)) * sc[r % 2] + of[r % 2])) << T.uint32(16))
+                                    for j in T.serial(tm // 8):
+                                        if by * tm + j * 8 < m:
+                                            tok = T.min(by * tm + j * 8 + lane // 4, m - 1)
+                                            for h in T.serial(2):
+                                                kk = st * 16 + (lane % 4) * 2 + h * 8
+                                                bf[h] = T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", X[tok, kk]))) \
+                                                    | (T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", X[tok, kk + 1]))) << T.uint32(16))
+                                            T.ptx[ptx](acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3], a[0], a[1], a[2], a[3],
+                                                       bf[0], bf[1], acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3])
+                        for j, r in T.grid(tm // 8, 4):
+                            red[wy, j * 8 + (lane % 4) * 2 + r % 2, lane // 4 + (r // 2) * 8] = acc[j, r]
+                T.evaluate(_sync())
+                for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        for e in T.serial((tm * 16 + KS * 32 - 1) // (KS * 32)):
+                            idx = e * KS * 32 + wy * 32 + lane
+                            tok = by * tm + idx // 16
+                            col = bx * 16 + idx % 16
+                            if idx < tm * 16 and tok < m:
+                                Y[tok, col] = red[0, idx // 16, idx % 16] + red[1, idx // 16, idx % 16] \
+                                    + red[2, idx // 16, idx % 16] + red[3, idx // 16, idx % 16] \
+                                    + T.if_then_else(has_bias, B[col], T.float32(0))
+
+    return kernel
+
+
+# ---- activation quantization (+ bit planes, + RMSNorm) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class CudaQuant:
+    """Per-token (``group == 0``) or per-group symmetric ``bits``-bit codes of ``x[M, K]``; with
+    ``planes`` also the ``b1`` kernel's bit planes; with ``norm`` the input is first RMS-normalized
+    (``x · rsqrt(mean(x²) + eps) · weight``)."""
+
+    k: int
+    bits: int
+    group: int
+    planes: bool = False
+    norm: bool = False
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.k % 128 or (self.group and (self.group % 128 or self.k % self.group)):
+            raise Uncovered(f"CUDA activation quantization needs K and groups in multiples of 128, got K={self.k}, group={self.group}")
+        if self.bits not in (6, 8):
+            raise Uncovered(f"no {self.bits}-bit activation codes")
+
+    @property
+    def groups(self) -> int:
+        return self.k // self.group if self.group else 1
+
+    @property
+    def name(self) -> str:
+        return (f"qc_cuda_quant_k{self.k}_b{self.bits}_g{self.group}{'_planes' if self.planes else ''}"
+                f"{'_norm' + f'{self.eps:g}'.replace('-', 'm').replace('.', 'p') if self.norm else ''}")
+
+
+def _shfl_xor_f(v: tvm.tirx.PrimExpr, lane_mask: int) -> tvm.tirx.PrimExpr:
+    return T.call_extern("float32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF), v, lane_mask, 32)
+
+
+def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
+    """``(x, norm_weight) -> (codes int8[M, K], scales f32[M, G], planes u32[M, K/128, 8, 4])``; without
+    ``norm`` / ``planes`` those operands are one-element placeholders (``[1]``, ``[1, 1, 8, 4]``).
+
+    One block of ``KS`` warps per token. A warp owns 128-wide sub-chunks; lane ``l`` holds elements
+    ``e·32 + l`` (e < 4), so ``__ballot_sync`` of one bit of the four codes yields the plane words
+    directly. Group maxima come from the per-sub-chunk maxima in shared memory."""
+    k, qmax, subs = spec.k, float(2 ** (spec.bits - 1) - 1), spec.k // 128
+    per_group = (spec.group or spec.k) // 128
+    groups, use_norm, planes, eps = spec.groups, spec.norm, spec.planes, spec.eps
+    nk = k if use_norm else 1  # unused operands shrink to one element
+    pm, ps = (1, subs) if planes else (0, 1)
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, nw_h: T.handle, q_h: T.handle, s_h: T.handle, p_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        m = T.int32()
+        X = T.match_buffer(x_h, (m, k), "float32")
+        NW = T.match_buffer(nw_h, (nk,), "float32")
+        Q = T.match_buffer(q_h, (m, k), "int8")
+        S = T.match_buffer(s_h, (m, groups), "float32")
+        P = T.match_buffer(p_h, (m * pm + 1 - pm, ps, 8, 4), "uint32")
+        for tok in T.thread_binding(m, thread="blockIdx.x"):
+            submax = T.alloc_buffer((subs,), "float32", scope="shared")
+            wsum = T.alloc_buffer((KS,), "float32", scope="shared")
+            for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    part = T.alloc_local((1,), "float32")
+                    part[0] = T.float32(0)
+                    if use_norm:
+                        for i in T.serial(k // (KS * 32)):
+                            v = X[tok, i * KS * 32 + wy * 32 + lane]
+                            part[0] = part[0] + v * v
+                        for sh in T.unroll(5):
+                            part[0] = part[0] + _shfl_xor_f(part[0], 1 << sh)
+                        if lane == 0:
+                            wsum[wy] = part[0]
+            T.evaluate(_sync())
+            for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    rs = T.alloc_local((1,), "float32")
+                    mx = T.alloc_local((1,), "float32")
+                    rs[0] = T.float32(1)
+                    if use_norm:
+                        rs[0] = T.rsqrt((wsum[0] + wsum[1] + wsum[2] + wsum[3]) / T.float32(k) + T.float32(eps))
+                    for c in T.serial((subs - wy + KS - 1) // KS):
+                        sc = wy + c * KS
+                        mx[0] = T.float32(0)
+                        for e in T.unroll(4):
+                            kk = sc * 128 + e * 32 + lane
+                            mx[0] = T.max(mx[0], T.fabs(T.if_then_else(use_norm, X[tok, kk] * rs[0] * NW[kk], X[tok, kk])))
+                        for sh in T.unroll(5):
+                            mx[0] = T.max(mx[0], _shfl_xor_f(mx[0], 1 << sh))
+                        if lane == 0:
+                            submax[sc] = mx[0]
+            T.evaluate(_sync())
+            for wy in T.thread_binding(KS, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    rs = T.alloc_local((1,), "float32")
+                    amax = T.alloc_local((1,), "float32")
+                    scale = T.alloc_local((1,), "float32")
+                    code = T.alloc_local((4,), "int32")
+                    rs[0] = T.float32(1)
+                    if use_norm:
+                        rs[0] = T.rsqrt((wsum[0] + wsum[1] + wsum[2] + wsum[3]) / T.float32(k) + T.float32(eps))
+                    for c in T.serial((subs - wy + KS - 1) // KS):
+                        sc = wy + c * KS
+                        g = sc // per_group
+                        amax[0] = T.float32(0)
+                        for i in T.serial(per_group):
+                            amax[0] = T.max(amax[0], submax[g * per_group + i])
+                        scale[0] = T.if_then_else(amax[0] > T.float32(0), amax[0] / T.float32(qmax), T.float32(1))
+                        if lane == 0 and sc % per_group == 0:
+                            S[tok, g] = scale[0]
+                        for e in T.unroll(4):
+                            kk = sc * 128 + e * 32 + lane
+                            v = T.if_then_else(use_norm, X[tok, kk] * rs[0] * NW[kk], X[tok, kk])
+                            code[e] = T.Cast("int32", T.max(T.min(T.nearbyint(v / scale[0]), T.float32(qmax)), T.float32(-qmax)))
+                            Q[tok, kk] = T.Cast("int8", code[e])
+                        if planes:
+                            for p, e in T.grid(8, 4):
+                                word = T.call_extern("uint32", "__ballot_sync", T.uint32(0xFFFFFFFF),
+                                                     ((code[e] >> p) & 1) == 1)
+                                if lane == p * 4 + e:
+                                    P[tok, sc, p, e] = word
+
+    return with_root(kernel)
+
+
+# ---- weight repacking (torch, at build time) --------------------------------------------------
+
+
+def _fragment_index(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, k) within one (tile, MMA step) of every A-fragment element, shaped [32 lanes, regs, elems]
+    in register order, per the PTX ISA's "Matrix Fragments" tables (groupID = lane/4,
+    threadID_in_group = lane%4)."""
+    lane = torch.arange(32)[:, None, None]
+    gid, tig = lane // 4, lane % 4
+    if kind == "b1":  # m8n8k128 .b1: one register of 32 bits, row gid, k = tig·32 + bit
+        e = torch.arange(32)[None, None, :]
+        return (gid + 0 * e), tig * 32 + e
+    if kind == "f16":  # m16n8k16 .f16: regs (r) of 2 halves (h); rows gid(+8 for odd r), k = tig·2 + h (+8 for r ≥ 2)
+        r, h = torch.arange(4)[None, :, None], torch.arange(2)[None, None, :]
+        return gid + (r % 2) * 8 + 0 * h, tig * 2 + h + (r // 2) * 8
+    # m16n8k32 .s8: regs of 4 bytes; rows gid(+8 for odd r), k = tig·4 + b (+16 for r ≥ 2)
+    r, b = torch.arange(4)[None, :, None], torch.arange(4)[None, None, :]
+    return gid + (r % 2) * 8 + 0 * b, tig * 4 + b + (r // 2) * 16
+
+
+def _fragments(spec: CudaLinear, codes: torch.Tensor) -> torch.Tensor:
+    """``codes[N, K]`` (int64) → ``[tiles, steps, 32, regs, elems]`` in fragment order."""
+    rows, kstep, _ = MMA[spec.kind]
+    row, kk = _fragment_index("s8" if spec.kind == "u6" else spec.kind)
+    tiles, steps = spec.n // rows, spec.k // kstep
+    t = torch.arange(tiles)[:, None, None, None, None]
+    s = torch.arange(steps)[None, :, None, None, None]
+    return codes[t * rows + row, s * kstep + kk]
+
+
+def _words(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """Little-endian: ``[..., 32/width]`` fields of ``width`` bits → ``[...]`` uint32 words (as int64)."""
+    shifts = torch.arange(bits.shape[-1]) * width
+    return (bits << shifts).sum(-1)
+
+
+def _as_u32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) → a uint32 tensor with the same bits."""
+    return words.to(torch.int64).to(torch.uint32) if hasattr(torch, "uint32") else words
+
+
+def pack_cuda_weight(spec: CudaLinear, codes: torch.Tensor) -> torch.Tensor:
+    """The kernel's weight tensor from integer ``codes[N, K]`` (already padded with zeros):
+    signed codes for ``s8``/``u6``/``b1``, unsigned ``u = code + zero`` for ``f16``."""
+    c = codes.to(torch.int64)
+    if spec.kind == "b1":
+        f = _fragments(spec, c)[..., 0, :]  # [tiles, steps, 32, 32 bits]
+        planes = torch.stack([_words((f >> p) & 1, 1) for p in range(6)], dim=2)  # [tiles, steps, 6, 32]
+        return _as_u32(planes)
+    f = _fragments(spec, c)
+    if spec.kind == "s8":
+        return _as_u32(_words(f & 0xFF, 8))  # [tiles, steps, 32, 4]
+    if spec.kind == "f16":
+        return _as_u32(_words(f.flatten(-2) & 0xF, 4)[..., None])  # [tiles, steps, 32, 1]
+    u = f + 32  # u6: 0..63
+    lo, hi = u & 15, u >> 4  # [tiles, steps, 32, 4 regs, 4 bytes]
+    w0 = _words(lo[..., 0, :] | (lo[..., 1, :] << 4), 8)
+    w1 = _words(lo[..., 2, :] | (lo[..., 3, :] << 4), 8)
+    w2 = _words(sum(hi[..., r, :] << (2 * r) for r in range(4)), 8)
+    return _as_u32(torch.stack([w0, w1, w2], dim=-1))
+
+
+def act_planes_reference(codes: torch.Tensor) -> torch.Tensor:
+    """``codes[M, K]`` → the ``b1`` kernel's activation planes ``[M, K/128, 8, 4]`` (word ``(p, e)`` bit
+    ``l`` = bit ``p`` of the code at ``k = e·32 + l`` of the 128-wide step)."""
+    m, k = codes.shape
+    c = codes.to(torch.int64).reshape(m, k // 128, 1, 4, 32)
+    bits = (c >> torch.arange(8)[None, None, :, None, None]) & 1
+    return _as_u32(_words(bits, 1))
