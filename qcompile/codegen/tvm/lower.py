@@ -36,7 +36,6 @@ from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc, pack_plane_scales, pack_weight_planes
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
 from qcompile.codegen.tvm.kernels.cuda import (
-    MMA,
     CudaLinear,
     CudaQuant,
     Uncovered,
@@ -105,6 +104,23 @@ class _Lowering:
             self.kernels[name] = self.bb.add_func(func, name)
         self.kernel_uses[name] = self.kernel_uses.get(name, 0) + 1
         return self.kernels[name]
+
+    def generic_gpu(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+        """On CUDA, the plain compute with one thread per output element of every stage (reductions
+        serial in the thread): slow but correct, for the shapes the tensor-core kernels do not
+        cover. (dlight's rules, Fallback included, fail on these multi-stage dequantizing computes.)"""
+        if self.cuda is None:
+            return func
+        from tvm.s_tir import Schedule
+
+        sch = Schedule(func)
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(blk)
+            spatial = sum(1 for iv in sch.get(blk).iter_vars if iv.iter_type == 0)  # data-parallel axes lead
+            bx, tx = sch.split(sch.fuse(*loops[:spatial]), [None, 128])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
     def param(self, key: str, repack: Repack, shape: tuple[int, ...], dtype: str) -> relax.Var:
         """A repacked tensor as an extra parameter of the entry being lowered."""
@@ -288,7 +304,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
             args.append(lw.param(f"{key}@zero", lambda st: pack_groups(spec, c_of(st)), gshape, "float32"))
         if b_key is not None:
             args.append(lw.param(f"{b_key}@pad{n_p}", lambda st: torch.nn.functional.pad(st[b_key].float(), (0, n_p - n)), (n_p,), "float32"))
-        f = lw.kernel(spec.name, lambda: linear_primfunc(spec, schedule=lw.cuda is None))
+        f = lw.kernel(spec.name, lambda: lw.generic_gpu(linear_primfunc(spec, schedule=lw.cuda is None)))
         y = bb.emit(relax.call_tir(f, args, relax.TensorType([shp[0], n_p], "float32")))
         return finish(y, x, lead, n_p, n)
 
@@ -360,7 +376,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
 
     def quantize(spec: LinearKernel, flat: relax.Var, mdim: Any) -> tuple[relax.Var, relax.Var]:
         qr = QuantRows(spec.k, spec.act_bits, spec.act_group, spec.m)
-        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr, schedule=lw.cuda is None))
+        qf = lw.kernel(qr.name, lambda: lw.generic_gpu(quant_rows_primfunc(qr, schedule=lw.cuda is None)))
         q = bb.emit(relax.call_tir(qf, [flat], [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]))
         return bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
 
