@@ -37,6 +37,10 @@ def test_cuda_build_uses_the_tensor_core_kernels(tiny_llama, tmp_path, plan, tar
     assert sum(n for k, n in info["kernels"].items() if k.startswith(f"qc_cuda_{kind}_")) == 14 * 3
     if kind in ("b1", "u6"):
         assert all(c["chosen"] == kind and "default" in c["source"] for c in info["kernel_choices"].values())
+    if kind != "f16":  # one quantization per distinct input; the two norm-fed ones fuse the RMSNorm
+        quants = {k: n for k, n in info["kernels"].items() if k.startswith("qc_cuda_quant_")}
+        assert sum(quants.values()) == 4 * 2 * 3  # per layer: q/k/v, o, gate/up, down; 2 layers; 3 entries
+        assert sum(n for k, n in quants.items() if "_norm1em06v64" in k) == 2 * 2 * 3
     with pytest.raises(RuntimeError, match="no CUDA device"):
         cm.generate(cm_ids(), 2, eos_token_id=[])
     cm.save(tmp_path / "a")

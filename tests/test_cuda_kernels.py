@@ -201,3 +201,15 @@ def test_kernels_build_for_every_arch(source: str, arch: str) -> None:
     assert "div.full" not in entries["quant"] and "div.rn.f32" in entries["quant"]  # exact division (no fast math)
     fatbin = cuda.compile_fatbin(source, arch)
     assert len(fatbin) > 1000
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_packing_round_trips(name: str) -> None:
+    from qcompile.codegen.tvm.kernels.cuda_layout import planes_to_codes, unpack_cuda_weight
+
+    spec = KERNELS[name]
+    lo, hi = {"s8": (-127, 127), "f16": (0, 15)}.get(spec.kind, (-32, 31))
+    codes = _codes(spec.n, spec.k, lo, hi, seed=7)
+    assert torch.equal(unpack_cuda_weight(spec, pack_cuda_weight(spec, codes)), codes)
+    x = _codes(2, 256, -127, 127, seed=8)
+    assert torch.equal(planes_to_codes(act_planes_reference(x)), x)

@@ -22,7 +22,7 @@ function (``call_dps_packed``) and is listed in :attr:`Lowered.fallbacks`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -87,6 +87,7 @@ class _Lowering:
         self.program = program
         self.cuda = cuda
         self.generic: list[str] = []
+        self.quant_memo: dict[str, dict[tuple[str, str], tuple[relax.Var, relax.Var]]] = {}
         self.allow_fallback = allow_fallback
         self.select = select
         self.choices: dict[str, dict[str, Any]] = {}
@@ -226,6 +227,49 @@ class _Unsupported(Exception):
     pass
 
 
+_CASTS = ("to.dtype", "_to_copy.default", "to.dtype_layout")
+_QUANT_LINEARS = ("linear_w8a8.default", "quant_linear.default", "packed_linear.default")
+
+
+def _name(node: Any) -> str:
+    return node.target.__name__ if isinstance(node, fx.Node) and node.op == "call_function" else ""
+
+
+def _uncast(node: Any) -> Any:
+    """Through float32 casts (no-ops in an fp32 graph)."""
+    while _name(node) in _CASTS and node.meta.get("val") is not None and node.meta["val"].dtype == torch.float32:
+        node = node.args[0]
+    return node
+
+
+def _rmsnorm_source(node: Any, slots: dict[Any, Any]) -> tuple[fx.Node, fx.Node, float] | None:
+    """``(x, weight, eps)`` when ``node`` is ``weight · (x · rsqrt(mean(x², -1) + eps))`` with a
+    constant 1-D weight, and every user of ``node`` is a quantized linear (so fusing the norm into
+    their activation quantization leaves nothing that needs the normalized tensor)."""
+    if _name(node) != "mul.Tensor" or not all(_name(u) in _QUANT_LINEARS for u in node.users):
+        return None
+    a, b = node.args
+    w, y = (a, b) if isinstance(a, fx.Node) and a in slots and slots[a].kind is SlotKind.STATE else (b, a)
+    if not (isinstance(w, fx.Node) and w in slots and slots[w].kind is SlotKind.STATE and w.meta["val"].dim() == 1):
+        return None
+    y = _uncast(y)
+    if _name(y) != "mul.Tensor":
+        return None
+    x, r = y.args
+    if _name(r) != "rsqrt.default" and _name(x) == "rsqrt.default":
+        x, r = r, x
+    add = r.args[0] if _name(r) == "rsqrt.default" else None
+    if _name(add) != "add.Tensor" or not isinstance(add.args[1], float):
+        return None
+    mean = add.args[0]
+    if _name(mean) != "mean.dim" or list(mean.args[1]) not in ([-1], [x.meta["val"].dim() - 1]) or not (len(mean.args) > 2 and mean.args[2]):
+        return None
+    sq = mean.args[0]
+    if _name(sq) != "pow.Tensor_Scalar" or sq.args[1] != 2 or _uncast(sq.args[0]) is not _uncast(x):
+        return None
+    return x, w, float(add.args[1])
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node)]
 
@@ -308,6 +352,35 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         y = bb.emit(relax.call_tir(f, args, relax.TensorType([shp[0], n_p], "float32")))
         return finish(y, x, lead, n_p, n)
 
+    def cuda_quantize(node: fx.Node, qspec: CudaQuant, flat: relax.Var, mdim: Any, k: int) -> tuple[relax.Var, relax.Var]:
+        """Activation codes (+ planes) and scales for a CUDA linear: one kernel per distinct input
+        (q/k/v and gate/up share it), fused with the RMSNorm that produces the input when the graph
+        has one whose output only feeds quantized linears."""
+        norm = _rmsnorm_source(node.args[0], lw.slots)
+        args = [flat, None]
+        if norm is not None:
+            x0, w, eps = norm
+            qspec = replace(qspec, norm=True, eps=eps, valid=k if qspec.k != k else 0)
+            pre, _ = rows(env(x0))
+            wv = env(w)
+            if qspec.k != k:
+                pre = bb.emit(relax.op.nn.pad(pre, [0, 0, 0, qspec.k - k]))
+                wv = bb.emit(relax.op.nn.pad(wv, [0, qspec.k - k]))
+            args = [pre, wv]
+        memo_key = (qspec.name, str(node.args[0]))
+        if memo_key in lw.quant_memo.get(lw.entry.name, {}):
+            return lw.quant_memo[lw.entry.name][memo_key]
+        if args[1] is None:
+            args[1] = lw.param("qc@one", lambda st: torch.ones(1), (1,), "float32")
+        qf = lw.kernel(qspec.name, lambda: quant_cuda_primfunc(qspec))
+        pshape = [mdim, qspec.k // 128, 8, 4] if qspec.planes else [1, 1, 8, 4]
+        q = bb.emit(relax.call_tir(qf, args, [relax.TensorType([mdim, qspec.k], "int8"),
+                                              relax.TensorType([mdim, qspec.groups], "float32"),
+                                              relax.TensorType(pshape, "uint32")]))
+        out = bb.emit(relax.TupleGetItem(q, 2 if qspec.planes else 0)), bb.emit(relax.TupleGetItem(q, 1))
+        lw.quant_memo.setdefault(lw.entry.name, {})[memo_key] = out
+        return out
+
     def finish(y: relax.Var, x: relax.Var, lead: list[Any], n_p: int, n: int) -> relax.Var:
         if n_p != n:
             y = bb.emit(relax.op.strided_slice(y, [1], [0], [n], assume_inbound=True))
@@ -348,14 +421,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         if k_p != k:
             flat = bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k]))
         if qspec is not None:
-            qf = lw.kernel(qspec.name, lambda: quant_cuda_primfunc(qspec))
-            one = lw.param("qc@one", lambda st: torch.ones(1), (1,), "float32")
-            pshape = [mdim, k_p // 128, 8, 4] if qspec.planes else [1, 1, 8, 4]
-            q = bb.emit(relax.call_tir(qf, [flat, one], [relax.TensorType([mdim, k_p], "int8"),
-                                                         relax.TensorType([mdim, qspec.groups], "float32"),
-                                                         relax.TensorType(pshape, "uint32")]))
-            act = bb.emit(relax.TupleGetItem(q, 2 if qspec.planes else 0))
-            fourth = bb.emit(relax.TupleGetItem(q, 1))
+            act, fourth = cuda_quantize(node, qspec, flat, mdim, k)
         else:
             act = flat
         ((wshape, wdt),) = spec.weight_shapes()
