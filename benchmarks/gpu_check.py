@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import hashlib
 import importlib.util
 import json
 import math
@@ -131,6 +132,12 @@ def kernel_set(shapes: list[tuple[int, int]], models: list[str]) -> dict[str, di
 # ---- build (TVM + nvcc) -----------------------------------------------------------------------------
 
 
+def generator_hash() -> str:
+    """sha256 of the kernel generator's sources: a build made from other sources is rebuilt."""
+    kdir = ROOT / "qcompile" / "codegen" / "tvm" / "kernels"
+    return hashlib.sha256(b"".join((kdir / f).read_bytes() for f in ("cuda.py", "cuda_layout.py"))).hexdigest()
+
+
 def build(build_dir: Path, arch: str, kernels: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import tvm
 
@@ -158,6 +165,7 @@ def build(build_dir: Path, arch: str, kernels: dict[str, dict[str, Any]]) -> dic
     (build_dir / "kernels.fatbin").write_bytes(fatbin)
     manifest = {
         "arch": arch,
+        "generator": generator_hash(),
         "tvm": tvm.__version__,
         "date": datetime.date.today().isoformat(),
         "kernels": {name: {"role": k["role"], "type": type(k["spec"]).__name__, "spec": asdict(k["spec"]),
@@ -595,7 +603,8 @@ def main() -> int:
     kernels = kernel_set(shapes, models)  # type: ignore[arg-type]
     manifest_path = args.build_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if args.rebuild or manifest is None or manifest["arch"] != args.arch or set(kernels) - set(manifest["kernels"]):
+    stale = manifest is None or manifest["arch"] != args.arch or manifest.get("generator") != generator_hash()
+    if args.rebuild or stale or set(kernels) - set(manifest["kernels"]):  # type: ignore[index]
         manifest = build(args.build_dir, args.arch, kernels)
     run = Kernels(manifest, None if args.dry_run else Driver((args.build_dir / "kernels.fatbin").read_bytes()))
 
@@ -613,7 +622,7 @@ def main() -> int:
             check_ms = [] if big and not first else [1] if big else [1, 3]
         for m in check_ms:
             checks.append((check_linear if entry["role"] == "linear" else check_quant)(run, name, m, dev))
-        _UNPACKED.clear()
+            _UNPACKED.clear()  # each check packs new weights (which may reuse the freed memory)
 
     # 2. speed at the requested shapes (GPU only)
     timings, copy_gbps = [], None

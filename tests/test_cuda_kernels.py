@@ -198,6 +198,7 @@ def test_kernels_build_for_every_arch(source: str, arch: str) -> None:
     for name, instr in PTX.items():
         assert instr in entries[name], f"{name} on {arch} does not use {instr}"
     assert "b1.b1" not in entries["u6"] and "s8.s8" not in entries["b1"]
+    assert "cp.async.ca.shared.global" in entries["b1"] and "cp.async.wait_group 3" in entries["b1"]  # the staged weight ring
     assert "div.full" not in entries["quant"] and "div.rn.f32" in entries["quant"]  # exact division (no fast math)
     fatbin = cuda.compile_fatbin(source, arch)
     assert len(fatbin) > 1000

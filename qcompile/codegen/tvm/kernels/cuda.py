@@ -43,6 +43,9 @@ from qcompile.codegen.tvm.kernels.cuda_layout import (  # noqa: F401  (re-export
 )
 
 
+STAGES = 4  # b1: cp.async ring depth per warp (3 steps of weight planes in flight)
+
+
 def _shfl_xor(v: tvm.tirx.PrimExpr, lane_mask: int) -> tvm.tirx.PrimExpr:
     return T.call_extern("int32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF), v, lane_mask, 32)
 
@@ -158,14 +161,18 @@ def _int8(spec: CudaLinear) -> tvm.tirx.PrimFunc:
 
 
 def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
+    """Weight planes stream through a per-warp ``STAGES``-deep ring in shared memory with
+    ``cp.async`` (each lane copies exactly the words it later feeds to the MMA, so no warp barrier
+    is needed, only ``cp.async.wait_group``); a warp walks its K steps in order, chunk by chunk."""
     n, k, tm, ab = spec.n, spec.k, spec.tokens, spec.act_bits
     tiles, steps = n // 8, k // 128
-    chunk_steps = spec.chunk // 128
-    chunks = -(-steps // chunk_steps)
+    cs = spec.chunk // 128  # K steps per chunk
+    chunks = -(-steps // cs)
     g_w, g_x = spec.group // 128, (spec.act_group or k) // 128
     gw_n, gx_n = spec.groups, (spec.groups if spec.act_group else 1)
     ptx = MMA["b1"][2]
     has_bias = spec.bias
+    stages = STAGES
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, sx_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -180,6 +187,7 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
         for by in T.thread_binding((m + tm - 1) // tm, thread="blockIdx.y"):
             for bx in T.thread_binding(tiles, thread="blockIdx.x"):
                 red = T.alloc_buffer((KS, tm, 8), "float32", scope="shared")
+                ring = T.alloc_buffer((KS, stages, 6, 32), "uint32", scope="shared")
                 for wy in T.thread_binding(KS, thread="threadIdx.y"):
                     for lane in T.thread_binding(32, thread="threadIdx.x"):
                         acc = T.alloc_local((tm,), "float32")
@@ -192,35 +200,53 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                         zero[1] = T.uint32(0)
                         for j in T.serial(tm):
                             acc[j] = T.float32(0)
-                        for c in T.serial((chunks - wy + KS - 1) // KS):
-                            for j in T.serial(tm):
-                                isum[j] = 0
-                            for s in T.serial(chunk_steps):
-                                st = (wy + c * KS) * chunk_steps + s
-                                if st < steps:
-                                    for p in T.unroll(6):
-                                        a[p] = W[bx, st, p, lane]
+                            isum[j] = 0
+                        # this warp's K steps in order: chunk c (wy, wy + KS, ...), step s within it
+                        local = (chunks - wy + KS - 1) // KS * cs
+                        for i in T.serial(stages - 1):  # prologue: the first STAGES-1 steps in flight
+                            if i < local and (wy + i // cs * KS) * cs + i % cs < steps:
+                                for p in T.unroll(6):
+                                    T.ptx["cp.async.ca.shared.global"](
+                                        T.address_of(ring[wy, i % stages, p, lane]),
+                                        T.address_of(W[bx, (wy + i // cs * KS) * cs + i % cs, p, lane]), 4)
+                            T.ptx["cp.async.commit_group"]()
+                        for i in T.serial(local):
+                            nx = i + stages - 1
+                            if nx < local and (wy + nx // cs * KS) * cs + nx % cs < steps:
+                                for p in T.unroll(6):
+                                    T.ptx["cp.async.ca.shared.global"](
+                                        T.address_of(ring[wy, nx % stages, p, lane]),
+                                        T.address_of(W[bx, (wy + nx // cs * KS) * cs + nx % cs, p, lane]), 4)
+                            T.ptx["cp.async.commit_group"]()
+                            T.ptx["cp.async.wait_group"](stages - 1)  # step i's copies have landed
+                            st = (wy + i // cs * KS) * cs + i % cs
+                            if st < steps:
+                                for p in T.unroll(6):
+                                    a[p] = ring[wy, i % stages, p, lane]
+                                for j in T.serial(tm):
+                                    if by * tm + j < m:
+                                        bw[0] = X[by * tm + j, st, lane // 4, lane % 4]
+                                        for p in T.unroll(6):
+                                            T.ptx[ptx](d[0], d[1], a[p], bw[0], zero[0], zero[1])
+                                            for h in T.unroll(2):
+                                                q = (lane % 4) * 2 + h
+                                                # plane weights ±2^(p+q); the sign planes (p = 5, q = ab - 1) count negative
+                                                isum[j] = isum[j] + T.if_then_else(
+                                                    q < ab,
+                                                    T.if_then_else((p == 5) != (q == ab - 1), -1, 1)
+                                                    * (T.reinterpret("int32", d[h]) << (p + q)),
+                                                    0,
+                                                )
+                            if i % cs == cs - 1:  # end of a chunk: exact int32 -> fp32 with the group's scales
+                                k0 = (wy + i // cs * KS) * cs
+                                if k0 < steps:
                                     for j in T.serial(tm):
-                                        if by * tm + j < m:
-                                            bw[0] = X[by * tm + j, st, lane // 4, lane % 4]
-                                            for p in T.unroll(6):
-                                                T.ptx[ptx](d[0], d[1], a[p], bw[0], zero[0], zero[1])
-                                                for h in T.unroll(2):
-                                                    q = (lane % 4) * 2 + h
-                                                    # plane weights ±2^(p+q); the sign planes (p = 5, q = ab - 1) count negative
-                                                    isum[j] = isum[j] + T.if_then_else(
-                                                        q < ab,
-                                                        T.if_then_else((p == 5) != (q == ab - 1), -1, 1)
-                                                        * (T.reinterpret("int32", d[h]) << (p + q)),
-                                                        0,
-                                                    )
-                            k0 = (wy + c * KS) * chunk_steps
-                            for j in T.serial(tm):
-                                isum[j] = isum[j] + _shfl_xor(isum[j], 1)
-                                isum[j] = isum[j] + _shfl_xor(isum[j], 2)
-                                tok = T.min(by * tm + j, m - 1)
-                                row = bx * 8 + lane // 4
-                                acc[j] = acc[j] + T.Cast("float32", isum[j]) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                                        isum[j] = isum[j] + _shfl_xor(isum[j], 1)
+                                        isum[j] = isum[j] + _shfl_xor(isum[j], 2)
+                                        tok = T.min(by * tm + j, m - 1)
+                                        row = bx * 8 + lane // 4
+                                        acc[j] = acc[j] + T.Cast("float32", isum[j]) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                                        isum[j] = 0
                         if lane % 4 == 0:
                             for j in T.serial(tm):
                                 red[wy, j, lane // 4] = acc[j]
