@@ -139,7 +139,12 @@ def generator_hash() -> str:
 
 
 def build(build_dir: Path, arch: str, kernels: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    import tvm
+    try:
+        import tvm
+    except ImportError:
+        sys.exit(f"{build_dir} holds no build of these kernels for {arch} from the current sources, and this machine has no "
+                 "TVM to make one: run `python benchmarks/gpu_check.py --dry-run` (same --arch/--shapes/--models) in the "
+                 "repo's venv and carry the folder")
 
     sys.path.insert(0, str(ROOT))
     from qcompile.codegen.tvm import cuda
@@ -653,6 +658,8 @@ def main() -> int:
             decode.append({"model": model, "variant": variant, "tokens_per_s": tps, "fp16_tokens_per_s": tps_base,
                            "x_fp16": tps / tps_base if tps_base == tps_base else None, "tokens": toks, "layers": dec.nl})
             del dec
+            if dev == "cuda":
+                torch.cuda.empty_cache()
         # the two W6A8 kernels compute the same integer sums and the same fp32 rescale order
         w6 = [d for d in decode if d["model"] == model and d["variant"].startswith("w6a8")]
         same = len({tuple(d["tokens"]) for d in w6}) == 1
@@ -694,7 +701,9 @@ def report(card: str, args: Any, manifest: dict[str, Any], checks: list[dict[str
     for d in decode:
         x = f"{d['x_fp16']:.2f}" if d["x_fp16"] else "-"
         agree = d.get("w6_kernels_agree", "")
-        print(f"| {d['model']} | {d['variant']} | {d['layers']} | {d['tokens_per_s']:.1f} | {d['fp16_tokens_per_s']:.1f} | {x} | {agree} |")
+        tps = "-" if math.isnan(d["tokens_per_s"]) else f"{d['tokens_per_s']:.1f}"
+        base = "-" if math.isnan(d["fp16_tokens_per_s"]) else f"{d['fp16_tokens_per_s']:.1f}"
+        print(f"| {d['model']} | {d['variant']} | {d['layers']} | {tps} | {base} | {x} | {agree} |")
     print(f"\nRelax VM decode: {vm}")
 
 

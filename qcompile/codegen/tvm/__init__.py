@@ -47,19 +47,7 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     work, and a data race), measured at 0.15 ms per norm on SmolLM2."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(
-                [relax.transform.DeadCodeElimination()]  # e.g. the KV repeats the attention kernel reads around
-                + cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
+    return cuda.backend_pipeline(target, cpu_generic)
 
 
 def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:

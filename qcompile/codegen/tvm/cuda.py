@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tvm
 import tvm_ffi
@@ -159,19 +160,24 @@ def install_fatbins(fatbins: dict[str, bytes]) -> None:
 def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's CUDA pipeline: qcompile's kernels come scheduled; every other TIR function (norms,
     rotary embeddings, attention, fp32 linears) gets dlight's default GPU schedules."""
-    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.relax.backend.cuda import pipeline as cuda_passes
 
+    return backend_pipeline(target, cuda_passes)
+
+
+def backend_pipeline(target: tvm.target.Target, passes: Any) -> tvm.transform.Pass:
+    """Dead-code elimination, then a TVM backend module's four pass lists, under ``target``."""
     from tvm import relax
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                [relax.transform.DeadCodeElimination()]
-                + cuda.library_dispatch_passes(target)
-                + cuda.legalize_passes(target)
-                + cuda.dataflow_lower_passes(target)
-                + cuda.finalize_passes(target)
+                [relax.transform.DeadCodeElimination()]  # e.g. the KV repeats the attention kernel reads around
+                + passes.library_dispatch_passes(target)
+                + passes.legalize_passes(target)
+                + passes.dataflow_lower_passes(target)
+                + passes.finalize_passes(target)
             )
             return seq(mod)
 

@@ -64,6 +64,25 @@ def with_root(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     return func.with_body(SBlockRealize([], True, root))
 
 
+def _epilogue(tm: int, rows: int, has_bias: bool) -> object:
+    """The block's K-split warps meet: each output = the four warps' partial sums (+ bias)."""
+
+    @T.macro
+    def epilogue(red, Y, B, by, bx, m):  # noqa: ANN001 (TVMScript macro)
+        for wy in T.thread_binding(KS, thread="threadIdx.y"):
+            for lane in T.thread_binding(32, thread="threadIdx.x"):
+                for e in T.serial((tm * rows + KS * 32 - 1) // (KS * 32)):
+                    idx = e * KS * 32 + wy * 32 + lane
+                    tok = by * tm + idx // rows
+                    col = bx * rows + idx % rows
+                    if idx < tm * rows and tok < m:
+                        Y[tok, col] = red[0, idx // rows, idx % rows] + red[1, idx // rows, idx % rows] \
+                            + red[2, idx // rows, idx % rows] + red[3, idx // rows, idx % rows] \
+                            + T.if_then_else(has_bias, B[col], T.float32(0))
+
+    return epilogue
+
+
 def linear_cuda_primfunc(spec: CudaLinear) -> tvm.tirx.PrimFunc:
     """``(x, w, sw, sx | c, bias) -> y`` for ``spec``; ``M`` is dynamic."""
     if spec.kind == "b1":
@@ -86,6 +105,7 @@ def _int8(spec: CudaLinear) -> tvm.tirx.PrimFunc:
     ptx = MMA[spec.kind][2]
     six = spec.kind == "u6"
     has_bias = spec.bias
+    epilogue = _epilogue(tm, 16, has_bias)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, sx_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -143,16 +163,7 @@ def _int8(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                         for j, r in T.grid(tm // 8, 4):
                             red[wy, j * 8 + (lane % 4) * 2 + r % 2, lane // 4 + (r // 2) * 8] = acc[j, r]
                 T.evaluate(_sync())
-                for wy in T.thread_binding(KS, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        for e in T.serial((tm * 16 + KS * 32 - 1) // (KS * 32)):
-                            idx = e * KS * 32 + wy * 32 + lane
-                            tok = by * tm + idx // 16
-                            col = bx * 16 + idx % 16
-                            if idx < tm * 16 and tok < m:
-                                Y[tok, col] = red[0, idx // 16, idx % 16] + red[1, idx // 16, idx % 16] \
-                                    + red[2, idx // 16, idx % 16] + red[3, idx // 16, idx % 16] \
-                                    + T.if_then_else(has_bias, B[col], T.float32(0))
+                epilogue(red, Y, B, by, bx, m)
 
     return kernel
 
@@ -173,6 +184,7 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
     ptx = MMA["b1"][2]
     has_bias = spec.bias
     stages = STAGES
+    epilogue = _epilogue(tm, 8, has_bias)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, sx_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -251,16 +263,7 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                             for j in T.serial(tm):
                                 red[wy, j, lane // 4] = acc[j]
                 T.evaluate(_sync())
-                for wy in T.thread_binding(KS, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        for e in T.serial((tm * 8 + KS * 32 - 1) // (KS * 32)):
-                            idx = e * KS * 32 + wy * 32 + lane
-                            tok = by * tm + idx // 8
-                            col = bx * 8 + idx % 8
-                            if idx < tm * 8 and tok < m:
-                                Y[tok, col] = red[0, idx // 8, idx % 8] + red[1, idx // 8, idx % 8] \
-                                    + red[2, idx // 8, idx % 8] + red[3, idx // 8, idx % 8] \
-                                    + T.if_then_else(has_bias, B[col], T.float32(0))
+                epilogue(red, Y, B, by, bx, m)
 
     return kernel
 
@@ -276,6 +279,7 @@ def _w4a16(spec: CudaLinear) -> tvm.tirx.PrimFunc:
     g_w, gw_n = spec.group // 16, spec.groups
     ptx = MMA["f16"][2]
     has_bias, has_zero = spec.bias, spec.zero_term
+    epilogue = _epilogue(tm, 16, has_bias)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w_h: T.handle, sw_h: T.handle, c_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -323,16 +327,7 @@ def _w4a16(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                         for j, r in T.grid(tm // 8, 4):
                             red[wy, j * 8 + (lane % 4) * 2 + r % 2, lane // 4 + (r // 2) * 8] = acc[j, r]
                 T.evaluate(_sync())
-                for wy in T.thread_binding(KS, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        for e in T.serial((tm * 16 + KS * 32 - 1) // (KS * 32)):
-                            idx = e * KS * 32 + wy * 32 + lane
-                            tok = by * tm + idx // 16
-                            col = bx * 16 + idx % 16
-                            if idx < tm * 16 and tok < m:
-                                Y[tok, col] = red[0, idx // 16, idx % 16] + red[1, idx // 16, idx % 16] \
-                                    + red[2, idx // 16, idx % 16] + red[3, idx // 16, idx % 16] \
-                                    + T.if_then_else(has_bias, B[col], T.float32(0))
+                epilogue(red, Y, B, by, bx, m)
 
     return kernel
 
