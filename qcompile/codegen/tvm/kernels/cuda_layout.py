@@ -154,8 +154,12 @@ def _words(bits: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _as_u32(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) → a uint32 tensor with the same bits."""
-    return words.to(torch.int64).to(torch.uint32) if hasattr(torch, "uint32") else words
+    """int64 values in [0, 2^32) → 32-bit words: a uint32 tensor on the CPU (what TVM's kernels
+    declare); on other devices, whose uint32 support in torch is partial, the same bits as int32."""
+    words = words.to(torch.int64)
+    if words.device.type == "cpu":
+        return words.to(torch.uint32)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
 def pack_cuda_weight(spec: CudaLinear, codes: torch.Tensor) -> torch.Tensor:
