@@ -58,6 +58,11 @@ def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
     return tvm.runtime.from_dlpack(t)
 
 
+def _share(t: torch.Tensor, device: str) -> tvm.runtime.Tensor:
+    """``t`` for the VM: shared in place on the CPU, a device copy on a GPU."""
+    return _to_tvm(t) if device == "cpu" else tvm.runtime.from_dlpack(t.to(device).contiguous())
+
+
 class _Runner:
     """Calls one Relax function with the entry's slot tensors plus the repacked weights.
 
@@ -72,20 +77,17 @@ class _Runner:
         self.device = device
         self.bound: dict[int, tuple[torch.Tensor, tvm.runtime.Tensor]] = {}
 
-    def _share(self, t: torch.Tensor) -> tvm.runtime.Tensor:
-        return _to_tvm(t) if self.device == "cpu" else tvm.runtime.from_dlpack(t.to(self.device).contiguous())
-
     def __call__(self, args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         tv = []
         for i, (kind, a) in enumerate(zip(self.kinds, args)):
             if kind is SlotKind.USER:
-                tv.append(self._share(a))
+                tv.append(_share(a, self.device))
                 continue
             hit = self.bound.get(i)
             if hit is None or hit[0] is not a:  # state and cache tensors are stable: convert once
                 if kind is SlotKind.CACHE and self.device == "cpu" and (not a.is_contiguous() or a.data_ptr() % 64):
                     raise ValueError(f"cache slot {i} is not contiguous and 64-byte aligned; the VM could not update it in place")
-                hit = self.bound[i] = (a, self._share(a))
+                hit = self.bound[i] = (a, _share(a, self.device))
             tv.append(hit[1])
         out = self.fn(*tv, *self.extras)
         return [torch.from_dlpack(o).to("cpu") for o in out]
@@ -132,7 +134,7 @@ class TVMBackend(Backend):
             vm = relax.VirtualMachine(self.executable, tvm.cpu())
         device = "cpu" if arch is None else "cuda"
         for name, entry in program.entries.items():
-            extras = [_Runner([], [], [], device)._share(self.params[k]) for k in self.info["extra_params"][name]]
+            extras = [_share(self.params[k], device) for k in self.info["extra_params"][name]]
             built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device)
         return built
 

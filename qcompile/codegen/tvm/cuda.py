@@ -128,7 +128,10 @@ def device_source(executable: tvm.runtime.Executable | tvm.runtime.Module) -> st
     found, todo = [], list(mod.imports)
     while todo:  # the device module hangs under the host (llvm) module
         m = todo.pop()
-        (found if m.kind == "cuda" else todo).append(m) if m.kind == "cuda" else todo.extend(m.imports)
+        if m.kind == "cuda":
+            found.append(m)
+        else:
+            todo.extend(m.imports)
     cuda = found
     if len(cuda) != 1:
         raise CudaTargetError(f"expected one CUDA module in the build, found {len(cuda)}")

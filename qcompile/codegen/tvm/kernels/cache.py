@@ -34,8 +34,21 @@ def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
     t = "t" if spec.rows is None else str(spec.rows)
     src_shape = [str(s) if a != spec.dim else t for a, s in enumerate(spec.shape)]
     cache_idx = [n if a != spec.dim else f"index[{n}]" for a, n in enumerate(names)]
-    loops = ", ".join(src_shape)
     decl = "t = T.int64()" if spec.rows is None else ""
+    store = f"cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]"
+    if spec.cuda:  # one thread per source element: unravel a flat index (no thread-free loops on GPUs)
+        total = " * ".join(f"({d})" for d in src_shape)
+        unravel = [f"{n} = (flat // ({' * '.join(f'({d})' for d in src_shape[a + 1:]) or '1'})) % ({src_shape[a]})" for a, n in enumerate(names)]
+        ind = "\n" + " " * 16
+        body = f"""for bx in T.thread_binding(({total} + 255) // 256, thread="blockIdx.x"):
+        for tx in T.thread_binding(256, thread="threadIdx.x"):
+            flat = bx * 256 + tx
+            if flat < {total}:
+                {ind.join(unravel)}
+                {store}"""
+    else:
+        body = f"""for {', '.join(names)} in T.grid({', '.join(src_shape)}):
+        {store}"""
     src = f"""
 @T.prim_func(private=True)
 def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
@@ -43,30 +56,7 @@ def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), 
     {decl}
     index = T.match_buffer(index_h, ({t},), "int64")
     src = T.match_buffer(src_h, ({', '.join(src_shape)},), "{spec.dtype}")
-    for {', '.join(names)} in T.grid({loops}):
-        cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]
-"""
-    if spec.cuda:  # one thread per source element: unravel a flat index (no thread-free loops on GPUs)
-        sizes = src_shape
-        total = " * ".join(f"({d})" for d in sizes)
-        unravel = []
-        for a, n in enumerate(names):
-            inner = " * ".join(f"({d})" for d in sizes[a + 1:]) or "1"
-            unravel.append(f"{n} = (flat // ({inner})) % ({sizes[a]})")
-        body = "\n                ".join(unravel)
-        src = f"""
-@T.prim_func(private=True)
-def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
-    T.func_attr({{"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True}})
-    {decl}
-    index = T.match_buffer(index_h, ({t},), "int64")
-    src = T.match_buffer(src_h, ({', '.join(src_shape)},), "{spec.dtype}")
-    for bx in T.thread_binding(({total} + 255) // 256, thread="blockIdx.x"):
-        for tx in T.thread_binding(256, thread="threadIdx.x"):
-            flat = bx * 256 + tx
-            if flat < {total}:
-                {body}
-                cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]
+    {body}
 """
     func = tvm.script.from_source(src)
     return with_root(func) if spec.cuda else func

@@ -351,6 +351,14 @@ def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
     per_group = (spec.group or spec.k) // 128
     groups, use_norm, planes, eps = spec.groups, spec.norm, spec.planes, spec.eps
     nk = k if use_norm else 1  # unused operands shrink to one element
+
+    def rms_scale(wsum: tvm.tirx.Buffer) -> tvm.tirx.PrimExpr:  # 1 / RMS from the warps' sums of squares
+        if not use_norm:
+            return T.float32(1)
+        return T.rsqrt((wsum[0] + wsum[1] + wsum[2] + wsum[3]) / T.float32(count) + T.float32(eps))
+
+    def normed(X: tvm.tirx.Buffer, NW: tvm.tirx.Buffer, rs: tvm.tirx.PrimExpr, tok: tvm.tirx.PrimExpr, kk: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+        return X[tok, kk] * rs * NW[kk] if use_norm else X[tok, kk]
     pm, ps = (1, subs) if planes else (0, 1)
 
     @T.prim_func(private=True)
@@ -382,15 +390,13 @@ def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
                     rs = T.alloc_local((1,), "float32")
                     mx = T.alloc_local((1,), "float32")
-                    rs[0] = T.float32(1)
-                    if use_norm:
-                        rs[0] = T.rsqrt((wsum[0] + wsum[1] + wsum[2] + wsum[3]) / T.float32(count) + T.float32(eps))
+                    rs[0] = rms_scale(wsum)
                     for c in T.serial((subs - wy + KS - 1) // KS):
                         sc = wy + c * KS
                         mx[0] = T.float32(0)
                         for e in T.unroll(4):
                             kk = sc * 128 + e * 32 + lane
-                            mx[0] = T.max(mx[0], T.fabs(T.if_then_else(use_norm, X[tok, kk] * rs[0] * NW[kk], X[tok, kk])))
+                            mx[0] = T.max(mx[0], T.fabs(normed(X, NW, rs[0], tok, kk)))
                         for sh in T.unroll(5):
                             mx[0] = T.max(mx[0], _shfl_xor_f(mx[0], 1 << sh))
                         if lane == 0:
@@ -402,9 +408,7 @@ def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
                     amax = T.alloc_local((1,), "float32")
                     scale = T.alloc_local((1,), "float32")
                     code = T.alloc_local((4,), "int32")
-                    rs[0] = T.float32(1)
-                    if use_norm:
-                        rs[0] = T.rsqrt((wsum[0] + wsum[1] + wsum[2] + wsum[3]) / T.float32(count) + T.float32(eps))
+                    rs[0] = rms_scale(wsum)
                     for c in T.serial((subs - wy + KS - 1) // KS):
                         sc = wy + c * KS
                         g = sc // per_group
@@ -416,7 +420,7 @@ def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
                             S[tok, g] = scale[0]
                         for e in T.unroll(4):
                             kk = sc * 128 + e * 32 + lane
-                            v = T.if_then_else(use_norm, X[tok, kk] * rs[0] * NW[kk], X[tok, kk])
+                            v = normed(X, NW, rs[0], tok, kk)
                             code[e] = T.Cast("int32", T.max(T.min(T.nearbyint(v / scale[0]), T.float32(qmax)), T.float32(-qmax)))
                             Q[tok, kk] = T.Cast("int8", code[e])
                         if planes:
