@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"records": records, "weight_sizes": sizes}, indent=1))
     png = out.with_name(f"flexq-sensitivity-{zm.name}.png")
     notes = next(p["notes"] for r in records if r["plan_name"] == "w6a8-flexq budget 1/7" for p in r["report"]["passes"] if p["name"] == "assign_precision")
-    from qcompile.passes.assign_precision import plot_sensitivity
+    from qcompile.eval.plots import plot_sensitivity
 
     plot_sensitivity(notes, str(png), title=f"{zm.name}: sensitivity of each linear to A8→A6 (red: A8 at budget 1/7)")
 

@@ -14,7 +14,8 @@ from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
 from qcompile.ir.program import Program
 from qcompile.ir.verify import verify
 from qcompile.passes.base import PassContext
-from qcompile.passes.manager import CompileReport, PassManager
+from qcompile.passes.manager import PassManager
+from qcompile.report import CompileReport
 from qcompile.plan import Plan, get_plan
 from qcompile.runtime.compiled import CompiledModule
 
@@ -63,12 +64,12 @@ def compile(
     verify(program)
     report.capture_seconds = round(time.perf_counter() - t0, 3)
     ctx = PassContext(plan=the_plan, calib=calib, progress=progress)
-    program = manager.run(program, ctx, report)
+    program, refined = manager.run(program, ctx, report)
     report.weight_bytes = program.weight_bytes_by_dtype()
     report.packed_weight_bytes = program.packed_weight_bytes()
     # passes may refine the plan (assign_precision writes per-layer rules): the refined plan is the
     # one the module carries, saves and reports
-    return CompiledModule(program, ctx.plan, target=target, backend=backend, report=report, tokenizer=tokenizer)
+    return CompiledModule(program, refined, target=target, backend=backend, report=report, tokenizer=tokenizer)
 
 
 def load(path: str | Path, backend: str | None = None) -> CompiledModule:

@@ -177,7 +177,7 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from qcompile.passes.manager import CompileReport
+    from qcompile.report import CompileReport
     from qcompile.runtime.artifact import read_manifest
 
     manifest = read_manifest(Path(a.artifact))
@@ -187,18 +187,14 @@ def cmd_report(a: argparse.Namespace) -> int:
     else:
         print(f"artifact {a.artifact}: qcompile {manifest.get('qcompile_version')}, target {manifest.get('target')}, backend {manifest.get('backend')}")
         print(report.summary())
-        for p in report.passes:
-            if p.name == "assign_precision" and "sensitivity" in p.notes:
-                n = p.notes
-                high = [k for k in n if k.startswith("a") and k.endswith("_layers")][0]
-                print(
-                    f"  assign_precision: {n['metric']} sensitivity on {n['tokens']} calibration tokens in {n['analysis_seconds']}s; "
-                    f"budget {n['budget']:.4g} of {n['unit']}: {high.split('_')[0].upper()} for {len(n[high])} of {n['candidates']} linears"
-                )
-                for path in n[high]:
+        for p in report.passes:  # the layers assign_precision gave high-bit activations
+            high = next((k for k in p.notes if k.startswith("a") and k.endswith("_layers")), None)
+            if p.name == "assign_precision" and high is not None:
+                print(f"  {p.name}: {high.split('_')[0].upper()} layers")
+                for path in p.notes[high]:
                     print(f"    {path}")
     if a.plot:
-        from qcompile.passes.assign_precision import plot_sensitivity
+        from qcompile.eval.plots import plot_sensitivity
 
         notes = next((p.notes for p in report.passes if p.name == "assign_precision" and "sensitivity" in p.notes), None)
         if notes is None:

@@ -26,18 +26,10 @@ from typing import Any, Mapping, Union
 import yaml
 
 from qcompile.errors import PlanError
+from qcompile.quant.spec import BITS, Granularity, QuantSpec
 
 PLAN_VERSION = 1
-ALLOWED_BITS = (2, 3, 4, 6, 8)
-
-
-class Granularity(str, enum.Enum):
-    """How many scales a quantized tensor carries."""
-
-    PER_TENSOR = "per_tensor"
-    PER_CHANNEL = "per_channel"  # weights: one scale per output channel
-    PER_GROUP = "per_group"  # weights: one scale per `group_size` input channels of a row
-    PER_TOKEN = "per_token"  # activations: one scale per token (row)
+ALLOWED_BITS = BITS  # the widths every spec and pass option accepts (qcompile.quant.spec)
 
 
 class WeightMethod(str, enum.Enum):
@@ -45,31 +37,6 @@ class WeightMethod(str, enum.Enum):
 
     RTN = "rtn"
     GPTQ = "gptq"  # needs calibration data; see qcompile.quant.gptq
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """Integer quantization of one tensor: ``q = clamp(round(x / s) + z)`` with ``bits`` bits."""
-
-    bits: int
-    granularity: Granularity
-    symmetric: bool = True
-    group_size: int | None = None
-    dynamic: bool = True  # activations: scales computed at run time (True) or calibrated (False)
-    # per_group only: when group_size does not divide the channels, allow a shorter last group
-    # (the same numbers as zero-padding K to a multiple). False: such a layer is a PlanError.
-    partial_last_group: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits not in ALLOWED_BITS:
-            raise PlanError(f"bits={self.bits!r} is not supported; allowed: {list(ALLOWED_BITS)}")
-        if self.granularity is Granularity.PER_GROUP:
-            if self.group_size is None or self.group_size <= 0:
-                raise PlanError("granularity 'per_group' needs a positive group_size (e.g. 128)")
-        elif self.group_size is not None or self.partial_last_group:
-            raise PlanError(
-                f"group_size/partial_last_group are only meaningful with granularity 'per_group', not {self.granularity.value!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -160,11 +127,11 @@ class Plan:
 
     # ---- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        return _from_plain(cls, data, "plan")
+        return from_plain(cls, data, "plan")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -500,15 +467,18 @@ def get_plan(plan: "Plan | str | Path") -> Plan:
 # ---- generic typed (de)serialization of frozen dataclasses ----------------------------------
 
 
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
+    """JSON/YAML values of ``obj`` (the inverse of :func:`from_plain`)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         if isinstance(obj, PassConfig):
-            return {"name": obj.name, "options": {k: _to_plain(v) for k, v in obj.options}}
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {"name": obj.name, "options": {k: to_plain(v) for k, v in obj.options}}
+        if getattr(obj, "POSITIONAL", False):
+            return [to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     return obj
 
 
@@ -516,7 +486,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _from_plain(tp: Any, data: Any, where: str) -> Any:
+def from_plain(tp: Any, data: Any, where: str) -> Any:
+    """``data`` (JSON/YAML values) as type ``tp``: enums by value, dataclasses from mappings (or, for
+    dataclasses with ``POSITIONAL``, from lists), tuples from lists; PlanError naming ``where``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -524,15 +496,27 @@ def _from_plain(tp: Any, data: Any, where: str) -> Any:
             if type(None) in typing.get_args(tp):
                 return None
             raise PlanError(f"{where}: a value is required")
-        return _from_plain(args[0], data, where)
+        if len(args) == 1:
+            return from_plain(args[0], data, where)
+        for arm in args:  # the first arm that accepts the value (e.g. a number, else a named mode)
+            try:
+                return from_plain(arm, data, where)
+            except PlanError:
+                continue
+        raise PlanError(f"{where}: {data!r} is not allowed; expected {' or '.join(_describe_type(a) for a in args)}")
     if origin is tuple:
         if not isinstance(data, (list, tuple)):
             raise PlanError(f"{where}: expected a list, got {type(data).__name__}")
         (elem, _ellipsis) = typing.get_args(tp)
-        return tuple(_from_plain(elem, v, f"{where}[{i}]") for i, v in enumerate(data))
+        return tuple(from_plain(elem, v, f"{where}[{i}]") for i, v in enumerate(data))
     if tp is PassConfig:
         return _pass_config_from_plain(data, where)
     if dataclasses.is_dataclass(tp):
+        if getattr(tp, "POSITIONAL", False) and isinstance(data, (list, tuple)):
+            names = [f.name for f in dataclasses.fields(tp)]
+            if len(data) != len(names):
+                raise PlanError(f"{where}: expected [{', '.join(names)}], got {list(data)!r}")
+            data = dict(zip(names, data))
         return _dataclass_from_plain(tp, data, where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [m.value for m in tp]
@@ -558,6 +542,12 @@ def _from_plain(tp: Any, data: Any, where: str) -> Any:
     raise PlanError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
 
 
+def _describe_type(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return f"one of {[m.value for m in tp]}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, _type_name(tp))
+
+
 def _dataclass_from_plain(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise PlanError(f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {data!r}")
@@ -572,7 +562,7 @@ def _dataclass_from_plain(cls: Any, data: Any, where: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise PlanError(f"{where}: missing required key {name!r}")
             continue
-        kwargs[name] = _from_plain(hints[name], data[name], f"{where}.{name}")
+        kwargs[name] = from_plain(hints[name], data[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
     except PlanError as e:
@@ -584,6 +574,8 @@ def _freeze_option(value: Any, where: str) -> Any:
         return tuple(_freeze_option(v, where) for v in value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, enum.Enum) or dataclasses.is_dataclass(value):  # typed values: stored as plain data
+        return _freeze_option(to_plain(value), where)
     raise PlanError(f"{where}: option values must be numbers, strings, booleans or lists, got {value!r}")
 
 
@@ -617,4 +609,6 @@ __all__ = [
     "PRESETS",
     "register_preset",
     "get_plan",
+    "from_plain",
+    "to_plain",
 ]

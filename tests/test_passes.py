@@ -6,6 +6,7 @@ import torch
 
 import qcompile
 from qcompile import LayerRule, PassConfig, PassError, Plan, PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
 from qcompile.passes.base import PASSES, Pass, PassContext, PassResult
 from qcompile.passes.manager import PassManager
@@ -19,7 +20,7 @@ def extra_passes():
     @dataclass(frozen=True)
     class NeedsSmoothing(Pass):
         name: ClassVar[str] = "test_needs_smoothing"
-        requires: ClassVar[frozenset[str]] = frozenset({"captured", "smoothed"})
+        requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.SMOOTHED})
 
         def run(self, program, ctx):  # pragma: no cover - never reached
             return PassResult(program, False)
@@ -102,7 +103,7 @@ def test_fp32_plan_changes_nothing(tiny_llama_program, tiny_llama):
 
 def test_order_is_checked_before_anything_runs(extra_passes):
     plan = Plan(passes=(PassConfig("test_needs_smoothing"),))
-    with pytest.raises(PlanError, match=r"requires \['smoothed'\], which no earlier pass provides"):
+    with pytest.raises(PlanError, match=r"requires smoothed \(SmoothQuant scales .*\), which no earlier pass provides"):
         PassManager(plan)
 
 

@@ -22,6 +22,9 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
+from qcompile.errors import VerifyError
+from qcompile.ir.facts import CAPTURED_FACTS, Fact
+
 PATH_KEY = "qcompile_path"
 
 
@@ -131,12 +134,25 @@ class Entry:
 
 @dataclass
 class Program:
-    """A captured model: entries, shared state, cache specs and metadata."""
+    """A captured model: entries, shared state, cache specs and metadata.
+
+    Besides the graphs and tensors, a Program carries typed facts that later stages rely on:
+    ``weight_bits`` (the bit width of every state tensor that holds quantized weight codes stored
+    one code per int8/uint8; densely packed codes carry their width in the op's arguments),
+    ``cache_bits`` (the same for code caches),
+    ``fp16_kv_bytes`` (bytes per token of the fp16 K/V cache that a rewritten cache replaces) and
+    ``facts`` (what form the Program is in: see :mod:`qcompile.ir.facts`). ``meta`` holds
+    descriptive, JSON-serializable facts from capture (kind, vocabulary size, cache length...).
+    """
 
     entries: dict[str, Entry]
     state: dict[str, torch.Tensor]
     cache_specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serializable facts (kind, config...)
+    weight_bits: dict[str, int] = field(default_factory=dict)  # state key of one-per-byte weight codes -> bits
+    cache_bits: dict[str, int] = field(default_factory=dict)  # cache key of code caches -> bits
+    fp16_kv_bytes: int | None = None  # bytes/token of the fp16 K/V cache a rewritten cache replaces
+    facts: frozenset[Fact] = CAPTURED_FACTS
 
     # ---- navigation ----------------------------------------------------------------------
     def nodes(self) -> Iterator[tuple[Entry, fx.Node]]:
@@ -164,6 +180,16 @@ class Program:
         self.state[key] = tensor
         return key
 
+    def bits_of(self, key: str) -> int:
+        """The bit width of the quantized codes in state tensor ``key`` (a VerifyError when the
+        Program records none: codes of unknown width cannot be run or lowered)."""
+        if key not in self.weight_bits:
+            raise VerifyError(
+                f"state tensor {key!r} holds quantized codes but the Program records no bit width for it "
+                "(Program.weight_bits); the pass that wrote it, or the artifact, is broken"
+            )
+        return int(self.weight_bits[key])
+
     def finish_rewrite(self, entry_names: set[str]) -> None:
         """After a pass rewrote ``entry_names``: drop unused placeholders and state, regenerate code."""
         for name in entry_names:
@@ -177,6 +203,7 @@ class Program:
         dropped = [k for k in self.state if k not in used]
         for k in dropped:
             del self.state[k]
+            self.weight_bits.pop(k, None)
         return dropped
 
     def copy(self) -> "Program":
@@ -185,24 +212,27 @@ class Program:
         for name, e in self.entries.items():
             gm = fx.GraphModule(e.graph, _deepcopy_graph(e.graph.graph))
             entries[name] = dataclasses.replace(e, graph=gm, slots=list(e.slots), dims=dict(e.dims))
-        return Program(entries, dict(self.state), dict(self.cache_specs), copy.deepcopy(self.meta))
+        return Program(
+            entries, dict(self.state), dict(self.cache_specs), copy.deepcopy(self.meta),
+            dict(self.weight_bits), dict(self.cache_bits), self.fp16_kv_bytes, self.facts,
+        )
 
     def packed_weight_bytes(self) -> int:
         """Bytes of the state if every quantized weight were bit-packed at its own bit-width."""
-        bits = self.meta.get("weight_bits", {})
         total = 0
         for k, t in self.state.items():
-            total += (t.numel() * int(bits[k]) + 7) // 8 if k in bits else t.numel() * t.element_size()
+            bits = self.weight_bits.get(k)
+            total += (t.numel() * bits + 7) // 8 if bits is not None else t.numel() * t.element_size()
         return total
 
     def cache_bytes_per_token(self) -> int | None:
         """Bytes of cache per cached token (all layers, all cache tensors with a sequence axis of
-        ``meta['max_cache_len']``, scales included; caches listed in ``meta['cache_bits']`` count
+        ``meta['max_cache_len']``, scales included; caches listed in ``cache_bits`` count
         as bit-packed at that width); None when the Program has no cache."""
         length = self.meta.get("max_cache_len")
         if not self.cache_specs or not length:
             return None
-        bits = self.meta.get("cache_bits", {})  # bit-packed caches (quantized codes): key -> bits
+        bits = self.cache_bits
         total = 0
         for key, (shape, dt) in self.cache_specs.items():
             if int(length) in shape:
@@ -213,8 +243,8 @@ class Program:
     def fp16_kv_bytes_per_token(self) -> int | None:
         """Bytes per token of the fp16 K/V cache this Program's cache replaces (or, for a plain KV
         cache, of it stored in fp16): the reference for cache savings."""
-        if "fp16_kv_bytes_per_token" in self.meta:
-            return int(self.meta["fp16_kv_bytes_per_token"])
+        if self.fp16_kv_bytes is not None:
+            return self.fp16_kv_bytes
         length = self.meta.get("max_cache_len")
         if not self.cache_specs or not length:
             return None

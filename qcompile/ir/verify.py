@@ -2,7 +2,7 @@
 
 Checks: each graph lints; placeholders and slots agree one to one; every STATE/CACHE slot names
 an existing tensor/cache spec; every call target is an ATen/qcompile op or a plain Python
-operator; and (``deep=True``) the graph runs under FakeTensorMode on its example inputs, which
+operator; every quantized op's weight codes have a recorded bit width; and (``deep=True``) the graph runs under FakeTensorMode on its example inputs, which
 catches shape and dtype errors without computing anything.
 """
 
@@ -16,6 +16,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qcompile.errors import VerifyError
 from qcompile.ir.program import PATH_KEY, Entry, Program, SlotKind
+
+
+# ops whose second argument is one-code-per-byte weight codes: their width must be a Program fact
+CODE_OPS = frozenset({"qcompile::linear_w8a8", "qcompile::quant_linear", "qcompile::linear_static"})
 
 
 def _target_ok(target: object) -> bool:
@@ -50,7 +54,17 @@ def _verify_entry(program: Program, entry: Entry) -> None:
             raise VerifyError(f"{where}: placeholder %{node.name} is bound to missing state {slot.name!r}")
         if slot.kind is SlotKind.CACHE and slot.name not in program.cache_specs:
             raise VerifyError(f"{where}: placeholder %{node.name} is bound to unknown cache {slot.name!r}")
+    bindings = dict(zip(placeholders, entry.slots))
     for node in entry.graph.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.name() in CODE_OPS:
+            slot = bindings.get(node.args[1]) if len(node.args) > 1 else None
+            if slot is None or slot.kind is not SlotKind.STATE:
+                raise VerifyError(f"{where}: node %{node.name} ({node.target}) reads weight codes that are not a state tensor")
+            if slot.name not in program.weight_bits:
+                raise VerifyError(
+                    f"{where}: node %{node.name} ({node.target}) at module path {node.meta.get(PATH_KEY, '')!r} reads codes "
+                    f"{slot.name!r} whose bit width the Program does not record (Program.weight_bits)"
+                )
         if node.op in ("call_module", "call_method", "get_attr"):
             raise VerifyError(f"{where}: node %{node.name} ({node.meta.get(PATH_KEY, '')}) is a {node.op}; only call_function is allowed")
         if node.op == "call_function" and not _target_ok(node.target):

@@ -9,6 +9,7 @@ from qcompile.passes import (  # noqa: F401  (registers the passes)
     winograd_conv,
 )
 from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, make_pass, register_pass
-from qcompile.passes.manager import CompileReport, PassManager, PassReport
+from qcompile.passes.manager import PassManager
+from qcompile.report import CompileReport, PassReport
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "make_pass", "register_pass", "CompileReport", "PassManager", "PassReport"]

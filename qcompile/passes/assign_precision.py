@@ -37,15 +37,17 @@ of A8 layers is ``floor(budget · n)``) or of their FLOPs (``unit: flops``; laye
 sensitivity order while they fit) that gets ``high_bits``. FlexQ's fixed rule (every
 ``down_proj`` at A8) is 1/7 of a Llama's linears, the default budget.
 
-Requires: a captured Program with float linears (run it before ``quantize_weights``), calibration
-token ids. Guarantees: ``ctx.plan`` has the new rules appended and this pass removed from its pass
-list (so the saved plan replays to the same module without calibration data); the Program itself
-is unchanged (``quantize_weights`` applies the rules).
+Requires: float linears (run it before ``quantize_weights``), calibration token ids. Provides:
+activation precision. Guarantees: the refined plan it returns (``PassResult.plan``) has the new
+rules appended and this pass removed from its pass list (so the saved plan replays to the same
+module without calibration data); the Program itself is unchanged (``quantize_weights`` applies
+the rules). ``qcompile report --plot`` draws the scores (:mod:`qcompile.eval.plots`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 import time
@@ -56,18 +58,29 @@ import torch
 import torch.fx as fx
 
 from qcompile.errors import DataError, PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
-from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
-from qcompile.passes.quantize_weights import check_group
-from qcompile.plan import ALLOWED_BITS, Granularity, LayerRule, QuantSpec
+from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
+from qcompile.plan import LayerRule
+from qcompile.quant.spec import Granularity, QuantSpec, check_bits, check_group
 from qcompile.quant.calib import calib_batches, entry_args
 from qcompile.quant.rtn import dequantize_weight_groups, quantize_activation_groups, quantize_weight_groups
 
 log = logging.getLogger(__name__)
 
-UNITS = ("linears", "flops")
-METRICS = ("fisher", "kl")
+
+
+class Unit(str, enum.Enum):
+    """What the budget is a fraction of."""
+
+    LINEARS = "linears"
+    FLOPS = "flops"
+
+
+class Metric(str, enum.Enum):
+    FISHER = "fisher"  # second-order estimate: one forward + backward
+    KL = "kl"  # exact: one perturbed run per layer (O(layers^2))
 
 
 def fake_quant_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -145,14 +158,14 @@ class _Simulator(fx.Interpreter):
 @dataclass(frozen=True)
 class AssignPrecision(Pass):
     name: ClassVar[str] = "assign_precision"
-    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
-    provides: ClassVar[frozenset[str]] = frozenset({"precision_assigned"})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.ACTIVATION_PRECISION})
 
     budget: float = 1 / 7
-    unit: str = "linears"
+    unit: Unit = Unit.LINEARS
     low_bits: int = 6
     high_bits: int = 8
-    metric: str = "fisher"
+    metric: Metric = Metric.FISHER
     min_tokens: int = 256  # fewer calibration tokens than this: DataError
     max_tokens: int = 4096  # use at most this many calibration tokens (whole sequences)
     entry: str = "forward"
@@ -164,13 +177,10 @@ class AssignPrecision(Pass):
                 f"assign_precision: budget must be a number in [0, 1] (the fraction of linears or of linear "
                 f"FLOPs given {self.high_bits}-bit activations), got {b!r}"
             )
-        if self.unit not in UNITS:
-            raise PlanError(f"assign_precision: unit {self.unit!r} is not allowed; allowed: {list(UNITS)}")
-        if self.metric not in METRICS:
-            raise PlanError(f"assign_precision: metric {self.metric!r} is not allowed; allowed: {list(METRICS)}")
+        as_enum(self, "unit", Unit)
+        as_enum(self, "metric", Metric)
         for name in ("low_bits", "high_bits"):
-            if getattr(self, name) not in ALLOWED_BITS:
-                raise PlanError(f"assign_precision: {name} must be one of {list(ALLOWED_BITS)}, got {getattr(self, name)!r}")
+            check_bits(getattr(self, name), f"assign_precision: {name}")
         if self.low_bits >= self.high_bits:
             raise PlanError(f"assign_precision: low_bits ({self.low_bits}) must be below high_bits ({self.high_bits})")
         if not isinstance(self.min_tokens, int) or not isinstance(self.max_tokens, int) or not 2 <= self.min_tokens <= self.max_tokens:
@@ -191,8 +201,8 @@ class AssignPrecision(Pass):
         rules = tuple(LayerRule(match=_glob_escape(c.path), activation=c.high) for c in cands if c.path in chosen)
         # the refined plan replaces this pass by its result, so replaying it needs no calibration and
         # gives the same module (re-running the analysis on top of its own rules would not)
-        done = f"A{self.high_bits} layers assigned by assign_precision ({self.metric}, budget {self.budget:.4g} of {self.unit})"
-        ctx.plan = dataclasses.replace(
+        done = f"A{self.high_bits} layers assigned by assign_precision ({self.metric.value}, budget {self.budget:.4g} of {self.unit.value})"
+        refined = dataclasses.replace(
             plan,
             passes=tuple(pc for pc in plan.passes if pc.name != self.name),
             rules=plan.rules + rules,
@@ -202,9 +212,9 @@ class AssignPrecision(Pass):
         high_flops = sum(c.flops for c in cands if c.path in chosen)
         seconds = time.perf_counter() - t0
         notes = {
-            "metric": self.metric,
+            "metric": self.metric.value,
             "budget": self.budget,
-            "unit": self.unit,
+            "unit": self.unit.value,
             "tokens": int(sum(r.numel() for r in rows)),
             "sequences": len(rows),
             "candidates": len(cands),
@@ -219,7 +229,19 @@ class AssignPrecision(Pass):
             ],
         }
         log.info("assign_precision: A%d for %d of %d linears in %.1fs", self.high_bits, len(chosen), len(cands), seconds)
-        return PassResult(program, modified=False, layers_changed=[c.path for c in cands if c.path in chosen], skipped=fixed, notes=notes)
+        return PassResult(
+            program, modified=False, layers_changed=[c.path for c in cands if c.path in chosen], skipped=fixed, notes=notes, plan=refined
+        )
+
+    @classmethod
+    def summarize(cls, notes: dict[str, Any]) -> list[str]:
+        high = next((k for k in notes if k.startswith("a") and k.endswith("_layers")), None)
+        if high is None or "sensitivity" not in notes:
+            return []
+        return [
+            f"{notes['metric']} sensitivity on {notes['tokens']} calibration tokens in {notes['analysis_seconds']}s; budget "
+            f"{notes['budget']:.4g} of {notes['unit']}: {high.split('_')[0].upper()} for {len(notes[high])} of {notes['candidates']} linears"
+        ]
 
     def _candidates(self, program: Program, ctx: PassContext) -> tuple[list[_Candidate], list[tuple[str, str]]]:
         cands: list[_Candidate] = []
@@ -276,7 +298,7 @@ class AssignPrecision(Pass):
         vocab = program.meta.get("vocab_size")
         scores = {c.path: 0.0 for c in cands}
         tokens = 0
-        if self.metric == "kl":
+        if self.metric is Metric.KL:
             self._measure_kl(program, ctx, cands, rows, wdq, scores)
             return
         for row in tqdm(rows, desc="assign_precision: sensitivity", disable=not ctx.progress, unit="seq"):
@@ -336,7 +358,7 @@ class AssignPrecision(Pass):
 
     def _choose(self, cands: list[_Candidate]) -> set[str]:
         ranked = sorted(cands, key=lambda c: (-c.score, c.path))
-        if self.unit == "linears":
+        if self.unit is Unit.LINEARS:
             count = math.floor(self.budget * len(cands) + 1e-9)
             return {c.path for c in ranked[:count]}
         cap = self.budget * sum(c.flops for c in cands) * (1 + 1e-9)
@@ -356,30 +378,4 @@ def _logits(outs: Any, vocab: Any) -> torch.Tensor:
     raise PlanError("assign_precision needs a causal LM whose entry returns logits [1, T, vocab]")
 
 
-def plot_sensitivity(notes: dict[str, Any], path: str, title: str = "") -> None:
-    """Bar chart (PNG) of the per-layer sensitivity recorded in the pass notes, A8 layers highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = notes["sensitivity"]
-    high = max(r["act_bits"] for r in rows)
-    scores = [max(r["score"], 1e-30) for r in rows]
-    colors = ["tab:red" if r["act_bits"] == high else "tab:blue" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.06), 4.5))
-    ax.bar(range(len(rows)), scores, color=colors, width=1.0)
-    ax.set_yscale("log")
-    ax.set_xlim(-0.5, len(rows) - 0.5)
-    ax.set_xlabel("linear layer (graph order)")
-    ax.set_ylabel(f"sensitivity ({notes.get('metric', '')}: est. loss increase / token)")
-    ax.set_title(title or f"A{high} (red) for {sum(c == 'tab:red' for c in colors)} of {len(rows)} linears, budget {notes.get('budget'):.3g} of {notes.get('unit')}")
-    step = max(1, len(rows) // 30)
-    ax.set_xticks(range(0, len(rows), step))
-    ax.set_xticklabels([rows[i]["path"].removeprefix("model.") for i in range(0, len(rows), step)], rotation=90, fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-__all__ = ["AssignPrecision", "fake_quant_activation", "dequantized_weight", "plot_sensitivity"]
+__all__ = ["AssignPrecision", "Metric", "Unit", "fake_quant_activation", "dequantized_weight"]

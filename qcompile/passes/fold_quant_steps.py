@@ -33,8 +33,10 @@ symmetric (``per_channel``: one step per input channel; ``per_tensor``: one step
    ``dequantize_static`` → float linear with ``Q(W·diag(Δ))·diag(1/Δ)``. The two agree to float
    rounding (the folded form divides by ``Δ`` inside the producer instead of before rounding).
 
-Linears the plan quantizes whose input has no foldable producer are left to ``quantize_weights``
-(listed in ``skipped``). Requires: a captured Program and calibration data. Provides quantized weights.
+Linears the plan quantizes whose input has no foldable producer stay in float (listed in
+``skipped``). Requires: float linears and the captured attention (the steps of the v→o group are
+folded into V), and calibration data. Provides: quantized linears and folded steps; invalidates:
+float linears.
 """
 
 from __future__ import annotations
@@ -46,14 +48,14 @@ from typing import ClassVar
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import LinearMatch, ScaleGroup, find_linears, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
-from qcompile.passes.quantize_weights import check_group
-from qcompile.plan import Granularity, LayerQuant, Plan, QuantSpec
+from qcompile.plan import LayerQuant, Plan
 from qcompile.quant.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
-from qcompile.quant.quantizer import levels
+from qcompile.quant.spec import Granularity, QuantSpec, check_group, levels
 from qcompile.quant.rtn import dequantize_weight_groups, quantize_weight_groups
 
 aten = torch.ops.aten
@@ -64,8 +66,9 @@ DEFAULT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45
 @dataclass(frozen=True)
 class FoldQuantSteps(Pass):
     name: ClassVar[str] = "fold_quant_steps"
-    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
-    provides: ClassVar[frozenset[str]] = frozenset({"quantized_weights", "folded_steps"})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.QUANTIZED_LINEARS, Fact.FOLDED_STEPS})
+    invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.FLOAT_LINEARS})
 
     fold: bool = True
     clip_grid: tuple[float, ...] = DEFAULT_GRID
@@ -134,7 +137,7 @@ class FoldQuantSteps(Pass):
         leftover = sorted({m.path for m in find_linears(program) if not ctx.plan.resolve(m.path).skip})
         return PassResult(
             program, modified=True, layers_changed=changed,
-            skipped=[(p, "no foldable producer; left for quantize_weights") for p in leftover],
+            skipped=[(p, "no foldable producer (kept in float)") for p in leftover],
             notes={"groups": notes, "split_channels": splits},
         )
 
@@ -206,7 +209,7 @@ class FoldQuantSteps(Pass):
             if self.fold:
                 ck = program.add_state(f"{base}.qweight", codes)
                 sk = program.add_state(f"{base}.w_scale", scale)
-                program.meta.setdefault("weight_bits", {})[ck] = lq.weight.bits
+                program.weight_bits[ck] = lq.weight.bits
             else:
                 fk = program.add_state(f"{base}.weight_fq", dequantize_weight_groups(codes, scale, None, gs) / step)
             for m in linears[wkey]:

@@ -64,6 +64,7 @@ replaces. A model without a recognizable attention block is an error naming the 
 
 from __future__ import annotations
 
+import enum
 import math
 import operator
 from dataclasses import dataclass, field
@@ -73,15 +74,30 @@ import torch
 import torch.fx as fx
 
 from qcompile.errors import PassError, PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import state_key
 from qcompile.ir.program import PATH_KEY, Entry, Program, Slot, SlotKind
-from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
+from qcompile.quant.spec import BITS, Granularity, QuantSpec, levels
 
 aten = torch.ops.aten
 qops = torch.ops.qcompile
 
-MODES = ("auto", "x", "latent", "kv")
-GRANULARITIES = ("per_token", "per_channel")
+
+
+class Mode(str, enum.Enum):
+    AUTO = "auto"  # latent when K and V together are narrower than X, else x
+    X = "x"
+    LATENT = "latent"
+    KV = "kv"
+
+
+class ClSpace(str, enum.Enum):
+    X = "x"  # XQuant-CL over the normed X
+    RESIDUAL = "residual"  # over the residual stream the norm reads
+
+
+GRANULARITIES = (Granularity.PER_TOKEN, Granularity.PER_CHANNEL)
 EXPECTED = (
     "an attention block: a normed activation X feeding two aten.linear projections (K and V) with "
     "constant weights, whose outputs (after view/transpose and, for K, RoPE) are written with "
@@ -94,16 +110,20 @@ _REPEAT_OPS = {
 }
 
 
-@dataclass(frozen=True)
-class QSpec:
-    bits: int
-    group_size: int
-    symmetric: bool
-    granularity: str
+def cache_spec(bits: int, group_size: int, symmetric: bool, granularity: Granularity) -> QuantSpec | None:
+    """The quantizer of one cache: None for a float cache (``bits == 0``); ``per_token`` with groups of
+    ``group_size`` channels of a token (0: the whole token) is dynamic; ``per_channel`` is static."""
+    if bits == 0:
+        return None
+    if granularity is Granularity.PER_CHANNEL:
+        return QuantSpec(bits, Granularity.PER_CHANNEL, symmetric, dynamic=False)
+    if group_size == 0:
+        return QuantSpec(bits, Granularity.PER_TOKEN, symmetric)
+    return QuantSpec(bits, Granularity.PER_GROUP, symmetric, group_size=group_size)
 
-    @property
-    def quantized(self) -> bool:
-        return self.bits > 0
+
+def _static(spec: QuantSpec | None) -> bool:
+    return spec is not None and spec.granularity is Granularity.PER_CHANNEL
 
 
 @dataclass
@@ -133,37 +153,37 @@ class _Block:
 @dataclass(frozen=True)
 class KVToXCache(Pass):
     name: ClassVar[str] = "kv_to_xcache"
-    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
-    provides: ClassVar[frozenset[str]] = frozenset({"xcache"})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.XCACHE})
+    invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.KV_ATTENTION})
 
-    mode: str = "auto"
+    mode: Mode = Mode.AUTO
     bits: int = 4
     group_size: int = 64
     symmetric: bool = True
-    granularity: str = "per_token"
+    granularity: Granularity = Granularity.PER_TOKEN
     cross_layer: bool = False
     first_layer_bits: int = 0
-    cl_space: str = "x"
-    k_granularity: str = "per_channel"
-    v_granularity: str = "per_token"
+    cl_space: ClSpace = ClSpace.X
+    k_granularity: Granularity = Granularity.PER_CHANNEL
+    v_granularity: Granularity = Granularity.PER_TOKEN
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise PlanError(f"kv_to_xcache: mode {self.mode!r} is not one of {list(MODES)}")
+        as_enum(self, "mode", Mode)
+        as_enum(self, "cl_space", ClSpace)
         for name in ("bits", "first_layer_bits"):
             b = getattr(self, name)
-            if not isinstance(b, int) or isinstance(b, bool) or not (b == 0 or 2 <= b <= 8):
-                raise PlanError(f"kv_to_xcache: {name} must be 0 (no quantization) or 2..8 cache bits, got {b!r}")
+            if not isinstance(b, int) or isinstance(b, bool) or not (b == 0 or b in BITS):
+                raise PlanError(f"kv_to_xcache: {name} must be 0 (no quantization) or one of {list(BITS)} cache bits, got {b!r}")
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise PlanError(f"kv_to_xcache: group_size must be 0 (whole token) or a positive divisor of the cached width, got {self.group_size!r}")
         for name in ("granularity", "k_granularity", "v_granularity"):
-            if getattr(self, name) not in GRANULARITIES:
-                raise PlanError(f"kv_to_xcache: {name} {getattr(self, name)!r} is not one of {list(GRANULARITIES)}")
-        if self.cross_layer and self.mode in ("latent", "kv"):
+            g = as_enum(self, name, Granularity)
+            if g not in GRANULARITIES:
+                raise PlanError(f"kv_to_xcache: {name} {g.value!r} is not one of {[x.value for x in GRANULARITIES]}")
+        if self.cross_layer and self.mode in (Mode.LATENT, Mode.KV):
             raise PlanError("kv_to_xcache: cross_layer (XQuant-CL) caches X differences; it needs mode 'x' (or 'auto')")
-        if self.cl_space not in ("x", "residual"):
-            raise PlanError(f"kv_to_xcache: cl_space {self.cl_space!r} is not one of ['x', 'residual']")
-        if self.cross_layer and self.granularity != "per_token":
+        if self.cross_layer and self.granularity is not Granularity.PER_TOKEN:
             raise PlanError("kv_to_xcache: cross_layer (XQuant-CL) needs per_token quantization")
 
     # ---- top level -----------------------------------------------------------------------
@@ -188,14 +208,12 @@ class KVToXCache(Pass):
         d_x = int(program.state[first.k.weight_key].shape[1])
         d_k = int(program.state[first.k.weight_key].shape[0])
         d_v = int(program.state[first.v.weight_key].shape[0])
-        mode = self.mode if self.mode != "auto" else ("latent" if d_k + d_v < d_x and not self.cross_layer else "x")
+        mode = self.mode.value if self.mode is not Mode.AUTO else ("latent" if d_k + d_v < d_x and not self.cross_layer else "x")
 
         specs = self._specs(mode)
         self._check_groups(mode, specs, d_x, d_k, d_v, first)
         # static per-channel scales: calibrated on the original forward entry, before rewriting
-        static = self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks) if any(
-            s.quantized and s.granularity == "per_channel" for s in specs.values()
-        ) else {}
+        static = self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks) if any(_static(s) for s in specs.values()) else {}
         factors = _latent_factors(program, order, fwd_blocks or any_blocks) if mode == "latent" else {}
 
         kv_fp16 = 0
@@ -220,17 +238,17 @@ class KVToXCache(Pass):
             rw.finish()
         ctx.at(None, None)
         program.cache_specs.update(new_caches)
-        program.meta.setdefault("cache_bits", {}).update(bits_meta)
+        program.cache_bits.update(bits_meta)
         for key in list(program.cache_specs):  # drop caches no entry uses any more
             if not any(s.kind is SlotKind.CACHE and s.name == key for en in program.entries.values() for s in en.slots):
                 del program.cache_specs[key]
-                program.meta["cache_bits"].pop(key, None)
+                program.cache_bits.pop(key, None)
         program.finish_rewrite(set(program.entries))
         per_token = program.cache_bytes_per_token()
         describe = self._describe(mode, specs, len(order), d_x, d_k, d_v)
         program.meta["xcache"] = describe
         if kv_fp16:
-            program.meta["fp16_kv_bytes_per_token"] = kv_fp16
+            program.fp16_kv_bytes = kv_fp16
         notes = {
             **describe,
             "cache_bytes_per_token": per_token,
@@ -240,22 +258,31 @@ class KVToXCache(Pass):
         paths = [b.path for b in (fwd_blocks or any_blocks)]
         return PassResult(program, modified=True, layers_changed=paths, notes=notes)
 
+    @classmethod
+    def summarize(cls, notes: dict[str, Any]) -> list[str]:
+        if notes.get("cache_bytes_per_token") is None:
+            return []
+        return [
+            f"cache: {notes['cache_bytes_per_token']} B/token (all layers, scales included) vs fp16 KV "
+            f"{notes.get('fp16_kv_bytes_per_token')} B/token: saving x{notes.get('saving_vs_fp16_kv')}; {notes.get('cached_per_layer', '')}"
+        ]
+
     # ---- options -> quantizers ------------------------------------------------------------
-    def _specs(self, mode: str) -> dict[str, QSpec]:
+    def _specs(self, mode: str) -> dict[str, QuantSpec | None]:
         if mode == "kv":
             return {
-                "k": QSpec(self.bits, self.group_size, self.symmetric, self.k_granularity),
-                "v": QSpec(self.bits, self.group_size, self.symmetric, self.v_granularity),
+                "k": cache_spec(self.bits, self.group_size, self.symmetric, self.k_granularity),
+                "v": cache_spec(self.bits, self.group_size, self.symmetric, self.v_granularity),
             }
-        base = QSpec(self.bits, self.group_size, self.symmetric, self.granularity)
+        base = cache_spec(self.bits, self.group_size, self.symmetric, self.granularity)
         if mode == "x":
             out = {"x": base}
             if self.cross_layer:
-                out["x0"] = QSpec(self.first_layer_bits or self.bits, self.group_size, self.symmetric, "per_token")
+                out["x0"] = cache_spec(self.first_layer_bits or self.bits, self.group_size, self.symmetric, Granularity.PER_TOKEN)
             return out
         return {"k": base, "v": base}
 
-    def _check_groups(self, mode: str, specs: dict[str, QSpec], d_x: int, d_k: int, d_v: int, b: _Block) -> None:
+    def _check_groups(self, mode: str, specs: dict[str, QuantSpec | None], d_x: int, d_k: int, d_v: int, b: _Block) -> None:
         widths = {"x": d_x, "x0": d_x}
         if mode == "latent":
             widths.update(k=d_k, v=d_v)
@@ -263,7 +290,7 @@ class KVToXCache(Pass):
             hd = _head_dim(b)
             widths.update(k=hd, v=hd)
         for name, s in specs.items():
-            if not s.quantized or s.granularity != "per_token" or s.group_size == 0:
+            if s is None or s.granularity is not Granularity.PER_GROUP or s.group_size is None:
                 continue
             c = widths[name]
             if c % s.group_size:
@@ -273,7 +300,7 @@ class KVToXCache(Pass):
                     f"{'head of ' if mode == 'kv' else ''}{name} cache (mode {mode!r}); use 0 (whole token) or one of {divisors}"
                 )
 
-    def _calibrate(self, program: Program, ctx: PassContext, mode: str, specs: dict[str, QSpec], fwd: Entry | None, blocks: list[_Block]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]:
+    def _calibrate(self, program: Program, ctx: PassContext, mode: str, specs: dict[str, QuantSpec | None], fwd: Entry | None, blocks: list[_Block]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]:
         from qcompile.quant.calib import calib_batches, run_observed
 
         if fwd is None or not blocks:
@@ -296,7 +323,7 @@ class KVToXCache(Pass):
         factors = _latent_factors(program, [b.k.weight_key for b in blocks], blocks) if mode == "latent" else {}
         for b in blocks:
             for name, s in specs.items():
-                if not s.quantized or s.granularity != "per_channel":
+                if not _static(s):
                     continue
                 if mode == "x":
                     observers[b.k.lin] = observe((b.index, name), 0)
@@ -312,25 +339,26 @@ class KVToXCache(Pass):
         out = {}
         for key, (lo, hi) in stats.items():
             s = specs[key[1]]
+            assert s is not None
+            qmin, qmax = s.levels
             if s.symmetric:
-                qmax = 2 ** (s.bits - 1) - 1
                 scale = torch.maximum(lo.abs(), hi.abs()) / qmax
                 offset = None
             else:
-                scale = (hi - lo) / (2**s.bits - 1)
+                scale = (hi - lo) / (qmax - qmin)
                 offset = lo
             out[key] = (torch.where(scale > 0, scale, torch.ones_like(scale)), offset)
         return out
 
-    def _describe(self, mode: str, specs: dict[str, QSpec], layers: int, d_x: int, d_k: int, d_v: int) -> dict[str, Any]:
-        def q(s: QSpec) -> str:
-            if not s.quantized:
+    def _describe(self, mode: str, specs: dict[str, QuantSpec | None], layers: int, d_x: int, d_k: int, d_v: int) -> dict[str, Any]:
+        def q(s: QuantSpec | None) -> str:
+            if s is None:
                 return "float (no quantization)"
-            g = "whole token" if s.group_size == 0 else f"groups of {s.group_size}"
-            where = f"per_token fp16 scales, {g}" if s.granularity == "per_token" else "static per_channel scales (calibrated)"
+            g = f"groups of {s.group_size}" if s.granularity is Granularity.PER_GROUP else "whole token"
+            where = "static per_channel scales (calibrated)" if _static(s) else f"per_token fp16 scales, {g}"
             return f"{s.bits}-bit {'symmetric' if s.symmetric else 'asymmetric'} codes, {where}"
 
-        if mode == "x" and self.cross_layer and self.cl_space == "residual":
+        if mode == "x" and self.cross_layer and self.cl_space is ClSpace.RESIDUAL:
             what = (f"layer 0: Q(h_0) [{d_x}] ({q(specs['x0'])}); layer l>0: Q(h_l - A_(l-1)) [{d_x}] ({q(specs['x'])}), where h_l is "
                     "the residual stream the layer's attention norm reads, A_l = A_(l-1) + deq(Q(.)) its running reconstruction "
                     "and X_l = norm_l(A_l) is recomputed with the layer's own norm")
@@ -525,7 +553,7 @@ def _position_tables(program: Program, entry: Entry, nodes: list[fx.Node], seq_d
 
 
 class _Rewriter:
-    def __init__(self, program: Program, entry: Entry, mode: str, specs: dict[str, QSpec], static: dict, factors: dict,
+    def __init__(self, program: Program, entry: Entry, mode: str, specs: dict[str, QuantSpec | None], static: dict, factors: dict,
                  opts: KVToXCache, new_caches: dict, bits_meta: dict) -> None:
         self.p, self.e, self.g = program, entry, entry.graph.graph
         self.mode, self.specs, self.static, self.factors, self.opts = mode, specs, static, factors, opts
@@ -560,31 +588,31 @@ class _Rewriter:
         self.e.slots.insert(first_user, Slot(SlotKind.CACHE, key))
         return node
 
-    def fake_quant(self, x: fx.Node, spec: QSpec, static_key: tuple[int, str], width: int) -> fx.Node:
+    def fake_quant(self, x: fx.Node, spec: QuantSpec | None, static_key: tuple[int, str], width: int) -> fx.Node:
         """deq(Q(x)) for the forward entry."""
-        if not spec.quantized:
+        if spec is None:
             return x
         codes, scale, offset, gs = self.quantize(x, spec, static_key, width)
         return self.call(qops.cache_dequantize.default, codes, scale, offset, gs)
 
-    def quantize(self, x: fx.Node, spec: QSpec, static_key: tuple[int, str], width: int):
-        if spec.granularity == "per_channel":
+    def quantize(self, x: fx.Node, spec: QuantSpec, static_key: tuple[int, str], width: int):
+        if _static(spec):
             s, o = self.static[static_key]
             sn = self.state(f"xcache.{static_key[0]}.{static_key[1]}.scale", s)
             on = self.state(f"xcache.{static_key[0]}.{static_key[1]}.offset", o) if o is not None else None
             codes = self.call(qops.cache_quantize_static.default, x, sn, on, spec.bits, spec.symmetric)
             return codes, sn, on, 0
-        gs = spec.group_size or width
+        gs = spec.block(width)
         q = self.call(qops.cache_quantize.default, x, spec.bits, gs, spec.symmetric)
         codes = self.call(operator.getitem, q, 0)
         scale = self.call(operator.getitem, q, 1)
         offset = None if spec.symmetric else self.call(operator.getitem, q, 2)
         return codes, scale, offset, gs
 
-    def store(self, x: fx.Node, spec: QSpec, static_key: tuple[int, str], key: str, shape: list[int], dim: int, pos: fx.Node,
+    def store(self, x: fx.Node, spec: QuantSpec | None, static_key: tuple[int, str], key: str, shape: list[int], dim: int, pos: fx.Node,
               dtype: torch.dtype) -> tuple[fx.Node, fx.Node]:
         """Write x's new tokens into the cache(s) ``key.*``; returns (deq of the whole cache, deq of the new tokens)."""
-        if not spec.quantized:
+        if spec is None:
             w = self.call(aten.index_copy_.default, self.cache_input(f"{key}", tuple(shape), dtype), dim, pos, x)
             return w, x
         codes, scale, offset, gs = self.quantize(x, spec, static_key, shape[-1])
@@ -682,7 +710,7 @@ class _Rewriter:
             all_, _ = self.store(b.x, self.specs["x"], (b.index, "x"), key, [1, length, d], 1, pos, x_dtype)
             return all_
         src = b.x
-        if self.opts.cl_space == "residual":
+        if self.opts.cl_space is ClSpace.RESIDUAL:
             src, norm_nodes = self._norm_plan(b)
         if self.acc_new is None:
             all_, new = self.store(src, self.specs["x0"], (b.index, "x0"), key, [1, length, d], 1, pos, x_dtype)
@@ -692,7 +720,7 @@ class _Rewriter:
             all_ = self.call(aten.add.Tensor, self.acc_all, d_all)
             new = self.call(aten.add.Tensor, self.acc_new, d_new)
         self.acc_all, self.acc_new = all_, new
-        if self.opts.cl_space == "residual":
+        if self.opts.cl_space is ClSpace.RESIDUAL:
             return self._copy_norm(src, norm_nodes, b.x, all_)
         return all_
 
@@ -808,7 +836,7 @@ class _Rewriter:
             if self.mode == "x":
                 if self.opts.cross_layer:
                     src = b.x
-                    if self.opts.cl_space == "residual":
+                    if self.opts.cl_space is ClSpace.RESIDUAL:
                         src, norm_nodes = self._norm_plan(b)
                     if self.acc_new is None:
                         xh = self.fake_quant(src, self.specs["x0"], (b.index, "x0"), d)
@@ -816,7 +844,7 @@ class _Rewriter:
                         diff = self.call(aten.sub.Tensor, src, self.acc_new)
                         xh = self.call(aten.add.Tensor, self.acc_new, self.fake_quant(diff, self.specs["x"], (b.index, "x"), d))
                     self.acc_new = xh
-                    if self.opts.cl_space == "residual":
+                    if self.opts.cl_space is ClSpace.RESIDUAL:
                         xh = self._copy_norm(src, norm_nodes, b.x, xh)
                 else:
                     xh = self.fake_quant(b.x, self.specs["x"], (b.index, "x"), d)

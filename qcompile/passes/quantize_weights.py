@@ -22,9 +22,12 @@ collected from a calibration run that stops after the block, the block's weights
 and written back dequantized, so later blocks calibrate on the quantized model's activations
 (the sequential GPTQ of the paper) and only one block's Hessians are held at a time.
 
-Requires: a captured Program. Guarantees after it runs: no selected linear remains in float;
-each layer it did not change is listed in ``skipped`` with the reason; float weights no longer
-used by any entry are dropped from the state.
+Requires: float linears (so it runs after passes that rewrite float linears, such as
+``smooth_migration`` and ``assign_precision``, and at most once). Provides: quantized linears;
+invalidates: float linears. Guarantees after it runs: no selected linear remains in float; each
+layer it did not change is listed in ``skipped`` with the reason; every one-code-per-byte weight
+tensor it writes has its width in ``Program.weight_bits``; float weights no longer used by any
+entry are dropped from the state.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from typing import Any, ClassVar
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.ops.packed import pack_codes
-from qcompile.plan import Granularity, LayerQuant, QuantSpec, WeightMethod
+from qcompile.plan import LayerQuant, WeightMethod
+from qcompile.quant.spec import Granularity, QuantSpec, check_group
 from qcompile.quant.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
@@ -80,24 +85,13 @@ def _block_of(path: str) -> str:
     return ".".join(parts[:-1])
 
 
-def check_group(path: str, k: int, spec: QuantSpec) -> None:
-    """PlanError unless ``spec``'s group size divides ``k`` (or the spec allows a partial last group)."""
-    g = spec.group_size
-    if spec.granularity is not Granularity.PER_GROUP or g is None or k % g == 0 or spec.partial_last_group:
-        return
-    divisors = [d for d in range(8, k + 1, 8) if k % d == 0][-4:]
-    raise PlanError(
-        f"layer {path!r}: group_size {g} does not divide its {k} input channels; use a divisor "
-        f"(e.g. {divisors}) or set partial_last_group: true to allow a shorter last group"
-    )
-
-
 @register_pass
 @dataclass(frozen=True)
 class QuantizeWeights(Pass):
     name: ClassVar[str] = "quantize_weights"
-    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
-    provides: ClassVar[frozenset[str]] = frozenset({"quantized_weights"})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.QUANTIZED_LINEARS})
+    invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.FLOAT_LINEARS})
 
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
@@ -204,11 +198,10 @@ class QuantizeWeights(Pass):
         weight = program.state[wkey]
         k = weight.shape[1]
         base = wkey.removesuffix(".weight")
-        bits = program.meta.setdefault("weight_bits", {})
         if _is_w8_per_channel(w) and _is_a8_per_token(a):
             q, scale = (pre[0], pre[1][:, 0]) if pre is not None else quantize_weight_per_channel(weight, 8)
             qkey = program.add_state(f"{base}.qweight", q)
-            bits[qkey] = 8
+            program.weight_bits[qkey] = 8
             return [qkey, program.add_state(f"{base}.w_scale", scale)], torch.ops.qcompile.linear_w8a8.default, ()
         if w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
             raise PlanError(f"layer {path!r}: weight granularity {w.granularity.value!r} is not supported; supported: {SUPPORTED}")
@@ -233,7 +226,7 @@ class QuantizeWeights(Pass):
             skey = program.add_state(f"{base}.w_scale", scale)
             return [pkey, skey], torch.ops.qcompile.packed_linear.default, (k, w.bits, group, act_bits, act_group)
         qkey = program.add_state(f"{base}.qweight", codes)
-        bits[qkey] = w.bits
+        program.weight_bits[qkey] = w.bits
         okey = program.add_state(f"{base}.w_offset", offset) if offset is not None else None
         keys = [qkey, program.add_state(f"{base}.w_scale", scale), okey]
         return keys, torch.ops.qcompile.quant_linear.default, (group, act_bits, act_group)

@@ -22,17 +22,21 @@ linear; the lowest wins, so the search never does worse than plain RTN on calibr
 The chosen α per group is in the pass notes. Note that α = 0 is *not* the identity in this
 formula (s_j = 1 / max|W_j|); the identity candidate is listed separately as ``"none"``.
 
-Requires: a captured Program and calibration data. Run it before ``quantize_weights``.
+Requires: float linears (run it before ``quantize_weights``) and the captured attention (before
+``kv_to_xcache``, whose caches would hold the unsmoothed X), and calibration data. Provides:
+``smoothed``; the function the model computes is unchanged up to float rounding.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import ScaleGroup, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
@@ -44,14 +48,21 @@ from qcompile.quant.quantizer import fake_quantize
 MIN_CALIB_TOKENS = 64
 
 
+class AlphaMode(str, enum.Enum):
+    """The non-numeric values of ``alpha``."""
+
+    SEARCH = "search"  # SmoothQuant+: per-group search on calibration data
+    NONE = "none"  # s = 1: the pass changes nothing (for A/B plans)
+
+
 @register_pass
 @dataclass(frozen=True)
 class SmoothMigration(Pass):
     name: ClassVar[str] = "smooth_migration"
-    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
-    provides: ClassVar[frozenset[str]] = frozenset({"smoothed"})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.SMOOTHED})
 
-    alpha: Union[float, str] = 0.5
+    alpha: Union[float, AlphaMode] = 0.5
     grid_step: float = 0.05
     value_out: bool = False  # also migrate o_proj's input scales into v_proj's rows
     up_down: bool = False  # also migrate down_proj's input scales into up_proj's rows
@@ -60,8 +71,9 @@ class SmoothMigration(Pass):
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):
-            if self.alpha not in ("search", "none"):
+            if self.alpha not in [m.value for m in AlphaMode]:
                 raise PlanError(f"smooth_migration: alpha must be a number in [0, 1], 'search' or 'none', not {self.alpha!r}")
+            object.__setattr__(self, "alpha", AlphaMode(self.alpha))
         elif not 0.0 <= float(self.alpha) <= 1.0:
             raise PlanError(f"smooth_migration: alpha must be in [0, 1], got {self.alpha}")
         if not 0 < self.grid_step <= 1:
@@ -69,10 +81,10 @@ class SmoothMigration(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         groups = [g for g in find_scale_groups(program, value_out=self.value_out, up_down=self.up_down) if not _all_skipped(ctx.plan, g)]
-        if not groups or self.alpha == "none":
+        if not groups or self.alpha is AlphaMode.NONE:
             return PassResult(program, modified=False, notes={"groups": len(groups), "alpha": "none"})
         batches = calib_batches(ctx.calib, who="smooth_migration", min_tokens=MIN_CALIB_TOKENS)
-        search = self.alpha == "search"
+        search = self.alpha is AlphaMode.SEARCH
         keys = [g.linears[0] for g in groups]
 
         def make(_key: str) -> list:

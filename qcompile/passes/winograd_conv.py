@@ -18,8 +18,9 @@ dilations other than 1, grouped convolutions that are not depthwise (not impleme
 padding, non-constant weights. A layer named
 exactly (no wildcard) in ``layers`` or ``overrides`` that cannot be converted is an error.
 
-Requires: a captured Program. Guarantees: converted layers compute the same convolution (fp32:
-within float rounding of the transforms); transform matrices and weights are new state tensors.
+Requires: float convolutions. Provides: winograd; invalidates: float convolutions (it runs once).
+Guarantees: converted layers compute the same convolution (fp32: within float rounding of the
+transforms); transform matrices and weights are new state tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.errors import PlanError
+from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import state_key
 from qcompile.ir.program import PATH_KEY, Entry, Program, Slot
 from qcompile.ops.winograd import transform_weight
@@ -56,26 +58,37 @@ def resolve_points(m: int, points: str) -> tuple[Any, ...]:
     return winograd.POINT_SETS[key]
 
 
+@dataclass(frozen=True)
+class Override:
+    """Tile and points for the layers matching ``match`` (written ``[glob, m, points]`` in a plan)."""
+
+    POSITIONAL: ClassVar[bool] = True
+    match: str
+    m: int
+    points: str
+
+
 @register_pass
 @dataclass(frozen=True)
 class WinogradConv(Pass):
     name: ClassVar[str] = "winograd_conv"
-    requires: ClassVar[frozenset[str]] = frozenset({"captured"})
-    provides: ClassVar[frozenset[str]] = frozenset({"winograd"})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_CONVS})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.WINOGRAD})
+    invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.FLOAT_CONVS})
 
     m: int = 4
     points: str = "best"
     fp16: bool = False
     layers: tuple[str, ...] = ("*",)
-    overrides: tuple[tuple[Any, ...], ...] = ()
+    overrides: tuple[Override, ...] = ()
 
     def __post_init__(self) -> None:
         if self.m < 2 or self.m > 8:
             raise PlanError(f"winograd_conv: m must be in [2, 8], got {self.m}")
         for o in self.overrides:
-            if len(o) != 3 or not isinstance(o[0], str) or not isinstance(o[1], int) or not isinstance(o[2], str):
-                raise PlanError(f"winograd_conv: each override is [glob, m, points], got {list(o)}")
-        for m, points in [(self.m, self.points), *((o[1], o[2]) for o in self.overrides)]:
+            if not isinstance(o, Override):
+                raise PlanError(f"winograd_conv: each override is [glob, m, points], got {o!r}")
+        for m, points in [(self.m, self.points), *((o.m, o.points) for o in self.overrides)]:
             try:  # checked when the plan is read, before anything is captured
                 winograd.transforms(resolve_points(m, points), m, 3)
             except ValueError as e:
@@ -85,13 +98,13 @@ class WinogradConv(Pass):
         if not any(fnmatch.fnmatchcase(path, g) for g in self.layers):
             return None
         m, points = self.m, self.points
-        for glob, om, op in self.overrides:
-            if fnmatch.fnmatchcase(path, glob):
-                m, points = om, op
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(path, o.match):
+                m, points = o.m, o.points
         return m, points
 
     def _named_exactly(self, path: str) -> bool:
-        globs = list(self.layers) + [o[0] for o in self.overrides]
+        globs = list(self.layers) + [o.match for o in self.overrides]
         return any(g == path and not (set(g) & WILDCARDS) for g in globs)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:

@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from qcompile.errors import ArtifactError, PlanError, VerifyError
 from qcompile.fileio import atomic_directory, sha256_file
+from qcompile.ir.facts import CAPTURED_FACTS, Fact, names
 from qcompile.ir.program import DimRange, Entry, Program, Slot, SlotKind, TensorSpec
 from qcompile.ir.serialize import graph_from_json, graph_to_json
-from qcompile.passes.manager import CompileReport
+from qcompile.report import CompileReport
 from qcompile.ir.verify import verify
 from qcompile.plan import Plan
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from qcompile.runtime.compiled import CompiledModule
 
 FORMAT = "qcompile-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed Program facts (weight_bits, cache_bits, fp16_kv_bytes, facts); 1 kept them in meta
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -107,6 +108,10 @@ def save_artifact(cm: "CompiledModule", path: Path) -> Path:
             "plan": cm.plan.to_dict(),
             "program": {
                 "meta": prog.meta,
+                "weight_bits": prog.weight_bits,
+                "cache_bits": prog.cache_bits,
+                "fp16_kv_bytes": prog.fp16_kv_bytes,
+                "facts": names(prog.facts),
                 "cache_specs": {k: [list(s), dt] for k, (s, dt) in prog.cache_specs.items()},
                 "state_keys": list(prog.state),
                 "entries": {name: _entry_to_json(e) for name, e in prog.entries.items()},
@@ -206,4 +211,24 @@ def _program_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -
             out_spec=str(e["out_spec"]),
         )
     cache_specs = {k: (tuple(int(d) for d in s), str(dt)) for k, (s, dt) in data["cache_specs"].items()}
-    return Program(entries, state, cache_specs, dict(data["meta"]))
+    meta = dict(data["meta"])
+    if "weight_bits" not in data:  # format 1 kept these facts in meta
+        data = {**data, "weight_bits": meta.pop("weight_bits", {}), "cache_bits": meta.pop("cache_bits", {}),
+                "fp16_kv_bytes": meta.pop("fp16_kv_bytes_per_token", None), "facts": names(CAPTURED_FACTS)}
+    fp16 = data["fp16_kv_bytes"]
+    return Program(
+        entries, state, cache_specs, meta,
+        weight_bits={str(k): _bits(v, k) for k, v in data["weight_bits"].items()},
+        cache_bits={str(k): _bits(v, k) for k, v in data["cache_bits"].items()},
+        fp16_kv_bytes=None if fp16 is None else int(fp16),
+        facts=frozenset(Fact(f) for f in data["facts"]),
+    )
+
+
+def _bits(value: Any, key: str) -> int:
+    from qcompile.quant.spec import check_bits
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"bit width of {key!r} must be an integer, got {value!r}")
+    check_bits(value, f"bit width of {key!r}")
+    return value

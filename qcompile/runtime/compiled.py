@@ -21,7 +21,7 @@ from qcompile.codegen import get_backend
 from qcompile.codegen.base import BuiltEntry
 from qcompile.errors import InputError, QCompileError
 from qcompile.ir.program import Entry, Program, SlotKind
-from qcompile.passes.manager import CompileReport
+from qcompile.report import CompileReport
 from qcompile.plan import Plan
 
 log = logging.getLogger(__name__)

@@ -513,7 +513,7 @@ def _converters(lw: _Lowering) -> dict[str, Callable[[fx.Node, Any], relax.Var]]
         wkey, skey = lw.state_key(codes, "codes", node), lw.state_key(scale, "scale", node)
         okey = lw.state_key(offset, "offset", node) if offset is not None else None
         n, k = lw.program.state[wkey].shape
-        bits = int(lw.program.meta.get("weight_bits", {}).get(wkey, 8))
+        bits = lw.program.bits_of(wkey)
         return grouped(node, x, lambda st: st[wkey], wkey, skey, okey, b, n, k, bits, group, act_bits, act_group)
 
     def packed_linear(node: fx.Node) -> relax.Var:

@@ -1,0 +1,83 @@
+"""The compile report: what each pass did and what the backend built (saved with every artifact).
+
+Plain data with no dependency on passes or backends: each pass writes its own summary lines into
+its :class:`PassReport` (``Pass.summarize``), so printing a report, or reading one back from an
+artifact, needs no pass code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassReport:
+    name: str
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    nodes_added: int
+    nodes_removed: int
+    layers_changed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    summary: list[str] = field(default_factory=list)  # the pass's own one-line readings of its notes
+
+
+@dataclass
+class CompileReport:
+    plan: str
+    passes: list[PassReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+    packed_weight_bytes: int = 0
+    capture_seconds: float = 0.0
+    backend: dict[str, Any] = field(default_factory=dict)  # what the backend built (target, kernels, fallbacks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompileReport":
+        passes = [PassReport(**{**p, "skipped": [tuple(s) for s in p.get("skipped", [])]}) for p in d.get("passes", [])]
+        return cls(
+            d.get("plan", ""),
+            passes,
+            list(d.get("warnings", [])),
+            dict(d.get("weight_bytes", {})),
+            int(d.get("packed_weight_bytes", 0)),
+            float(d.get("capture_seconds", 0.0)),
+            dict(d.get("backend", {})),
+        )
+
+    def summary(self) -> str:
+        lines = [f"plan {self.plan}: {len(self.passes)} pass(es)"]
+        for p in self.passes:
+            lines.append(
+                f"  {p.name:<20} {p.seconds:7.2f}s  modified={p.modified}  nodes {p.nodes_before}->{p.nodes_after} "
+                f"(+{p.nodes_added}/-{p.nodes_removed})  layers changed {len(p.layers_changed)}  skipped {len(p.skipped)}"
+            )
+            lines.extend(f"    {line}" for line in p.summary)
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        total = sum(self.weight_bytes.values())
+        by = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.weight_bytes.items())
+        lines.append(f"  weights: {total / 2**20:.1f} MiB as stored ({by}); {self.packed_weight_bytes / 2**20:.1f} MiB bit-packed")
+        b = self.backend
+        if b.get("name"):
+            lines.append(f"  backend {b['name']}: {b.get('target_description', '')}")
+            if b.get("kernels"):
+                lines.append(f"    kernels: {len(b['kernels'])} distinct qcompile kernels, {sum(b['kernels'].values())} call sites")
+            for kname, c in (b.get("kernel_choices") or {}).items():
+                if "unpack_ms" in c:
+                    lines.append(f"    {kname}: unpack {c['unpack_ms']} ms vs bit-serial {c['bitserial_ms']} ms at {c['rows']} rows -> {c['chosen']}")
+            if b.get("build_seconds") is not None:
+                lines.append(f"    lowered in {b.get('lower_seconds')} s, built in {b.get('build_seconds')} s")
+            for f in b.get("fallbacks", []):
+                lines.append(f"    fallback to torch: {f}")
+        return "\n".join(lines)
+
+
+__all__ = ["CompileReport", "PassReport"]
