@@ -272,7 +272,7 @@ class Kernels:
 
 
 def reference_quant(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """qcompile.quant.rtn's dynamic activation codes: scale = absmax/qmax (1 if 0), round half even."""
+    """qcompile.quant.quantizer's dynamic activation codes: scale = absmax/qmax (1 if 0), round half even."""
     m, k = x.shape
     gs = group or k
     qmax = float(2 ** (bits - 1) - 1)

@@ -14,7 +14,7 @@ import qcompile
 from qcompile.eval.zoo import load_model
 from qcompile.eval.datasets import calibration_tokens
 from qcompile.ir.patterns import find_scale_groups
-from qcompile.quant.calib import calib_batches, observe_linear_inputs
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
 from qcompile.quant.quantizer import fake_quantize
 from qcompile.plan import Granularity as G

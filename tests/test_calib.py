@@ -7,7 +7,7 @@ import torch
 
 from qcompile.errors import DataError, PlanError
 from qcompile.ir.patterns import find_linears
-from qcompile.quant.calib import calib_batches, run_observed
+from qcompile.ir.calib import calib_batches, run_observed
 
 
 def test_calib_batches_normalizes_and_checks():

@@ -16,7 +16,7 @@ from qcompile.ops.packed import pack_codes, packed_linear_bitserial, unpack_code
 from qcompile.plan import PRESETS, LayerRule, PassConfig, Plan
 from qcompile.quant.bitserial import bitserial_matmul
 from qcompile.quant.packing import code_range, packed_size, unpack
-from qcompile.quant.rtn import quantize_weight_groups
+from qcompile.quant.quantizer import quantize_weight_groups
 
 # ---- ops ----------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from qcompile.plan import Granularity
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import AbsMaxObserver, HistogramObserver, SampleObserver, TokenStatsObserver
 from qcompile.quant.quantizer import dequantize, fake_quantize, levels, quantize, search_clip
-from qcompile.quant.rtn import dequantize_weight_groups, quantize_weight_groups
+from qcompile.quant.quantizer import dequantize_weight_groups, quantize_weight_groups
 
 G = Granularity
 

@@ -14,7 +14,7 @@ import qcompile.ops  # noqa: F401  (registers the reference ops)
 from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, padded, quant_rows_primfunc
 from qcompile.codegen.tvm.target import host_target
 from qcompile.ops.linear import exact_block_products
-from qcompile.quant.rtn import num_groups, quantize_activation_groups, quantize_weight_groups
+from qcompile.quant.quantizer import num_groups, quantize_activation_groups, quantize_weight_groups
 
 pytestmark = pytest.mark.tvm
 

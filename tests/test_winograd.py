@@ -6,7 +6,6 @@ import torch
 
 import qcompile
 from qcompile import PassConfig, PassError, Plan, PlanError
-from qcompile.ops.winograd import transform_weight
 from qcompile.quant import winograd
 from qcompile.quant.winograd import POINT_SETS, kappa, transforms, verify
 
@@ -46,7 +45,7 @@ def test_bad_point_sets_are_clear_errors():
 
 def _run(m, pts, x, w, b, pad, fp16=False):
     AT, G, BT = (torch.tensor(a) for a in transforms(pts, m).as_arrays())
-    return torch.ops.qcompile.winograd_conv2d(x, transform_weight(w, G), AT.float(), BT.float(), b, m, list(pad), fp16)
+    return torch.ops.qcompile.winograd_conv2d(x, winograd.transform_weight(w, G), AT.float(), BT.float(), b, m, list(pad), fp16)
 
 
 # F(8,3) misses 1e-4 in fp32 with every point set (seen over 12 seeds: integer 1.8e-2..4.3e-2, fractional

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import qcompile
 from qcompile.errors import PassError, PlanError
+from qcompile.quant.spec import BITS
 from qcompile.plan import PassConfig, Plan
 
 MAX_LEN = 72
@@ -161,7 +162,7 @@ def test_no_attention_block_is_a_clear_error():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    bits=st.integers(2, 8),
+    bits=st.sampled_from(BITS),
     groups=st.integers(1, 4),
     gs=st.sampled_from([4, 8, 16]),
     symmetric=st.booleans(),

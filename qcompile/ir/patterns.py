@@ -1,4 +1,13 @@
-"""Graph matchers: find structures (linears, ...) by what the graph does, not by names."""
+"""Graph matchers: find structures by what the graph does, not by names.
+
+* linears with constant weights (:func:`find_linears`);
+* per-channel scale producers for SmoothQuant / MergeQuant (:func:`find_scale_groups`: a norm's
+  affine weight feeding q/k/v or gate/up, v→o through attention with the GQA head map, up→down);
+* attention blocks (:func:`find_cache_attention`, :func:`find_forward_attention`): K/V
+  projections of a normed X, their cache writes and the attention reading them through GQA
+  repeats; the path from a projection to its cache with RoPE (:func:`head_path`); the norm
+  producing X and the residual stream it reads (:func:`norm_source`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 
+from qcompile.errors import PassError
 from qcompile.ir.program import PATH_KEY, Entry, Program, Slot, SlotKind
 
 aten = torch.ops.aten
@@ -231,3 +241,260 @@ def _linear_producer_group(node, bindings, lin, paths, value_out, up_down) -> Sc
 def _bias_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | None:
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return state_key(bindings, bias) if bias is not None else None
+
+
+# ---- attention blocks: K/V projections, their caches, the RoPE path, the norm producing X ----------
+
+ATTENTION_EXPECTED = (
+    "an attention block: a normed activation X feeding two aten.linear projections (K and V) with "
+    "constant weights, whose outputs (after view/transpose and, for K, RoPE) are written with "
+    "aten.index_copy_ into cache tensors that aten.scaled_dot_product_attention reads as key and value"
+)
+HEAD_SHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten.transpose.int, aten._unsafe_view.default})
+# what may sit between a cached K/V tensor and the attention that reads it (GQA head repeats, copies)
+KV_REPEAT_OPS = frozenset(
+    {
+        aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default, aten.clone.default,
+        aten.contiguous.default, aten._unsafe_view.default, aten.repeat_interleave.self_int, aten.alias.default,
+    }
+)
+
+
+@dataclass
+class KVProjection:
+    """The K or V projection of an attention block."""
+
+    lin: fx.Node  # aten.linear(X, W, b)
+    weight_key: str
+    bias: object  # the bias argument (a node or None)
+    write: fx.Node | None = None  # cache entries: the index_copy_ writing the cache
+    src: fx.Node | None = None  # what is written (cache layout [B, H, T, hd]); forward: K/V fed to attention
+    cache_key: str | None = None
+
+
+@dataclass
+class AttentionBlock:
+    """One attention: the normed input X, its K and V projections, the attention node."""
+
+    x: fx.Node
+    k: KVProjection
+    v: KVProjection
+    sdpa: fx.Node
+    path: str
+    index: int = -1  # position among the Program's blocks (set by the caller)
+
+    @property
+    def head_dim(self) -> int:
+        return int((self.k.src or self.k.lin).meta["val"].shape[-1])
+
+
+def _single_linear_ancestor(program: Program, bindings: dict[fx.Node, Slot], node: fx.Node) -> fx.Node | None:
+    """The one aten.linear with a constant weight that ``node`` derives from (not looking past linears)."""
+    found, seen, todo = [], set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target == aten.linear.default:
+            wkey = state_key(bindings, n.args[1])
+            if wkey is not None and program.state[wkey].dim() == 2:
+                found.append(n)
+            continue
+        todo.extend(n.all_input_nodes)
+    return found[0] if len(found) == 1 else None
+
+
+def _attention_reader(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(sdpa node, 1 for key / 2 for value) reading ``node`` through GQA repeat/reshape ops."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            if u.target in SDPA_OPS:
+                for i in (1, 2):
+                    if len(u.args) > i and u.args[i] is n:
+                        return u, i
+            elif u.target in KV_REPEAT_OPS:
+                todo.append(u)
+    return None
+
+
+def _projection(bindings: dict[fx.Node, Slot], lin: fx.Node) -> KVProjection:
+    bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    wkey = state_key(bindings, lin.args[1])
+    assert wkey is not None  # _single_linear_ancestor only returns linears with constant weights
+    return KVProjection(lin, wkey, bias)
+
+
+def _group_blocks(pairs: list[tuple[fx.Node, int, KVProjection]], entry: Entry) -> list[AttentionBlock]:
+    by_sdpa: dict[fx.Node, dict[int, KVProjection]] = {}
+    for sdpa, role, proj in pairs:
+        by_sdpa.setdefault(sdpa, {})[role] = proj
+    blocks = []
+    order = {n: i for i, n in enumerate(entry.graph.graph.nodes)}
+    for sdpa, roles in sorted(by_sdpa.items(), key=lambda kv: order[kv[0]]):
+        if set(roles) != {1, 2}:
+            continue
+        k, v = roles[1], roles[2]
+        path = str(sdpa.meta.get(PATH_KEY, ""))
+        if k.lin.args[0] is not v.lin.args[0]:
+            raise PassError(
+                f"the K and V projections of attention %{sdpa.name} (entry {entry.name!r}, module path {path!r}) read different "
+                f"inputs (%{k.lin.args[0]} and %{v.lin.args[0]}); expected {ATTENTION_EXPECTED}"
+            )
+        blocks.append(AttentionBlock(k.lin.args[0], k, v, sdpa, path))
+    return blocks
+
+
+def find_cache_attention(program: Program, entry: Entry) -> list[AttentionBlock]:
+    """The attention blocks of a cache entry (``prefill``/``decode``): cache writes
+    ``index_copy_(cache, dim, pos, src)`` whose ``src`` derives from exactly one constant-weight
+    linear and whose result the attention reads as key or value. In graph order."""
+    bindings = entry.bindings()
+    pairs = []
+    for node in list(entry.graph.graph.nodes):
+        if node.op != "call_function" or node.target != aten.index_copy_.default:
+            continue
+        slot = bindings.get(node.args[0])
+        if slot is None or slot.kind is not SlotKind.CACHE:
+            continue
+        src = node.args[3]
+        lin = _single_linear_ancestor(program, bindings, src)
+        reader = _attention_reader(node)
+        if lin is None or reader is None:
+            continue
+        proj = _projection(bindings, lin)
+        proj.write, proj.src, proj.cache_key = node, src, slot.name
+        pairs.append((reader[0], reader[1], proj))
+    return _group_blocks(pairs, entry)
+
+
+def find_forward_attention(program: Program, entry: Entry) -> list[AttentionBlock]:
+    """The attention blocks of an entry without a cache: the attention's key and value, through GQA
+    repeats, derive from exactly one constant-weight linear each. In graph order."""
+    bindings = entry.bindings()
+    pairs = []
+    for node in list(entry.graph.graph.nodes):
+        if node.op != "call_function" or node.target not in SDPA_OPS:
+            continue
+        for role in (1, 2):
+            src = node.args[role]
+            while isinstance(src, fx.Node) and src.op == "call_function" and src.target in KV_REPEAT_OPS - {aten.view.default}:
+                src = src.args[0]  # undo GQA repeat (unsqueeze/expand/reshape) to the [B, Hkv, T, hd] tensor
+            lin = _single_linear_ancestor(program, bindings, src)
+            if lin is None:
+                continue
+            proj = _projection(bindings, lin)
+            proj.src = src
+            pairs.append((node, role, proj))
+    return _group_blocks(pairs, entry)
+
+
+def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they depend on."""
+    seen: set[fx.Node] = set()
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants_within(start: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
+    desc: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        m = todo.pop()
+        for u in m.users:
+            if u in allowed and u not in desc:
+                desc.add(u)
+                todo.append(u)
+    return desc
+
+
+@dataclass(frozen=True)
+class HeadPath:
+    """How a K/V projection reaches what is cached: ``heads`` = transpose(view(linear), 1, 2) in
+    ``[B, H, T, hd]``, then ``nodes`` (in graph order: RoPE for K, nothing for V) whose other inputs
+    ``externals`` depend on positions only (the rotary cos/sin)."""
+
+    heads: fx.Node
+    nodes: tuple[fx.Node, ...]
+    externals: tuple[fx.Node, ...]
+
+
+def head_path(graph: fx.Graph, block: AttentionBlock, proj: KVProjection) -> HeadPath:
+    """Match the path from ``proj``'s linear to its cached tensor (the RoPE of K included)."""
+    assert proj.src is not None
+    chain = [proj.lin]
+    n = proj.lin
+    anc_src = ancestors([proj.src])
+    while n is not proj.src:
+        nxt = [u for u in n.users if u in anc_src]
+        if len(nxt) != 1 or nxt[0].target not in HEAD_SHAPE_OPS:
+            break
+        n = nxt[0]
+        chain.append(n)
+    targets = [c.target for c in chain[1:]]
+    if targets[:1] not in ([aten.view.default], [aten.reshape.default], [aten._unsafe_view.default]) or len(chain) < 3 \
+            or chain[2].target != aten.transpose.int or sorted(int(a) for a in chain[2].args[1:3]) != [1, 2]:
+        raise PassError(f"the projection %{proj.lin.name} reaches its cache through {[str(t) for t in targets]}; "
+                        f"expected view to [B, T, heads, head_dim] then transpose(1, 2); {ATTENTION_EXPECTED}")
+    heads = chain[2]
+    if heads is proj.src:
+        return HeadPath(heads, (), ())
+    desc = _descendants_within(heads, anc_src)
+    path_nodes = [m for m in graph.nodes if m in desc]
+    x_desc = _descendants_within(block.x, set(graph.nodes))
+    externals: list[fx.Node] = []
+    for m in path_nodes:
+        for a in m.all_input_nodes:
+            if a is heads or a in desc or a in externals:
+                continue
+            if a in x_desc or a is block.x:
+                raise PassError(f"the transform between %{heads.name} and the cache write reads %{a.name}, which depends on "
+                                "the token content; only position-dependent inputs (RoPE cos/sin) can be rematerialized")
+            externals.append(a)
+    return HeadPath(heads, tuple(path_nodes), tuple(externals))
+
+
+def norm_source(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """``(h, nodes)`` for ``x = norm(h)``: the residual-stream tensor ``h`` that the norm producing ``x``
+    reads (the nearest ancestor of ``x`` that also feeds something else) and the norm's nodes from
+    ``h`` to ``x`` in graph order; their other inputs must be placeholders (weights, constants)."""
+    anc_x = ancestors([x])
+    h = None
+    todo, seen = [x], set()
+    while todo and h is None:  # breadth-first up from X: the first node that also feeds something else
+        nxt = []
+        for n in todo:
+            for a in n.all_input_nodes:
+                if a in seen or a.op != "call_function":
+                    continue
+                seen.add(a)
+                if any(u not in anc_x and u is not x and u.target != aten._assert_tensor_metadata.default for u in a.users):
+                    h = a
+                    break
+                nxt.append(a)
+            if h is not None:
+                break
+        todo = nxt
+    if h is None:
+        raise PassError(f"found no residual-stream input of the norm producing %{x.name}")
+    desc = _descendants_within(h, anc_x)
+    nodes = [m for m in graph.nodes if m in desc or m is x]
+    for m in nodes:
+        for a in m.all_input_nodes:
+            if a is not h and a not in desc and a.op != "placeholder":
+                raise PassError(f"the norm between %{h.name} and %{x.name} reads %{a.name}, which is not "
+                                "a weight; X = norm(h) with constant parameters is expected")
+    return h, nodes

@@ -26,11 +26,7 @@ from typing import Optional
 
 import torch
 
-
-def _grid(bits: int, symmetric: bool) -> tuple[int, int]:
-    if bits < 2 or bits > 8:
-        raise ValueError(f"cache bits must be in [2, 8], got {bits}")
-    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+from qcompile.quant.spec import levels
 
 
 def _fp16_scale(s: torch.Tensor) -> torch.Tensor:
@@ -45,7 +41,7 @@ def cache_quantize(
     c = x.shape[-1]
     if group_size <= 0 or c % group_size:
         raise ValueError(f"cache_quantize: group_size {group_size} must divide the {c} channels")
-    qmin, qmax = _grid(bits, symmetric)
+    qmin, qmax = levels(bits, symmetric)
     g = c // group_size
     xg = x.to(torch.float32).reshape(*x.shape[:-1], g, group_size)
     if symmetric:
@@ -71,7 +67,7 @@ def _cache_quantize_fake(x: torch.Tensor, bits: int, group_size: int, symmetric:
 
 @torch.library.custom_op("qcompile::cache_quantize_static", mutates_args=())
 def cache_quantize_static(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor], bits: int, symmetric: bool) -> torch.Tensor:
-    qmin, qmax = _grid(bits, symmetric)
+    qmin, qmax = levels(bits, symmetric)
     xf = x.to(torch.float32)
     if offset is not None:
         xf = xf - offset

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from qcompile.quant.rtn import quantize_per_token
+from qcompile.quant.quantizer import quantize_per_token
 
 # int32 accumulation of int8 x int8 products is exact while K * 127 * 127 < 2**31.
 MAX_K_INT32 = (2**31 - 1) // (127 * 127)
@@ -87,7 +87,7 @@ def quant_linear(
     ``Σ qx·codes`` is exact, rescaled by ``sx·scale`` and summed in fp32; an asymmetric offset adds
     ``sx·offset·Σ qx`` (also exact in int32) per block.
     """
-    from qcompile.quant.rtn import dequantize_weight_groups, num_groups, quantize_activation_groups
+    from qcompile.quant.quantizer import activation_blocks, dequantize_weight_groups
 
     n, k = codes.shape
     if x.shape[-1] != k:
@@ -99,13 +99,8 @@ def quant_linear(
         if act_group not in (0, group_size) and group_size != k:
             raise ValueError(f"quant_linear: activation group {act_group} must be 0 (per token) or equal the weight group {group_size}")
         block = act_group if act_group else group_size
-        g = num_groups(k, block)
-        if act_group == 0:  # one activation scale per token, repeated per block
-            qx, sx = quantize_activation_groups(x2, act_bits, None)
-            qx = torch.nn.functional.pad(qx.view(-1, k), (0, g * block - k)).view(-1, g, block)
-            sx = sx.expand(-1, g)
-        else:
-            qx, sx = quantize_activation_groups(x2, act_bits, block)  # [M, g, block], [M, g]
+        qx, sx = activation_blocks(x2, act_bits, act_group, block)  # [M, g, block], [M, g]
+        g = qx.shape[1]
         wq = torch.nn.functional.pad(codes.to(torch.int16), (0, g * block - k)).view(n, g, block)
         ws = scale if scale.shape[1] == g else scale.expand(n, g)  # per-channel weight scale
         acc = exact_block_products(qx, wq)  # [M, N, g] integer-valued, exact

@@ -90,7 +90,7 @@ def packed_linear_bitserial(
     Same activation quantization and fp32 rescale as the op, so the result must be identical.
     """
     from qcompile.quant.bitserial import bitserial_matmul
-    from qcompile.quant.rtn import num_groups, quantize_activation_groups
+    from qcompile.quant.quantizer import activation_blocks
 
     if act_bits == 0:
         raise ValueError("the bit-serial form needs quantized activations (act_bits > 0)")
@@ -99,13 +99,8 @@ def packed_linear_bitserial(
     n = codes.shape[0]
     x2 = x.reshape(-1, k).to(torch.float32)
     block = act_group if act_group else group_size
-    g = num_groups(k, block)
-    if act_group == 0:
-        qx, sx = quantize_activation_groups(x2, act_bits, None)
-        qx = torch.nn.functional.pad(qx.view(-1, k), (0, g * block - k)).view(-1, g, block)
-        sx = sx.expand(-1, g)
-    else:
-        qx, sx = quantize_activation_groups(x2, act_bits, block)
+    qx, sx = activation_blocks(x2, act_bits, act_group, block)
+    g = qx.shape[1]
     wq = torch.nn.functional.pad(codes, (0, g * block - k)).view(n, g, block)
     # [g, M, N] viewed as [M, N, g]: the layout of the direct form's batched product, so that the
     # fp32 rescale-and-sum below reduces in the same order and the results are bit-identical

@@ -22,13 +22,12 @@ from typing import Optional
 import torch
 
 from qcompile.ops.linear import exact_block_products
-from qcompile.quant.rtn import num_groups
+from qcompile.quant.quantizer import num_groups
+from qcompile.quant.spec import levels
 
 
 def _qmax(bits: int) -> int:
-    if bits < 2 or bits > 8:
-        raise ValueError(f"act_bits must be in [2, 8], got {bits}")
-    return 2 ** (bits - 1) - 1
+    return levels(bits, True)[1]
 
 
 @torch.library.custom_op("qcompile::quantize_static", mutates_args=())

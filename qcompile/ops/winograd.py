@@ -71,11 +71,3 @@ def winograd_conv2d(
 def _winograd_fake(x, U, AT, BT, bias, m, padding, fp16):  # type: ignore[no-untyped-def]
     n, _, h, w = x.shape
     return x.new_empty((n, U.shape[2], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2))
-
-
-def transform_weight(weight: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """``U[i, j, o, c] = (G g[o, c] Gᵀ)[i, j]`` in float64, returned as float32."""
-    g = weight.to(torch.float64)
-    G64 = G.to(torch.float64)
-    u = G64 @ g @ G64.t()  # [O, C, α, α]
-    return u.permute(2, 3, 0, 1).contiguous().to(torch.float32)

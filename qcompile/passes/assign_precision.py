@@ -64,8 +64,8 @@ from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
 from qcompile.plan import LayerRule
 from qcompile.quant.spec import Granularity, QuantSpec, check_bits, check_group
-from qcompile.quant.calib import calib_batches, entry_args
-from qcompile.quant.rtn import dequantize_weight_groups, quantize_activation_groups, quantize_weight_groups
+from qcompile.ir.calib import calib_batches, entry_args
+from qcompile.quant.quantizer import fake_quantize_activation, fake_quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +81,6 @@ class Unit(str, enum.Enum):
 class Metric(str, enum.Enum):
     FISHER = "fisher"  # second-order estimate: one forward + backward
     KL = "kl"  # exact: one perturbed run per layer (O(layers^2))
-
-
-def fake_quant_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize ``x[..., K]`` exactly as the integer linear ops quantize activations."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).to(torch.float32)
-    if spec.granularity is Granularity.PER_GROUP:
-        q, s = quantize_activation_groups(x2, spec.bits, int(spec.group_size or k))
-    else:
-        q, s = quantize_activation_groups(x2, spec.bits, None)
-    return (q.to(torch.float32) * s[..., None]).reshape(x2.shape[0], -1)[:, :k].reshape(x.shape)
-
-
-def dequantized_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The float weight that ``quantize_weights`` encodes for ``spec`` (RTN)."""
-    k = weight.shape[1]
-    group = int(spec.group_size or k) if spec.granularity is Granularity.PER_GROUP else k
-    codes, scale, offset = quantize_weight_groups(weight, spec.bits, group, spec.symmetric)
-    return dequantize_weight_groups(codes, scale, offset, group)
 
 
 def _glob_escape(path: str) -> str:
@@ -142,7 +123,7 @@ class _Simulator(fx.Interpreter):
         x = args[0]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         spec = c.low if n is self.low else c.high
-        xq = x + (fake_quant_activation(x.detach(), spec) - x).detach()  # straight-through
+        xq = x + (fake_quantize_activation(x.detach(), spec) - x).detach()  # straight-through
         y = torch.nn.functional.linear(xq, self.wdq[c.weight_key], bias)
         if self.track:
             if y.requires_grad:
@@ -294,7 +275,7 @@ class AssignPrecision(Pass):
         wdq: dict[str, torch.Tensor] = {}
         for c in cands:
             if c.weight_key not in wdq:
-                wdq[c.weight_key] = dequantized_weight(program.state[c.weight_key], c.weight_spec)
+                wdq[c.weight_key] = fake_quantize_weight(program.state[c.weight_key], c.weight_spec)
         vocab = program.meta.get("vocab_size")
         scores = {c.path: 0.0 for c in cands}
         tokens = 0
@@ -315,7 +296,7 @@ class AssignPrecision(Pass):
                     x, y = sim.inputs[c.node], sim.outputs[c.node]
                     if y.grad is None:
                         continue  # the output does not reach the loss
-                    dx = fake_quant_activation(x, c.low) - fake_quant_activation(x, c.high)
+                    dx = fake_quantize_activation(x, c.low) - fake_quantize_activation(x, c.high)
                     delta = torch.nn.functional.linear(dx, wdq[c.weight_key])
                     gd = (y.grad.to(torch.float64) * delta.to(torch.float64)).sum(-1)  # [1, T]
                     scores[c.path] += 0.5 * float((gd * gd).sum())
@@ -378,4 +359,4 @@ def _logits(outs: Any, vocab: Any) -> torch.Tensor:
     raise PlanError("assign_precision needs a causal LM whose entry returns logits [1, T, vocab]")
 
 
-__all__ = ["AssignPrecision", "Metric", "Unit", "fake_quant_activation", "dequantized_weight"]
+__all__ = ["AssignPrecision", "Metric", "Unit"]

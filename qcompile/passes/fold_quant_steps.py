@@ -53,10 +53,10 @@ from qcompile.ir.patterns import LinearMatch, ScaleGroup, find_linears, find_sca
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import LayerQuant, Plan
-from qcompile.quant.calib import calib_batches, observe_linear_inputs
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
 from qcompile.quant.spec import Granularity, QuantSpec, check_group, levels
-from qcompile.quant.rtn import dequantize_weight_groups, quantize_weight_groups
+from qcompile.quant.quantizer import dequantize_weight_groups, fake_quantize_weight, quantize_weight_groups
 
 aten = torch.ops.aten
 DEFAULT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
@@ -154,7 +154,7 @@ class FoldQuantSteps(Pass):
             xq = torch.clamp(torch.round(x / step), -qmax, qmax)
             err = 0.0
             for w, y in zip(weights, ref):
-                wq = _fake_weight(w * step, lq.weight)
+                wq = fake_quantize_weight(w * step, lq.weight)
                 err += float((xq @ wq.t() - y).pow(2).sum())
             if err < best[0]:
                 best = (err, float(r))
@@ -203,7 +203,7 @@ class FoldQuantSteps(Pass):
             w = program.state[wkey].to(torch.float32)
             k = w.shape[1]
             check_group(g.paths[g.linears.index(wkey)], k, lq.weight)
-            gs = k if lq.weight.granularity is Granularity.PER_CHANNEL else int(lq.weight.group_size or k)
+            gs = lq.weight.block(k)
             codes, scale, _ = quantize_weight_groups(w * step, lq.weight.bits, gs, True)
             base = wkey.removesuffix(".weight")
             if self.fold:
@@ -245,13 +245,6 @@ def _specs(plan: Plan, g: ScaleGroup) -> LayerQuant | None:
             f"weights, got activation {a} and weight {w}"
         )
     return lqs[0]
-
-
-def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    k = w.shape[1]
-    gs = k if spec.granularity is Granularity.PER_CHANNEL else int(spec.group_size or k)
-    codes, scale, _ = quantize_weight_groups(w, spec.bits, gs, True)
-    return dequantize_weight_groups(codes, scale, None, gs)
 
 
 def _gate_of(linears: dict[str, list[LinearMatch]], up_key: str) -> str | None:

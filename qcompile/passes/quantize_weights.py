@@ -45,11 +45,17 @@ from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.ops.packed import pack_codes
 from qcompile.plan import LayerQuant, WeightMethod
 from qcompile.quant.spec import Granularity, QuantSpec, check_group
-from qcompile.quant.calib import calib_batches, observe_linear_inputs
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
-from qcompile.quant.quantizer import quantize, search_clip
-from qcompile.quant.rtn import dequantize_weight_groups, quantize_weight_groups, quantize_weight_per_channel
+from qcompile.quant.quantizer import (
+    code_dtype,
+    dequantize_weight_groups,
+    quantize,
+    quantize_weight_groups,
+    quantize_weight_per_channel,
+    search_clip,
+)
 
 Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -160,12 +166,11 @@ class QuantizeWeights(Pass):
         for key, _path, spec in targets:
             w = program.state[key].to(torch.float32)
             k = w.shape[1]
-            gs = spec.group_size if spec.granularity is Granularity.PER_GROUP else k
+            gs = spec.block(k)
             ratio = search_clip(w, obs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric)
             q = quantize(w, spec.bits, Granularity.PER_GROUP, symmetric=spec.symmetric, group_size=gs, partial_last_group=True, clip=ratio)
             codes = q.codes.reshape(w.shape[0], -1)[:, :k]
-            dtype = torch.int8 if spec.symmetric or spec.bits < 8 else torch.uint8
-            out[key] = (codes.to(dtype), q.scale[..., 0], None if q.offset is None else q.offset[..., 0])
+            out[key] = (codes.to(code_dtype(spec.bits, spec.symmetric)), q.scale[..., 0], None if q.offset is None else q.offset[..., 0])
         return out
 
     def _gptq(self, program: Program, ctx: PassContext, batches: list[torch.Tensor], targets: list[tuple[str, str, QuantSpec]]) -> dict[str, Codes]:
@@ -182,12 +187,12 @@ class QuantizeWeights(Pass):
             )
             for key, _path, spec in items:
                 w = program.state[key]
-                gs = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
+                gs = spec.block(w.shape[1])
                 codes, scale, offset = gptq_quantize(
                     w, hs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric, damp=self.damp, act_order=self.act_order
                 )
                 out[key] = (codes, scale, offset)
-                program.state[key] = dequantize_weight_groups(codes, scale, offset, gs or w.shape[1]).to(w.dtype)
+                program.state[key] = dequantize_weight_groups(codes, scale, offset, gs).to(w.dtype)
         return out
 
     @staticmethod
@@ -205,7 +210,7 @@ class QuantizeWeights(Pass):
             return [qkey, program.add_state(f"{base}.w_scale", scale)], torch.ops.qcompile.linear_w8a8.default, ()
         if w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
             raise PlanError(f"layer {path!r}: weight granularity {w.granularity.value!r} is not supported; supported: {SUPPORTED}")
-        group = k if w.granularity is Granularity.PER_CHANNEL else int(w.group_size or k)
+        group = w.block(k)
         check_group(path, k, w)
         act_bits, act_group = 0, 0
         if a is not None:

@@ -41,7 +41,7 @@ from qcompile.ir.patterns import ScaleGroup, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, Plan, QuantSpec
-from qcompile.quant.calib import calib_batches, observe_linear_inputs
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
 from qcompile.quant.quantizer import fake_quantize
 

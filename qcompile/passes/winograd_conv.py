@@ -36,7 +36,6 @@ from qcompile.errors import PlanError
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import state_key
 from qcompile.ir.program import PATH_KEY, Entry, Program, Slot
-from qcompile.ops.winograd import transform_weight
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.quant import winograd
 
@@ -171,7 +170,7 @@ class WinogradConv(Pass):
         AT, G, BT = (torch.tensor(a) for a in t.as_arrays())
         base = wkey.removesuffix(".weight")
         return [
-            program.add_state(f"{base}.winograd_U", transform_weight(program.state[wkey], G)),
+            program.add_state(f"{base}.winograd_U", winograd.transform_weight(program.state[wkey], G)),
             program.add_state(f"{base}.winograd_AT", AT.to(torch.float32)),
             program.add_state(f"{base}.winograd_BT", BT.to(torch.float32)),
         ]

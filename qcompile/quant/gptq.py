@@ -9,7 +9,7 @@ weights, so every group keeps contiguous columns and the kernels need no permuta
 Without act_order, a group's scale is computed when the group's first column is reached, from
 the already error-updated weights, as in the reference implementation.
 
-The output has the layout of :func:`qcompile.quant.rtn.quantize_weight_groups`: codes ``[N, K]``,
+The output has the layout of :func:`qcompile.quant.quantizer.quantize_weight_groups`: codes ``[N, K]``,
 scales ``[N, G]``, offsets ``[N, G]`` or None; with H = identity it equals RTN exactly.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.quant.quantizer import levels, params_from_range
-from qcompile.quant.rtn import num_groups
+from qcompile.quant.quantizer import code_dtype, num_groups, params_from_range
+from qcompile.quant.spec import levels
 
 
 class Hessian:
@@ -45,16 +45,17 @@ def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     bits: int,
-    group_size: int | None,
+    group_size: int,
     *,
     symmetric: bool = True,
     damp: float = 0.01,
     act_order: bool = False,
     block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GPTQ-quantize ``weight[N, K]`` with Hessian ``[K, K]`` → (codes int8, scale [N, G], offset or None)."""
+    """GPTQ-quantize ``weight[N, K]`` with Hessian ``[K, K]`` in groups of ``group_size`` input channels
+    (K: one group per row) → (codes int8, scale [N, G], offset or None)."""
     n, k = weight.shape
-    gs = group_size or k
+    gs = group_size
     g = num_groups(k, gs)
     qmin, qmax = levels(bits, symmetric)
     w = weight.detach().to(torch.float64).clone()
@@ -101,5 +102,4 @@ def gptq_quantize(
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
     inv = torch.argsort(perm)
     codes = codes[:, inv]
-    dtype = torch.int8 if symmetric or bits < 8 else torch.uint8
-    return codes.to(dtype), scale.to(torch.float32), None if offset is None else offset.to(torch.float32)
+    return codes.to(code_dtype(bits, symmetric)), scale.to(torch.float32), None if offset is None else offset.to(torch.float32)

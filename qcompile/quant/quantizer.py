@@ -1,23 +1,30 @@
-"""General uniform quantizers: any granularity, symmetric or asymmetric, static or dynamic, with clipping.
+"""Uniform quantizers: the one library every pass, reference op and kernel oracle uses.
 
-A tensor ``x`` is split into *blocks* that share one scale:
+Two families, both on the grids of :func:`qcompile.quant.spec.levels` (symmetric
+``[-(2^(b-1)-1), 2^(b-1)-1]`` with ``s = absmax / qmax``; asymmetric ``[0, 2^b-1]`` with a float
+offset, as GGUF Q4_1), rounding with ``torch.round`` (half to even), and a block of zeros getting
+scale 1 (codes 0), never a division by zero:
 
-* ``per_tensor``: one block;
-* ``per_channel``: one block per row of a weight ``[N, K]`` (output channel), or, for an
-  activation ``[..., K]``, one block per input channel (column): the *static* per-channel step of
-  MergeQuant/SmoothQuant calibration;
-* ``per_token``: one block per row of an activation ``[..., K]`` (dynamic);
-* ``per_group``: ``group_size`` consecutive elements along the last axis of each row. The group
-  size must divide the axis unless ``partial_last_group`` is set.
-
-Symmetric: ``q ∈ [-(2^(b-1)-1), 2^(b-1)-1]``, ``x ≈ q·s``, ``s = clip·absmax / qmax``.
-Asymmetric (float offset, as GGUF Q4_1): ``q ∈ [0, 2^b-1]``, ``x ≈ q·s + m``,
-``s = clip·(max-min) / (2^b-1)``, ``m = clip·min`` (the range shrinks toward zero).
-A block of zeros gets scale 1 (codes 0). Rounding is ``torch.round`` (half to even).
-
-*Static* quantization takes the scale from calibration (``scale=`` argument); *dynamic*
-quantization computes it from ``x`` itself. :func:`search_clip` picks a clip ratio by grid search
-on the output error of a linear layer.
+* **Round-to-nearest in the kernels' layouts** (what the ops store and compute):
+  :func:`quantize_weight_per_channel` (W8 ``[N, K]`` → int8 + ``[N]`` scales),
+  :func:`quantize_weight_groups` / :func:`dequantize_weight_groups` (any width, groups of
+  consecutive input channels, a shorter last group when the group size does not divide K),
+  :func:`quantize_per_token` and :func:`quantize_activation_groups` (dynamic symmetric
+  activations), :func:`activation_blocks` (the activation codes of an integer linear, per token
+  or per token group, laid out in the weight's blocks: the reference ops' and the sensitivity
+  analysis' one quantizer), and the fake-quantizers :func:`fake_quantize_weight` /
+  :func:`fake_quantize_activation` driven by a :class:`~qcompile.quant.spec.QuantSpec`.
+* **General blocked quantizers** (calibration and searches): a tensor ``x`` is split into *blocks*
+  that share one scale: ``per_tensor``: one block; ``per_channel``: one block per row of a weight
+  ``[N, K]`` (output channel), or, for an activation ``[..., K]``, one block per input channel
+  (:func:`per_channel_activation`, the *static* per-channel step of MergeQuant/SmoothQuant
+  calibration); ``per_token``: one block per row of an activation; ``per_group``: ``group_size``
+  consecutive elements along the last axis of each row (the group size must divide the axis
+  unless ``partial_last_group`` is set; the tail is zero-padded). Asymmetric:
+  ``s = clip·(max-min) / (2^b-1)``, ``m = clip·min`` (the range shrinks toward zero). *Static*
+  quantization takes the scale from calibration (``scale=`` argument); *dynamic* quantization
+  computes it from ``x`` itself. :func:`search_clip` picks a clip ratio by grid search on the
+  output error of a linear layer.
 """
 
 from __future__ import annotations
@@ -28,10 +35,7 @@ from typing import Sequence
 import torch
 
 from qcompile.errors import PlanError
-from qcompile.plan import Granularity
-
-BITS = (2, 3, 4, 6, 8)
-
+from qcompile.quant.spec import BITS, Granularity, QuantSpec, levels
 
 @dataclass(frozen=True)
 class Quantized:
@@ -47,13 +51,6 @@ class Quantized:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self)
-
-
-def levels(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) of the grid."""
-    if bits not in BITS:
-        raise PlanError(f"bits={bits} is not supported; allowed: {list(BITS)}")
-    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
 def _grouped(x: torch.Tensor, group_size: int, partial_last_group: bool) -> torch.Tensor:
@@ -189,3 +186,148 @@ def search_clip(
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)
     return best[..., None]
+
+
+# ---- round-to-nearest in the kernels' layouts ---------------------------------------------
+
+
+def code_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    """How one-per-byte codes are stored: int8, except 8-bit asymmetric codes ([0, 255]) in uint8."""
+    return torch.int8 if symmetric or bits < 8 else torch.uint8
+
+
+def _scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    scale = absmax / qmax
+    return torch.where(absmax > 0, scale, torch.ones_like(scale))
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight[N, K]`` → (int8 codes ``[N, K]``, float32 scales ``[N]``); ``w ≈ q * s[:, None]``."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    qmin, qmax = levels(bits, True)
+    w = weight.detach().to(torch.float32)
+    scale = _scale(w.abs().amax(dim=1), qmax)
+    q = torch.clamp(torch.round(w / scale[:, None]), qmin, qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x[..., K]`` → (int8 codes ``[..., K]``, float32 scales ``[..., 1]``), one scale per row."""
+    qmin, qmax = levels(bits, True)
+    xf = x.to(torch.float32)
+    scale = _scale(xf.abs().amax(dim=-1, keepdim=True), qmax)
+    q = torch.clamp(torch.round(xf / scale), qmin, qmax).to(torch.int8)
+    return q, scale
+
+
+# ---- grouped weights (any bit-width, symmetric or asymmetric) -------------------------------
+
+
+def num_groups(k: int, group_size: int) -> int:
+    """Groups along K of ``group_size`` (the last one shorter when it does not divide K)."""
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    return -(-k // group_size)
+
+
+def _pad_k(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    k = t.shape[-1]
+    pad = num_groups(k, group_size) * group_size - k
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
+def quantize_weight_groups(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``weight[N, K]`` → (codes int8 ``[N, K]``, scale f32 ``[N, G]``, offset f32 ``[N, G]`` or None).
+
+    Groups are ``group_size`` consecutive input channels of a row (a shorter last group when
+    ``group_size`` does not divide K). Symmetric: ``w ≈ q·s`` with q in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+    Asymmetric (min/max, float offset, as GGUF Q4_1): ``w ≈ q·s + m`` with q in ``[0, 2^b - 1]``,
+    ``s = (max - min) / (2^b - 1)``, ``m = min``.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    g = num_groups(k, group_size)
+    w = weight.detach().to(torch.float32)
+    wp = _pad_k(w, group_size).view(n, g, group_size)
+    valid = _pad_k(torch.ones(1, k), group_size).view(1, g, group_size).bool()
+    if symmetric:
+        _, qmax = levels(bits, True)
+        absmax = wp.abs().amax(dim=-1)
+        scale = _scale(absmax, qmax)
+        q = torch.clamp(torch.round(wp / scale[..., None]), -qmax, qmax)
+        offset = None
+    else:
+        levels_ = levels(bits, False)[1]
+        lo = torch.where(valid, wp, torch.full_like(wp, float("inf"))).amin(dim=-1)
+        hi = torch.where(valid, wp, torch.full_like(wp, float("-inf"))).amax(dim=-1)
+        scale = _scale(hi - lo, levels_)
+        q = torch.clamp(torch.round((wp - lo[..., None]) / scale[..., None]), 0, levels_)
+        offset = lo
+    codes = q.reshape(n, g * group_size)[:, :k].to(code_dtype(bits, symmetric))
+    return codes, scale, offset
+
+
+def dequantize_weight_groups(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """The float32 weight ``q·s (+ m)`` that :func:`quantize_weight_groups` encodes."""
+    n, k = codes.shape
+    s = scale.repeat_interleave(group_size, dim=1)[:, :k]
+    w = codes.to(torch.float32) * s
+    if offset is not None:
+        w = w + offset.repeat_interleave(group_size, dim=1)[:, :k]
+    return w
+
+
+def quantize_activation_groups(x: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric quantization of ``x[M, K]`` per token (``group_size=None``) or per
+    token-group → (codes int8 ``[M, G, gs]`` zero-padded, scales f32 ``[M, G]``)."""
+    m, k = x.shape
+    gs = k if group_size is None else group_size
+    g = num_groups(k, gs)
+    _, qmax = levels(bits, True)
+    xp = _pad_k(x.to(torch.float32), gs).view(m, g, gs)
+    scale = _scale(xp.abs().amax(dim=-1), qmax)
+    q = torch.clamp(torch.round(xp / scale[..., None]), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+# ---- the oracles' shared quantizers: activation blocks and fake quantization by spec -------------
+
+
+def activation_blocks(x2: torch.Tensor, bits: int, act_group: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation codes of an integer linear over ``x2[M, K]``, laid out in blocks of ``block``
+    input channels (the weight's group): ``act_group == 0``: one dynamic symmetric scale per token,
+    repeated for every block; else per token group of ``act_group`` (== ``block``). Returns
+    ``(codes int8 [M, G, block]`` zero-padded past K, ``scales f32 [M, G])``. Every reference op
+    and the sensitivity analysis quantize activations with this one function."""
+    k = x2.shape[-1]
+    g = num_groups(k, block)
+    if act_group == 0:
+        qx, sx = quantize_activation_groups(x2, bits, None)
+        qx = torch.nn.functional.pad(qx.view(-1, k), (0, g * block - k)).view(-1, g, block)
+        return qx, sx.expand(-1, g)
+    return quantize_activation_groups(x2, bits, block)
+
+
+def _act_group(spec: QuantSpec, k: int) -> int:
+    return spec.block(k) if spec.granularity is Granularity.PER_GROUP else 0
+
+
+def fake_quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize ``x[..., K]`` exactly as the integer linear ops quantize activations
+    (dynamic symmetric, per token or per token group)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.float32)
+    block = spec.block(k)
+    q, s = activation_blocks(x2, spec.bits, _act_group(spec, k), block)
+    return (q.to(torch.float32) * s[..., None]).reshape(x2.shape[0], -1)[:, :k].reshape(x.shape)
+
+
+def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The float weight that round-to-nearest quantization by ``spec`` encodes (per channel or per group)."""
+    group = spec.block(weight.shape[1])
+    codes, scale, offset = quantize_weight_groups(weight, spec.bits, group, spec.symmetric)
+    return dequantize_weight_groups(codes, scale, offset, group)

@@ -26,6 +26,7 @@ from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
+import torch
 
 Matrix = list[list[Fraction]]
 
@@ -170,3 +171,11 @@ POINT_SETS: dict[tuple[int, str], tuple[Fraction, ...]] = {
 # The default ("best") named set per tile size m: the set with the lowest measured fp16 error
 # (benchmarks/winograd.py; see benchmarks/RESULTS.md).
 BEST: dict[int, str] = {2: "integer", 4: "searched", 6: "fractional", 8: "searched"}
+
+
+def transform_weight(weight: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``U[i, j, o, c] = (G g[o, c] Gᵀ)[i, j]`` in float64, returned as float32."""
+    g = weight.to(torch.float64)
+    G64 = G.to(torch.float64)
+    u = G64 @ g @ G64.t()  # [O, C, α, α]
+    return u.permute(2, 3, 0, 1).contiguous().to(torch.float32)

@@ -18,7 +18,6 @@ from typing import Sequence
 
 import torch
 
-from qcompile.ops.winograd import transform_weight
 from qcompile.quant import winograd
 
 
@@ -46,7 +45,7 @@ def fp16_error(
     AT, G, BT = (torch.tensor(a, dtype=torch.float32) for a in t.as_arrays())
     errs = []
     for s, ref in zip(samples, refs if refs is not None else [direct(s) for s in samples], strict=True):
-        y = torch.ops.qcompile.winograd_conv2d(s.x, transform_weight(s.weight, G), AT, BT, None, m, list(s.padding), True)
+        y = torch.ops.qcompile.winograd_conv2d(s.x, winograd.transform_weight(s.weight, G), AT, BT, None, m, list(s.padding), True)
         e = float((y - ref).norm() / ref.norm())
         errs.append(e if math.isfinite(e) else math.inf)
     errs.sort()

@@ -17,7 +17,7 @@ import tvm
 
 from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, padded, quant_rows_primfunc
 from qcompile.codegen.tvm.target import host_target
-from qcompile.quant.rtn import quantize_weight_groups, quantize_weight_per_channel
+from qcompile.quant.quantizer import quantize_weight_groups, quantize_weight_per_channel
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 

@@ -23,7 +23,7 @@ Kernels (``CudaLinear.kind``):
 
 :func:`quant_rows_cuda` quantizes activations per token (or per token group) to the codes these
 kernels read (int8 words, and bit planes for ``b1``), optionally fused with the RMSNorm that
-produces them; codes equal :mod:`qcompile.quant.rtn`'s (same float operations).
+produces them; codes equal :mod:`qcompile.quant.quantizer`'s (same float operations).
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ class QuantRows:
 
 def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.PrimFunc:
     """``(x) -> (codes int8[M, K], scales f32[M, G])``: the same float operations as
-    ``qcompile.quant.rtn`` (scale = absmax / qmax, 1 for an all-zero group; codes =
+    ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group; codes =
     clamp(round-half-even(x / scale))), so the codes match the reference exactly."""
     m = _rows(spec.m)
     qmax = float(2 ** (spec.bits - 1) - 1)
