@@ -79,6 +79,12 @@ def _predictions(rec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _backend(records: list[dict[str, Any]]) -> str:
+    """The backend the records ran on (records written before the backend was recorded ran on torch, the default then)."""
+    names = {r.get("backend", "torch") for r in records if r.get("plan") is not None} or {"torch"}
+    return ", ".join("torch reference backend" if b == "torch" else f"{b} backend" for b in sorted(names))
+
+
 def write_section(results_md: Path, section: str, body: str) -> None:
     start, end = f"<!-- accuracy:{section} -->", f"<!-- /accuracy:{section} -->"
     text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans", default="source,fp32,w8a8-rtn,w6a6-rtn,w4a16-rtn-g128,w4a16-rtn-g32-asym")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--backend", default="torch", choices=["torch", "tvm"],
+                    help="backend the plans run on (default torch: the exact reference the tables were measured with)")
     ap.add_argument("--section", default=None, help="RESULTS.md section name (default: the model name)")
     ap.add_argument("--json", default=None, help="JSON output (default benchmarks/results/accuracy-<model>.json)")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for plan in [p.strip() for p in a.plans.split(",") if p.strip()]:
         source = plan == "source"
-        rec = evaluate(zm, "fp32" if source else plan, text=TextSource(), windows=a.windows, seq=a.seq, source=source, progress=True)
+        rec = evaluate(zm, "fp32" if source else plan, text=TextSource(), windows=a.windows, seq=a.seq, source=source, progress=True,
+                       backend=a.backend)
         metric = rec.get("ppl", rec.get("top1", rec.get("top1_agreement")))
         print(f"{plan}: {metric:.4f} ({rec['wall_seconds']:.0f} s)", flush=True)
         records.append(rec)
@@ -139,7 +148,7 @@ def _write(a: argparse.Namespace, argv: list[str] | None, out: Path, records: li
             f"### Accuracy: {model}" + (f" ({a.section})" if a.section and a.section != model else ""),
             "",
             f"- command: `{cmd}`",
-            f"- date: {dt.date.today().isoformat()}; machine: {first.get('machine') or machine()}; target cpu (torch reference backend)",
+            f"- date: {dt.date.today().isoformat()}; machine: {first.get('machine') or machine()}; target cpu ({_backend(records)})",
             f"- data: {scope}; baseline: the fp32 row (the unmodified model is the `source` row)",
             f"- JSON: `{out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out}`",
             "",

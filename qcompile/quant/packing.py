@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import torch
 
-PACK_BITS = (2, 3, 4, 6, 8)
+from qcompile.quant.spec import BITS
+
 
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
-    """Inclusive range of ``bits``-bit codes (two's complement when signed)."""
-    if bits not in PACK_BITS:
-        raise ValueError(f"bits must be one of {PACK_BITS}, got {bits}")
+    """Inclusive range of ``bits``-bit storage (two's complement when signed: one more negative
+    value than the symmetric quantization grid of :func:`qcompile.quant.spec.levels` uses)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {list(BITS)}, got {bits}")
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
