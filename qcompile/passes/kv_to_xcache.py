@@ -55,11 +55,16 @@ On SmolLM2 (calibration text) consecutive post-norm X differ by 26–104 % of th
 per-layer norm weights differ), the residual stream by 3–13 % in most middle layers, which is the
 cross-layer similarity XQuant-CL relies on.
 
-Requires: a captured causal LM (an entry with attention). Guarantees: the K/V caches of every
-matched block are gone from ``cache_specs``, replaced by the new caches; ``meta['cache_bits']``
+Matching is :func:`qcompile.ir.patterns.find_cache_attention` / ``find_forward_attention`` (and
+``head_path`` / ``norm_source`` for RoPE and the norm); the graph rewriting, one rewriter per mode,
+is :mod:`qcompile.passes.xcache_rewrite`.
+
+Requires: float linears and the captured attention (a causal LM with an entry with attention).
+Provides: xcache; invalidates: the captured attention. Guarantees: the K/V caches of every
+matched block are gone from ``cache_specs``, replaced by the new caches; ``Program.cache_bits``
 gives the packed width of every code cache (for ``Program.cache_bytes_per_token``),
-``meta['xcache']`` what is cached and ``meta['fp16_kv_bytes_per_token']`` the fp16 KV cache it
-replaces. A model without a recognizable attention block is an error naming the pattern expected.
+``meta['xcache']`` what is cached and ``Program.fp16_kv_bytes`` the fp16 KV cache it replaces.
+A model without a recognizable attention block is an error naming the pattern expected.
 """
 
 from __future__ import annotations
