@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tvm import relax
 
 from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.codegen.target import CudaTarget, Target
 from qcompile.codegen.tvm import cuda
 from qcompile.codegen.tvm.lower import Lowered, LoweringError, fallback_name, lower_program, register_fallback
 from qcompile.codegen.tvm.target import host_target, missing_features
@@ -117,8 +118,9 @@ class TVMBackend(Backend):
         self.fatbin: bytes | None = None
 
     # ---- build ------------------------------------------------------------------------------
-    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
-        gpu = cuda.cuda_target(target) if target.split()[0].split(":")[0] == "cuda" else None
+    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
+              artifact: Path | None = None) -> dict[str, BuiltEntry]:
+        gpu = target if isinstance(target, CudaTarget) else None
         if artifact is not None and (artifact / INFO).is_file():
             self._load(program, artifact)
         else:
