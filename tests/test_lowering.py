@@ -139,6 +139,24 @@ def test_tvm_converter_bug_raises_instead_of_falling_back(monkeypatch):
     assert isinstance(info.value.__cause__, ValueError)
 
 
+def test_declined_nodes_fall_back_when_the_plan_allows():
+    """Causal attention has no rule: an error naming why, or with ``fallback: torch`` a reported
+    torch node whose result matches the reference."""
+    from qcompile.codegen.tvm.lower import LoweringError
+
+    class Causal(torch.nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, q * 2, q, is_causal=True)
+
+    q = (torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(2)),)
+    with pytest.raises(LoweringError, match="causal"):
+        qcompile.compile(Causal(), plan="fp32", example_inputs=q)
+    cm = qcompile.compile(Causal(), plan=_with_fallback("fp32"), example_inputs=q)
+    ref = qcompile.compile(Causal(), plan="fp32", example_inputs=q, backend="torch")
+    assert [f.split(" ")[0] for f in cm.report.backend["fallbacks"]] == ["forward:scaled_dot_product_attention"]
+    torch.testing.assert_close(cm(*q), ref(*q))
+
+
 def test_weight_bits_come_from_the_program_only():
     """Codes whose width the Program does not record are an error when lowered (never assumed 8)."""
     from qcompile.codegen.tvm.lower import LoweringError, lower_program

@@ -123,10 +123,15 @@ def packed_linear(lw: Lowering, node: fx.Node) -> relax.Var:
 # ---- attention and cache writes -----------------------------------------------------------------
 
 
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    """Argument ``i`` (or keyword ``name``) of ``node``."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
 def sdpa(lw: Lowering, node: fx.Node) -> relax.Var:
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-    kw = node.kwargs
-    if kw.get("is_causal", False) or kw.get("dropout_p", 0.0) or kw.get("enable_gqa", False):
+    # (query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False)
+    mask = _arg(node, 3, "attn_mask", None)
+    if _arg(node, 5, "is_causal", False) or _arg(node, 4, "dropout_p", 0.0) or node.kwargs.get("enable_gqa", False):
         raise NoRule("causal / dropout / enable_gqa attention is not converted")
     scale = node.kwargs.get("scale") or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
     q, k, v = node.args[:3]
