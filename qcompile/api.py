@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from qcompile.codegen.target import parse_target
 from qcompile.errors import QCompileError
 from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
 from qcompile.ir.program import Program
@@ -45,6 +46,7 @@ def compile(
     """
     the_plan = get_plan(plan)
     manager = PassManager(the_plan, dump_dir=dump_dir)  # plan/pass errors surface before capture
+    the_target = parse_target(target, the_plan.arch)  # so do target errors and conflicts with the plan's arch
     report = CompileReport(the_plan.name)
     t0 = time.perf_counter()
     if isinstance(model, Program):
@@ -69,7 +71,7 @@ def compile(
     report.packed_weight_bytes = program.packed_weight_bytes()
     # passes may refine the plan (assign_precision writes per-layer rules): the refined plan is the
     # one the module carries, saves and reports
-    return CompiledModule(program, refined, target=target, backend=backend, report=report, tokenizer=tokenizer)
+    return CompiledModule(program, refined, target=the_target, backend=backend, report=report, tokenizer=tokenizer)
 
 
 def load(path: str | Path, backend: str | None = None) -> CompiledModule:

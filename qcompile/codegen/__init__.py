@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Callable
 
 from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.codegen.target import TARGETS, Target, parse_target, target_kind
 from qcompile.codegen.torch_backend import TorchBackend
 from qcompile.errors import QCompileError
+
 
 def _tvm_backend() -> Backend:
     from qcompile.codegen.tvm import TVMBackend
@@ -24,12 +26,12 @@ def _tvm_backend() -> Backend:
 BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "tvm": _tvm_backend}
 BACKEND_TARGETS = {"torch": ("cpu",), "tvm": ("cpu", "cuda")}
 DEFAULT_BACKEND = {"cpu": "tvm", "cuda": "tvm"}
-TARGETS = ("cpu", "cuda")
 
 
-def get_backend(name: str | None, target: str) -> Backend:
-    """The backend ``name`` (or the default for ``target``), checked to support ``target``."""
-    kind = target.split()[0].split(":")[0]
+def get_backend(name: str | None, target: str | Target) -> Backend:
+    """The backend ``name`` (or the default for ``target``, a string or a parsed Target), checked to
+    support ``target``."""
+    kind = target_kind(target)
     if kind not in TARGETS:
         raise QCompileError(f"unknown target {target!r}; targets: {list(TARGETS)}")
     if name is None:
@@ -46,4 +48,4 @@ def get_backend(name: str | None, target: str) -> Backend:
     return BACKENDS[name]()
 
 
-__all__ = ["BACKENDS", "Backend", "BuiltEntry", "get_backend"]
+__all__ = ["BACKENDS", "TARGETS", "Backend", "BuiltEntry", "Target", "get_backend", "parse_target"]

@@ -8,6 +8,7 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
+from qcompile.codegen.target import Target
 from qcompile.ir.program import Program
 
 # A built entry takes the placeholders' tensors in slot order and returns the flat outputs.
@@ -21,8 +22,10 @@ class Backend(abc.ABC):
     info: dict[str, object]  # what the build did (target, kernels, fallbacks, timings), for the report
 
     @abc.abstractmethod
-    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
-        """One callable per entry of ``program``. ``allow_fallback``: nodes the backend cannot lower
+    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
+              artifact: Path | None = None) -> dict[str, BuiltEntry]:
+        """One callable per entry of ``program``, for ``target`` (parsed by
+        :func:`qcompile.codegen.target.parse_target`). ``allow_fallback``: nodes the backend cannot lower
         run with torch (listed in ``info``). ``artifact``: a directory :meth:`save` wrote, to load
         instead of building."""
 

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.codegen.target import Target
 from qcompile.ir.program import Program
 
 
@@ -19,7 +20,8 @@ class TorchBackend(Backend):
     def __init__(self) -> None:
         self.info: dict[str, object] = {}
 
-    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
+    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
+              artifact: Path | None = None) -> dict[str, BuiltEntry]:
         return {name: _runner(entry.graph) for name, entry in program.entries.items()}
 
 

@@ -498,3 +498,86 @@ def norm_source(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
                 raise PassError(f"the norm between %{h.name} and %{x.name} reads %{a.name}, which is not "
                                 "a weight; X = norm(h) with constant parameters is expected")
     return h, nodes
+
+
+# ---- RMSNorm and GQA repeat (used by the TVM lowering) -------------------------------------------
+
+_F32_CASTS = ("to.dtype", "_to_copy.default", "to.dtype_layout")
+_REPEAT_RESHAPES = ("reshape.default", "view.default", "_unsafe_view.default")
+
+
+@dataclass(frozen=True)
+class RMSNormMatch:
+    """``weight · (x · rsqrt(mean(x², -1, keepdim) + eps))`` with a constant 1-D ``weight``."""
+
+    x: fx.Node
+    weight: fx.Node  # the STATE placeholder
+    eps: float
+
+
+def _call_name(node: object) -> str:
+    """The op name (e.g. ``"mul.Tensor"``) of a call_function node; "" for anything else."""
+    return node.target.__name__ if isinstance(node, fx.Node) and node.op == "call_function" else ""
+
+
+def _through_f32_casts(node: object) -> object:
+    """``node`` without the float32 → float32 casts in front of it (no-ops in an fp32 graph)."""
+    while _call_name(node) in _F32_CASTS and getattr(node.meta.get("val"), "dtype", None) == torch.float32:  # type: ignore[union-attr]
+        node = node.args[0]  # type: ignore[union-attr]
+    return node
+
+
+def _is_state(node: object, bindings: dict[fx.Node, Slot]) -> bool:
+    return isinstance(node, fx.Node) and node in bindings and bindings[node].kind is SlotKind.STATE
+
+
+def rmsnorm_source(node: object, bindings: dict[fx.Node, Slot]) -> RMSNormMatch | None:
+    """The RMSNorm that ``node`` computes (``weight · (x · rsqrt(mean(x², -1, keepdim) + eps))``, the
+    weight a 1-D STATE placeholder, float32 casts allowed around the normalized value), else None.
+    ``bindings``: ``Entry.bindings()``."""
+    if _call_name(node) != "mul.Tensor":
+        return None
+    assert isinstance(node, fx.Node)
+    a, b = node.args
+    w, y = (a, b) if _is_state(a, bindings) else (b, a)
+    if not (_is_state(w, bindings) and w.meta["val"].dim() == 1):
+        return None
+    y = _through_f32_casts(y)
+    if _call_name(y) != "mul.Tensor":
+        return None
+    x, r = y.args  # type: ignore[union-attr]
+    if _call_name(r) != "rsqrt.default" and _call_name(x) == "rsqrt.default":
+        x, r = r, x
+    add = r.args[0] if _call_name(r) == "rsqrt.default" else None
+    if _call_name(add) != "add.Tensor" or not isinstance(add.args[1], float) or not isinstance(x, fx.Node):
+        return None
+    mean = add.args[0]
+    if _call_name(mean) != "mean.dim" or list(mean.args[1]) not in ([-1], [x.meta["val"].dim() - 1]):
+        return None
+    if not (len(mean.args) > 2 and mean.args[2]):  # keepdim
+        return None
+    sq = mean.args[0]
+    if _call_name(sq) != "pow.Tensor_Scalar" or sq.args[1] != 2:
+        return None
+    if _through_f32_casts(sq.args[0]) is not _through_f32_casts(x):
+        return None
+    return RMSNormMatch(x, w, float(add.args[1]))
+
+
+def gqa_unrepeat(node: fx.Node) -> tuple[fx.Node, int]:
+    """(K/V before the grouped-query repeat, repeat count): matches ``reshape(expand(unsqueeze(x, 2)))``
+    that turns ``[B, KVH, L, D]`` into ``[B, KVH·g, L, D]``; anything else is itself with count 1."""
+    exp = node.args[0] if _call_name(node) in _REPEAT_RESHAPES and node.args else None
+    uns = exp.args[0] if _call_name(exp) == "expand.default" and exp.args else None  # type: ignore[union-attr]
+    if _call_name(uns) != "unsqueeze.default" or len(uns.args) < 2 or uns.args[1] != 2:  # type: ignore[union-attr]
+        return node, 1
+    src = uns.args[0]  # type: ignore[union-attr]
+    sval = src.meta.get("val") if isinstance(src, fx.Node) else None
+    eval_ = exp.meta.get("val")  # type: ignore[union-attr]
+    if not (isinstance(sval, torch.Tensor) and isinstance(eval_, torch.Tensor)) or (sval.dim(), eval_.dim()) != (4, 5):
+        return node, 1
+    b, kvh, length, dim = sval.shape
+    shape = eval_.shape
+    if shape[0] == b and shape[1] == kvh and shape[3] == length and shape[4] == dim:
+        return src, int(shape[2])
+    return node, 1

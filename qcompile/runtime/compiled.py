@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 
 from qcompile.codegen import get_backend
 from qcompile.codegen.base import BuiltEntry
+from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import InputError, QCompileError
 from qcompile.ir.program import Entry, Program, SlotKind
 from qcompile.report import CompileReport
@@ -50,7 +51,7 @@ class CompiledModule:
         program: Program,
         plan: Plan,
         *,
-        target: str = "cpu",
+        target: str | Target = "cpu",
         backend: str | None = None,
         report: CompileReport | None = None,
         tokenizer: Any = None,
@@ -58,15 +59,15 @@ class CompiledModule:
     ) -> None:
         self.program = program
         self.plan = plan
-        if plan.arch is not None and target.strip() == "cuda":
-            target = f"cuda:{plan.arch}"  # the plan's arch; a target string that names one wins (checked by the backend)
-        self.target = target
-        self._backend = get_backend(backend, target)
+        # the target string and the plan's arch, reconciled once (a conflict is an error naming both)
+        parsed = parse_target(target, plan.arch) if isinstance(target, str) else target
+        self.target = str(parsed)  # as written, with the plan's arch filled in ("cuda" + sm_86 -> "cuda:sm_86")
+        self._backend = get_backend(backend, parsed)
         self.backend = self._backend.name
         self.report = report or CompileReport(plan.name)
         self.tokenizer = tokenizer
         self._built: dict[str, BuiltEntry] = self._backend.build(
-            program, target, allow_fallback=plan.fallback == "torch", artifact=artifact
+            program, parsed, allow_fallback=plan.fallback == "torch", artifact=artifact
         )
         if self._backend.info:
             self.report.backend = {"name": self.backend, **self._backend.info}

@@ -1,5 +1,5 @@
-"""The TVM backend: Program → Relax (TVM's PyTorch importer + qcompile's kernels) → ``tvm.compile``
-for the host CPU → Relax VM.
+"""The TVM backend: Program → Relax (TVM's PyTorch importer + the target's kernel rules) →
+``tvm.compile`` for the host CPU or a CUDA arch → Relax VM.
 
 One executable holds every entry (``forward``, ``prefill``, ``decode``) as a Relax function. The
 Program's state and the runtime's cache tensors are shared with the VM without copies (DLPack), so
@@ -24,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from tvm import relax
 
 from qcompile.codegen.base import Backend, BuiltEntry
+from qcompile.codegen.target import CudaTarget, Target
 from qcompile.codegen.tvm import cuda
-from qcompile.codegen.tvm.lower import Lowered, LoweringError, fallback_name, lower_program, register_fallback
+from qcompile.codegen.tvm.fallback import fallback_name, register_fallback
+from qcompile.codegen.tvm.lower import Lowered, LoweringError, lower_program
 from qcompile.codegen.tvm.target import host_target, missing_features
 from qcompile.errors import ArtifactError
 from qcompile.ir.program import Program, SlotKind
@@ -117,12 +119,12 @@ class TVMBackend(Backend):
         self.fatbin: bytes | None = None
 
     # ---- build ------------------------------------------------------------------------------
-    def build(self, program: Program, target: str, *, allow_fallback: bool = False, artifact: Path | None = None) -> dict[str, BuiltEntry]:
-        gpu = cuda.cuda_target(target) if target.split()[0].split(":")[0] == "cuda" else None
+    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
+              artifact: Path | None = None) -> dict[str, BuiltEntry]:
         if artifact is not None and (artifact / INFO).is_file():
             self._load(program, artifact)
         else:
-            self._compile(program, allow_fallback, gpu)
+            self._compile(program, allow_fallback, target)
         built: dict[str, BuiltEntry] = {}
         arch = self.info["target"].get("arch")
         if arch is not None:
@@ -138,11 +140,11 @@ class TVMBackend(Backend):
             built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device)
         return built
 
-    def _compile(self, program: Program, allow_fallback: bool, gpu: cuda.CudaTarget | None) -> None:
-        target = host_target() if gpu is None else gpu
+    def _compile(self, program: Program, allow_fallback: bool, target: Target) -> None:
         t0 = time.perf_counter()
-        lowered: Lowered = lower_program(program, allow_fallback, cuda=gpu)
+        lowered: Lowered = lower_program(program, target, allow_fallback)
         t1 = time.perf_counter()
+        gpu = target if isinstance(target, CudaTarget) else None
         pipeline = relax_pipeline(target.tvm) if gpu is None else cuda.relax_pipeline(target.tvm)
         self.executable = tvm.compile(lowered.mod, target=target.tvm, relax_pipeline=pipeline)
         t2 = time.perf_counter()

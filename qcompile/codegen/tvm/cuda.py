@@ -1,4 +1,5 @@
-"""The CUDA target: arch checks, ahead-of-time nvcc builds, and the Relax pipeline for GPUs.
+"""The CUDA target: device checks, ahead-of-time nvcc builds, and the Relax pipeline for GPUs (the arch
+itself is parsed and checked by :func:`qcompile.codegen.target.parse_target`).
 
 TVM 0.27's CUDA codegen keeps the generated CUDA source in the module and compiles it when the
 module is loaded, through the ``tvm_callback_cuda_compile`` hook. qcompile compiles that source
@@ -11,75 +12,25 @@ artifact has no fatbin for is an error, never a silent JIT compile.
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tvm
 import tvm_ffi
 
-from qcompile.errors import QCompileError
-
-ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-DEFAULT_ARCH = "sm_90"  # the lent H100 (see DESIGN.md); pass ``cuda:sm_XX`` or ``Plan.arch`` for others
-# Why an older arch is refused: the instruction a kernel needs and the first arch that has it.
-_NEEDS = (  # the most basic missing instruction is named first
-    (75, "binary/int8 mma.sync (mma .b1 .xor.popc, m8n8k16 .s8) needs sm_75"),
-    (80, "mma.sync m8n8k128 .b1 with .and.popc (bit-serial INT6) and m16n8k32 .s8 need sm_80"),
-)
-
-
-class CudaTargetError(QCompileError):
-    """A CUDA target the kernels cannot be built for."""
-
-
-@dataclass(frozen=True)
-class CudaTarget:
-    arch: str
-
-    @property
-    def sm(self) -> int:
-        return int(self.arch[3:])
-
-    @property
-    def tvm(self) -> tvm.target.Target:
-        # host code for a generic x86-64 (the GPU machine's CPU is not this one)
-        return tvm.target.Target({"kind": "cuda", "arch": self.arch}, host={"kind": "llvm"})
-
-    def describe(self) -> str:
-        return f"cuda {self.arch}"
-
-    def to_dict(self) -> dict[str, object]:
-        return {"kind": "cuda", "arch": self.arch}
+from qcompile.codegen.target import ARCHS, DEFAULT_ARCH, CudaTarget, CudaTargetError, parse_target  # noqa: F401  (re-exported)
 
 
 def cuda_target(target: str, arch: str | None = None) -> CudaTarget:
     """``"cuda"``, ``"cuda:sm_86"`` or ``"cuda -arch=sm_86"`` (+ an arch from the plan) → a checked
-    target. Archs before sm_80 are refused with the instruction they lack."""
-    m = re.fullmatch(r"cuda(?::(\S+)|\s+-arch=(\S+))?\s*", target)
-    if m is None:
-        raise CudaTargetError(f"cannot parse CUDA target {target!r}; write 'cuda', 'cuda:sm_90' or 'cuda -arch=sm_90'")
-    named = m.group(1) or m.group(2)
-    if named and arch and named != arch:
-        raise CudaTargetError(f"the target names {named} but the plan names {arch}")
-    chosen = named or arch or DEFAULT_ARCH
-    mm = re.fullmatch(r"sm_(\d+)a?", chosen)
-    if mm is None:
-        raise CudaTargetError(f"unknown CUDA arch {chosen!r}; supported: {', '.join(ARCHS)}")
-    sm = int(mm.group(1))
-    for first, why in _NEEDS:
-        if sm < first:
-            raise CudaTargetError(f"{chosen} is not supported: {why}. Supported: {', '.join(ARCHS)}")
-    if chosen not in ARCHS:
-        raise CudaTargetError(
-            f"{chosen} is not one of the archs qcompile's kernels are built and tested for ({', '.join(ARCHS)}); "
-            "an 'a' suffix also disables TVM's tensor-core schedules"
-        )
-    return CudaTarget(chosen)
+    target (:func:`qcompile.codegen.target.parse_target`, for CUDA strings only)."""
+    parsed = parse_target(target, arch)
+    if not isinstance(parsed, CudaTarget):
+        raise CudaTargetError(f"{target!r} is not a CUDA target; write 'cuda', 'cuda:sm_90' or 'cuda -arch=sm_90'")
+    return parsed
 
 
 def check_device(arch: str) -> None:

@@ -20,20 +20,13 @@ import numpy as np
 import torch
 import tvm
 
-from qcompile.codegen.tvm.kernels.bitserial import BitSerial, act_planes_primfunc, bitserial_primfunc, pack_plane_scales, pack_weight_planes
-from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, quant_rows_primfunc
-from qcompile.codegen.tvm.target import host_target
+from qcompile.codegen.target import CpuTarget
+from qcompile.codegen.tvm.kernels.bitserial import act_planes_primfunc, bitserial_primfunc
+from qcompile.codegen.tvm.kernels.linear import QuantRows, linear_primfunc, quant_rows_primfunc
+from qcompile.codegen.tvm.recipe import LinearRecipe
 
 DYNAMIC_ROWS = 64
 REPEATS = 20
-
-
-def bitserial_spec(spec: LinearKernel) -> BitSerial | None:
-    """The bit-serial kernel computing the same integer products as ``spec``, if one exists."""
-    if spec.wfmt != "i6" or not spec.act_bits or spec.group % 32:
-        return None
-    n_p = -(-spec.n // 8) * 8
-    return BitSerial(n_p, spec.k, spec.group, 6, spec.act_bits, spec.act_group, spec.m)
 
 
 def _best_ms(fn: Any, args: list[Any]) -> float:
@@ -47,41 +40,46 @@ def _best_ms(fn: Any, args: list[Any]) -> float:
     return best
 
 
+def measure_w6(recipe: LinearRecipe, m: int | None, target: CpuTarget) -> dict[str, Any]:
+    """Milliseconds of both W6 kernels for ``recipe`` at ``m`` rows on ``target`` (activation
+    quantization included in both), and the choice. Layers whose kernels have the same padded shape
+    share one measurement."""
+    spec = recipe.kernel(m)
+    return _measure(replace(recipe, n=spec.n, k=spec.k, group=spec.group), m, target)
+
+
 @functools.lru_cache(maxsize=None)
-def measure_w6(spec: LinearKernel) -> dict[str, Any]:
-    """Milliseconds of both W6 kernels at ``spec``'s shape (activation quantization included in
-    both), and the choice."""
-    bs = bitserial_spec(spec)
-    if bs is None:
+def _measure(recipe: LinearRecipe, m: int | None, target: CpuTarget) -> dict[str, Any]:
+    if recipe.bitserial(m) is None:
         return {"chosen": "unpack", "reason": "no bit-serial form for this shape"}
-    rows = spec.m or DYNAMIC_ROWS
-    target = host_target().tvm
+    rows = m or DYNAMIC_ROWS
+    tvm_target = target.tvm
+    spec = recipe.kernel(rows)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-31, 32, (spec.n, spec.k), generator=g)
     x = torch.randn(rows, spec.k, generator=g)
     scales = torch.rand(spec.n, spec.groups, generator=g)
     tv = lambda t: tvm.runtime.tensor(t.contiguous().numpy())  # noqa: E731
     zeros = lambda shape, dt: tvm.runtime.tensor(np.zeros(shape, dt))  # noqa: E731
-    fixed = replace(spec, m=rows, bias=False)
     qspec = QuantRows(spec.k, spec.act_bits, spec.act_group, rows)
-    quant = tvm.compile(quant_rows_primfunc(qspec), target=target)
+    quant = tvm.compile(quant_rows_primfunc(qspec), target=tvm_target)
     qx, sx = zeros((rows, spec.k), "int8"), zeros((rows, qspec.groups), "float32")
     xt = tv(x)
 
-    unpack = tvm.compile(linear_primfunc(fixed), target=target)
-    uw = [tv(t) for t in pack_weight(fixed, codes)] + [tv(pack_groups(fixed, scales))]
+    unpack = tvm.compile(linear_primfunc(spec), target=tvm_target)
+    uw = [tv(t) for t in recipe.pack(spec, codes, scales)]
     y = zeros((rows, spec.n), "float32")
 
     def run_unpack() -> None:
         quant(xt, qx, sx)
         unpack(qx, sx, *uw, y)
 
-    bsf = replace(bs, m=rows)
-    planes_f = tvm.compile(act_planes_primfunc(bsf), target=target)
-    serial = tvm.compile(bitserial_primfunc(bsf), target=target)
+    bs = recipe.bitserial(rows)
+    assert bs is not None
+    planes_f = tvm.compile(act_planes_primfunc(bs), target=tvm_target)
+    serial = tvm.compile(bitserial_primfunc(bs), target=tvm_target)
     planes = zeros((bs.a_bits, rows, spec.k // 32), "int32")
-    bw = tv(pack_weight_planes(bsf, codes))
-    bscale = tv(pack_plane_scales(bsf, scales))
+    bw, bscale = (tv(t) for t in recipe.pack_bitserial(bs, codes, scales))
     yb = zeros((rows, bs.n), "float32")
 
     def run_bitserial() -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import tvm
 
-from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, padded, quant_rows_primfunc
+from qcompile.codegen.tvm.kernels.linear import QuantRows, linear_primfunc, quant_rows_primfunc
+from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.codegen.tvm.target import host_target
 from qcompile.quant.quantizer import quantize_weight_groups, quantize_weight_per_channel
 
@@ -40,23 +41,19 @@ def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: b
         n, k = w.shape
         g = group or k
         if fmt == "f32":
+            recipe = LinearRecipe.dense(n, k)
             codes, scale, offset = w, None, None
         elif fmt == "i8":
+            recipe = LinearRecipe.w8a8(n, k)
             codes, s = quantize_weight_per_channel(w, 8)
             scale, offset = s[:, None], None
         else:
             codes, scale, offset = quantize_weight_groups(w, bits, g, symmetric)
-        n_p, k_p, g = padded(n, k, g)
-        zero = 8 if fmt == "u4" and symmetric else 0
-        cterm = None
-        if fmt == "u4":
-            cterm = (offset if offset is not None else 0) - zero * scale
-        spec = LinearKernel(n_p, k_p, fmt, g, act_bits, g if act_group else 0, cterm is not None, False, m)
-        weights = [_tv(t) for t in pack_weight(spec, codes, zero)]
-        if scale is not None:
-            weights.append(_tv(pack_groups(spec, scale)))
-        if cterm is not None:
-            weights.append(_tv(pack_groups(spec, cterm)))
+            recipe = LinearRecipe.codes(n, k, bits, g, act_bits, act_group, offset is not None)
+        assert recipe.wfmt == fmt, f"{fmt} is stored as {recipe.wfmt}"
+        spec = recipe.kernel(m)
+        n_p, k_p = spec.n, spec.k
+        weights = [_tv(t) for t in recipe.pack(spec, codes, scale, offset)]
         lib = _lib("linear", spec)
         qspec = QuantRows(k_p, act_bits, spec.act_group, m) if act_bits else None
         qlib = _lib("quant", qspec) if qspec else None
@@ -83,17 +80,17 @@ def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: b
 
 def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
     """W6 (group 128) × A``act_bits`` (group 128) through the bit-serial kernel."""
-    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, pack_plane_scales, pack_weight_planes
 
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
         codes, scale, _ = quantize_weight_groups(w, 6, 128, True)
-        n_p, k_p = -(-n // NBB) * NBB, -(-k // 128) * 128
-        spec = BitSerial(n_p, k_p, 128, 6, act_bits, 128, m)
+        recipe = LinearRecipe.codes(n, k, 6, 128, act_bits, True, False)
+        spec = recipe.bitserial(m)
+        assert spec is not None
+        n_p, k_p = spec.n, spec.k
         qspec = QuantRows(k_p, act_bits, 128, m)
         quant, planes_f, serial = _lib("quant", qspec), _lib("planes", spec), _lib("bitserial", spec)
-        wp = _tv(pack_weight_planes(spec, codes))
-        sc = _tv(pack_plane_scales(spec, scale))
+        wp, sc = (_tv(t) for t in recipe.pack_bitserial(spec, codes, scale))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
         sx = tvm.runtime.tensor(np.zeros((m, qspec.groups), "float32"))
         planes = tvm.runtime.tensor(np.zeros((act_bits, m, k_p // 32), "int32"))

@@ -1,0 +1,181 @@
+"""Converters that qcompile adds to TVM's PyTorch importer: node → Relax value.
+
+* qcompile's linear ops (``linear_w8a8``, ``quant_linear``, ``packed_linear``) and ``aten.linear``
+  with a constant weight become a :class:`~.rules.LinearCall` (its :class:`~.recipe.LinearRecipe`:
+  weight bits from ``Program.bits_of``, or the op's own arguments for packed codes) handed to the
+  target's linear rules;
+* ``scaled_dot_product_attention`` → the target's attention rules (causal / dropout / enable_gqa
+  forms are declined);
+* ``index_copy_`` into a cache slot → the target's cache-write rules (in place; into anything else
+  it is declined);
+* ATen ops TVM 0.27's importer lacks or gets wrong here: ``diff``, ``cumsum`` (of bools),
+  ``to.device``.
+
+A converter declines a node by raising :class:`~.rules.NoRule`; anything else it raises is a bug
+(:class:`~.lower.LoweringError`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.fx as fx
+import tvm
+from tvm import relax
+
+from qcompile.codegen.tvm.recipe import LinearRecipe, NoFormat
+from qcompile.codegen.tvm.rules import AttentionCall, CacheWrite, LinearCall, LinearWeights, NoRule, apply_rules
+from qcompile.ir.program import SlotKind
+from qcompile.ops.packed import unpack_codes
+
+if TYPE_CHECKING:
+    from qcompile.codegen.tvm.lower import Lowering
+
+Converter = Callable[[fx.Node], relax.Var]
+
+
+def converters(lw: Lowering) -> dict[str, Converter]:
+    """qcompile's converters (by the importer's op names) for the lowering ``lw``."""
+    table: dict[str, Callable[[Lowering, fx.Node], relax.Var]] = {
+        "linear.default": aten_linear,
+        "linear_w8a8.default": linear_w8a8,
+        "quant_linear.default": quant_linear,
+        "packed_linear.default": packed_linear,
+        "index_copy_.default": index_copy_,
+        "diff.default": diff,
+        "cumsum.default": cumsum,
+        "scaled_dot_product_attention.default": sdpa,
+        "to.device": lambda lw, node: lw.env(node.args[0]),
+    }
+    return {name: (lambda f: lambda node: f(lw, node))(f) for name, f in table.items()}
+
+
+# ---- linear layers ------------------------------------------------------------------------------
+
+
+def _is_state(lw: Lowering, node: Any) -> bool:
+    slot = lw.slots.get(node) if isinstance(node, fx.Node) else None
+    return slot is not None and slot.kind is SlotKind.STATE
+
+
+def _state_key(lw: Lowering, node: Any, what: str) -> str:
+    if not _is_state(lw, node):
+        raise NoRule(f"its {what} is not a constant of the Program")
+    return lw.slots[node].name
+
+
+def _bias_key(lw: Lowering, node: Any) -> str | None:
+    return None if node is None else _state_key(lw, node, "bias")
+
+
+def _linear(lw: Lowering, node: fx.Node, x: fx.Node, recipe: LinearRecipe, weights: LinearWeights,
+            bias: str | None) -> relax.Var:
+    return apply_rules(lw.target.rules.linear, lw, LinearCall(node, lw.env(x), recipe, weights, bias), "linear")
+
+
+def _codes_recipe(n: int, k: int, bits: int, group: int, act_bits: int, act_group: int, offset: bool) -> LinearRecipe:
+    try:
+        return LinearRecipe.codes(n, k, bits, group, act_bits, bool(act_group), offset)
+    except NoFormat as e:
+        raise NoRule(str(e)) from e
+
+
+def aten_linear(lw: Lowering, node: fx.Node) -> relax.Var:
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    if not _is_state(lw, w) or (b is not None and not _is_state(lw, b)) or node.meta["val"].dtype != torch.float32:
+        return lw.tvm_linear(node)  # a weight or bias computed in the graph, or not fp32: TVM's own converter
+    wkey = _state_key(lw, w, "weight")
+    n, k = lw.program.state[wkey].shape
+    return _linear(lw, node, x, LinearRecipe.dense(n, k), LinearWeights(wkey, lambda st: st[wkey]), _bias_key(lw, b))
+
+
+def linear_w8a8(lw: Lowering, node: fx.Node) -> relax.Var:
+    x, qw, ws, b = node.args
+    wkey, skey = _state_key(lw, qw, "weight"), _state_key(lw, ws, "scale")
+    n, k = lw.program.state[wkey].shape
+    weights = LinearWeights(wkey, lambda st: st[wkey], lambda st: st[skey].float()[:, None])
+    return _linear(lw, node, x, LinearRecipe.w8a8(n, k), weights, _bias_key(lw, b))
+
+
+def quant_linear(lw: Lowering, node: fx.Node) -> relax.Var:
+    x, codes, scale, offset, b, group, act_bits, act_group = node.args
+    wkey, skey = _state_key(lw, codes, "codes"), _state_key(lw, scale, "scale")
+    okey = _state_key(lw, offset, "offset") if offset is not None else None
+    n, k = lw.program.state[wkey].shape
+    recipe = _codes_recipe(n, k, lw.program.bits_of(wkey), group, act_bits, act_group, okey is not None)
+    off = (lambda st: st[okey].float()) if okey is not None else None
+    weights = LinearWeights(wkey, lambda st: st[wkey], lambda st: st[skey].float(), off)
+    return _linear(lw, node, x, recipe, weights, _bias_key(lw, b))
+
+
+def packed_linear(lw: Lowering, node: fx.Node) -> relax.Var:
+    x, packed, scale, b, k, w_bits, group, act_bits, act_group = node.args  # packed codes carry their width
+    pkey, skey = _state_key(lw, packed, "packed weight"), _state_key(lw, scale, "scale")
+    n = lw.program.state[pkey].shape[0]
+    recipe = _codes_recipe(n, k, w_bits, group, act_bits, act_group, False)
+    weights = LinearWeights(pkey, lambda st: unpack_codes(st[pkey], k, w_bits), lambda st: st[skey].float())
+    return _linear(lw, node, x, recipe, weights, _bias_key(lw, b))
+
+
+# ---- attention and cache writes -----------------------------------------------------------------
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    """Argument ``i`` (or keyword ``name``) of ``node``."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def sdpa(lw: Lowering, node: fx.Node) -> relax.Var:
+    # (query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False)
+    mask = _arg(node, 3, "attn_mask", None)
+    if _arg(node, 5, "is_causal", False) or _arg(node, 4, "dropout_p", 0.0) or node.kwargs.get("enable_gqa", False):
+        raise NoRule("causal / dropout / enable_gqa attention is not converted")
+    scale = node.kwargs.get("scale") or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
+    q, k, v = node.args[:3]
+    return apply_rules(lw.target.rules.attention, lw, AttentionCall(node, q, k, v, mask, float(scale)), "attention")
+
+
+def index_copy_(lw: Lowering, node: fx.Node) -> relax.Var:
+    dst, dim, index, src = node.args
+    slot = lw.slots.get(dst)
+    if slot is None or slot.kind is not SlotKind.CACHE:
+        raise NoRule("in-place index_copy_ is supported into cache tensors only")
+    cache = lw.env(dst)
+    shape = tuple(int(d) for d in lw.imp.shape_of(cache))
+    rows_dim = lw.imp.shape_of(lw.env(index))[0]
+    rows_n = int(rows_dim) if isinstance(rows_dim, tvm.tirx.IntImm) else None
+    write = CacheWrite(node, cache, lw.env(index), lw.env(src), shape, str(cache.ty.dtype), dim % len(shape), rows_n)
+    new = apply_rules(lw.target.rules.cache_write, lw, write, "cache write")
+    lw.imp.env[dst] = new  # later reads of the cache see the written tensor
+    return new
+
+
+# ---- ATen ops the importer lacks ----------------------------------------------------------------
+
+
+def diff(lw: Lowering, node: fx.Node) -> relax.Var:
+    bb = lw.bb
+    x = lw.env(node.args[0])
+    n = node.args[1] if len(node.args) > 1 else 1
+    dim = node.args[2] if len(node.args) > 2 else -1
+    pre = node.args[3] if len(node.args) > 3 else node.kwargs.get("prepend")
+    app = node.args[4] if len(node.args) > 4 else node.kwargs.get("append")
+    parts = ([lw.env(pre)] if pre is not None else []) + [x] + ([lw.env(app)] if app is not None else [])
+    if len(parts) > 1:
+        x = bb.emit(relax.op.concat(parts, axis=dim))
+    for _ in range(n):
+        shape = lw.imp.shape_of(x)
+        ax = dim % len(shape)
+        hi = bb.emit(relax.op.strided_slice(x, [ax], [1], [shape[ax]], assume_inbound=True))
+        lo = bb.emit(relax.op.strided_slice(x, [ax], [0], [shape[ax] - 1], assume_inbound=True))
+        x = bb.emit(relax.op.subtract(hi, lo))
+    return x
+
+
+def cumsum(lw: Lowering, node: fx.Node) -> relax.Var:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    dt = lw.imp._convert_data_type(node.meta["val"].dtype)
+    return lw.bb.emit(relax.op.cumsum(lw.env(node.args[0]), axis=dim, dtype=dt))

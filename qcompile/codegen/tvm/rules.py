@@ -1,0 +1,219 @@
+"""Kernel rules: what a target answers when the lowering asks it for a kernel (dlight's shape).
+
+A converter (:mod:`.converters`) turns a node into a *call* — :class:`LinearCall` (a linear layer
+with its :class:`~.recipe.LinearRecipe` and weights), :class:`AttentionCall`, :class:`CacheWrite` —
+and hands it to the target's ordered rules (:class:`KernelRules`, owned by the Target:
+:mod:`.rules_cpu`, :mod:`.rules_cuda`). Each rule emits the kernel call and returns its value, or
+returns None without emitting anything when it does not apply; the generic rule comes last. When
+no rule applies, the converter raises :class:`NoRule`, the one signal on which the plan's torch
+fallback may run the node. New kernels (per-ISA CPU kernels, tuned schedules) are new rules placed
+before the ones they beat; the driver does not change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
+
+import torch
+import torch.fx as fx
+import tvm
+from tvm import relax
+
+from qcompile.codegen.tvm.kernels.linear import NB, LinearKernel, QuantRows, linear_primfunc, quant_rows_primfunc
+from qcompile.codegen.tvm.recipe import LinearRecipe
+
+if TYPE_CHECKING:
+    from qcompile.codegen.tvm.lower import Lowering
+
+# A repacked tensor: computed from the Program's state when the module is built or loaded.
+Repack = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# A plain PrimFunc → the same, scheduled (a target's generic schedule).
+Finalize = Callable[[tvm.tirx.PrimFunc], tvm.tirx.PrimFunc]
+
+
+class NoRule(Exception):
+    """A converter declines a node: no rule of the target applies to it (or the op's form has no
+    converter, e.g. causal attention). The only failure the plan's ``fallback: torch`` covers."""
+
+
+# ---- calls --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """Where a linear layer's weight-side tensors come from (functions of the Program's state)."""
+
+    key: str  # state key the repacked tensors are named after
+    codes: Repack  # integer codes [N, K] (the float weight for f32)
+    scale: Repack | None = None  # [N, G]
+    offset: Repack | None = None  # [N, G], asymmetric weights
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    node: fx.Node
+    x: relax.Var  # the activation [..., K]
+    recipe: LinearRecipe
+    weights: LinearWeights
+    bias: str | None  # state key of the bias
+    declines: list[str] = field(default_factory=list)  # why earlier rules passed (a generic rule reports it)
+
+    def cterm(self, st: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The recipe's zero/offset term from the state."""
+        assert self.weights.scale is not None
+        return self.recipe.cterm(self.weights.scale(st), self.weights.offset(st) if self.weights.offset else None)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    scale: float
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """``cache.index_copy_(dim, index, src)`` into a cache slot (written in place)."""
+
+    node: fx.Node
+    cache: relax.Var
+    index: relax.Var
+    src: relax.Var
+    shape: tuple[int, ...]
+    dtype: str
+    dim: int
+    rows: int | None  # rows written per call; None: dynamic
+
+
+# ---- rules --------------------------------------------------------------------------------------
+
+C = TypeVar("C", contravariant=True)
+
+
+class Rule(Protocol[C]):
+    """A kernel for one kind of call: the emitted value, or None (nothing emitted) when it does not apply."""
+
+    name: str
+
+    def apply(self, lw: Lowering, call: C) -> relax.Var | None: ...
+
+
+@dataclass(frozen=True)
+class KernelRules:
+    """A target's rules, in order, per kind of call."""
+
+    linear: tuple[Rule[LinearCall], ...]
+    attention: tuple[Rule[AttentionCall], ...]
+    cache_write: tuple[Rule[CacheWrite], ...]
+
+
+def apply_rules(rules: tuple[Rule[Any], ...], lw: Lowering, call: Any, what: str) -> relax.Var:
+    """The first rule's value; :class:`NoRule` when none applies."""
+    for rule in rules:
+        out = rule.apply(lw, call)
+        if out is not None:
+            return out
+    names = ", ".join(r.name for r in rules)
+    why = "; ".join(getattr(call, "declines", [])) or f"none of the target's rules ({names}) applies"
+    raise NoRule(f"no {what} kernel for it: {why}")
+
+
+# ---- shared emission helpers -------------------------------------------------------------------
+
+
+def static_rows(lw: Lowering, x: relax.Var) -> int | None:
+    """The number of rows of ``x`` flattened to 2-D when every leading dimension is static."""
+    lead = list(lw.imp.shape_of(x))[:-1]
+    return math.prod(int(d) for d in lead) if all(isinstance(d, tvm.tirx.IntImm) for d in lead) else None
+
+
+def rows(lw: Lowering, x: relax.Var) -> tuple[relax.Var, list[Any]]:
+    """``x`` reshaped to ``[rows, K]``, and its leading dimensions."""
+    shape = list(lw.imp.shape_of(x))
+    lead = shape[:-1]
+    m = static_rows(lw, x)
+    flat = lw.bb.emit(relax.op.reshape(x, [m if m is not None else _prod(lead), shape[-1]]))
+    return flat, lead
+
+
+def pad_k(lw: Lowering, flat: relax.Var, k: int, k_p: int) -> relax.Var:
+    """``flat[M, k]`` zero-padded to ``k_p`` columns."""
+    return lw.bb.emit(relax.op.nn.pad(flat, [0, 0, 0, k_p - k])) if k_p != k else flat
+
+
+def finish(lw: Lowering, y: relax.Var, x: relax.Var, lead: list[Any], n_p: int, n: int) -> relax.Var:
+    """A padded ``y[M, n_p]`` back to ``[..., n]`` in ``x``'s dtype (qcompile's linear ops return it)."""
+    bb = lw.bb
+    if n_p != n:
+        y = bb.emit(relax.op.strided_slice(y, [1], [0], [n], assume_inbound=True))
+    y = bb.emit(relax.op.reshape(y, [*lead, n]))
+    want = str(x.ty.dtype)
+    return bb.emit(relax.op.astype(y, want)) if want != "float32" else y
+
+
+def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
+    """The bias ``key`` as fp32, zero-padded to ``n_p``."""
+    pad = lambda st: torch.nn.functional.pad(st[key].float(), (0, n_p - n))  # noqa: E731
+    return lw.param(f"{key}@pad{n_p}", pad, (n_p,), "float32")
+
+
+# ---- the lane-blocked template (kernels/linear.py): CPU rules schedule it, the GPU's generic rule runs it plain
+
+
+def quantize_rows(lw: Lowering, spec: LinearKernel, flat: relax.Var, mdim: Any,
+                  finalize: Finalize | None = None) -> tuple[relax.Var, relax.Var]:
+    """Per-token / per-group int8 codes and scales of ``flat`` for ``spec`` (scheduled for the CPU,
+    or plain and passed through ``finalize``)."""
+    qr = QuantRows(spec.k, spec.act_bits, spec.act_group, spec.m)
+    if finalize is None:
+        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
+    else:
+        qf = lw.kernel(qr.name, lambda: finalize(quant_rows_primfunc(qr, schedule=False)))
+    outs = [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
+    q = lw.bb.emit(relax.call_tir(qf, [flat], outs))
+    return lw.bb.emit(relax.TupleGetItem(q, 0)), lw.bb.emit(relax.TupleGetItem(q, 1))
+
+
+def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: Finalize | None = None) -> relax.Var:
+    """``call`` on the lane-blocked kernel ``spec``: scheduled for the CPU (``finalize`` None), or the
+    plain compute passed through ``finalize`` (a GPU's generic schedule)."""
+    recipe, w = call.recipe, call.weights
+    flat, lead = rows(lw, call.x)
+    mdim = lw.imp.shape_of(flat)[0]
+    flat = pad_k(lw, flat, recipe.k, spec.k)
+    args: list[relax.Expr] = list(quantize_rows(lw, spec, flat, mdim, finalize)) if spec.act_bits else [flat]
+    for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
+        packed = lambda st, i=i: recipe.pack_weight(spec, w.codes(st))[i]  # noqa: E731
+        args.append(lw.param(f"{w.key}@{spec.wfmt}{i}", packed, wshape, wdt))
+    gshape = (spec.n // NB, spec.groups, NB)
+    if recipe.scaled:
+        scale = w.scale
+        assert scale is not None, f"{recipe.wfmt} codes need scales"
+        args.append(lw.param(f"{w.key}@scale", lambda st: recipe.pack_groups(spec, scale(st)), gshape, "float32"))
+    if recipe.zero_term:
+        args.append(lw.param(f"{w.key}@zero", lambda st: recipe.pack_groups(spec, call.cterm(st)), gshape, "float32"))
+    if call.bias is not None:
+        args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
+    if finalize is None:
+        f = lw.kernel(spec.name, lambda: linear_primfunc(spec))
+    else:
+        f = lw.kernel(spec.name, lambda: finalize(linear_primfunc(spec, schedule=False)))
+    y = lw.bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
+    return finish(lw, y, call.x, lead, spec.n, recipe.n)
+
+
+def same_dim(a: Any, b: Any) -> bool:
+    """Two shape dimensions that are the same constant or the same symbolic variable."""
+    return str(a) == str(b)
+
+
+def _prod(dims: list[Any]) -> Any:
+    out: Any = 1
+    for d in dims:
+        out = out * d
+    return out

@@ -1,0 +1,218 @@
+"""The CPU target's kernel rules, in the order they are tried.
+
+* linear layers: the bit-serial W6 kernel when measuring on this CPU finds it faster than
+  unpacking (:func:`.select.measure_w6`, recorded in the report), then the lane-blocked template
+  (:mod:`.kernels.linear`, every format), then TVM's own dense lowering for float weights;
+* attention: qcompile's kernel over the un-repeated GQA heads when the shapes fit it, then TVM's
+  matmul/softmax;
+* cache writes: the in-place index-copy kernel.
+
+Per-ISA kernels (AVX2, AVX-512/VNNI, AMX: ``lw.target.features`` says which the CPU has) go in
+front of the ones they beat, each returning None where its instructions are missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import tvm
+from tvm import relax
+
+from qcompile.codegen.tvm.kernels.attention import LANES, Attention, attention_primfunc
+from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
+from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
+from qcompile.codegen.tvm.recipe import bitserial_spec
+from qcompile.codegen.tvm.rules import (
+    AttentionCall,
+    CacheWrite,
+    KernelRules,
+    LinearCall,
+    emit_template,
+    pad_k,
+    quantize_rows,
+    rows,
+    same_dim,
+    static_rows,
+)
+from qcompile.codegen.tvm.select import measure_w6
+from qcompile.ir.patterns import gqa_unrepeat
+
+if TYPE_CHECKING:
+    from qcompile.codegen.tvm.lower import Lowering
+
+
+# ---- linear layers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BitSerialW6:
+    """W6 with integer activations as bit planes ANDed and popcounted (FlexQ's arithmetic), when it
+    measures faster than unpacking on this CPU. Only with ``select`` (measuring) on."""
+
+    name: str = "bitserial_w6"
+
+    def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
+        if not lw.select:
+            return None
+        recipe, w = call.recipe, call.weights
+        m = static_rows(lw, call.x)
+        try:
+            spec = recipe.kernel(m, call.bias is not None)
+        except ValueError:
+            return None  # the template's rule says why
+        bs = bitserial_spec(spec)
+        if bs is None:
+            return None
+        choice = measure_w6(recipe, m, lw.target)
+        lw.choices[spec.name] = choice
+        if choice["chosen"] != "bitserial":
+            return None
+        scale = w.scale
+        assert scale is not None, "W6 codes need their scales"
+        bb = lw.bb
+        flat, lead = rows(lw, call.x)
+        mdim = lw.imp.shape_of(flat)[0]
+        flat = pad_k(lw, flat, recipe.k, spec.k)
+        qx, sx = quantize_rows(lw, spec, flat, mdim)
+        pf = lw.kernel("qc_planes_" + bs.name, lambda: act_planes_primfunc(bs))
+        planes = bb.emit(relax.call_tir(pf, [qx], relax.TensorType([bs.a_bits, mdim, bs.k // 32], "int32")))
+        wp = lw.param(f"{w.key}@planes", lambda st: recipe.pack_planes(bs, w.codes(st)),
+                      (6, bs.n // NBB, bs.k // 32, NBB), "int32")
+        sp = lw.param(f"{w.key}@scale{NBB}", lambda st: recipe.pack_plane_scales(bs, scale(st)),
+                      (bs.n // NBB, bs.groups, NBB), "float32")
+        f = lw.kernel(bs.name, lambda: bitserial_primfunc(bs))
+        y = bb.emit(relax.call_tir(f, [planes, sx, wp, sp], relax.TensorType([mdim, bs.n], "float32")))
+        n = recipe.n
+        if bs.n != n:
+            y = bb.emit(relax.op.strided_slice(y, [1], [0], [n], assume_inbound=True))
+        if call.bias is not None:
+            b_key = call.bias
+            y = bb.emit(relax.op.add(y, lw.param(f"{b_key}@f32", lambda st: st[b_key].float(), (n,), "float32")))
+        return bb.emit(relax.op.reshape(y, [*lead, n]))
+
+
+@dataclass(frozen=True)
+class LaneBlocked:
+    """The lane-blocked template for every weight format (:mod:`.kernels.linear`), scheduled for the CPU."""
+
+    name: str = "lane_blocked"
+
+    def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
+        try:
+            spec = call.recipe.kernel(static_rows(lw, call.x), call.bias is not None)
+        except ValueError as e:
+            call.declines.append(str(e))
+            return None
+        return emit_template(lw, call, spec)
+
+
+@dataclass(frozen=True)
+class TvmDense:
+    """A float weight through TVM's own ``linear`` converter (dense compute, TVM's default lowering;
+    on CUDA, dlight's GEMV/matmul schedules)."""
+
+    name: str = "tvm_dense"
+
+    def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
+        return lw.tvm_linear(call.node) if call.recipe.wfmt == "f32" else None
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GqaAttention:
+    """qcompile's attention kernel on the un-repeated K/V heads (:mod:`.kernels.attention`), when the
+    graph's shapes fit it."""
+
+    name: str = "gqa_attention"
+
+    def apply(self, lw: Lowering, call: AttentionCall) -> relax.Var | None:
+        bb, env, shape_of = lw.bb, lw.env, lw.imp.shape_of
+        (kn, gk), (vn, gv) = gqa_unrepeat(call.k), gqa_unrepeat(call.v)
+        q = env(call.q)
+        qs, ks = list(shape_of(q)), list(shape_of(env(kn)))
+        if gk != gv or len(qs) != 4 or len(ks) != 4:
+            return None
+        if not all(isinstance(d, tvm.tirx.IntImm) for d in ks[:2] + ks[3:]):
+            return None
+        if not isinstance(ks[2], tvm.tirx.IntImm) and not same_dim(ks[2], qs[2]):
+            return None  # dynamic keys only when they are the queries (no cache)
+        if any(str(t.ty.dtype) != "float32" for t in (q, env(kn), env(vn))):
+            return None
+        b, kvh, dim = int(ks[0]), int(ks[1]), int(ks[3])
+        keys = int(ks[2]) if isinstance(ks[2], tvm.tirx.IntImm) else None
+        heads = int(qs[1])
+        queries = int(qs[2]) if isinstance(qs[2], tvm.tirx.IntImm) else None
+        if heads % kvh or dim % LANES:
+            return None
+        mkind, mheads, mv = "none", 1, None
+        if call.mask is not None:
+            mv = env(call.mask)
+            ms = list(shape_of(mv))
+            if len(ms) != 4 or not same_dim(ms[3], ks[2]) or not same_dim(ms[2], qs[2]):
+                return None
+            if int(ms[0]) != b or int(ms[1]) not in (1, heads):
+                return None
+            mkind = "bool" if call.mask.meta["val"].dtype == torch.bool else "float"
+            mheads = int(ms[1])
+        spec = Attention(b, heads, kvh, keys, dim, queries, mkind, mheads, call.scale)
+        margs = []
+        if mv is not None:
+            if mkind == "bool" and str(mv.ty.dtype) != "bool":
+                mv = bb.emit(relax.op.astype(mv, "bool"))
+            margs = [mv]
+        f = lw.kernel(spec.name, lambda: attention_primfunc(spec))
+        return bb.emit(relax.call_tir(f, [q, env(kn), env(vn), *margs], relax.TensorType(qs, "float32")))
+
+
+@dataclass(frozen=True)
+class ComposedAttention:
+    """``softmax(q·kᵀ·scale + mask)·v`` as TVM ops (TVM's default lowering; dlight's on CUDA)."""
+
+    name: str = "composed_attention"
+
+    def apply(self, lw: Lowering, call: AttentionCall) -> relax.Var | None:
+        bb, env = lw.bb, lw.env
+        q, k, v = env(call.q), env(call.k), env(call.v)
+        rank = len(lw.imp.shape_of(k))
+        kt = bb.emit(relax.op.permute_dims(k, list(range(rank - 2)) + [rank - 1, rank - 2]))
+        s = bb.emit(relax.op.multiply(bb.emit(relax.op.matmul(q, kt)), relax.const(call.scale, "float32")))
+        if call.mask is not None:
+            m = env(call.mask)
+            if call.mask.meta["val"].dtype == torch.bool:
+                m = m if str(m.ty.dtype) == "bool" else bb.emit(relax.op.astype(m, "bool"))
+                s = bb.emit(relax.op.where(m, s, relax.const(float("-inf"), "float32")))
+            else:
+                s = bb.emit(relax.op.add(s, m))
+        p = bb.emit(relax.op.nn.softmax(s, axis=-1))
+        return bb.emit(relax.op.matmul(p, v))
+
+
+# ---- cache writes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InPlaceCopy:
+    """``call_tir_inplace`` of the index-copy kernel (:mod:`.kernels.cache`), thread-bound on GPUs."""
+
+    gpu: bool = False
+    name: str = "index_copy"
+
+    def apply(self, lw: Lowering, call: CacheWrite) -> relax.Var | None:
+        spec = IndexCopy(call.shape, call.dtype, call.dim, call.rows, cuda=self.gpu)
+        f = lw.kernel(spec.name, lambda: index_copy_primfunc(spec))
+        src = call.src
+        if str(src.ty.dtype) != call.dtype:
+            src = lw.bb.emit(relax.op.astype(src, call.dtype))
+        out = relax.TensorType(list(call.shape), call.dtype)
+        return lw.bb.emit(relax.call_tir_inplace(f, [call.cache, call.index, src], [0], out))
+
+
+CPU_RULES = KernelRules(
+    linear=(BitSerialW6(), LaneBlocked(), TvmDense()),
+    attention=(GqaAttention(), ComposedAttention()),
+    cache_write=(InPlaceCopy(),),
+)
