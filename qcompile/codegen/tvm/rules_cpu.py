@@ -20,7 +20,7 @@ import torch
 import tvm
 from tvm import relax
 
-from qcompile.codegen.tvm.kernels.attention import LANES, Attention, attention_primfunc
+from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, unsupported
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
 from qcompile.codegen.tvm.recipe import bitserial_spec
@@ -146,7 +146,7 @@ class GqaAttention:
         keys = int(ks[2]) if isinstance(ks[2], tvm.tirx.IntImm) else None
         heads = int(qs[1])
         queries = int(qs[2]) if isinstance(qs[2], tvm.tirx.IntImm) else None
-        if heads % kvh or dim % LANES:
+        if unsupported(heads, kvh, dim) is not None:
             return None
         mkind, mheads, mv = "none", 1, None
         if call.mask is not None:

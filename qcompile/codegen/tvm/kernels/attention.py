@@ -43,9 +43,21 @@ class Attention:
         )
 
 
+def unsupported(heads: int, kv_heads: int, dim: int) -> str | None:
+    """Why the kernel cannot take these shapes, or None: query heads must be a multiple of the KV
+    heads, and the head dimension a multiple of the vector width with at least two vectors (the
+    schedule splits the dot products into ``D/8`` partial sums; one vector leaves nothing to split)."""
+    if heads % kv_heads:
+        return f"{heads} query heads are not a multiple of {kv_heads} KV heads"
+    if dim % LANES or dim < 2 * LANES:
+        return f"head dim {dim} is not a multiple of {LANES} of at least {2 * LANES}"
+    return None
+
+
 def attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
-    if spec.heads % spec.kv_heads or spec.dim % LANES:
-        raise ValueError(f"attention needs heads % kv_heads == 0 and head dim % {LANES} == 0, got {spec}")
+    why = unsupported(spec.heads, spec.kv_heads, spec.dim)
+    if why is not None:
+        raise ValueError(f"the attention kernel does not cover {spec}: {why}")
     g = spec.heads // spec.kv_heads
     s_ = te.var("s", "int64") if spec.queries is None else spec.queries
     l_ = (s_ if spec.queries is None else spec.queries) if spec.keys is None else spec.keys
