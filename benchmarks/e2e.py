@@ -68,7 +68,12 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
         cm.generate(ids, args.new, eos_token_id=[])
         runs.append(cm.last_generation)
     best = max(runs, key=lambda s: s.decode_tokens_per_s)
-    rec = {"row": row, "prefill_s": best.prefill_seconds, "decode_tok_s": best.decode_tokens_per_s, "compile_s": compile_s}
+    rec = {
+        "row": row,
+        "prefill_s": best.prefill_seconds,
+        "decode_tok_s": best.decode_tokens_per_s,
+        "compile_s": compile_s,
+    }
     if backend == "tvm":
         rec["build_s"] = cm.report.backend.get("build_seconds")
         rec["weights_mib"] = round(cm.report.packed_weight_bytes / 2**20, 1)
@@ -91,7 +96,11 @@ def table(data: dict[str, Any]) -> str:
     ]
     for r in recs:
         ratio = f"{r['decode_tok_s'] / eager:.2f}" if eager else "n/a"
-        comp = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}" + (f" ({r['build_s']:.1f})" if r.get("build_s") else "")
+        comp = (
+            ""
+            if r["compile_s"] is None
+            else f"{r['compile_s']:.1f}" + (f" ({r['build_s']:.1f})" if r.get("build_s") else "")
+        )
         lines.append(f"| {r['row']} | {r['decode_tok_s']:.2f} | {ratio} | {r['prefill_s']:.3f} | {comp} |")
     if data.get("ppl"):
         lines += [
@@ -112,7 +121,10 @@ def table(data: dict[str, Any]) -> str:
             "| plan | torch backend | same, embeddings × (1 + 1e-7·N(0,1)) | relative difference |",
             "|---|---:|---:|---:|",
         ]
-        lines += [f"| {p['plan']} | {p['torch']:.4f} | {p['torch_perturbed']:.4f} | {p['rel']:.1e} |" for p in data["sensitivity"]]
+        lines += [
+            f"| {p['plan']} | {p['torch']:.4f} | {p['torch_perturbed']:.4f} | {p['rel']:.1e} |"
+            for p in data["sensitivity"]
+        ]
     if data.get("notes"):
         lines += ["", *data["notes"]]
     return "\n".join(lines)
@@ -124,7 +136,10 @@ def ppl_check(plans: list[str], windows: int) -> list[dict[str, Any]]:
 
     out = []
     for plan in plans:
-        res = {b: evaluate("smollm2-135m", plan, text=TextSource(), windows=windows, seq=512, backend=b)["ppl"] for b in ("torch", "tvm")}
+        res = {
+            b: evaluate("smollm2-135m", plan, text=TextSource(), windows=windows, seq=512, backend=b)["ppl"]
+            for b in ("torch", "tvm")
+        }
         out.append({"plan": plan, **res, "rel": abs(res["tvm"] - res["torch"]) / res["torch"]})
         print(out[-1], flush=True)
     return out
@@ -160,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--ppl", default="", help="plans whose perplexity to compare between the tvm and torch backends")
     ap.add_argument("--ppl-windows", type=int, default=4)
-    ap.add_argument("--sensitivity", default="", help="plans whose torch-backend perplexity to re-measure with the "
-                    "embeddings perturbed by 1e-7 (relative): the spread fp32 rounding alone causes")
+    ap.add_argument(
+        "--sensitivity",
+        default="",
+        help="plans whose torch-backend perplexity to re-measure with the "
+        "embeddings perturbed by 1e-7 (relative): the spread fp32 rounding alone causes",
+    )
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--from-json", action="store_true", help="only rewrite the RESULTS.md section from the JSON")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))

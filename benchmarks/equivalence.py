@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/equivalence.py record --out benchmarks/results/equivalence/before
     ... change the code ...
     .venv/bin/python benchmarks/equivalence.py record --out benchmarks/results/equivalence/after
-    .venv/bin/python benchmarks/equivalence.py compare benchmarks/results/equivalence/before benchmarks/results/equivalence/after
+    .venv/bin/python benchmarks/equivalence.py compare benchmarks/results/equivalence/before \
+        benchmarks/results/equivalence/after
 
 A *case* is (model, preset, backend):
 
@@ -56,8 +57,17 @@ def tiny_llama() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=None,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -65,16 +75,24 @@ def tiny_cnn() -> torch.nn.Module:
     torch.manual_seed(0)
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     ).eval()
 
 
 def _sha(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()[:16] + f":{t.dtype}{list(t.shape)}"
+    return (
+        hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()[:16]
+        + f":{t.dtype}{list(t.shape)}"
+    )
 
 
 def _plain(x: Any) -> Any:
@@ -90,16 +108,29 @@ def _plain(x: Any) -> Any:
 
 def _report(cm: Any) -> dict[str, Any]:
     passes = [
-        {"name": p.name, "modified": p.modified, "layers_changed": list(p.layers_changed),
-         "skipped": [list(s) for s in p.skipped], "notes": _plain(p.notes)}
+        {
+            "name": p.name,
+            "modified": p.modified,
+            "layers_changed": list(p.layers_changed),
+            "skipped": [list(s) for s in p.skipped],
+            "notes": _plain(p.notes),
+        }
         for p in cm.report.passes
     ]
     b = cm.report.backend or {}
-    backend = {"kernels": b.get("kernels"), "fallbacks": b.get("fallbacks"), "generic_kernels": b.get("generic_kernels"),
-               "kernel_choices": {k: v.get("chosen") for k, v in (b.get("kernel_choices") or {}).items()},
-               "cuda_source_sha256": b.get("cuda_source_sha256")}
-    return {"passes": passes, "backend": backend, "plan": cm.plan.to_dict(),
-            "state": {k: _sha(v) for k, v in sorted(cm.program.state.items())}}
+    backend = {
+        "kernels": b.get("kernels"),
+        "fallbacks": b.get("fallbacks"),
+        "generic_kernels": b.get("generic_kernels"),
+        "kernel_choices": {k: v.get("chosen") for k, v in (b.get("kernel_choices") or {}).items()},
+        "cuda_source_sha256": b.get("cuda_source_sha256"),
+    }
+    return {
+        "passes": passes,
+        "backend": backend,
+        "plan": cm.plan.to_dict(),
+        "state": {k: _sha(v) for k, v in sorted(cm.program.state.items())},
+    }
 
 
 def _calib_tiny() -> torch.Tensor:
@@ -142,8 +173,11 @@ def _smol() -> dict[str, Any]:
         from qcompile.eval.zoo import load_model
 
         zm = load_model("smollm2-135m")
-        _SMOL.update(zm=zm, ids=shakespeare_tokens(zm.tokenizer, "evaluation")[:256].clone()[None],
-                     calib=calibration_tokens(zm.tokenizer, windows=2, seq=256))
+        _SMOL.update(
+            zm=zm,
+            ids=shakespeare_tokens(zm.tokenizer, "evaluation")[:256].clone()[None],
+            calib=calibration_tokens(zm.tokenizer, windows=2, seq=256),
+        )
     return _SMOL
 
 
@@ -195,8 +229,10 @@ def record(args: argparse.Namespace) -> None:
             rep, tensors = RUNNERS[model](preset, backend)
             rep["outputs"] = {k: _sha(v) for k, v in tensors.items()}
             if tensors:
-                save_file({k: v.detach().contiguous().to(torch.float32) for k, v in tensors.items()},
-                          str(out / "tensors" / f"{cid.replace('/', '__')}.safetensors"))
+                save_file(
+                    {k: v.detach().contiguous().to(torch.float32) for k, v in tensors.items()},
+                    str(out / "tensors" / f"{cid.replace('/', '__')}.safetensors"),
+                )
         except Exception as e:  # an error is recorded as the case's behaviour
             rep = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             if args.debug:
@@ -247,7 +283,9 @@ def compare(args: argparse.Namespace) -> int:
             sa, sb = ra.get("state") or {}, rb.get("state") or {}
             renamed = sorted(set(sa) ^ set(sb))
             changed = sorted(k for k in set(sa) & set(sb) if sa[k] != sb[k])
-            diffs.append(f"state: {len(renamed)} keys only on one side {renamed[:4]}, {len(changed)} changed {changed[:4]}")
+            diffs.append(
+                f"state: {len(renamed)} keys only on one side {renamed[:4]}, {len(changed)} changed {changed[:4]}"
+            )
         for part in ("passes", "backend", "plan"):
             if ra.get(part) != rb.get(part):
                 diffs.append(f"{part} report differs")

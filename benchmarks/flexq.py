@@ -33,7 +33,8 @@ BUDGETS = (("0", 0.0), ("1/7", 1 / 7), ("2/7", 2 / 7), ("1", 1.0))
 def flexq_plan(label: str, budget: float):
     base = PRESETS["w6a8-flexq"]
     return dataclasses.replace(
-        base, name=f"w6a8-flexq budget {label}",
+        base,
+        name=f"w6a8-flexq budget {label}",
         passes=(PassConfig("assign_precision", (("budget", budget),)), PassConfig("quantize_weights")),
     )
 
@@ -43,7 +44,11 @@ def a8_info(rec: dict[str, Any]) -> tuple[str, str, str]:
     for p in rec.get("report", {}).get("passes", []):
         if p["name"] == "assign_precision" and "sensitivity" in p["notes"]:
             n = p["notes"]
-            return (f"{len(n['a8_layers'])}/{n['candidates']}", f"{100 * n['a8_fraction_flops']:.1f} %", f"{n['analysis_seconds']:.0f}")
+            return (
+                f"{len(n['a8_layers'])}/{n['candidates']}",
+                f"{100 * n['a8_fraction_flops']:.1f} %",
+                f"{n['analysis_seconds']:.0f}",
+            )
     return ("", "", "—")
 
 
@@ -55,7 +60,9 @@ def weight_sizes(model: Any) -> dict[str, Any]:
     packed = sum(t.numel() for k, t in cm.program.state.items() if k.endswith(".qweight_packed"))
     scales = sum(t.numel() * t.element_size() for k, t in cm.program.state.items() if k.endswith(".w_scale"))
     n_weights = sum(
-        m.weight.numel() for name, m in model.named_modules() if isinstance(m, __import__("torch").nn.Linear) and "lm_head" not in name
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, __import__("torch").nn.Linear) and "lm_head" not in name
     )
     return {
         "linear_weights": n_weights,
@@ -74,15 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--json", default=None)
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--sweep-ends", action="store_true", help="also evaluate budgets 0 and 1 (identical to w6a6 / w6a8 by construction)")
-    ap.add_argument("--table-only", action="store_true", help="evaluate nothing: write the table from the records of --partial")
+    ap.add_argument(
+        "--sweep-ends",
+        action="store_true",
+        help="also evaluate budgets 0 and 1 (identical to w6a6 / w6a8 by construction)",
+    )
+    ap.add_argument(
+        "--table-only", action="store_true", help="evaluate nothing: write the table from the records of --partial"
+    )
     ap.add_argument("--partial", default=None, help="per-plan records of an interrupted run to resume from")
     a = ap.parse_args(argv)
     zm = load_model(a.model)
     budgets = [(lbl, b) for lbl, b in BUDGETS if a.sweep_ends or lbl not in ("0", "1")]
     flex = [flexq_plan(lbl, b) for lbl, b in budgets]
-    plans: list[Any] = ["fp32", "w6a8", "w6a6", *[p for p in flex if p.name.endswith(" 1/7")], "w6a8-flexq-fixed",
-                        *[p for p in flex if not p.name.endswith(" 1/7")]]
+    plans: list[Any] = [
+        "fp32",
+        "w6a8",
+        "w6a6",
+        *[p for p in flex if p.name.endswith(" 1/7")],
+        "w6a8-flexq-fixed",
+        *[p for p in flex if not p.name.endswith(" 1/7")],
+    ]
     partial = Path(a.partial or HERE / "results" / f".flexq-{zm.name}.partial.json")
     done = {r["plan_name"]: r for r in json.loads(partial.read_text())} if partial.exists() else {}
     records = []
@@ -104,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"records": records, "weight_sizes": sizes}, indent=1))
     png = out.with_name(f"flexq-sensitivity-{zm.name}.png")
-    notes = next(p["notes"] for r in records if r["plan_name"] == "w6a8-flexq budget 1/7" for p in r["report"]["passes"] if p["name"] == "assign_precision")
+    notes = next(
+        p["notes"]
+        for r in records
+        if r["plan_name"] == "w6a8-flexq budget 1/7"
+        for p in r["report"]["passes"]
+        if p["name"] == "assign_precision"
+    )
     from qcompile.eval.plots import plot_sensitivity
 
     plot_sensitivity(notes, str(png), title=f"{zm.name}: sensitivity of each linear to A8→A6 (red: A8 at budget 1/7)")
@@ -119,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             n8 = "30/210 (down_proj)" if zm.name == "smollm2-135m" else "down_proj"
         gap = "" if r["plan_name"] == "fp32" or w6a6 != w6a6 else f"{100 * (w6a6 - r['ppl']) / (w6a6 - w6a8):.1f} %"
         rows.append(
-            f"| {r['plan_name']} | {n8} | {f8} | {r['ppl']:.4f} | {100 * (r['ppl'] / fp32 - 1):+.2f} % | {gap} | {secs} | {r['eval_seconds']:.0f} |"
+            f"| {r['plan_name']} | {n8} | {f8} | {r['ppl']:.4f} | {100 * (r['ppl'] / fp32 - 1):+.2f} % | {gap} | "
+            f"{secs} | {r['eval_seconds']:.0f} |"
         )
     missing = [p if isinstance(p, str) else p.name for p in plans if (p if isinstance(p, str) else p.name) not in by]
     chosen = notes["a8_layers"]
@@ -133,28 +159,40 @@ def main(argv: list[str] | None = None) -> int:
             f"### FlexQ (W6A6 / W6A8, sensitivity-assigned A8): {zm.name}",
             "",
             f"- command: `{cmd}`",
-            f"- date: {dt.date.today().isoformat()}; machine: {machine()}; target cpu (torch reference backend: exact integer ops)",
-            f"- data: {first['dataset']}, {first['windows']} windows × {first['seq']} tokens = {first['tokens']} tokens; "
+            f"- date: {dt.date.today().isoformat()}; machine: {machine()}; target cpu (torch reference backend: exact "
+            "integer ops)",
+            f"- data: {first['dataset']}, {first['windows']} windows × {first['seq']} tokens = {first['tokens']} "
+            "tokens; "
             "calibration (assign_precision): shakespeare calibration split, 8 × 512 tokens",
             f"- JSON: `{out.relative_to(HERE.parent)}`; sensitivity plot: `{png.relative_to(HERE.parent)}`",
             "- W6: symmetric RTN, group 128 along K (last group of 64 where K = 576), packed 4 codes / 3 bytes; "
-            "activations dynamic symmetric per token and group of 128. \"gap recovered\" = (ppl(W6A6) − ppl) / (ppl(W6A6) − ppl(W6A8)).",
+            'activations dynamic symmetric per token and group of 128. "gap recovered" = (ppl(W6A6) − ppl) / '
+            "(ppl(W6A6) − ppl(W6A8)).",
             "",
-            "| plan | A8 linears | A8 share of linear FLOPs | perplexity | Δ vs fp32 | W6A6→W6A8 gap recovered | analysis s | eval s |",
+            "| plan | A8 linears | A8 share of linear FLOPs | perplexity | Δ vs fp32 | W6A6→W6A8 gap recovered | "
+            "analysis s | eval s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
-            *([f"Not measured in this run (out of time on the shared machine): {', '.join(missing)}.", ""] if missing else []),
+            *(
+                [f"Not measured in this run (out of time on the shared machine): {', '.join(missing)}.", ""]
+                if missing
+                else []
+            ),
             "Budget sweep: budget 0 and budget 1 give exactly the w6a6 and w6a8 modules (the same ops and "
-            "arguments; tests/test_flexq.py checks the outputs are bit-identical), so their rows are the w6a6 and w6a8 rows"
-            + (" (also measured here)." if a.sweep_ends else "."),
+            "arguments; tests/test_flexq.py checks the outputs are bit-identical), so their rows are the w6a6 and "
+            "w6a8 rows" + (" (also measured here)." if a.sweep_ends else "."),
             "",
             f"Layers given A8 at budget 1/7 by kind: {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}.",
             "",
-            f"Weight bytes of the {sizes['linear_weights']:,} quantized linear weights (lm_head excluded, it stays fp32): "
-            f"fp16 {sizes['fp16_bytes'] / 2**20:.1f} MiB; W6 {(sizes['w6_code_bytes'] + sizes['w6_scale_bytes']) / 2**20:.1f} MiB "
-            f"(codes {sizes['w6_code_bytes'] / 2**20:.1f} MiB + fp32 group scales {sizes['w6_scale_bytes'] / 2**20:.1f} MiB = "
-            f"{sizes['w6_bits_per_weight']:.3f} bits per weight, {sizes['fp16_bytes'] / (sizes['w6_code_bytes'] + sizes['w6_scale_bytes']):.2f}x smaller than fp16).",
+            f"Weight bytes of the {sizes['linear_weights']:,} quantized linear weights (lm_head excluded, it stays "
+            "fp32): "
+            f"fp16 {sizes['fp16_bytes'] / 2**20:.1f} MiB; W6 "
+            f"{(sizes['w6_code_bytes'] + sizes['w6_scale_bytes']) / 2**20:.1f} MiB "
+            f"(codes {sizes['w6_code_bytes'] / 2**20:.1f} MiB + fp32 group scales "
+            f"{sizes['w6_scale_bytes'] / 2**20:.1f} MiB = "
+            f"{sizes['w6_bits_per_weight']:.3f} bits per weight, "
+            f"{sizes['fp16_bytes'] / (sizes['w6_code_bytes'] + sizes['w6_scale_bytes']):.2f}x smaller than fp16).",
         ]
     )
     write_section(Path(a.results), f"flexq-{zm.name}", body)

@@ -52,26 +52,37 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = AssignPrecision().run(prog, ctx)
         secs = time.perf_counter() - t0
-        recs.append({"layers": n, "linears": res.notes["candidates"], "tokens": res.notes["tokens"], "seconds": round(secs, 1)})
+        recs.append(
+            {"layers": n, "linears": res.notes["candidates"], "tokens": res.notes["tokens"], "seconds": round(secs, 1)}
+        )
         print(recs[-1], flush=True)
     zm.model.model.layers = layers_all
     base = recs[0]["seconds"] / recs[0]["layers"]
     for r in recs:
-        rows.append(f"| {r['layers']} | {r['linears']} | {r['tokens']} | {r['seconds']:.1f} | {r['seconds'] / r['layers']:.2f} | {r['seconds'] / r['layers'] / base:.2f} |")
+        rows.append(
+            f"| {r['layers']} | {r['linears']} | {r['tokens']} | {r['seconds']:.1f} | "
+            f"{r['seconds'] / r['layers']:.2f} | {r['seconds'] / r['layers'] / base:.2f} |"
+        )
     out = HERE / "results" / f"flexq-analysis-time-{zm.name}.json"
     out.write_text(json.dumps(recs, indent=1))
-    cmd = "python benchmarks/flexq_scaling.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    body = "\n".join([
-        f"### FlexQ sensitivity analysis time vs depth: {zm.name}",
-        "",
-        f"- command: `{cmd}`",
-        f"- date: {dt.date.today().isoformat()}; machine: {machine()}; shared with other jobs, so seconds are noisy",
-        f"- JSON: `{out.relative_to(HERE.parent)}`",
-        "",
-        "| decoder layers | linears | calibration tokens | analysis s | s per layer | per-layer cost vs first row |",
-        "|---:|---:|---:|---:|---:|---:|",
-        *rows,
-    ])
+    cmd = "python benchmarks/flexq_scaling.py " + " ".join(
+        shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])
+    )
+    body = "\n".join(
+        [
+            f"### FlexQ sensitivity analysis time vs depth: {zm.name}",
+            "",
+            f"- command: `{cmd}`",
+            f"- date: {dt.date.today().isoformat()}; machine: {machine()}; shared with other jobs, so seconds are "
+            "noisy",
+            f"- JSON: `{out.relative_to(HERE.parent)}`",
+            "",
+            "| decoder layers | linears | calibration tokens | analysis s | s per layer | per-layer cost vs first row "
+            "|",
+            "|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
     write_section(Path(a.results), f"flexq-analysis-time-{zm.name}", body)
     return 0
 

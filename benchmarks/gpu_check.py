@@ -44,9 +44,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -91,8 +92,17 @@ def linear_spec(variant: str, n: int, k: int, tokens: int) -> Any:
     kind, bits, group = VARIANTS[variant]
     k_p = _pad(k, group or (16 if kind == "f16" else 128))  # zero columns, as qcompile's lowering pads
     grp = group or k_p
-    return L.CudaLinear(kind, _pad(n, 16), k_p, grp, bits, 0 if not group or not bits else grp, False,
-                        zero_term=kind == "f16", tokens=tokens)
+    return L.CudaLinear(
+        kind,
+        _pad(n, 16),
+        k_p,
+        grp,
+        bits,
+        0 if not group or not bits else grp,
+        False,
+        zero_term=kind == "f16",
+        tokens=tokens,
+    )
 
 
 def quant_spec(lin: Any, norm: bool = False) -> Any:
@@ -142,9 +152,11 @@ def build(build_dir: Path, arch: str, kernels: dict[str, dict[str, Any]]) -> dic
     try:
         import tvm
     except ImportError:
-        sys.exit(f"{build_dir} holds no build of these kernels for {arch} from the current sources, and this machine has no "
-                 "TVM to make one: run `python benchmarks/gpu_check.py --dry-run` (same --arch/--shapes/--models) in the "
-                 "repo's venv and carry the folder")
+        sys.exit(
+            f"{build_dir} holds no build of these kernels for {arch} from the current sources, and this machine has no "
+            "TVM to make one: run `python benchmarks/gpu_check.py --dry-run` (same --arch/--shapes/--models) in the "
+            "repo's venv and carry the folder"
+        )
 
     sys.path.insert(0, str(ROOT))
     from qcompile.codegen.tvm import cuda
@@ -160,8 +172,10 @@ def build(build_dir: Path, arch: str, kernels: dict[str, dict[str, Any]]) -> dic
     t1 = time.perf_counter()
     fatbin = cuda.compile_fatbin(source, arch)
     t2 = time.perf_counter()
-    params = {m.group(1): [p.split()[-1].removesuffix("_ptr") for p in m.group(2).split(",")]
-              for m in re.finditer(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)_kernel\(([^)]*)\) \{', source)}
+    params = {
+        m.group(1): [p.split()[-1].removesuffix("_ptr") for p in m.group(2).split(",")]
+        for m in re.finditer(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)_kernel\(([^)]*)\) \{', source)
+    }
     missing = set(kernels) - set(params)
     if missing:
         raise RuntimeError(f"kernels missing from the CUDA source: {sorted(missing)[:5]}")
@@ -173,11 +187,21 @@ def build(build_dir: Path, arch: str, kernels: dict[str, dict[str, Any]]) -> dic
         "generator": generator_hash(),
         "tvm": tvm.__version__,
         "date": datetime.date.today().isoformat(),
-        "kernels": {name: {"role": k["role"], "type": type(k["spec"]).__name__, "spec": asdict(k["spec"]),
-                           "params": params[name]} for name, k in kernels.items()},
+        "kernels": {
+            name: {
+                "role": k["role"],
+                "type": type(k["spec"]).__name__,
+                "spec": asdict(k["spec"]),
+                "params": params[name],
+            }
+            for name, k in kernels.items()
+        },
     }
     (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    print(f"built {len(kernels)} kernels for {arch}: TVM {t1 - t0:.0f} s, nvcc {t2 - t1:.0f} s, fatbin {len(fatbin) / 1e6:.1f} MB -> {build_dir}")
+    print(
+        f"built {len(kernels)} kernels for {arch}: TVM {t1 - t0:.0f} s, nvcc {t2 - t1:.0f} s, fatbin "
+        f"{len(fatbin) / 1e6:.1f} MB -> {build_dir}"
+    )
     return manifest
 
 
@@ -205,7 +229,10 @@ class Driver:
         fn = self.funcs.get(name)
         if fn is None:
             fn = self.funcs[name] = ctypes.c_void_p()
-            self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), self.mod, f"{name}_kernel".encode()), f"cuModuleGetFunction({name})")
+            self._check(
+                self.lib.cuModuleGetFunction(ctypes.byref(fn), self.mod, f"{name}_kernel".encode()),
+                f"cuModuleGetFunction({name})",
+            )
         vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(int(a)) for a in args]
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
         g, b = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
@@ -252,7 +279,10 @@ class Kernels:
     def __init__(self, manifest: dict[str, Any], launch: Callable[..., None] | None) -> None:
         self.manifest = manifest["kernels"]
         self.launch = launch  # None: the CPU stand-in
-        self.specs = {n: (L.CudaLinear if k["type"] == "CudaLinear" else L.CudaQuant)(**k["spec"]) for n, k in self.manifest.items()}
+        self.specs = {
+            n: (L.CudaLinear if k["type"] == "CudaLinear" else L.CudaQuant)(**k["spec"])
+            for n, k in self.manifest.items()
+        }
 
     def __call__(self, name: str, m: int, **named: torch.Tensor) -> None:
         entry, spec = self.manifest[name], self.specs[name]
@@ -293,13 +323,19 @@ def operands(spec: Any, m: int, dev: str, seed: int, unit: bool, reference: bool
     codes = torch.randint(lo, hi + 1, (n, k), generator=gen, device=dev)
     gw = spec.groups
     sw = torch.ones(n, gw, device=dev) if unit else torch.rand(n, gw, generator=gen, device=dev) * 0.02 + 0.001
-    out: dict[str, Any] = {"W": L.pack_cuda_weight(spec, codes), "SW": sw, "B": torch.zeros(n, device=dev),
-                           "Y": torch.full((m, n), float("nan"), device=dev)}
+    out: dict[str, Any] = {
+        "W": L.pack_cuda_weight(spec, codes),
+        "SW": sw,
+        "B": torch.zeros(n, device=dev),
+        "Y": torch.full((m, n), float("nan"), device=dev),
+    }
     if spec.kind == "f16":
         x = torch.randn(m, k, generator=gen, device=dev)
         out.update(X=x, C=-8 * sw)
         lhs = x.half().double()
-        rhs = (codes.double() * _expand(sw.double(), spec.group) + _expand(out["C"].double(), spec.group)).half().double()
+        rhs = (
+            (codes.double() * _expand(sw.double(), spec.group) + _expand(out["C"].double(), spec.group)).half().double()
+        )
     else:
         amax = 2 ** (spec.act_bits - 1) - 1
         xc = torch.randint(-amax, amax + 1, (m, k), generator=gen, device=dev)
@@ -336,19 +372,33 @@ def check_quant(run: Kernels, name: str, m: int, dev: str) -> dict[str, Any]:
     xin = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec.eps) * nw) if spec.norm else x
     q_ref, s_ref = reference_quant(xin, spec.bits, spec.group)
     pm = m if spec.planes else 1
-    ops = {"X": x, "NW": nw if spec.norm else torch.ones(1), "Q": torch.zeros(m, spec.k, dtype=torch.int8),
-           "S": torch.zeros(m, spec.groups), "P": torch.zeros(pm, spec.k // 128 if spec.planes else 1, 8, 4, dtype=torch.int32)}
+    ops = {
+        "X": x,
+        "NW": nw if spec.norm else torch.ones(1),
+        "Q": torch.zeros(m, spec.k, dtype=torch.int8),
+        "S": torch.zeros(m, spec.groups),
+        "P": torch.zeros(pm, spec.k // 128 if spec.planes else 1, 8, 4, dtype=torch.int32),
+    }
     ops = {key: v.to(dev) for key, v in ops.items()}
     run(name, m, **ops)
     sync(dev)
     q, s = ops["Q"].cpu().to(torch.int64), ops["S"].cpu()
     bad = int((q != q_ref).sum())
-    res: dict[str, Any] = {"kernel": name, "m": m, "code_mismatches": bad, "scale_max_rel_err": float(((s - s_ref) / s_ref).abs().max())}
+    res: dict[str, Any] = {
+        "kernel": name,
+        "m": m,
+        "code_mismatches": bad,
+        "scale_max_rel_err": float(((s - s_ref) / s_ref).abs().max()),
+    }
     if spec.planes:
         res["plane_mismatches"] = int((L.planes_to_codes(ops["P"].cpu()) != q).sum())
     # the fused RMSNorm uses the GPU's rsqrt: a code may land on the other side of a rounding tie
     allowed = q.numel() // 1000 if spec.norm else 0
-    res["ok"] = bad <= allowed and res.get("plane_mismatches", 0) == 0 and res["scale_max_rel_err"] < (1e-5 if spec.norm else 1e-7)
+    res["ok"] = (
+        bad <= allowed
+        and res.get("plane_mismatches", 0) == 0
+        and res["scale_max_rel_err"] < (1e-5 if spec.norm else 1e-7)
+    )
     return res
 
 
@@ -402,21 +452,46 @@ def time_linear(run: Kernels, variant: str, n: int, k: int, ms: list[int]) -> li
         state = {"i": 0}
         q = quant_spec(lin) if lin.act_bits else None
         if q is not None:
-            qops = {"X": x, "NW": torch.ones(1, device="cuda"), "Q": torch.zeros(m, lin.k, dtype=torch.int8, device="cuda"),
-                    "S": torch.zeros(m, q.groups, device="cuda"),
-                    "P": torch.zeros(m if q.planes else 1, lin.k // 128 if q.planes else 1, 8, 4, dtype=torch.int32, device="cuda")}
+            qops = {
+                "X": x,
+                "NW": torch.ones(1, device="cuda"),
+                "Q": torch.zeros(m, lin.k, dtype=torch.int8, device="cuda"),
+                "S": torch.zeros(m, q.groups, device="cuda"),
+                "P": torch.zeros(
+                    m if q.planes else 1, lin.k // 128 if q.planes else 1, 8, 4, dtype=torch.int32, device="cuda"
+                ),
+            }
 
         def call() -> None:
             state["i"] = (state["i"] + 1) % len(ws)
             w = ws[state["i"]]
             if q is not None:
                 run(q.name, m, **qops)
-                run(lin.name, m, X=qops["P"] if q.planes else qops["Q"], W=w, SW=base["SW"], SX=qops["S"], B=base["B"], Y=y)
+                run(
+                    lin.name,
+                    m,
+                    X=qops["P"] if q.planes else qops["Q"],
+                    W=w,
+                    SW=base["SW"],
+                    SX=qops["S"],
+                    B=base["B"],
+                    Y=y,
+                )
             else:
                 run(lin.name, m, X=x, W=w, SW=base["SW"], C=base["C"], B=base["B"], Y=y)
 
         t = time_ms(call)
-        out.append({"variant": variant, "n": n, "k": k, "m": m, "ms": t, "weight_bytes": wbytes, "GBps": wbytes / (t * 1e-3) / 1e9})
+        out.append(
+            {
+                "variant": variant,
+                "n": n,
+                "k": k,
+                "m": m,
+                "ms": t,
+                "weight_bytes": wbytes,
+                "GBps": wbytes / (t * 1e-3) / 1e9,
+            }
+        )
     return out
 
 
@@ -450,13 +525,22 @@ def time_baselines(n: int, k: int, m: int) -> dict[str, float]:
 class Decoder:
     """A Llama-architecture decoder with random weights; ``variant=None``: fp16 torch linears."""
 
-    def __init__(self, cfg: dict[str, int], run: Kernels | None, variant: str | None, dev: str, layers: int | None = None, ctx: int = 256) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, int],
+        run: Kernels | None,
+        variant: str | None,
+        dev: str,
+        layers: int | None = None,
+        ctx: int = 256,
+    ) -> None:
         g = torch.Generator(device=dev).manual_seed(0)
         self.cfg, self.run, self.variant, self.dev, self.ctx = cfg, run, variant, dev, ctx
         self.half = torch.float16 if dev == "cuda" else torch.float32  # CPUs (dry run) have no fast fp16 matmul
         h, hd = cfg["hidden"], cfg["hidden"] // cfg["heads"]
         self.hd = hd
         self.nl = layers or cfg["layers"]
+
         def rnd(*shape: int) -> torch.Tensor:  # never zero: |w| >= 1e-4
             w = (torch.randn(*shape, generator=g, device=dev) * 0.02).clamp_(min=-0.1, max=0.1)
             return torch.where(w >= 0, w + 1e-4, w - 1e-4)
@@ -465,7 +549,15 @@ class Decoder:
         self.head = rnd(cfg["vocab"], h).to(self.half)
         self.norms = [torch.rand(h, generator=g, device=dev) + 0.5 for _ in range(2 * self.nl + 1)]
         kvd = cfg["kv_heads"] * hd
-        names = [("q", h, h), ("k", kvd, h), ("v", kvd, h), ("o", h, h), ("gate", cfg["inter"], h), ("up", cfg["inter"], h), ("down", h, cfg["inter"])]
+        names = [
+            ("q", h, h),
+            ("k", kvd, h),
+            ("v", kvd, h),
+            ("o", h, h),
+            ("gate", cfg["inter"], h),
+            ("up", cfg["inter"], h),
+            ("down", h, cfg["inter"]),
+        ]
         self.lin = [{nm: self._linear(rnd(n, k)) for nm, n, k in names} for _ in range(self.nl)]
         self.kc = torch.zeros(self.nl, cfg["kv_heads"], ctx, hd, device=dev)
         self.vc = torch.zeros_like(self.kc)
@@ -484,11 +576,18 @@ class Decoder:
             codes = torch.clamp(torch.round(wp / _expand(s, spec.group)), -7, 7).to(torch.int64) + 8
             extra = {"C": -8 * s}
         else:
-            qmax = 2 ** 5 - 1
+            qmax = 2**5 - 1
             s = wp.view(spec.n, -1, spec.group).abs().amax(-1).clamp(min=1e-8) / qmax
             codes = torch.clamp(torch.round(wp / _expand(s, spec.group)), -qmax, qmax).to(torch.int64)
             extra = {}
-        return {"spec": spec, "n": n, "W": L.pack_cuda_weight(spec, codes), "SW": s, "B": torch.zeros(spec.n, device=self.dev), **extra}
+        return {
+            "spec": spec,
+            "n": n,
+            "W": L.pack_cuda_weight(spec, codes),
+            "SW": s,
+            "B": torch.zeros(spec.n, device=self.dev),
+            **extra,
+        }
 
     def linear(self, p: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         if self.variant is None:
@@ -499,8 +598,13 @@ class Decoder:
         assert self.run is not None
         if spec.act_bits:
             q = quant_spec(spec)
-            qo = {"Q": torch.empty(m, spec.k, dtype=torch.int8, device=self.dev), "S": torch.empty(m, q.groups, device=self.dev),
-                  "P": torch.empty(m if q.planes else 1, spec.k // 128 if q.planes else 1, 8, 4, dtype=torch.int32, device=self.dev)}
+            qo = {
+                "Q": torch.empty(m, spec.k, dtype=torch.int8, device=self.dev),
+                "S": torch.empty(m, q.groups, device=self.dev),
+                "P": torch.empty(
+                    m if q.planes else 1, spec.k // 128 if q.planes else 1, 8, 4, dtype=torch.int32, device=self.dev
+                ),
+            }
             self.run(q.name, m, X=x.contiguous(), NW=torch.ones(1, device=self.dev), **qo)
             self.run(spec.name, m, X=qo["P"] if q.planes else qo["Q"], W=p["W"], SW=p["SW"], SX=qo["S"], B=p["B"], Y=y)
         else:
@@ -533,7 +637,9 @@ class Decoder:
             att = torch.softmax(q @ kk.transpose(1, 2) / math.sqrt(hd) + mask, -1) @ vv
             x = x + self.linear(p["o"], att.reshape(1, -1))
             h = norm(x, self.norms[2 * i + 1])
-            x = x + self.linear(p["down"], torch.nn.functional.silu(self.linear(p["gate"], h)) * self.linear(p["up"], h))
+            x = x + self.linear(
+                p["down"], torch.nn.functional.silu(self.linear(p["gate"], h)) * self.linear(p["up"], h)
+            )
         logits = norm(x, self.norms[-1]).to(self.half) @ self.head.T
         return logits.argmax(-1)
 
@@ -578,18 +684,35 @@ def decode_tokens_per_s(dec: Decoder, steps: int) -> tuple[float, list[int]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="no GPU: build, pack, references, table; kernels replaced by a CPU stand-in")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU: build, pack, references, table; kernels replaced by a CPU stand-in",
+    )
     ap.add_argument("--arch", default="sm_90", help="CUDA arch to build for (default sm_90, the H100)")
     ap.add_argument("--build-dir", type=Path, default=ROOT / "benchmarks" / "gpu_build")
     ap.add_argument("--rebuild", action="store_true", help="build even if --build-dir has a build for --arch")
-    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA70B), help="N×K list (default: LLaMA-2-70B's linears)")
+    ap.add_argument(
+        "--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA70B), help="N×K list (default: LLaMA-2-70B's linears)"
+    )
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
     ap.add_argument("--models", default=",".join(MODELS), help="decode models (architectures, random weights)")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    ap.add_argument("--write-choices", action="store_true", help="record the faster W6 kernel per shape in qcompile's cuda_choices.json")
-    ap.add_argument("--wheels", type=Path, default=None, help="install TVM from this wheel folder (pip --no-index) for the Relax VM decode")
+    ap.add_argument(
+        "--write-choices",
+        action="store_true",
+        help="record the faster W6 kernel per shape in qcompile's cuda_choices.json",
+    )
+    ap.add_argument(
+        "--wheels",
+        type=Path,
+        default=None,
+        help="install TVM from this wheel folder (pip --no-index) for the Relax VM decode",
+    )
     args = ap.parse_args()
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
@@ -639,7 +762,12 @@ def main() -> int:
             for variant in VARIANTS:
                 for t in time_linear(run, variant, n, k, ms):
                     b = bases[t["m"]]
-                    t.update(b, x_cublas=b["cublas_fp16_ms"] / t["ms"], x_int_mm=b["int_mm_ms"] / t["ms"], of_copy=t["GBps"] / copy_gbps)
+                    t.update(
+                        b,
+                        x_cublas=b["cublas_fp16_ms"] / t["ms"],
+                        x_int_mm=b["int_mm_ms"] / t["ms"],
+                        of_copy=t["GBps"] / copy_gbps,
+                    )
                     timings.append(t)
 
     # 3. decode
@@ -655,8 +783,17 @@ def main() -> int:
         for variant in DECODE_VARIANTS:
             dec = Decoder(cfg, run, variant, dev, layers)
             tps, toks = decode_tokens_per_s(dec, steps)
-            decode.append({"model": model, "variant": variant, "tokens_per_s": tps, "fp16_tokens_per_s": tps_base,
-                           "x_fp16": tps / tps_base if tps_base == tps_base else None, "tokens": toks, "layers": dec.nl})
+            decode.append(
+                {
+                    "model": model,
+                    "variant": variant,
+                    "tokens_per_s": tps,
+                    "fp16_tokens_per_s": tps_base,
+                    "x_fp16": tps / tps_base if tps_base == tps_base else None,
+                    "tokens": toks,
+                    "layers": dec.nl,
+                }
+            )
             del dec
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -669,9 +806,19 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0) if dev == "cuda" else "none (dry run: CPU stand-in, nothing timed)"
     report(card, args, manifest, checks, timings, copy_gbps, decode, vm)
-    result = {"card": card, "arch": manifest["arch"], "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "dry_run": args.dry_run, "copy_GBps": copy_gbps, "checks": checks,
-              "timings": timings, "decode": decode, "relax_vm": vm, "seconds": round(time.perf_counter() - t_start, 1)}
+    result = {
+        "card": card,
+        "arch": manifest["arch"],
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "dry_run": args.dry_run,
+        "copy_GBps": copy_gbps,
+        "checks": checks,
+        "timings": timings,
+        "decode": decode,
+        "relax_vm": vm,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -682,9 +829,20 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def report(card: str, args: Any, manifest: dict[str, Any], checks: list[dict[str, Any]], timings: list[dict[str, Any]],
-           copy_gbps: float | None, decode: list[dict[str, Any]], vm: dict[str, Any]) -> None:
-    print(f"\ncard: {card}; arch {manifest['arch']}; {len(manifest['kernels'])} kernels built {manifest['date']} with TVM {manifest['tvm']}")
+def report(
+    card: str,
+    args: Any,
+    manifest: dict[str, Any],
+    checks: list[dict[str, Any]],
+    timings: list[dict[str, Any]],
+    copy_gbps: float | None,
+    decode: list[dict[str, Any]],
+    vm: dict[str, Any],
+) -> None:
+    print(
+        f"\ncard: {card}; arch {manifest['arch']}; {len(manifest['kernels'])} kernels built {manifest['date']} with "
+        f"TVM {manifest['tvm']}"
+    )
     bad = [c for c in checks if not c["ok"]]
     print(f"checks: {len(checks) - len(bad)}/{len(checks)} passed" + "".join(f"\n  FAILED {c}" for c in bad))
     if copy_gbps:
@@ -694,8 +852,11 @@ def report(card: str, args: Any, manifest: dict[str, Any], checks: list[dict[str
     if not timings:
         print("| (no GPU: nothing timed) | | | | | | | |")
     for t in timings:
-        print(f"| {t['variant']} | {t['n']}×{t['k']} | {t['m']} | {t['ms']:.4f} | {t['GBps']:.0f} | {100 * t['of_copy']:.0f} | "
-              f"{t['x_cublas']:.2f} | {t['x_int_mm']:.2f} ({t['int_mm_rows']}) |")
+        print(
+            f"| {t['variant']} | {t['n']}×{t['k']} | {t['m']} | {t['ms']:.4f} | {t['GBps']:.0f} | "
+            f"{100 * t['of_copy']:.0f} | "
+            f"{t['x_cublas']:.2f} | {t['x_int_mm']:.2f} ({t['int_mm_rows']}) |"
+        )
     print("\n| model | variant | layers | tokens/s | fp16 tokens/s | × fp16 | W6 kernels agree |")
     print("|---|---|---:|---:|---:|---:|---|")
     for d in decode:
@@ -716,10 +877,19 @@ def write_choices(result: dict[str, Any]) -> None:
         for t in result["timings"]:
             if t["m"] != 1 or t["variant"] != f"w6a{bits}-unpack":
                 continue
-            other = next(o for o in result["timings"] if o["m"] == 1 and o["n"] == t["n"] and o["k"] == t["k"] and o["variant"] == f"w6a{bits}-bitserial")
+            other = next(
+                o
+                for o in result["timings"]
+                if o["m"] == 1 and o["n"] == t["n"] and o["k"] == t["k"] and o["variant"] == f"w6a{bits}-bitserial"
+            )
             ms = {"u6": t["ms"], "b1": other["ms"]}
             choices[f"{t['n']}x{t['k']}/a{bits}"] = {"chosen": min(ms, key=ms.get), "ms_at_m1": ms}
-    data[result["arch"]] = {"card": result["card"], "date": result["date"], "command": result["command"], "choices": choices}
+    data[result["arch"]] = {
+        "card": result["card"],
+        "date": result["date"],
+        "command": result["command"],
+        "choices": choices,
+    }
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
     print(f"wrote {len(choices)} choices to {path}")
 
@@ -728,20 +898,44 @@ def relax_vm_decode(args: Any) -> dict[str, Any]:
     """qcompile.compile(target="cuda") of a random-weight SmolLM2-architecture model, decoded
     through the Relax VM; needs TVM (installed from --wheels) and transformers."""
     target = Path(tempfile.mkdtemp(prefix="qc-tvm-"))
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args.wheels),
-                          "--target", str(target), "apache-tvm", "apache-tvm-ffi"], capture_output=True, text=True)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--find-links",
+            str(args.wheels),
+            "--target",
+            str(target),
+            "apache-tvm",
+            "apache-tvm-ffi",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if pip.returncode:
         return {"skipped": f"pip could not install TVM from {args.wheels}: {pip.stderr.strip().splitlines()[-1:]}"}
     sys.path[:0] = [str(target), str(ROOT)]
     try:
-        import qcompile
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        import qcompile
     except ImportError as e:
         return {"skipped": f"import failed: {e}"}
     cfg = MODELS["smollm2-135m"]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["inter"],
-                                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                                         num_key_value_heads=cfg["kv_heads"], tie_word_embeddings=True)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg["vocab"],
+            hidden_size=cfg["hidden"],
+            intermediate_size=cfg["inter"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg["kv_heads"],
+            tie_word_embeddings=True,
+        )
+    ).eval()
     out = {}
     for plan in ("w6a8", "w4a16-rtn-g128"):
         cm = qcompile.compile(model, target=f"cuda:{args.arch}", plan=plan, max_cache_len=256)

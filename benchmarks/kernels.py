@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 
 try:
     from qcompile.codegen.tvm.kernels import BENCH_KERNELS
+
     QC_NOTE = ""
 except ImportError as exc:
     BENCH_KERNELS = {}
@@ -59,8 +60,16 @@ MiB = 2**20
 L3_BYTES = 32 * MiB
 ROTATE_BYTES = 3 * L3_BYTES
 MAX_SETS = 2048
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008),  # Llama-7B-like; then SmolLM2-135M's own
-          (576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
+SHAPES = [
+    (4096, 4096),
+    (11008, 4096),
+    (4096, 11008),  # Llama-7B-like; then SmolLM2-135M's own
+    (576, 576),
+    (192, 576),
+    (1536, 576),
+    (576, 1536),
+    (49152, 576),
+]
 QUICK_SHAPES = [(4096, 4096), (576, 1536)]
 Run = Callable[[], Any]
 
@@ -68,6 +77,7 @@ Run = Callable[[], Any]
 @dataclass
 class WeightSet:
     """One weight set in a method's storage format; ``check`` (kept for set 0 only) -> max rel error."""
+
     nbytes: int
     bind: Callable[[np.ndarray], Run]
     check: Callable[[np.ndarray, Any], float] | None
@@ -96,6 +106,7 @@ def torch_bind(fn: Callable[[torch.Tensor], Any]) -> Callable[[np.ndarray], Run]
     def bind(x: np.ndarray) -> Run:
         xt = torch.from_numpy(x).clone()  # torch-allocated, hence 64-byte aligned (TVM kernels require it)
         return lambda: fn(xt)
+
     return bind
 
 
@@ -116,14 +127,20 @@ def ort_bind(sess: ort.InferenceSession, n: int) -> Callable[[np.ndarray], Run]:
         def run() -> np.ndarray:
             sess.run_with_iobinding(b)
             return y
+
         return run
+
     return bind
 
 
 def graph(nodes: list, k: int, n: int, inits: list[np.ndarray], names: list[str], ms_opset: bool) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
-                          [numpy_helper.from_array(a, nm) for a, nm in zip(inits, names)])
+    g = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(a, nm) for a, nm in zip(inits, names)],
+    )
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_opset else [])
     return helper.make_model(g, opset_imports=opsets)
 
@@ -177,23 +194,34 @@ def methods() -> list[Method]:
 
         def check(x: np.ndarray, y: Any) -> float:  # exact integer GEMM expected
             return rel_err(y, (int8(x).numpy().astype(np.int64) @ wq.numpy().astype(np.int64).T).astype(np.float64))
+
         return WeightSet(wkn.numel(), bind, check)
 
     def ort_nbits(acc: int) -> Callable[[np.ndarray, int], WeightSet]:
         def prep(w: np.ndarray, m: int) -> WeightSet:
             n, k = w.shape
             packed, scale, zp, deq = quant4(w)
-            node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
-                                    K=k, N=n, bits=4, block_size=32, accuracy_level=acc)
+            node = helper.make_node(
+                "MatMulNBits",
+                ["x", "B", "S", "Z"],
+                ["y"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=32,
+                accuracy_level=acc,
+            )
             sess = ort_session(graph([node], k, n, [packed, scale, zp], ["B", "S", "Z"], True))
             return WeightSet(packed.nbytes + scale.nbytes + zp.nbytes, ort_bind(sess, n), ref_check(deq))
+
         return prep
 
     def ort_int8_dynamic(w: np.ndarray, m: int) -> WeightSet:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+
         n, k = w.shape
-        fp32 = graph([helper.make_node("MatMul", ["x", "W"], ["y"])], k, n, [np.ascontiguousarray(w.T)], ["W"],
-                     False)
+        fp32 = graph([helper.make_node("MatMul", ["x", "W"], ["y"])], k, n, [np.ascontiguousarray(w.T)], ["W"], False)
         with tempfile.TemporaryDirectory() as d:
             logging.disable(logging.WARNING)  # silence the "consider pre-processing" warning
             try:
@@ -204,18 +232,23 @@ def methods() -> list[Method]:
         nbytes = sum(numpy_helper.to_array(t).nbytes for t in qm.graph.initializer)
         return WeightSet(nbytes, ort_bind(ort_session(qm), n), ref_check(w))
 
-    def qcompile_kernel(prepare: Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]]
-                        ) -> Callable[[np.ndarray, int], WeightSet]:
+    def qcompile_kernel(
+        prepare: Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]],
+    ) -> Callable[[np.ndarray, int], WeightSet]:
         def prep(w: np.ndarray, m: int) -> WeightSet:
             run = prepare(torch.from_numpy(w), m)
             nbytes = int(getattr(run, "weight_bytes", w.size))
             return WeightSet(nbytes, torch_bind(run), ref_check(w))
+
         return prep
 
-    return [Method("torch_fp32", torch_fp32, 1e-4), Method("torch_int_mm", torch_int_mm, 1e-6),
-            Method("ort_nbits_acc0", ort_nbits(0), 1e-3), Method("ort_nbits_acc4", ort_nbits(4), 2e-2),
-            Method("ort_int8_dynamic", ort_int8_dynamic, 5e-2)] + \
-        [Method(name, qcompile_kernel(p), 0.25, strict=False, per_m=True) for name, p in BENCH_KERNELS.items()]
+    return [
+        Method("torch_fp32", torch_fp32, 1e-4),
+        Method("torch_int_mm", torch_int_mm, 1e-6),
+        Method("ort_nbits_acc0", ort_nbits(0), 1e-3),
+        Method("ort_nbits_acc4", ort_nbits(4), 2e-2),
+        Method("ort_int8_dynamic", ort_int8_dynamic, 5e-2),
+    ] + [Method(name, qcompile_kernel(p), 0.25, strict=False, per_m=True) for name, p in BENCH_KERNELS.items()]
 
 
 def read_bandwidth(repeats: int = 5) -> tuple[float, int]:
@@ -267,13 +300,22 @@ def time_rotating(runs: list[Run], args: argparse.Namespace, max_calls: int = 20
 
 def bench(method: Method, n: int, k: int, ms: list[int], args: argparse.Namespace, bw: float) -> list[dict]:
     rng = np.random.default_rng(zlib.crc32(f"{method.name} {n}x{k}".encode()))
-    new_w = lambda: (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
+    new_w = lambda: rng.standard_normal((n, k), dtype=np.float32) * 0.02
     rows: list[dict] = []
     sets: list[WeightSet] = []
     cap_note = ""
     for m in ms:
-        row: dict[str, Any] = {"shape": f"{n}x{k}", "N": n, "K": k, "M": m, "method": method.name, "ms": None,
-                               "notes": "", "floor_fp32_ms": 4 * n * k / bw / 1e6, "floor_4bit_ms": n * k / bw / 2e6}
+        row: dict[str, Any] = {
+            "shape": f"{n}x{k}",
+            "N": n,
+            "K": k,
+            "M": m,
+            "method": method.name,
+            "ms": None,
+            "notes": "",
+            "floor_fp32_ms": 4 * n * k / bw / 1e6,
+            "floor_4bit_ms": n * k / bw / 2e6,
+        }
         try:
             if not sets or method.per_m:
                 sets = []  # frees the previous sets before building new ones
@@ -283,8 +325,10 @@ def bench(method: Method, n: int, k: int, ms: list[int], args: argparse.Namespac
                 second = method.prepare(new_w(), m)
                 count = max(2, ROTATE_BYTES // first.nbytes + 1)  # total > ROTATE_BYTES
                 limit = min(MAX_SETS, max(2, int(args.build_s / (time.perf_counter() - t0))))
-                cap_note = (f"rotation limited to {limit} sets ({limit * first.nbytes / MiB:.0f} MiB) by "
-                            f"{'MAX_SETS' if limit == MAX_SETS else 'build time'}") * (count > limit)
+                cap_note = (
+                    f"rotation limited to {limit} sets ({limit * first.nbytes / MiB:.0f} MiB) by "
+                    f"{'MAX_SETS' if limit == MAX_SETS else 'build time'}"
+                ) * (count > limit)
                 sets = [first, second] + [method.prepare(new_w(), m) for _ in range(min(count, limit) - 2)]
                 for s in sets[1:]:
                     s.check = None
@@ -294,9 +338,13 @@ def bench(method: Method, n: int, k: int, ms: list[int], args: argparse.Namespac
             err = sets[0].check(x, y0)  # type: ignore[misc]
             if not isinstance(y0, torch.Tensor) or y0.is_floating_point():  # not for raw int32 GEMM output
                 row["max_rel_err_fp32"] = rel_err(y0, x.astype(np.float64) @ w0.T.astype(np.float64))
-            row.update(max_rel_err=err, weight_bytes=sets[0].nbytes, n_sets=len(sets),
-                       rotation_mib=round(len(sets) * sets[0].nbytes / MiB, 1),
-                       floor_ms=sets[0].nbytes / bw / 1e6)
+            row.update(
+                max_rel_err=err,
+                weight_bytes=sets[0].nbytes,
+                n_sets=len(sets),
+                rotation_mib=round(len(sets) * sets[0].nbytes / MiB, 1),
+                floor_ms=sets[0].nbytes / bw / 1e6,
+            )
             bad = f"max rel err {err:.3g} > {method.tol:g}" if not err <= method.tol else ""
             if bad and method.strict:
                 raise AssertionError(f"verification failed: {bad}")
@@ -315,15 +363,29 @@ def bench(method: Method, n: int, k: int, ms: list[int], args: argparse.Namespac
 def machine_info(threads: int, bw: float, bw_bytes: int, others: float) -> dict[str, Any]:
     cpu = "unknown"
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-            "read_bandwidth_gbps": bw, "bandwidth_array_bytes": bw_bytes, "l3_bytes_assumed": L3_BYTES,
-            "rotate_bytes": ROTATE_BYTES, "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "others_cpu_during_run": others, "command": " ".join(sys.argv)}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "read_bandwidth_gbps": bw,
+        "bandwidth_array_bytes": bw_bytes,
+        "l3_bytes_assumed": L3_BYTES,
+        "rotate_bytes": ROTATE_BYTES,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "others_cpu_during_run": others,
+        "command": " ".join(sys.argv),
+    }
 
 
 def report(rows: list[dict], names: list[str], bw: float, notes: list[str]) -> str:
@@ -335,17 +397,24 @@ def report(rows: list[dict], names: list[str], bw: float, notes: list[str]) -> s
         cells = [fmt(by[(shape, m, nm)]) if (shape, m, nm) in by else "-" for nm in names]
         floors = f"{4 * n * k / bw / 1e6:.3f} / {n * k / bw / 2e6:.3f}"
         out.append(f"| {shape} | {m} | " + " | ".join(cells) + f" | {floors} |")
-    out.append(f"\nms per call (median, weights rotated from DRAM; * = other processes busy meanwhile); read bandwidth "
-               f"{bw:.1f} GB/s; floor = N*K*4 B (fp32) or N*K/2 B (pure 4-bit, no scales) / bandwidth.")
+    out.append(
+        f"\nms per call (median, weights rotated from DRAM; * = other processes busy meanwhile); read bandwidth "
+        f"{bw:.1f} GB/s; floor = N*K*4 B (fp32) or N*K/2 B (pure 4-bit, no scales) / bandwidth."
+    )
     qc = [nm for nm in names if nm in BENCH_KERNELS]
     ort4 = [nm for nm in ("ort_nbits_acc0", "ort_nbits_acc4") if nm in names]
     if qc and ort4:
-        out += ["\nbest ORT 4-bit ms / qcompile kernel ms (> 1: qcompile faster)\n",
-                "| N×K | M | " + " | ".join(qc) + " |", "|---|---:|" + "---:|" * len(qc)]
+        out += [
+            "\nbest ORT 4-bit ms / qcompile kernel ms (> 1: qcompile faster)\n",
+            "| N×K | M | " + " | ".join(qc) + " |",
+            "|---|---:|" + "---:|" * len(qc),
+        ]
         for shape, _, _, m in keys:
             best = min((by[(shape, m, o)]["ms"] for o in ort4 if by.get((shape, m, o), {}).get("ms")), default=None)
-            cells = [f"{best / by[(shape, m, q)]['ms']:.2f}" if best and by.get((shape, m, q), {}).get("ms") else "n/a"
-                     for q in qc]
+            cells = [
+                f"{best / by[(shape, m, q)]['ms']:.2f}" if best and by.get((shape, m, q), {}).get("ms") else "n/a"
+                for q in qc
+            ]
             out.append(f"| {shape} | {m} | " + " | ".join(cells) + " |")
     row_notes = [f"{r['shape']} M={r['M']} {r['method']}: {r['notes']}" for r in rows if r["notes"]]
     out += ["\nNotes:"] + [f"- {s}" for s in notes + row_notes] if notes or row_notes else []
@@ -360,14 +429,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4096x4096 and 576x1536, M=1,64, fewer calls")
     ap.add_argument("--kernels", help="comma list of method (column) names to run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=None, help="also write the table into this RESULTS.md (section kernels)")
+    ap.add_argument(
+        "--results", type=Path, default=None, help="also write the table into this RESULTS.md (section kernels)"
+    )
     args = ap.parse_args()
-    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
-              else QUICK_SHAPES if args.quick else SHAPES)
+    shapes = (
+        [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        if args.shapes
+        else QUICK_SHAPES
+        if args.quick
+        else SHAPES
+    )
     ms = [int(v) for v in args.ms.split(",")] if args.ms else [1, 64] if args.quick else [1, 8, 64]
     # timed calls >= min_calls and >= min_s; slow kernels stop at max_s after min_slow calls; build_s: set-building
-    args.min_calls, args.min_s, args.max_s, args.min_slow, args.build_s = \
+    args.min_calls, args.min_s, args.max_s, args.min_slow, args.build_s = (
         (10, 0.1, 3.0, 2, 20.0) if args.quick else (20, 0.3, 10.0, 3, 60.0)
+    )
     json_path = args.json or HERE / "results" / f"kernels{'-quick' if args.quick else ''}.json"
 
     torch.set_num_threads(args.threads)
@@ -387,8 +464,10 @@ def main() -> None:
     bw, bw_bytes = read_bandwidth()
     if (bw_others := (others_cpu_s() - o0) / (time.perf_counter() - t0) / (os.cpu_count() or 1)) > 0.15:
         notes.append(f"other processes used {bw_others:.0%} of the CPU during the bandwidth test")
-    print(f"read bandwidth: {bw:.1f} GB/s (torch sum over {bw_bytes / MiB:.0f} MiB, {args.threads} threads)",
-          file=sys.stderr)
+    print(
+        f"read bandwidth: {bw:.1f} GB/s (torch sum over {bw_bytes / MiB:.0f} MiB, {args.threads} threads)",
+        file=sys.stderr,
+    )
     rows: list[dict] = []
     for n, k in (bar := tqdm([(n, k) for n, k in shapes], desc="shapes", file=sys.stderr)):
         for method in all_methods:
@@ -402,8 +481,11 @@ def main() -> None:
         b = base.get((r["shape"], r["M"]))
         r["speedup_vs_torch_fp32"] = b / r["ms"] if b and r["ms"] else None
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"machine": machine_info(args.threads, bw, bw_bytes, others), "notes": notes,
-                                     "rows": rows}, indent=1))
+    json_path.write_text(
+        json.dumps(
+            {"machine": machine_info(args.threads, bw, bw_bytes, others), "notes": notes, "rows": rows}, indent=1
+        )
+    )
     table = report(rows, [m.name for m in all_methods], bw, notes)
     print(table)
     print(f"\nwrote {json_path}", file=sys.stderr)
@@ -411,9 +493,13 @@ def main() -> None:
         from benchmarks.accuracy import write_section
 
         info = machine_info(args.threads, bw, bw_bytes, others)
-        head = (f"Command: `python {' '.join(sys.argv)}`  \nDate: {info['date']}. Machine: {info['cpu']}, {info['cores']} cores, "
-                f"{args.threads} threads; torch {info['torch']}, onnxruntime {info['onnxruntime']}. Baselines in the same run: "
-                "torch fp32 F.linear, torch._int_mm, onnxruntime MatMulNBits and int8 dynamic MatMul.\n\n")
+        head = (
+            f"Command: `python {' '.join(sys.argv)}`  \nDate: {info['date']}. Machine: {info['cpu']}, {info['cores']} "
+            "cores, "
+            f"{args.threads} threads; torch {info['torch']}, onnxruntime {info['onnxruntime']}. Baselines in the same "
+            "run: "
+            "torch fp32 F.linear, torch._int_mm, onnxruntime MatMulNBits and int8 dynamic MatMul.\n\n"
+        )
         write_section(args.results, "kernels", head + table)
 
 

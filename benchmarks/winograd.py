@@ -27,16 +27,21 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from accuracy import write_section  # noqa: E402
+
 import qcompile  # noqa: E402
 from qcompile.eval.harness import machine  # noqa: E402
 from qcompile.eval.images import fashion_mnist, imagenet_photos, top1  # noqa: E402
 from qcompile.eval.zoo import load_model  # noqa: E402
 from qcompile.quant import winograd  # noqa: E402
 from qcompile.quant.winograd_search import ConvSample, fp16_error, search  # noqa: E402
-from accuracy import write_section  # noqa: E402
 
-SETS = {2: ["integer"], 4: ["integer", "nova", "searched"], 6: ["integer", "fractional", "nova", "searched"],
-        8: ["integer", "fractional", "nova", "searched"]}
+SETS = {
+    2: ["integer"],
+    4: ["integer", "nova", "searched"],
+    6: ["integer", "fractional", "nova", "searched"],
+    8: ["integer", "fractional", "nova", "searched"],
+}
 
 
 def conv_samples(model: torch.nn.Module, x: torch.Tensor) -> list[ConvSample]:
@@ -44,10 +49,19 @@ def conv_samples(model: torch.nn.Module, x: torch.Tensor) -> list[ConvSample]:
     out: list[ConvSample] = []
     hooks = []
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3) and mod.stride == (1, 1) and mod.dilation == (1, 1):
+        if (
+            isinstance(mod, torch.nn.Conv2d)
+            and mod.kernel_size == (3, 3)
+            and mod.stride == (1, 1)
+            and mod.dilation == (1, 1)
+        ):
             if mod.groups in (1, mod.in_channels) and isinstance(mod.padding, tuple):
+
                 def hook(m, args, mod=mod):
-                    out.append(ConvSample(args[0].detach().clone(), mod.weight.detach(), tuple(mod.padding), mod.groups))
+                    out.append(
+                        ConvSample(args[0].detach().clone(), mod.weight.detach(), tuple(mod.padding), mod.groups)
+                    )
+
                 hooks.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
         model(x)
@@ -57,8 +71,10 @@ def conv_samples(model: torch.nn.Module, x: torch.Tensor) -> list[ConvSample]:
 
 
 def plan_for(m: int, name: str, fp16: bool) -> qcompile.Plan:
-    return qcompile.Plan(name=f"F({m},3) {name}{' fp16' if fp16 else ''}",
-                         passes=(qcompile.PassConfig("winograd_conv", (("m", m), ("points", name), ("fp16", fp16))),))
+    return qcompile.Plan(
+        name=f"F({m},3) {name}{' fp16' if fp16 else ''}",
+        passes=(qcompile.PassConfig("winograd_conv", (("m", m), ("points", name), ("fp16", fp16))),),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             starts = [winograd.POINT_SETS[(m, s)] for s in ("nova", "fractional") if (m, s) in winograd.POINT_SETS]
             t0 = time.perf_counter()
             res = search(m, calib, starts=starts, seed=0)
-            found[m] = {"points": [str(p) for p in res.points], "error": res.error, "evaluations": res.evaluations,
-                        "seconds": round(time.perf_counter() - t0, 1)}
+            found[m] = {
+                "points": [str(p) for p in res.points],
+                "error": res.error,
+                "evaluations": res.evaluations,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             print(f"F({m},3) searched: {found[m]}", flush=True)
     eval_fm = conv_samples(fm, xte[:256])
     eff = load_model("efficientnet-lite0").model
@@ -100,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"m": m, "set": name, "points": [str(p) for p in pts], "kappa": winograd.kappa(pts)}
             row["fmnist_layer_err"] = fp16_error(pts, m, eval_fm)
             row["eff_layer_err"] = fp16_error(pts, m, eval_eff)
-            cm = qcompile.compile(fm, plan=plan_for(m, name, True), example_inputs=(xte[:2],), dynamic_shapes=({0: batch},))
+            cm = qcompile.compile(
+                fm, plan=plan_for(m, name, True), example_inputs=(xte[:2],), dynamic_shapes=({0: batch},)
+            )
             row["fmnist_fp16_top1"] = top1(cm, xte, yte)
-            ce = qcompile.compile(eff, plan=plan_for(m, name, True), example_inputs=(photos[:2],), dynamic_shapes=({0: batch},))
+            ce = qcompile.compile(
+                eff, plan=plan_for(m, name, True), example_inputs=(photos[:2],), dynamic_shapes=({0: batch},)
+            )
             with torch.no_grad():
                 row["eff_fp16_agreement"] = float((ce(photos).argmax(-1) == eff_ref).double().mean())
             row["eff_layers"] = len(ce.report.passes[0].layers_changed)
@@ -123,12 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         "- layer error: median over layers of ‖fp16 Winograd − fp32 direct‖/‖fp32 direct‖ on each layer's real inputs "
         "(fmnist: 256 test images; EfficientNet: the photos)",
         "",
-        "| F(m,3) | points (finite; ∞ implied) | κ₂ (Vandermonde) | fmnist layer err | fmnist fp16 top-1 % | EffNet layer err | EffNet fp16 agreement % |",
+        "| F(m,3) | points (finite; ∞ implied) | κ₂ (Vandermonde) | fmnist layer err | fmnist fp16 top-1 % | EffNet "
+        "layer err | EffNet fp16 agreement % |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| F({r['m']},3) {r['set']} | {{{', '.join(r['points'])}}} | {r['kappa']:.1f} | {r['fmnist_layer_err']:.2e} | "
+            f"| F({r['m']},3) {r['set']} | {{{', '.join(r['points'])}}} | {r['kappa']:.1f} | "
+            f"{r['fmnist_layer_err']:.2e} | "
             f"{100 * r['fmnist_fp16_top1']:.2f} | {r['eff_layer_err']:.2e} | {100 * r['eff_fp16_agreement']:.1f} |"
         )
     write_section(Path(a.results), "winograd", "\n".join(lines))

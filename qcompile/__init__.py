@@ -1,9 +1,9 @@
 """qcompile: a compiler for quantized inference.
 
-    import qcompile
-    cm = qcompile.compile(model, target="cpu", plan="w8a8-rtn")
-    cm(input_ids); cm.generate(input_ids, max_new_tokens=32); cm.save("out/")
-    cm = qcompile.load("out/")
+import qcompile
+cm = qcompile.compile(model, target="cpu", plan="w8a8-rtn")
+cm(input_ids); cm.generate(input_ids, max_new_tokens=32); cm.save("out/")
+cm = qcompile.load("out/")
 """
 
 __version__ = "0.1.0"

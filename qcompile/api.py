@@ -16,8 +16,8 @@ from qcompile.ir.program import Program
 from qcompile.ir.verify import verify
 from qcompile.passes.base import PassContext
 from qcompile.passes.manager import PassManager
-from qcompile.report import CompileReport
 from qcompile.plan import Plan, get_plan
+from qcompile.report import CompileReport
 from qcompile.runtime.compiled import CompiledModule
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from qcompile.errors import QCompileError
 
@@ -29,7 +29,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for passes that calibrate (default 8; 0: none)")
+    p.add_argument(
+        "--calib-windows",
+        type=int,
+        default=8,
+        help="calibration windows for passes that calibrate (default 8; 0: none)",
+    )
     p.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
 
 
@@ -45,7 +50,9 @@ def _calibration(zm, a: argparse.Namespace):  # type: ignore[no-untyped-def]
     ids = tokenize(zm.tokenizer, read_text_file(a.calib_text))
     n = ids.numel() // a.calib_seq
     if n < 1:
-        raise DataError(f"{a.calib_text} has {ids.numel()} tokens; one calibration window needs {a.calib_seq} (--calib-seq)")
+        raise DataError(
+            f"{a.calib_text} has {ids.numel()} tokens; one calibration window needs {a.calib_seq} (--calib-seq)"
+        )
     return ids[: min(n, a.calib_windows) * a.calib_seq].view(-1, a.calib_seq)
 
 
@@ -64,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
     _add_calib_args(c)
-    c.add_argument("--calib-text", default=None, help="calibrate on this UTF-8 text file instead of the Shakespeare calibration split")
+    c.add_argument(
+        "--calib-text",
+        default=None,
+        help="calibrate on this UTF-8 text file instead of the Shakespeare calibration split",
+    )
 
     r = sub.add_parser("run", help="generate a continuation with a saved artifact")
     r.add_argument("artifact")
@@ -95,7 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print an artifact's compile report")
     rep.add_argument("artifact")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
-    rep.add_argument("--plot", default=None, metavar="PNG", help="write the per-layer sensitivity plot (assign_precision) to this PNG")
+    rep.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="write the per-layer sensitivity plot (assign_precision) to this PNG",
+    )
     return ap
 
 
@@ -110,8 +126,15 @@ def cmd_compile(a: argparse.Namespace) -> int:
     print(f"loaded {zm.name} ({type(zm.model).__name__}) in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
     cm = qcompile.compile(
-        zm.model, target=a.target, plan=plan, backend=a.backend, max_cache_len=a.max_cache_len,
-        dump_dir=a.dump_dir, tokenizer=zm.tokenizer, progress=True, calib=_calibration(zm, a),
+        zm.model,
+        target=a.target,
+        plan=plan,
+        backend=a.backend,
+        max_cache_len=a.max_cache_len,
+        dump_dir=a.dump_dir,
+        tokenizer=zm.tokenizer,
+        progress=True,
+        calib=_calibration(zm, a),
     )
     print(f"compiled with plan {plan.name!r} for {a.target} in {time.perf_counter() - t0:.1f}s", flush=True)
     print(cm.report.summary())
@@ -127,7 +150,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cm = qcompile.load(a.artifact)
-    print(f"loaded {a.artifact} (plan {cm.plan.name!r}, backend {cm.backend}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"loaded {a.artifact} (plan {cm.plan.name!r}, backend {cm.backend}) in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     if cm.tokenizer is None:
         raise QCompileError(f"{a.artifact} has no tokenizer, so it cannot run text prompts")
     ids = torch.tensor([cm.tokenizer(a.prompt).input_ids], dtype=torch.int64)
@@ -150,15 +176,31 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)
     rec = evaluate(
-        a.model, a.plan, target=a.target, text=text, windows=a.windows, seq=a.seq, gguf_file=a.gguf_file,
-        source=a.source, progress=True, calib_windows=a.calib_windows, calib_seq=a.calib_seq, backend=a.backend,
+        a.model,
+        a.plan,
+        target=a.target,
+        text=text,
+        windows=a.windows,
+        seq=a.seq,
+        gguf_file=a.gguf_file,
+        source=a.source,
+        progress=True,
+        calib_windows=a.calib_windows,
+        calib_seq=a.calib_seq,
+        backend=a.backend,
     )
     if "ppl" in rec:
-        print(f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} tokens")
+        print(
+            f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} "
+            "tokens"
+        )
     elif "top1" in rec:
         print(f"{rec['model']} / {rec['plan_name']}: top-1 {rec['top1'] * 100:.2f} % on {rec['images']} images")
     else:
-        print(f"{rec['model']} / {rec['plan_name']}: top-1 agreement with fp32 {rec['top1_agreement'] * 100:.1f} % on {rec['images']} photos")
+        print(
+            f"{rec['model']} / {rec['plan_name']}: top-1 agreement with fp32 {rec['top1_agreement'] * 100:.1f} % on "
+            f"{rec['images']} photos"
+        )
     if a.json:
         _write_json(Path(a.json), rec)
         print(f"wrote {a.json}")
@@ -185,7 +227,10 @@ def cmd_report(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
-        print(f"artifact {a.artifact}: qcompile {manifest.get('qcompile_version')}, target {manifest.get('target')}, backend {manifest.get('backend')}")
+        print(
+            f"artifact {a.artifact}: qcompile {manifest.get('qcompile_version')}, target {manifest.get('target')}, "
+            f"backend {manifest.get('backend')}"
+        )
         print(report.summary())
         for p in report.passes:  # the layers assign_precision gave high-bit activations
             high = next((k for k in p.notes if k.startswith("a") and k.endswith("_layers")), None)
@@ -196,9 +241,13 @@ def cmd_report(a: argparse.Namespace) -> int:
     if a.plot:
         from qcompile.eval.plots import plot_sensitivity
 
-        notes = next((p.notes for p in report.passes if p.name == "assign_precision" and "sensitivity" in p.notes), None)
+        notes = next(
+            (p.notes for p in report.passes if p.name == "assign_precision" and "sensitivity" in p.notes), None
+        )
         if notes is None:
-            raise QCompileError(f"{a.artifact} has no sensitivity analysis to plot (its plan does not run assign_precision)")
+            raise QCompileError(
+                f"{a.artifact} has no sensitivity analysis to plot (its plan does not run assign_precision)"
+            )
         plot_sensitivity(notes, a.plot)
         print(f"wrote {a.plot}")
     return 0
@@ -209,7 +258,9 @@ COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "report": 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return COMMANDS[a.cmd](a)
     except QCompileError as e:

@@ -19,9 +19,10 @@ import json
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import yaml
 
@@ -130,14 +131,14 @@ class Plan:
         return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         return from_plain(cls, data, "plan")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -148,7 +149,7 @@ class Plan:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Plan":
+    def from_yaml(cls, text: str) -> Plan:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -156,7 +157,7 @@ class Plan:
         return cls.from_dict(data)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Plan":
+    def from_file(cls, path: str | Path) -> Plan:
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
@@ -166,7 +167,7 @@ class Plan:
             return cls.from_json(text)
         return cls.from_yaml(text)
 
-    def with_rules(self, *rules: LayerRule) -> "Plan":
+    def with_rules(self, *rules: LayerRule) -> Plan:
         """A copy with ``rules`` appended (they override the existing ones)."""
         return dataclasses.replace(self, rules=self.rules + tuple(rules))
 
@@ -209,7 +210,9 @@ register_preset(
         description="Round-to-nearest 6-bit symmetric weights (group 128 along K) and dynamic per-token "
         "symmetric 6-bit activations; int32 accumulation per group. The RTN baseline for FlexQ.",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True),
+        weight=QuantSpec(
+            bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True
+        ),
         activation=QuantSpec(bits=6, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True),
     )
 )
@@ -218,7 +221,9 @@ register_preset(
         name="w4a16-rtn-g128",
         description="Weight-only round-to-nearest 4-bit symmetric weights, group 128 along K; fp32 activations.",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True),
+        weight=QuantSpec(
+            bits=4, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True
+        ),
     )
 )
 register_preset(
@@ -227,7 +232,9 @@ register_preset(
         description="Weight-only round-to-nearest 4-bit asymmetric (min/max, float offset) weights, "
         "group 32 along K; the grid of GGUF Q4_1.",
         passes=(PassConfig("quantize_weights"),),
-        weight=QuantSpec(bits=4, granularity=Granularity.PER_GROUP, symmetric=False, group_size=32, partial_last_group=True),
+        weight=QuantSpec(
+            bits=4, granularity=Granularity.PER_GROUP, symmetric=False, group_size=32, partial_last_group=True
+        ),
     )
 )
 
@@ -244,7 +251,8 @@ register_preset(
     Plan(
         name="w8a8-smooth",
         description="SmoothQuant: activation outliers migrated into the weights (alpha 0.5, norm->q/k/v and "
-        "norm->gate/up groups, v->o, up->down), then W8 per-channel symmetric, A8 dynamic per-token; int32 accumulation.",
+        "norm->gate/up groups, v->o, up->down), then W8 per-channel symmetric, A8 dynamic per-token; int32 "
+        "accumulation.",
         passes=(PassConfig("smooth_migration", (("alpha", 0.5), *SMOOTH_A8)), PassConfig("quantize_weights")),
         weight=W8_PER_CHANNEL,
         activation=A8_PER_TOKEN,
@@ -309,7 +317,8 @@ def _mergequant(bits: int, weight: QuantSpec) -> Plan:
         description=f"MergeQuant: static per-channel {bits}-bit activations whose steps are folded into the producing "
         "norm / linear (QSM), adaptive clipping, dimensional reconstruction of up->down; the weights absorb the "
         f"steps and are quantized to {bits} bits ({weight.granularity.value}"
-        f"{'' if weight.group_size is None else f' {weight.group_size}'}); integer GEMM, no activation scale at run time.",
+        f"{'' if weight.group_size is None else f' {weight.group_size}'}); integer GEMM, no activation scale at run "
+        "time.",
         passes=(PassConfig("fold_quant_steps"),),
         weight=weight,
         activation=_static(bits),
@@ -358,7 +367,9 @@ for _m in (4, 6, 8):
 # Activations: dynamic symmetric per token, group 128 along K (FlexQ's granularity). SmolLM2's
 # K = 576 is not a multiple of 128: the last group is shorter (partial_last_group).
 W6_G128 = QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, partial_last_group=True)
-A6_G128 = QuantSpec(bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, dynamic=True, partial_last_group=True)
+A6_G128 = QuantSpec(
+    bits=6, granularity=Granularity.PER_GROUP, symmetric=True, group_size=128, dynamic=True, partial_last_group=True
+)
 A8_G128 = dataclasses.replace(A6_G128, bits=8)
 FLEXQ_BUDGET = 1 / 7  # FlexQ's fixed rule (every down_proj at A8) is 1 of a Llama block's 7 linears
 
@@ -406,11 +417,15 @@ register_preset(
 )
 
 
-
 # ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
 def _xquant_preset(name: str, description: str, **options: Any) -> None:
     register_preset(
-        Plan(name=name, description=description, passes=(PassConfig("kv_to_xcache", tuple(options.items())),), fallback=TORCH_FALLBACK)
+        Plan(
+            name=name,
+            description=description,
+            passes=(PassConfig("kv_to_xcache", tuple(options.items())),),
+            fallback=TORCH_FALLBACK,
+        )
     )
 
 
@@ -420,13 +435,22 @@ for _b in (8, 4, 3, 2):
         f"XQuant: cache {_b}-bit quantized X (or, when K and V together are narrower than X as in GQA, the "
         "latent X·U of an offline SVD of W_k / W_v) instead of K and V; K (with RoPE) and V are rematerialized "
         "every step. Asymmetric per-token quantization, fp16 scale+offset per group of 64 channels.",
-        mode="auto", bits=_b, group_size=64, symmetric=False, granularity="per_token",
+        mode="auto",
+        bits=_b,
+        group_size=64,
+        symmetric=False,
+        granularity="per_token",
     )
     _xquant_preset(
         f"kvquant-{_b}bit",
         f"KIVI-style KV-cache quantization baseline at {_b} bits: post-RoPE K per channel (static scales "
         "calibrated on the calibration split), V per token (fp16 scale+offset per group of 64), asymmetric.",
-        mode="kv", bits=_b, group_size=64, symmetric=False, k_granularity="per_channel", v_granularity="per_token",
+        mode="kv",
+        bits=_b,
+        group_size=64,
+        symmetric=False,
+        k_granularity="per_channel",
+        v_granularity="per_token",
     )
 for _b in (4, 3, 2):
     _xquant_preset(
@@ -434,7 +458,12 @@ for _b in (4, 3, 2):
         f"XQuant-CL: per layer cache the {_b}-bit quantized difference X_l - A_(l-1) against the running "
         "reconstruction A (layer 0: X_0 itself); X_l is rebuilt as A_l = A_(l-1) + deq(code_l). Asymmetric "
         "per-token groups of 64.",
-        mode="x", bits=_b, group_size=64, symmetric=False, granularity="per_token", cross_layer=True,
+        mode="x",
+        bits=_b,
+        group_size=64,
+        symmetric=False,
+        granularity="per_token",
+        cross_layer=True,
     )
 for _b in (4, 2):
     _xquant_preset(
@@ -442,16 +471,27 @@ for _b in (4, 2):
         f"XQuant-CL on the residual stream: per layer cache the {_b}-bit quantized difference h_l - A_(l-1) of the "
         "residual stream the attention norm reads against its running reconstruction A; X_l = norm_l(A_l). "
         "Asymmetric per-token groups of 64.",
-        mode="x", bits=_b, group_size=64, symmetric=False, granularity="per_token", cross_layer=True, cl_space="residual",
+        mode="x",
+        bits=_b,
+        group_size=64,
+        symmetric=False,
+        granularity="per_token",
+        cross_layer=True,
+        cl_space="residual",
     )
 _xquant_preset(
     "xcache-2bit-pc",
     "XQuant 2-bit with static per-channel scales (calibrated on the calibration split): no per-token scale "
     "bytes, so a GQA latent cache is exactly 8x smaller than an fp16 KV cache.",
-    mode="auto", bits=2, group_size=0, symmetric=False, granularity="per_channel",
+    mode="auto",
+    bits=2,
+    group_size=0,
+    symmetric=False,
+    granularity="per_channel",
 )
 
-def get_plan(plan: "Plan | str | Path") -> Plan:
+
+def get_plan(plan: Plan | str | Path) -> Plan:
     """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
     if isinstance(plan, Plan):
         return plan
@@ -550,7 +590,9 @@ def _describe_type(tp: Any) -> str:
 
 def _dataclass_from_plain(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
-        raise PlanError(f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {data!r}")
+        raise PlanError(
+            f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

@@ -40,7 +40,7 @@ class CompileReport:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CompileReport":
+    def from_dict(cls, d: dict[str, Any]) -> CompileReport:
         passes = [PassReport(**{**p, "skipped": [tuple(s) for s in p.get("skipped", [])]}) for p in d.get("passes", [])]
         return cls(
             d.get("plan", ""),
@@ -57,22 +57,32 @@ class CompileReport:
         for p in self.passes:
             lines.append(
                 f"  {p.name:<20} {p.seconds:7.2f}s  modified={p.modified}  nodes {p.nodes_before}->{p.nodes_after} "
-                f"(+{p.nodes_added}/-{p.nodes_removed})  layers changed {len(p.layers_changed)}  skipped {len(p.skipped)}"
+                f"(+{p.nodes_added}/-{p.nodes_removed})  layers changed {len(p.layers_changed)}  skipped "
+                f"{len(p.skipped)}"
             )
             lines.extend(f"    {line}" for line in p.summary)
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         total = sum(self.weight_bytes.values())
         by = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.weight_bytes.items())
-        lines.append(f"  weights: {total / 2**20:.1f} MiB as stored ({by}); {self.packed_weight_bytes / 2**20:.1f} MiB bit-packed")
+        lines.append(
+            f"  weights: {total / 2**20:.1f} MiB as stored ({by}); {self.packed_weight_bytes / 2**20:.1f} MiB "
+            "bit-packed"
+        )
         b = self.backend
         if b.get("name"):
             lines.append(f"  backend {b['name']}: {b.get('target_description', '')}")
             if b.get("kernels"):
-                lines.append(f"    kernels: {len(b['kernels'])} distinct qcompile kernels, {sum(b['kernels'].values())} call sites")
+                lines.append(
+                    f"    kernels: {len(b['kernels'])} distinct qcompile kernels, {sum(b['kernels'].values())} call "
+                    "sites"
+                )
             for kname, c in (b.get("kernel_choices") or {}).items():
                 if "unpack_ms" in c:
-                    lines.append(f"    {kname}: unpack {c['unpack_ms']} ms vs bit-serial {c['bitserial_ms']} ms at {c['rows']} rows -> {c['chosen']}")
+                    lines.append(
+                        f"    {kname}: unpack {c['unpack_ms']} ms vs bit-serial {c['bitserial_ms']} ms at {c['rows']} "
+                        f"rows -> {c['chosen']}"
+                    )
             if b.get("build_seconds") is not None:
                 lines.append(f"    lowered in {b.get('lower_seconds')} s, built in {b.get('build_seconds')} s")
             for f in b.get("fallbacks", []):

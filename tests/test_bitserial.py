@@ -22,8 +22,12 @@ def test_plane_pair_counts():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    m=st.integers(1, 5), n=st.integers(1, 6), k=st.integers(1, 150),
-    bits=st.sampled_from([(6, 6), (8, 6), (4, 4), (2, 8)]), signed=st.booleans(), seed=st.integers(0, 10_000),
+    m=st.integers(1, 5),
+    n=st.integers(1, 6),
+    k=st.integers(1, 150),
+    bits=st.sampled_from([(6, 6), (8, 6), (4, 4), (2, 8)]),
+    signed=st.booleans(),
+    seed=st.integers(0, 10_000),
 )
 def test_bitserial_equals_integer_matmul_exactly(m, n, k, bits, signed, seed):
     a_bits, w_bits = bits

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qcompile.errors import DataError, PlanError
-from qcompile.ir.patterns import find_linears
 from qcompile.ir.calib import calib_batches, run_observed
+from qcompile.ir.patterns import find_linears
 
 
 def test_calib_batches_normalizes_and_checks():
@@ -23,7 +23,11 @@ def test_calib_batches_normalizes_and_checks():
 
 def test_observers_see_every_linear_input(tiny_llama, tiny_llama_program):
     seen: dict[str, torch.Tensor] = {}
-    obs = {m.node: (lambda n, a: seen.setdefault(n.name, a[0])) for m in find_linears(tiny_llama_program) if m.entry.name == "forward"}
+    obs = {
+        m.node: (lambda n, a: seen.setdefault(n.name, a[0]))
+        for m in find_linears(tiny_llama_program)
+        if m.entry.name == "forward"
+    }
     ids = torch.randint(0, 256, (2, 12))
     outs = run_observed(tiny_llama_program, calib_batches(ids, who="t"), obs)
     assert len(outs) == 2 and len(seen) == len(obs) == 15  # 2 layers x 7 linears + lm_head

@@ -8,7 +8,9 @@ from qcompile.cli import main
 
 def test_compile_run_report(hf_folder, tmp_path, capsys):
     out = tmp_path / "art"
-    assert main(["compile", "--model", str(hf_folder), "--plan", "w8a8-rtn", "--max-cache-len", "64", "-o", str(out)]) == 0
+    assert (
+        main(["compile", "--model", str(hf_folder), "--plan", "w8a8-rtn", "--max-cache-len", "64", "-o", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "compiled with plan 'w8a8-rtn'" in text and "quantize_weights" in text and f"saved artifact to {out}" in text
     assert main(["run", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]) == 0
@@ -38,7 +40,9 @@ def test_console_script_exit_codes_and_debug(tmp_path):
     exe = [sys.executable, "-m", "qcompile.cli"]
     r = subprocess.run([*exe, "run", str(tmp_path), "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([*exe, "--debug", "run", str(tmp_path), "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*exe, "--debug", "run", str(tmp_path), "--prompt", "x"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr and "ArtifactError" in r.stderr
 
 

@@ -44,7 +44,9 @@ def test_misordered_plans_are_refused_before_capture_naming_the_fact(monkeypatch
         raise AssertionError("capture ran before the plan was checked")
 
     monkeypatch.setattr(qcompile.api, "capture", no_capture)
-    with pytest.raises(PlanError, match=rf"pass {late!r} \(position 1\) requires {fact} \(.*\), which {culprit!r} invalidates"):
+    with pytest.raises(
+        PlanError, match=rf"pass {late!r} \(position 1\) requires {fact} \(.*\), which {culprit!r} invalidates"
+    ):
         qcompile.compile(torch.nn.Linear(4, 4), plan=_plan(*passes), calib=torch.zeros(1, 64, dtype=torch.int64))
 
 
@@ -57,14 +59,18 @@ def test_every_preset_and_the_composed_order_pass_the_check():
 def test_every_pass_declares_real_facts():
     for cls in PASSES.values():
         assert Fact.CAPTURED in cls.requires, cls.name
-        assert cls.provides and all(isinstance(f, Fact) for f in cls.requires | cls.provides | cls.invalidates), cls.name
+        assert cls.provides and all(isinstance(f, Fact) for f in cls.requires | cls.provides | cls.invalidates), (
+            cls.name
+        )
         assert cls.requires - CAPTURED_FACTS - {f for p in PASSES.values() for f in p.provides} == set(), cls.name
 
 
 def test_a_rewritten_program_is_checked_against_its_own_facts(tiny_llama):
     cm = qcompile.compile(tiny_llama, plan="w8a8-rtn", max_cache_len=32)
     assert Fact.QUANTIZED_LINEARS in cm.program.facts and Fact.FLOAT_LINEARS not in cm.program.facts
-    with pytest.raises(PlanError, match=r"requires float_linears .* no earlier pass provides.*as earlier passes left it"):
+    with pytest.raises(
+        PlanError, match=r"requires float_linears .* no earlier pass provides.*as earlier passes left it"
+    ):
         qcompile.compile(cm.program, plan="w8a8-rtn")
 
 
@@ -84,9 +90,13 @@ def test_pass_options_are_typed_by_the_plan_serializer():
     w = make_pass("winograd_conv", (("overrides", [["*.c1", 6, "best"]]),))
     assert w.overrides == (Override("*.c1", 6, "best"),)
     assert make_pass("fold_quant_steps", (("clip_grid", [1, 0.5]),)).clip_grid == (1.0, 0.5)
-    with pytest.raises(PlanError, match=r"option 'alpha': 'sometimes' is not allowed; expected a number or one of \['search', 'none'\]"):
+    with pytest.raises(
+        PlanError, match=r"option 'alpha': 'sometimes' is not allowed; expected a number or one of \['search', 'none'\]"
+    ):
         make_pass("smooth_migration", (("alpha", "sometimes"),))
-    with pytest.raises(PlanError, match=r"option 'mode': 'kq' is not allowed; allowed: \['auto', 'x', 'latent', 'kv'\]"):
+    with pytest.raises(
+        PlanError, match=r"option 'mode': 'kq' is not allowed; allowed: \['auto', 'x', 'latent', 'kv'\]"
+    ):
         make_pass("kv_to_xcache", (("mode", "kq"),))
     with pytest.raises(PlanError, match=r"option 'overrides'\[0\]: expected \[match, m, points\]"):
         make_pass("winograd_conv", (("overrides", [["*", 6]]),))

@@ -21,12 +21,21 @@ pytestmark = [
 
 
 def _kinds(cm) -> set[str]:
-    return {name.split("_")[2] for name in cm.report.backend["kernels"] if name.startswith("qc_cuda_") and "quant" not in name}
+    return {
+        name.split("_")[2]
+        for name in cm.report.backend["kernels"]
+        if name.startswith("qc_cuda_") and "quant" not in name
+    }
 
 
 @pytest.mark.parametrize(
     ("plan", "target", "kind"),
-    [("w8a8-rtn", "cuda:sm_90", "s8"), ("w6a8", "cuda:sm_86", "b1"), ("w6a8", "cuda", "u6"), ("w4a16-rtn-g32-asym", "cuda:sm_80", "f16")],
+    [
+        ("w8a8-rtn", "cuda:sm_90", "s8"),
+        ("w6a8", "cuda:sm_86", "b1"),
+        ("w6a8", "cuda", "u6"),
+        ("w4a16-rtn-g32-asym", "cuda:sm_80", "f16"),
+    ],
 )
 def test_cuda_build_uses_the_tensor_core_kernels(tiny_llama, tmp_path, plan, target, kind):
     cm = qcompile.compile(tiny_llama, target=target, plan=plan, max_cache_len=64)

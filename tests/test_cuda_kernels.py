@@ -22,7 +22,9 @@ from qcompile.codegen.tvm.kernels.cuda import (  # noqa: E402
     quant_cuda_primfunc,
 )
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: CUDA compile-only checks need the CUDA toolkit")
+needs_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc is not on PATH: CUDA compile-only checks need the CUDA toolkit"
+)
 
 # one instance of every kernel (small shapes; the code is the same at any size)
 KERNELS = {
@@ -33,7 +35,11 @@ KERNELS = {
     "b1a6": CudaLinear("b1", 64, 512, 128, 6, 128, False),
     "f16": CudaLinear("f16", 64, 256, 64, 0, 0, True, zero_term=True),
 }
-QUANTS = {"quant": CudaQuant(512, 8, 0), "quant_planes": CudaQuant(512, 8, 128, planes=True), "quant_norm_a6": CudaQuant(512, 6, 128, planes=True, norm=True)}
+QUANTS = {
+    "quant": CudaQuant(512, 8, 0),
+    "quant_planes": CudaQuant(512, 8, 128, planes=True),
+    "quant_norm_a6": CudaQuant(512, 6, 128, planes=True, norm=True),
+}
 PTX = {  # the instruction each kernel exists to use
     "s8": "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
     "u6": "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
@@ -198,7 +204,9 @@ def test_kernels_build_for_every_arch(source: str, arch: str) -> None:
     for name, instr in PTX.items():
         assert instr in entries[name], f"{name} on {arch} does not use {instr}"
     assert "b1.b1" not in entries["u6"] and "s8.s8" not in entries["b1"]
-    assert "cp.async.ca.shared.global" in entries["b1"] and "cp.async.wait_group 3" in entries["b1"]  # the staged weight ring
+    assert (
+        "cp.async.ca.shared.global" in entries["b1"] and "cp.async.wait_group 3" in entries["b1"]
+    )  # the staged weight ring
     assert "div.full" not in entries["quant"] and "div.rn.f32" in entries["quant"]  # exact division (no fast math)
     fatbin = cuda.compile_fatbin(source, arch)
     assert len(fatbin) > 1000

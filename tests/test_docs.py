@@ -18,7 +18,10 @@ def test_readme_facts_table_matches_the_passes():
     table = text.split("<!-- facts-table -->")[1].split("<!-- /facts-table -->")[0]
     rows = [_cells(r) for r in table.strip().splitlines()[2:]]
     want = [
-        [f"`{name}`", *(", ".join(sorted(f.value for f in facts)) for facts in (cls.requires, cls.provides, cls.invalidates))]
+        [
+            f"`{name}`",
+            *(", ".join(sorted(f.value for f in facts)) for facts in (cls.requires, cls.provides, cls.invalidates)),
+        ]
         for name, cls in sorted(PASSES.items())
     ]
     assert rows == want

@@ -32,7 +32,10 @@ def test_shakespeare_split_is_by_play_and_fixed():
 
 
 def test_strip_gutenberg_boilerplate():
-    raw = "The Project Gutenberg EBook of X\nblah\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nReal text.\nMore.\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicense\n"
+    raw = (
+        "The Project Gutenberg EBook of X\nblah\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nReal text.\nMore.\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicense\n"
+    )
     assert strip_gutenberg(raw) == "Real text.\nMore.\n"
     assert strip_gutenberg("plain\ntext\n") == "plain\ntext\n"
 
@@ -73,7 +76,9 @@ def test_perplexity_equals_transformers_loss_and_is_reproducible(tiny_llama, tin
     b = perplexity(cm, tokens, seq=40, windows=3)
     src = perplexity(hf_logits(tiny_llama), tokens, seq=40, windows=3)
     with torch.no_grad():
-        losses = [float(tiny_llama(input_ids=w.view(1, -1), labels=w.view(1, -1)).loss) for w in windows_of(tokens, 40, 3)]
+        losses = [
+            float(tiny_llama(input_ids=w.view(1, -1), labels=w.view(1, -1)).loss) for w in windows_of(tokens, 40, 3)
+        ]
     direct = math.exp(sum(losses) / len(losses))  # equal windows: the mean of means is the mean
     assert a.ppl == b.ppl
     assert abs(a.ppl - direct) / direct < 1e-4 and abs(src.ppl - direct) / direct < 1e-4
@@ -81,7 +86,10 @@ def test_perplexity_equals_transformers_loss_and_is_reproducible(tiny_llama, tin
 
 
 def test_unknown_zoo_name_and_bad_folders(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"unknown model 'smollm9'; zoo models: \['efficientnet-lite0', 'fmnist-vgg', 'smollm2-135m'\]"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"unknown model 'smollm9'; zoo models: \['efficientnet-lite0', 'fmnist-vgg', 'smollm2-135m'\]",
+    ):
         load_model("smollm9")
     fake = tmp_path / "fake"
     fake.mkdir()
@@ -97,12 +105,39 @@ def test_unknown_zoo_name_and_bad_folders(tmp_path):
 def test_cli_eval_on_a_text_file_writes_the_record(hf_text_folder, tmp_path, capsys):
     folder, text = hf_text_folder
     out = tmp_path / "e.json"
-    args = ["eval", "--model", str(folder), "--plan", "w8a8-rtn", "--text", str(text), "--windows", "2", "--seq", "16", "--json", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(folder),
+        "--plan",
+        "w8a8-rtn",
+        "--text",
+        str(text),
+        "--windows",
+        "2",
+        "--seq",
+        "16",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     assert "perplexity" in capsys.readouterr().out
     rec = json.loads(out.read_text())
-    for key in ("model", "plan", "target", "text_file", "text_sha256", "windows", "seq", "tokens", "ppl",
-                "weight_bytes", "cache_bytes_per_token", "wall_seconds", "qcompile_version"):
+    for key in (
+        "model",
+        "plan",
+        "target",
+        "text_file",
+        "text_sha256",
+        "windows",
+        "seq",
+        "tokens",
+        "ppl",
+        "weight_bytes",
+        "cache_bytes_per_token",
+        "wall_seconds",
+        "qcompile_version",
+    ):
         assert key in rec, key
     assert rec["plan"]["name"] == "w8a8-rtn" and rec["windows"] == 2 and rec["tokens"] == 32
     # fp32 KV cache of the tiny Llama: 2 layers x (K + V) x 2 kv heads x 16 dims x 4 bytes

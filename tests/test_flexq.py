@@ -35,8 +35,12 @@ def test_fast_6bit_unpack_matches_generic_unpack(n, k, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    m=st.integers(1, 4), n=st.integers(1, 5), groups=st.integers(1, 3), tail=st.integers(0, 127),
-    a_bits=st.sampled_from([6, 8]), seed=st.integers(0, 10_000),
+    m=st.integers(1, 4),
+    n=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    tail=st.integers(0, 127),
+    a_bits=st.sampled_from([6, 8]),
+    seed=st.integers(0, 10_000),
 )
 def test_per_group_integer_gemm_direct_and_bitserial_equal_int32_matmul(m, n, groups, tail, a_bits, seed):
     """The two reference forms of the W6A6 / W6A8 group products equal an int32 matmul exactly."""
@@ -59,8 +63,13 @@ def test_per_group_integer_gemm_direct_and_bitserial_equal_int32_matmul(m, n, gr
 
 @settings(max_examples=20, deadline=None)
 @given(
-    m=st.integers(1, 4), n=st.integers(1, 6), k=st.sampled_from([64, 128, 200, 256, 576]),
-    a_bits=st.sampled_from([6, 8]), per_group=st.booleans(), bias=st.booleans(), seed=st.integers(0, 10_000),
+    m=st.integers(1, 4),
+    n=st.integers(1, 6),
+    k=st.sampled_from([64, 128, 200, 256, 576]),
+    a_bits=st.sampled_from([6, 8]),
+    per_group=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 10_000),
 )
 def test_packed_linear_op_equals_bitserial_form_and_quant_linear(m, n, k, a_bits, per_group, bias, seed):
     g = torch.Generator().manual_seed(seed)
@@ -106,6 +115,7 @@ def test_w6a8_is_closer_to_float_than_w6a6(tiny_llama, tiny_llama_program):
 
 # ---- assign_precision --------------------------------------------------------------------------
 
+
 def _compile(program, plan, calib=None):
     return qcompile.compile(program.copy(), plan=plan, calib=calib)
 
@@ -116,8 +126,12 @@ CALIB = torch.randint(0, 256, (4, 96), generator=torch.Generator().manual_seed(1
 def _flexq(budget, unit="linears", **opts):
     base = PRESETS["w6a8-flexq"]
     return dataclasses.replace(
-        base, name=f"flexq-{budget}",
-        passes=(PassConfig("assign_precision", (("budget", budget), ("unit", unit), *opts.items())), PassConfig("quantize_weights")),
+        base,
+        name=f"flexq-{budget}",
+        passes=(
+            PassConfig("assign_precision", (("budget", budget), ("unit", unit), *opts.items())),
+            PassConfig("quantize_weights"),
+        ),
     )
 
 

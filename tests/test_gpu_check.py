@@ -15,14 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.tvm,
-    pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: the GPU check's build needs the CUDA toolkit"),
+    pytest.mark.skipif(
+        shutil.which("nvcc") is None, reason="nvcc is not on PATH: the GPU check's build needs the CUDA toolkit"
+    ),
 ]
 
 
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "dry.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--shapes", "256x512", "--models",
-           "smollm2-135m", "--arch", "sm_86", "--build-dir", str(tmp_path / "build"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_check.py"),
+        "--dry-run",
+        "--shapes",
+        "256x512",
+        "--models",
+        "smollm2-135m",
+        "--arch",
+        "sm_86",
+        "--build-dir",
+        str(tmp_path / "build"),
+        "--json",
+        str(out),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -37,6 +52,10 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_gpu_check_rejects_bad_arguments():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--shapes", "8192"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--shapes", "8192"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "--shapes" in run.stderr

@@ -178,12 +178,23 @@ def test_attention_shapes_the_kernel_does_not_cover_take_the_next_rule():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, eos_token_id=None, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=None,
+        bos_token_id=1,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     cm = qcompile.compile(model, plan="fp32", max_cache_len=16)
     ref = qcompile.compile(model, plan="fp32", max_cache_len=16, backend="torch")
-    assert not cm.report.backend["fallbacks"] and not any(k.startswith("qc_attention") for k in cm.report.backend["kernels"])
+    assert not cm.report.backend["fallbacks"] and not any(
+        k.startswith("qc_attention") for k in cm.report.backend["kernels"]
+    )
     torch.testing.assert_close(cm(ids), ref(ids), rtol=1e-4, atol=1e-5)
     assert torch.equal(cm.generate(ids, 4, eos_token_id=[]), ref.generate(ids, 4, eos_token_id=[]))

@@ -11,8 +11,15 @@ from qcompile.errors import PlanError
 from qcompile.plan import Granularity
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import AbsMaxObserver, HistogramObserver, SampleObserver, TokenStatsObserver
-from qcompile.quant.quantizer import dequantize, fake_quantize, levels, quantize, search_clip
-from qcompile.quant.quantizer import dequantize_weight_groups, quantize_weight_groups
+from qcompile.quant.quantizer import (
+    dequantize,
+    dequantize_weight_groups,
+    fake_quantize,
+    levels,
+    quantize,
+    quantize_weight_groups,
+    search_clip,
+)
 
 G = Granularity
 
@@ -53,12 +60,17 @@ def test_static_scale_equals_dynamic_when_calibrated_on_the_same_data():
 
 def test_group_size_must_divide_unless_partial_groups_allowed():
     x = torch.randn(3, 20)
-    with pytest.raises(PlanError, match=r"group_size 8 does not divide the 20 channels; divisors include \[4, 5, 10, 20\]"):
+    with pytest.raises(
+        PlanError, match=r"group_size 8 does not divide the 20 channels; divisors include \[4, 5, 10, 20\]"
+    ):
         quantize(x, 4, G.PER_GROUP, group_size=8)
     q = quantize(x, 4, G.PER_GROUP, group_size=8, partial_last_group=True)
     assert q.codes.shape == (3, 3, 8)
     codes, scale, _ = quantize_weight_groups(x, 4, 8)
-    torch.testing.assert_close(fake_quantize(x, 4, G.PER_GROUP, group_size=8, partial_last_group=True), dequantize_weight_groups(codes, scale, None, 8))
+    torch.testing.assert_close(
+        fake_quantize(x, 4, G.PER_GROUP, group_size=8, partial_last_group=True),
+        dequantize_weight_groups(codes, scale, None, 8),
+    )
     with pytest.raises(PlanError, match="bits=5 is not supported"):
         quantize(x, 5, G.PER_TENSOR)
 
@@ -114,7 +126,12 @@ def test_gptq_reduces_output_error_on_correlated_inputs(act_order):
 def test_observers():
     torch.manual_seed(3)
     xs = [torch.randn(4, 7, 10) * (i + 1) for i in range(3)]
-    am, ts, hist, samp = AbsMaxObserver(), TokenStatsObserver(), HistogramObserver(bins=64), SampleObserver(cap=20, stride=3)
+    am, ts, hist, samp = (
+        AbsMaxObserver(),
+        TokenStatsObserver(),
+        HistogramObserver(bins=64),
+        SampleObserver(cap=20, stride=3),
+    )
     for x in xs:
         for o in (am, ts, hist, samp):
             o.update(x)

@@ -106,8 +106,12 @@ from qcompile.quant.quantizer import (  # noqa: E402  (kept beside the tests tha
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(1, 12), k=st.integers(1, 80), bits=st.sampled_from([2, 3, 4, 6, 8]),
-    gs=st.sampled_from([8, 16, 32, 50]), sym=st.booleans(), seed=st.integers(0, 10_000),
+    n=st.integers(1, 12),
+    k=st.integers(1, 80),
+    bits=st.sampled_from([2, 3, 4, 6, 8]),
+    gs=st.sampled_from([8, 16, 32, 50]),
+    sym=st.booleans(),
+    seed=st.integers(0, 10_000),
 )
 def test_grouped_weight_quantizer_against_float64_oracle(n, k, bits, gs, sym, seed):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3
@@ -146,8 +150,14 @@ def test_asymmetric_g32_reproduces_a_q4_1_grid_exactly():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    m=st.integers(1, 6), n=st.integers(1, 10), k=st.integers(2, 70), wbits=st.sampled_from([2, 4, 6, 8]),
-    abits=st.sampled_from([4, 6, 8]), gs=st.sampled_from([16, 32]), sym=st.booleans(), per_group_act=st.booleans(),
+    m=st.integers(1, 6),
+    n=st.integers(1, 10),
+    k=st.integers(2, 70),
+    wbits=st.sampled_from([2, 4, 6, 8]),
+    abits=st.sampled_from([4, 6, 8]),
+    gs=st.sampled_from([16, 32]),
+    sym=st.booleans(),
+    per_group_act=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_quant_linear_integer_path_matches_int64_oracle(m, n, k, wbits, abits, gs, sym, per_group_act, seed):

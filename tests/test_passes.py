@@ -149,7 +149,9 @@ def test_dump_dir_has_the_graph_after_each_pass(tmp_path):
 
 def test_unsupported_combination_is_a_plan_error():
     plan = PRESETS["w8a8-rtn"].with_rules(LayerRule("*", weight=qcompile.QuantSpec(4, qcompile.Granularity.PER_TENSOR)))
-    with pytest.raises(PassError, match="weight granularity 'per_tensor' is not supported; supported: weights: 2-8 bits"):
+    with pytest.raises(
+        PassError, match="weight granularity 'per_tensor' is not supported; supported: weights: 2-8 bits"
+    ):
         qcompile.compile(_mlp(), plan=plan, example_inputs=(torch.randn(2, 16),))
 
 
@@ -161,13 +163,16 @@ def test_pass_context_is_plain_data():
 def test_group_size_must_divide_channels_unless_partial_groups_allowed(tiny_llama):
     import qcompile
     from qcompile.errors import PassError
-    from qcompile.plan import Granularity, Plan, PassConfig, QuantSpec
+    from qcompile.plan import Granularity, PassConfig, Plan, QuantSpec
 
     def plan(partial: bool) -> Plan:
         w = QuantSpec(4, Granularity.PER_GROUP, group_size=48, partial_last_group=partial)
         return Plan(name="g48", passes=(PassConfig("quantize_weights"),), weight=w)
 
-    with pytest.raises(PassError, match=r"group_size 48 does not divide its 64 input channels; use a divisor \(e.g. \[8, 16, 32, 64\]\)"):
+    with pytest.raises(
+        PassError,
+        match=r"group_size 48 does not divide its 64 input channels; use a divisor \(e.g. \[8, 16, 32, 64\]\)",
+    ):
         qcompile.compile(tiny_llama, plan=plan(False), lm_entries=("forward",), max_cache_len=64)
     cm = qcompile.compile(tiny_llama, plan=plan(True), lm_entries=("forward",), max_cache_len=64)
     assert cm(torch.randint(0, 256, (1, 8))).isfinite().all()

@@ -25,14 +25,20 @@ def quant_specs():
 
 
 globs = st.text(alphabet="abcxyz_.*?0123", min_size=1, max_size=12)
-scalars = st.one_of(st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False, width=32), st.text(max_size=5), st.booleans())
+scalars = st.one_of(
+    st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False, width=32), st.text(max_size=5), st.booleans()
+)
 
 plans = st.builds(
     Plan,
     name=st.text(min_size=1, max_size=10),
     description=st.text(max_size=20),
     passes=st.lists(
-        st.builds(PassConfig, st.sampled_from(["quantize_weights", "x"]), st.lists(st.tuples(st.sampled_from(["a", "b"]), scalars), unique_by=lambda t: t[0]).map(tuple)),
+        st.builds(
+            PassConfig,
+            st.sampled_from(["quantize_weights", "x"]),
+            st.lists(st.tuples(st.sampled_from(["a", "b"]), scalars), unique_by=lambda t: t[0]).map(tuple),
+        ),
         max_size=3,
     ).map(tuple),
     weight=st.none() | quant_specs(),

@@ -11,7 +11,6 @@ import qcompile
 from qcompile.errors import DataError, PassError
 from qcompile.ir.patterns import find_scale_groups
 from qcompile.plan import PRESETS, Granularity, PassConfig, Plan, QuantSpec
-
 from tests.conftest import make_tiny_llama
 
 CALIB = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
@@ -73,7 +72,10 @@ def test_smoothing_without_quantization_keeps_the_function(outlier_llama, alpha)
 def test_alpha_none_is_plain_rtn(outlier_llama):
     """The issue's "α = 0 equals plain RTN": with s_j = max|X_j|^α / max|W_j|^(1−α), α = 0 gives
     s_j = 1/max|W_j|, not 1. The identity (s ≡ 1) is ``alpha: none``, also a candidate of the search."""
-    smooth = dataclasses.replace(PRESETS["w8a8-smooth"], passes=(PassConfig("smooth_migration", (("alpha", "none"),)), PassConfig("quantize_weights")))
+    smooth = dataclasses.replace(
+        PRESETS["w8a8-smooth"],
+        passes=(PassConfig("smooth_migration", (("alpha", "none"),)), PassConfig("quantize_weights")),
+    )
     a, b = _compile(outlier_llama, smooth), _compile(outlier_llama, "w8a8-rtn")
     assert torch.equal(a(IDS), b(IDS))
     assert not a.report.passes[0].modified
@@ -82,20 +84,27 @@ def test_alpha_none_is_plain_rtn(outlier_llama):
 def test_smoothing_reduces_w8a8_error_on_outlier_activations(outlier_llama):
     with torch.no_grad():
         ref = outlier_llama(IDS).logits
-    err = {p: float((_compile(outlier_llama, p)(IDS) - ref).pow(2).mean()) for p in ("w8a8-rtn", "w8a8-smooth", "w8a8-smoothquant+")}
+    err = {
+        p: float((_compile(outlier_llama, p)(IDS) - ref).pow(2).mean())
+        for p in ("w8a8-rtn", "w8a8-smooth", "w8a8-smoothquant+")
+    }
     assert err["w8a8-smooth"] < err["w8a8-rtn"] and err["w8a8-smoothquant+"] < err["w8a8-rtn"]
 
 
 def test_gptq_beats_rtn_at_w4_through_compile(outlier_llama):
     with torch.no_grad():
         ref = outlier_llama(IDS).logits
-    err = {p: float((_compile(outlier_llama, p)(IDS) - ref).pow(2).mean()) for p in ("w4a16-rtn-g128", "w4a16-gptq-g128")}
+    err = {
+        p: float((_compile(outlier_llama, p)(IDS) - ref).pow(2).mean()) for p in ("w4a16-rtn-g128", "w4a16-gptq-g128")
+    }
     assert err["w4a16-gptq-g128"] < err["w4a16-rtn-g128"]
 
 
 def _count(cm, *names: str) -> int:
     return sum(
-        1 for e in cm.program.entries.values() for n in e.graph.graph.nodes
+        1
+        for e in cm.program.entries.values()
+        for n in e.graph.graph.nodes
         if n.op == "call_function" and any(str(n.target).startswith(f"qcompile.{x}") for x in names)
     )
 
@@ -119,7 +128,10 @@ def test_folded_steps_equal_the_unfolded_static_graph(outlier_llama):
 def test_mergequant_beats_static_per_tensor(outlier_llama):
     with torch.no_grad():
         ref = outlier_llama(IDS).logits
-    err = {p: float((_compile(outlier_llama, p)(IDS) - ref).pow(2).mean()) for p in ("w4a4-static-per-tensor", "w4a4-mergequant")}
+    err = {
+        p: float((_compile(outlier_llama, p)(IDS) - ref).pow(2).mean())
+        for p in ("w4a4-static-per-tensor", "w4a4-mergequant")
+    }
     assert err["w4a4-mergequant"] < err["w4a4-static-per-tensor"]
 
 
@@ -144,4 +156,6 @@ def test_bad_calibration_and_plans(outlier_llama):
     with pytest.raises(PassError, match="group_size 48 does not divide its 64 input channels"):
         _compile(outlier_llama, g48)
     with pytest.raises(qcompile.PlanError, match=r"alpha must be in \[0, 1\], got 1.5"):
-        qcompile.compile(outlier_llama, plan=Plan(name="x", passes=(PassConfig("smooth_migration", (("alpha", 1.5),)),)))
+        qcompile.compile(
+            outlier_llama, plan=Plan(name="x", passes=(PassConfig("smooth_migration", (("alpha", 1.5),)),))
+        )

@@ -101,11 +101,16 @@ class _Static(torch.nn.Module):
 
 def test_unconverted_op_names_the_op_and_node_and_falls_back_when_asked():
     m, x = _Static().eval(), (torch.randn(3, 16),)
-    with pytest.raises(LoweringError, match=r"node 'quantize_static' \(qcompile.quantize_static.default\).*fallback: torch"):
+    with pytest.raises(
+        LoweringError, match=r"node 'quantize_static' \(qcompile.quantize_static.default\).*fallback: torch"
+    ):
         qcompile.compile(m, plan="fp32", example_inputs=x)
     plan = Plan.from_dict({**get_plan("fp32").to_dict(), "fallback": "torch"})
     cm = qcompile.compile(m, plan=plan, example_inputs=x)
     ref = qcompile.compile(m, plan="fp32", example_inputs=x, backend="torch")
     torch.testing.assert_close(cm(*x), ref(*x), rtol=1e-5, atol=1e-6)
-    assert {f.split(" ")[0] for f in cm.report.backend["fallbacks"]} == {"forward:quantize_static", "forward:dequantize_static"}
+    assert {f.split(" ")[0] for f in cm.report.backend["fallbacks"]} == {
+        "forward:quantize_static",
+        "forward:dequantize_static",
+    }
     assert "fallback to torch" in cm.report.summary()

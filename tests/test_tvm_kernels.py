@@ -11,7 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcompile.ops  # noqa: F401  (registers the reference ops)
-from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows, linear_primfunc, pack_groups, pack_weight, padded, quant_rows_primfunc
+from qcompile.codegen.tvm.kernels.linear import (
+    LinearKernel,
+    QuantRows,
+    linear_primfunc,
+    pack_groups,
+    pack_weight,
+    padded,
+    quant_rows_primfunc,
+)
 from qcompile.codegen.tvm.target import host_target
 from qcompile.ops.linear import exact_block_products
 from qcompile.quant.quantizer import num_groups, quantize_activation_groups, quantize_weight_groups
@@ -55,13 +63,24 @@ def test_integer_linear_accumulators_are_exact(m, n, k, wfmt, act_bits, grouping
     ones_w = torch.ones(n, groups)
     sx = torch.ones(m, groups if act_group else 1)
     qxp = torch.nn.functional.pad(qx, (0, k_p - k)).to(torch.int8)
-    (y,) = _run(linear_primfunc(spec), [qxp, sx, *pack_weight(spec, codes), pack_groups(spec, ones_w)], [((m, n_p), "float32")])
-    ref = exact_block_products(qxp.view(m, groups, group).to(torch.int32), torch.nn.functional.pad(codes, (0, k_p - k)).view(n, groups, group))
+    (y,) = _run(
+        linear_primfunc(spec), [qxp, sx, *pack_weight(spec, codes), pack_groups(spec, ones_w)], [((m, n_p), "float32")]
+    )
+    ref = exact_block_products(
+        qxp.view(m, groups, group).to(torch.int32), torch.nn.functional.pad(codes, (0, k_p - k)).view(n, groups, group)
+    )
     assert torch.equal(y[:, :n].to(torch.int64), ref.to(torch.int64).sum(-1)), "int32 accumulators differ"
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-@given(m=st.integers(1, 4), groups=st.integers(1, 4), bits=st.sampled_from([8, 6]), per_group=st.booleans(), seed=st.integers(0, 2**16), zero_row=st.booleans())
+@given(
+    m=st.integers(1, 4),
+    groups=st.integers(1, 4),
+    bits=st.sampled_from([8, 6]),
+    per_group=st.booleans(),
+    seed=st.integers(0, 2**16),
+    zero_row=st.booleans(),
+)
 def test_activation_quantization_matches_the_reference_exactly(m, groups, bits, per_group, seed, zero_row):
     k = 32 * groups
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 3
@@ -86,7 +105,13 @@ def test_w4a16_kernel_matches_quant_linear(symmetric, m):
     zero = 8 if symmetric else 0
     spec = LinearKernel(n_p, k_p, "u4", group, 0, 0, True, True, m)
     c = (offset if offset is not None else 0) - zero * scale
-    inputs = [torch.nn.functional.pad(x, (0, k_p - k)), *pack_weight(spec, codes, zero), pack_groups(spec, scale), pack_groups(spec, c), torch.nn.functional.pad(bias, (0, n_p - n))]
+    inputs = [
+        torch.nn.functional.pad(x, (0, k_p - k)),
+        *pack_weight(spec, codes, zero),
+        pack_groups(spec, scale),
+        pack_groups(spec, c),
+        torch.nn.functional.pad(bias, (0, n_p - n)),
+    ]
     (y,) = _run(linear_primfunc(spec), inputs, [((m, n_p), "float32")])
     torch.testing.assert_close(y[:, :n], ref, rtol=1e-5, atol=1e-4)
 
@@ -97,7 +122,11 @@ def test_f32_kernel_matches_linear():
     w, x = torch.randn(n, k), torch.randn(m, k)
     n_p, k_p, group = padded(n, k, k)
     spec = LinearKernel(n_p, k_p, "f32", group, 0, 0, False, False, None)
-    (y,) = _run(linear_primfunc(spec), [torch.nn.functional.pad(x, (0, k_p - k)), *pack_weight(spec, w)], [((m, n_p), "float32")])
+    (y,) = _run(
+        linear_primfunc(spec),
+        [torch.nn.functional.pad(x, (0, k_p - k)), *pack_weight(spec, w)],
+        [((m, n_p), "float32")],
+    )
     torch.testing.assert_close(y[:, :n], x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
@@ -111,10 +140,23 @@ def test_bad_kernel_specs_are_rejected():
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(m=st.integers(1, 3), nblocks=st.integers(1, 3), groups=st.integers(1, 2), a_bits=st.sampled_from([6, 8]), per_group=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 3),
+    nblocks=st.integers(1, 3),
+    groups=st.integers(1, 2),
+    a_bits=st.sampled_from([6, 8]),
+    per_group=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_bitserial_kernel_accumulators_are_exact(m, nblocks, groups, a_bits, per_group, seed):
     """Σ 2^(i+j)·popcount(a_i AND w_j) with the sign planes negated equals the integer product."""
-    from qcompile.codegen.tvm.kernels.bitserial import NBB, BitSerial, act_planes_primfunc, bitserial_primfunc, pack_weight_planes
+    from qcompile.codegen.tvm.kernels.bitserial import (
+        NBB,
+        BitSerial,
+        act_planes_primfunc,
+        bitserial_primfunc,
+        pack_weight_planes,
+    )
 
     g = torch.Generator().manual_seed(seed)
     n, k = NBB * nblocks, 128 * groups
@@ -124,6 +166,10 @@ def test_bitserial_kernel_accumulators_are_exact(m, nblocks, groups, a_bits, per
     spec = BitSerial(n, k, 128, 6, a_bits, 128 if per_group else 0, m)
     (planes,) = _run(act_planes_primfunc(spec), [qx], [((a_bits, m, k // 32), "int32")])
     sx = torch.ones(m, groups if per_group else 1)
-    (y,) = _run(bitserial_primfunc(spec), [planes, sx, pack_weight_planes(spec, codes), torch.ones(n // NBB, groups, NBB)], [((m, n), "float32")])
+    (y,) = _run(
+        bitserial_primfunc(spec),
+        [planes, sx, pack_weight_planes(spec, codes), torch.ones(n // NBB, groups, NBB)],
+        [((m, n), "float32")],
+    )
     ref = exact_block_products(qx.view(m, groups, 128).to(torch.int32), codes.view(n, groups, 128)).sum(-1)
     assert torch.equal(y.to(torch.int64), ref.to(torch.int64))

@@ -12,7 +12,14 @@ from qcompile.quant.winograd import POINT_SETS, kappa, transforms, verify
 
 @pytest.mark.parametrize(
     "m,name,want",
-    [(4, "integer", 42.5), (4, "nova", 14.5), (6, "integer", 2074.5), (6, "nova", 76.6), (8, "integer", 196_900), (8, "nova", 474.1)],
+    [
+        (4, "integer", 42.5),
+        (4, "nova", 14.5),
+        (6, "integer", 2074.5),
+        (6, "nova", 76.6),
+        (8, "integer", 196_900),
+        (8, "nova", 474.1),
+    ],
 )
 def test_kappa_of_the_finite_point_vandermonde_matrices(m, name, want):
     assert abs(kappa(POINT_SETS[(m, name)]) - want) <= max(0.05, 1e-3 * want)  # papers print one decimal
@@ -45,7 +52,9 @@ def test_bad_point_sets_are_clear_errors():
 
 def _run(m, pts, x, w, b, pad, fp16=False):
     AT, G, BT = (torch.tensor(a) for a in transforms(pts, m).as_arrays())
-    return torch.ops.qcompile.winograd_conv2d(x, winograd.transform_weight(w, G), AT.float(), BT.float(), b, m, list(pad), fp16)
+    return torch.ops.qcompile.winograd_conv2d(
+        x, winograd.transform_weight(w, G), AT.float(), BT.float(), b, m, list(pad), fp16
+    )
 
 
 # F(8,3) misses 1e-4 in fp32 with every point set (seen over 12 seeds: integer 1.8e-2..4.3e-2, fractional
@@ -127,10 +136,14 @@ def test_naming_an_ineligible_layer_or_a_bad_point_set_is_an_error():
     with pytest.raises(PassError, match="layer 'c1' was named in the plan but its kernel is 1x1, not 3x3"):
         qcompile.compile(model, plan=plan, example_inputs=(x,))
     plan = Plan(passes=(PassConfig("winograd_conv", (("points", "0,1,1,2,-2"),)),))
-    with pytest.raises(PlanError, match=r"points '0,1,1,2,-2' for F\(4,3\): interpolation points must be distinct; duplicated: \['1'\]"):
+    with pytest.raises(
+        PlanError, match=r"points '0,1,1,2,-2' for F\(4,3\): interpolation points must be distinct; duplicated: \['1'\]"
+    ):
         qcompile.compile(model, plan=plan, example_inputs=(x,))
     with pytest.raises(PlanError, match=r"no point set 'nova' for F\(2,3\)"):
-        qcompile.compile(model, plan=Plan(passes=(PassConfig("winograd_conv", (("m", 2), ("points", "nova"))),)), example_inputs=(x,))
+        qcompile.compile(
+            model, plan=Plan(passes=(PassConfig("winograd_conv", (("m", 2), ("points", "nova"))),)), example_inputs=(x,)
+        )
     with pytest.raises(PlanError, match="m must be in"):
         qcompile.compile(model, plan=Plan(passes=(PassConfig("winograd_conv", (("m", 12),)),)), example_inputs=(x,))
 
@@ -164,11 +177,17 @@ def test_point_search_is_verified_deterministic_and_never_worse_than_its_starts(
 
 def test_per_layer_overrides_pick_tile_and_points():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1)
+    ).eval()
     x = torch.randn(1, 3, 10, 10)
     opts = (("m", 4), ("points", "nova"), ("overrides", (("2", 6, "0,1/2,-1/2,1,-1,2,-2"),)))
     cm = qcompile.compile(model, plan=Plan(passes=(PassConfig("winograd_conv", opts),)), example_inputs=(x,))
-    ops = {n.meta["qcompile_path"]: n for _, n in cm.program.nodes() if n.target == torch.ops.qcompile.winograd_conv2d.default}
+    ops = {
+        n.meta["qcompile_path"]: n
+        for _, n in cm.program.nodes()
+        if n.target == torch.ops.qcompile.winograd_conv2d.default
+    }
     assert ops["0"].args[5] == 4 and ops["2"].args[5] == 6
     entry = cm.program.entries["forward"]
     bt = cm.program.state[entry.slot_of(ops["2"].args[3]).name]

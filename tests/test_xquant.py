@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import qcompile
 from qcompile.errors import PassError, PlanError
-from qcompile.quant.spec import BITS
 from qcompile.plan import PassConfig, Plan
+from qcompile.quant.spec import BITS
 
 MAX_LEN = 72
 
@@ -105,8 +105,11 @@ def test_quantized_cache_changes_logits_and_cl_drift_is_bounded(tiny_llama, kv_m
     text = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(5))
     ref = kv_model(text)
     err = {}
-    for name, opts in {"x8": dict(mode="x", bits=8, group_size=16), "x2": dict(mode="x", bits=2, group_size=16),
-                       "cl8": dict(mode="x", bits=8, group_size=16, cross_layer=True)}.items():
+    for name, opts in {
+        "x8": dict(mode="x", bits=8, group_size=16),
+        "x2": dict(mode="x", bits=2, group_size=16),
+        "cl8": dict(mode="x", bits=8, group_size=16, cross_layer=True),
+    }.items():
         err[name] = float((_compiled(tiny_llama, **opts)(text) - ref).abs().max() / ref.abs().max())
     assert 0 < err["x8"] < err["x2"]
     assert err["cl8"] < 10 * err["x8"] + 1e-3  # closed-loop differences: CL error stays at the per-layer level

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from qcompile.codegen.base import Backend, BuiltEntry
 from qcompile.codegen.target import TARGETS, Target, parse_target, target_kind
@@ -44,7 +44,9 @@ def get_backend(name: str | None, target: str | Target) -> Backend:
     if name not in BACKENDS:
         raise QCompileError(f"unknown backend {name!r}; backends: {sorted(BACKENDS)}")
     if kind not in BACKEND_TARGETS[name]:
-        raise QCompileError(f"backend {name!r} does not support target {kind!r} (it supports {list(BACKEND_TARGETS[name])})")
+        raise QCompileError(
+            f"backend {name!r} does not support target {kind!r} (it supports {list(BACKEND_TARGETS[name])})"
+        )
     return BACKENDS[name]()
 
 

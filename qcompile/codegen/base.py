@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -22,8 +23,9 @@ class Backend(abc.ABC):
     info: dict[str, object]  # what the build did (target, kernels, fallbacks, timings), for the report
 
     @abc.abstractmethod
-    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
-              artifact: Path | None = None) -> dict[str, BuiltEntry]:
+    def build(
+        self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
+    ) -> dict[str, BuiltEntry]:
         """One callable per entry of ``program``, for ``target`` (parsed by
         :func:`qcompile.codegen.target.parse_target`). ``allow_fallback``: nodes the backend cannot lower
         run with torch (listed in ``info``). ``artifact``: a directory :meth:`save` wrote, to load

@@ -204,5 +204,12 @@ def parse_target(target: str, plan_arch: str | None = None) -> Target:
 
 
 __all__ = [
-    "ARCHS", "ArchConflictError", "CpuTarget", "CudaTarget", "CudaTargetError", "Target", "TargetError", "parse_target",
+    "ARCHS",
+    "ArchConflictError",
+    "CpuTarget",
+    "CudaTarget",
+    "CudaTargetError",
+    "Target",
+    "TargetError",
+    "parse_target",
 ]

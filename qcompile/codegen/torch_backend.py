@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -20,8 +21,9 @@ class TorchBackend(Backend):
     def __init__(self) -> None:
         self.info: dict[str, object] = {}
 
-    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
-              artifact: Path | None = None) -> dict[str, BuiltEntry]:
+    def build(
+        self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
+    ) -> dict[str, BuiltEntry]:
         return {name: _runner(entry.graph) for name, entry in program.entries.items()}
 
 

@@ -83,7 +83,7 @@ def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{p} is not valid {encoding} (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+            f"{p} is not valid {encoding} (byte {e.start}: {data[e.start : e.start + 1]!r}); "
             "convert it to UTF-8 or pass the right --encoding (e.g. latin-1)"
         ) from None
     except LookupError:

@@ -37,8 +37,12 @@ class FmnistVGG(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            *block(1, 32),
+            *block(32, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            *block(64, 64),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -84,7 +88,6 @@ def train(progress: bool = True) -> tuple[FmnistVGG, float]:
 def load(cache: Path, progress: bool = True) -> tuple[FmnistVGG, dict]:
     """The cached model (trained on first use); returns (model, record with test top-1)."""
     from safetensors.torch import load_file, save_file
-
 
     folder = cache / "models" / f"fmnist-vgg-v{RECIPE_VERSION}"
     record_path = folder / "record.json"

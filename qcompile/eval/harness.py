@@ -38,7 +38,10 @@ class TextSource:
 
     def describe(self) -> dict[str, Any]:
         if self.path:
-            return {"text_file": str(self.path), "text_sha256": hashlib.sha256(Path(self.path).read_bytes()).hexdigest()}
+            return {
+                "text_file": str(self.path),
+                "text_sha256": hashlib.sha256(Path(self.path).read_bytes()).hexdigest(),
+            }
         return {"dataset": f"{self.dataset}:{self.split}"}
 
     def tokens(self, tokenizer: Any) -> torch.Tensor:
@@ -100,7 +103,9 @@ def evaluate(
     }
     if zm.kind == "causal_lm":
         calib = CalibSpec(calib_windows, calib_seq)
-        record.update(_eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend))
+        record.update(
+            _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend)
+        )
     elif zm.name == "fmnist-vgg":
         record.update(_eval_fmnist(zm, the_plan, target, source))
     elif zm.name == "efficientnet-lite0":
@@ -128,7 +133,14 @@ class CalibSpec:
 
 
 def _eval_lm(
-    zm: ZooModel, plan: Any, target: str, text: TextSource, windows: int | None, seq: int, source: bool, progress: bool,
+    zm: ZooModel,
+    plan: Any,
+    target: str,
+    text: TextSource,
+    windows: int | None,
+    seq: int,
+    source: bool,
+    progress: bool,
     calib: CalibSpec = CalibSpec(),
     backend: str | None = None,
 ) -> dict[str, Any]:
@@ -146,7 +158,13 @@ def _eval_lm(
 
         ctoks = calibration_tokens(zm.tokenizer, calib.windows, calib.seq)
         cm = qcompile.compile(
-            zm.model, target=target, plan=plan, max_cache_len=seq, lm_entries=("forward", "decode"), progress=progress, calib=ctoks,
+            zm.model,
+            target=target,
+            plan=plan,
+            max_cache_len=seq,
+            lm_entries=("forward", "decode"),
+            progress=progress,
+            calib=ctoks,
             backend=backend,
         )
         fn = cm
@@ -162,7 +180,9 @@ def _eval_lm(
         "ppl": res.ppl,
         "nll": res.nll,
         "eval_seconds": round(res.seconds, 2),
-        "calibration": None if source else {"split": "shakespeare calibration", "windows": calib.windows, "seq": calib.seq},
+        "calibration": None
+        if source
+        else {"split": "shakespeare calibration", "windows": calib.windows, "seq": calib.seq},
         "cache_bytes_per_token": cache,
         "fp16_kv_cache_bytes_per_token": kv16,
         "cache_saving_vs_fp16_kv": round(kv16 / cache, 3) if cache and kv16 else None,
@@ -190,7 +210,13 @@ def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str
     cm = None if source else _image_module(zm, plan, target, 1, 28)
     t0 = time.perf_counter()
     acc = top1(zm.model if source else cm, x, y, IMAGE_BATCH)
-    return {"dataset": "fashion-mnist:test", "images": len(x), "top1": acc, "eval_seconds": round(time.perf_counter() - t0, 2), **_weights(cm, zm.model, source)}
+    return {
+        "dataset": "fashion-mnist:test",
+        "images": len(x),
+        "top1": acc,
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+        **_weights(cm, zm.model, source),
+    }
 
 
 def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:

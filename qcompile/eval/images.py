@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,12 +23,39 @@ from qcompile.errors import DataError, ModelNotFoundError
 FMNIST_DIR = Path(os.environ.get("QCOMPILE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FMNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FMNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 PHOTOS = (
-    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png",
-    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png", "moon.png",
-    "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "microaneurysms.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "page.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
 )
 
 
@@ -59,7 +86,9 @@ def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images.unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
-def top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+def top1(
+    predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor, batch: int = 500
+) -> float:
     """Top-1 accuracy of ``predict`` (logits) on ``images``."""
     correct = 0
     with torch.no_grad():

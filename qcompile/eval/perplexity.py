@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -43,12 +43,15 @@ def windows_of(tokens: torch.Tensor, seq: int, windows: int | None) -> torch.Ten
     if windows > available:
         raise DataError(
             f"the text has {tokens.numel()} tokens, too few for {windows} windows of {seq} "
-            f"(needs {windows * seq}); at most {available} window(s) fit — use fewer --windows, a shorter --seq or a longer text"
+            f"(needs {windows * seq}); at most {available} window(s) fit — use fewer --windows, a shorter --seq or a "
+            "longer text"
         )
     return tokens[: windows * seq].view(windows, seq)
 
 
-def perplexity(logits_fn: Logits, tokens: torch.Tensor, seq: int = 512, windows: int | None = None, progress: bool = False) -> PerplexityResult:
+def perplexity(
+    logits_fn: Logits, tokens: torch.Tensor, seq: int = 512, windows: int | None = None, progress: bool = False
+) -> PerplexityResult:
     """Perplexity of ``logits_fn`` (``[1, seq] int64 -> [1, seq, vocab]``) on ``tokens``."""
     from tqdm import tqdm
 

@@ -22,10 +22,16 @@ def plot_sensitivity(notes: dict[str, Any], path: str, title: str = "") -> None:
     ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_xlabel("linear layer (graph order)")
     ax.set_ylabel(f"sensitivity ({notes.get('metric', '')}: est. loss increase / token)")
-    ax.set_title(title or f"A{high} (red) for {sum(c == 'tab:red' for c in colors)} of {len(rows)} linears, budget {notes.get('budget'):.3g} of {notes.get('unit')}")
+    ax.set_title(
+        title
+        or f"A{high} (red) for {sum(c == 'tab:red' for c in colors)} of {len(rows)} linears, "
+        f"budget {notes.get('budget'):.3g} of {notes.get('unit')}"
+    )
     step = max(1, len(rows) // 30)
     ax.set_xticks(range(0, len(rows), step))
-    ax.set_xticklabels([rows[i]["path"].removeprefix("model.") for i in range(0, len(rows), step)], rotation=90, fontsize=6)
+    ax.set_xticklabels(
+        [rows[i]["path"].removeprefix("model.") for i in range(0, len(rows), step)], rotation=90, fontsize=6
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

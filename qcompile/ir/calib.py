@@ -10,7 +10,8 @@ this module.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -33,11 +34,16 @@ def calib_batches(calib: Any, *, who: str, min_tokens: int = 1) -> list[torch.Te
         )
     items = [calib] if isinstance(calib, torch.Tensor) else list(calib) if isinstance(calib, (list, tuple)) else None
     if not items:
-        raise DataError(f"{who}: calibration data must be a token tensor [B, T] or a non-empty list of them, got {type(calib).__name__}")
+        raise DataError(
+            f"{who}: calibration data must be a token tensor [B, T] or a non-empty list of them, got "
+            f"{type(calib).__name__}"
+        )
     batches = []
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() not in (1, 2):
-            raise DataError(f"{who}: calibration item {i} must be an integer token tensor [B, T] or [T], got {_describe(t)}")
+            raise DataError(
+                f"{who}: calibration item {i} must be an integer token tensor [B, T] or [T], got {_describe(t)}"
+            )
         batches.append((t if t.dim() == 2 else t[None]).to(torch.int64))
     total = sum(b.numel() for b in batches)
     if total < min_tokens:
@@ -49,7 +55,9 @@ def _describe(t: Any) -> str:
     return f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def entry_args(program: Program, entry_name: str, user: list[torch.Tensor], cache: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def entry_args(
+    program: Program, entry_name: str, user: list[torch.Tensor], cache: Mapping[str, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Flat placeholder values of ``entry_name``: state tensors, cache tensors, then ``user``."""
     entry = program.entries[entry_name]
     it = iter(user)
@@ -171,5 +179,7 @@ def observe_linear_inputs(
 
         return fn
 
-    run_observed(program, batches, {nodes[k]: observer(k) for k in weight_keys}, entry=entry, progress=progress, desc=desc)
+    run_observed(
+        program, batches, {nodes[k]: observer(k) for k in weight_keys}, entry=entry, progress=progress, desc=desc
+    )
     return obs

@@ -23,7 +23,8 @@ import json
 import logging
 import os
 import traceback
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -287,7 +288,9 @@ def _canonical_names(ep: ExportedProgram, strip: str, entry: str) -> dict[int, s
     return names
 
 
-def _entry_from_export(prog: Program, name: str, ep: ExportedProgram, strip: str, examples: list[torch.Tensor]) -> Entry:
+def _entry_from_export(
+    prog: Program, name: str, ep: ExportedProgram, strip: str, examples: list[torch.Tensor]
+) -> Entry:
     gm = ep.graph_module
     mutated = _mutated_placeholders(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -329,9 +332,7 @@ def _entry_from_export(prog: Program, name: str, ep: ExportedProgram, strip: str
     try:
         out_spec = pytree.treespec_dumps(ep.call_spec.out_spec)
     except Exception as e:
-        raise CaptureError(
-            f"{name}: the model's outputs must be tensors or tuples/lists/dicts of tensors ({e})"
-        ) from e
+        raise CaptureError(f"{name}: the model's outputs must be tensors or tuples/lists/dicts of tensors ({e})") from e
     return Entry(name, gm, slots, user_specs, [t.detach().clone() for t in _flat(examples)], dims, out_spec)
 
 

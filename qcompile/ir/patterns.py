@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -166,7 +166,9 @@ def _attention_value_producer(x: fx.Node, bindings: dict[fx.Node, Slot]) -> tupl
     return v, wkey, head_dim
 
 
-def find_scale_groups(program: Program, *, norms: bool = True, value_out: bool = False, up_down: bool = False) -> list[ScaleGroup]:
+def find_scale_groups(
+    program: Program, *, norms: bool = True, value_out: bool = False, up_down: bool = False
+) -> list[ScaleGroup]:
     """Every group of linears whose input can absorb a per-channel scale (see :class:`ScaleGroup`).
 
     Matched in every entry; a group is returned when all entries agree on it and its producer
@@ -181,7 +183,9 @@ def find_scale_groups(program: Program, *, norms: bool = True, value_out: bool =
         for ph, slot in bindings.items():
             if slot.kind is SlotKind.STATE and ph.users:
                 present.setdefault(slot.name, set()).add(entry.name)
-                only = all(u.target == aten.linear.default and u.args[1] is ph and u.args[0] is not ph for u in ph.users)
+                only = all(
+                    u.target == aten.linear.default and u.args[1] is ph and u.args[0] is not ph for u in ph.users
+                )
                 weight_only[slot.name] = weight_only.get(slot.name, True) and only
         for node in entry.graph.graph.nodes:
             if node.op != "call_function":
@@ -254,8 +258,15 @@ HEAD_SHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten.transp
 # what may sit between a cached K/V tensor and the attention that reads it (GQA head repeats, copies)
 KV_REPEAT_OPS = frozenset(
     {
-        aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default, aten.clone.default,
-        aten.contiguous.default, aten._unsafe_view.default, aten.repeat_interleave.self_int, aten.alias.default,
+        aten.unsqueeze.default,
+        aten.expand.default,
+        aten.reshape.default,
+        aten.view.default,
+        aten.clone.default,
+        aten.contiguous.default,
+        aten._unsafe_view.default,
+        aten.repeat_interleave.self_int,
+        aten.alias.default,
     }
 )
 
@@ -345,7 +356,8 @@ def _group_blocks(pairs: list[tuple[fx.Node, int, KVProjection]], entry: Entry) 
         path = str(sdpa.meta.get(PATH_KEY, ""))
         if k.lin.args[0] is not v.lin.args[0]:
             raise PassError(
-                f"the K and V projections of attention %{sdpa.name} (entry {entry.name!r}, module path {path!r}) read different "
+                f"the K and V projections of attention %{sdpa.name} (entry {entry.name!r}, module path {path!r}) read "
+                "different "
                 f"inputs (%{k.lin.args[0]} and %{v.lin.args[0]}); expected {ATTENTION_EXPECTED}"
             )
         blocks.append(AttentionBlock(k.lin.args[0], k, v, sdpa, path))
@@ -385,7 +397,11 @@ def find_forward_attention(program: Program, entry: Entry) -> list[AttentionBloc
             continue
         for role in (1, 2):
             src = node.args[role]
-            while isinstance(src, fx.Node) and src.op == "call_function" and src.target in KV_REPEAT_OPS - {aten.view.default}:
+            while (
+                isinstance(src, fx.Node)
+                and src.op == "call_function"
+                and src.target in KV_REPEAT_OPS - {aten.view.default}
+            ):
                 src = src.args[0]  # undo GQA repeat (unsqueeze/expand/reshape) to the [B, Hkv, T, hd] tensor
             lin = _single_linear_ancestor(program, bindings, src)
             if lin is None:
@@ -445,10 +461,16 @@ def head_path(graph: fx.Graph, block: AttentionBlock, proj: KVProjection) -> Hea
         n = nxt[0]
         chain.append(n)
     targets = [c.target for c in chain[1:]]
-    if targets[:1] not in ([aten.view.default], [aten.reshape.default], [aten._unsafe_view.default]) or len(chain) < 3 \
-            or chain[2].target != aten.transpose.int or sorted(int(a) for a in chain[2].args[1:3]) != [1, 2]:
-        raise PassError(f"the projection %{proj.lin.name} reaches its cache through {[str(t) for t in targets]}; "
-                        f"expected view to [B, T, heads, head_dim] then transpose(1, 2); {ATTENTION_EXPECTED}")
+    if (
+        targets[:1] not in ([aten.view.default], [aten.reshape.default], [aten._unsafe_view.default])
+        or len(chain) < 3
+        or chain[2].target != aten.transpose.int
+        or sorted(int(a) for a in chain[2].args[1:3]) != [1, 2]
+    ):
+        raise PassError(
+            f"the projection %{proj.lin.name} reaches its cache through {[str(t) for t in targets]}; "
+            f"expected view to [B, T, heads, head_dim] then transpose(1, 2); {ATTENTION_EXPECTED}"
+        )
     heads = chain[2]
     if heads is proj.src:
         return HeadPath(heads, (), ())
@@ -461,8 +483,10 @@ def head_path(graph: fx.Graph, block: AttentionBlock, proj: KVProjection) -> Hea
             if a is heads or a in desc or a in externals:
                 continue
             if a in x_desc or a is block.x:
-                raise PassError(f"the transform between %{heads.name} and the cache write reads %{a.name}, which depends on "
-                                "the token content; only position-dependent inputs (RoPE cos/sin) can be rematerialized")
+                raise PassError(
+                    f"the transform between %{heads.name} and the cache write reads %{a.name}, which depends on "
+                    "the token content; only position-dependent inputs (RoPE cos/sin) can be rematerialized"
+                )
             externals.append(a)
     return HeadPath(heads, tuple(path_nodes), tuple(externals))
 
@@ -481,7 +505,9 @@ def norm_source(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
                 if a in seen or a.op != "call_function":
                     continue
                 seen.add(a)
-                if any(u not in anc_x and u is not x and u.target != aten._assert_tensor_metadata.default for u in a.users):
+                if any(
+                    u not in anc_x and u is not x and u.target != aten._assert_tensor_metadata.default for u in a.users
+                ):
                     h = a
                     break
                 nxt.append(a)
@@ -495,8 +521,10 @@ def norm_source(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     for m in nodes:
         for a in m.all_input_nodes:
             if a is not h and a not in desc and a.op != "placeholder":
-                raise PassError(f"the norm between %{h.name} and %{x.name} reads %{a.name}, which is not "
-                                "a weight; X = norm(h) with constant parameters is expected")
+                raise PassError(
+                    f"the norm between %{h.name} and %{x.name} reads %{a.name}, which is not "
+                    "a weight; X = norm(h) with constant parameters is expected"
+                )
     return h, nodes
 
 

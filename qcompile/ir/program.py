@@ -16,8 +16,9 @@ import copy
 import dataclasses
 import enum
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -206,15 +207,21 @@ class Program:
             self.weight_bits.pop(k, None)
         return dropped
 
-    def copy(self) -> "Program":
+    def copy(self) -> Program:
         """A copy whose graphs can be rewritten without touching this one (tensors are shared)."""
         entries = {}
         for name, e in self.entries.items():
             gm = fx.GraphModule(e.graph, _deepcopy_graph(e.graph.graph))
             entries[name] = dataclasses.replace(e, graph=gm, slots=list(e.slots), dims=dict(e.dims))
         return Program(
-            entries, dict(self.state), dict(self.cache_specs), copy.deepcopy(self.meta),
-            dict(self.weight_bits), dict(self.cache_bits), self.fp16_kv_bytes, self.facts,
+            entries,
+            dict(self.state),
+            dict(self.cache_specs),
+            copy.deepcopy(self.meta),
+            dict(self.weight_bits),
+            dict(self.cache_bits),
+            self.fp16_kv_bytes,
+            self.facts,
         )
 
     def packed_weight_bytes(self) -> int:
@@ -237,7 +244,9 @@ class Program:
         for key, (shape, dt) in self.cache_specs.items():
             if int(length) in shape:
                 per_token = math.prod(shape) // int(length)
-                total += (per_token * int(bits[key]) + 7) // 8 if key in bits else per_token * getattr(torch, dt).itemsize
+                total += (
+                    (per_token * int(bits[key]) + 7) // 8 if key in bits else per_token * getattr(torch, dt).itemsize
+                )
         return total
 
     def fp16_kv_bytes_per_token(self) -> int | None:

@@ -21,7 +21,9 @@ from qcompile.ir.program import PATH_KEY
 
 _FUNC_MODULES = ("operator", "_operator", "math", "builtins", "torch")
 _LAYOUTS = {str(v): v for v in (torch.strided, torch.sparse_coo)}
-_FORMATS = {str(v): v for v in (torch.contiguous_format, torch.channels_last, torch.preserve_format, torch.channels_last_3d)}
+_FORMATS = {
+    str(v): v for v in (torch.contiguous_format, torch.channels_last, torch.preserve_format, torch.channels_last_3d)
+}
 
 
 def _target_to_str(target: Any) -> str:
@@ -33,7 +35,9 @@ def _target_to_str(target: Any) -> str:
     qual = getattr(target, "__qualname__", getattr(target, "__name__", None))
     if mod in _FUNC_MODULES and qual and "." not in qual:
         return f"fn:{mod}.{qual}"
-    raise ArtifactError(f"cannot serialize call target {target!r}: only ATen/qcompile ops and operator functions are supported")
+    raise ArtifactError(
+        f"cannot serialize call target {target!r}: only ATen/qcompile ops and operator functions are supported"
+    )
 
 
 def _target_from_str(s: str) -> Any:
@@ -86,7 +90,7 @@ def _dec(x: Any, env: dict[str, fx.Node]) -> Any:
         return x
     if not isinstance(x, dict) or len(x) != 1:
         raise ArtifactError(f"malformed graph argument {x!r}")
-    (tag, v), = x.items()
+    ((tag, v),) = x.items()
     if tag == "node":
         if v not in env:
             raise ArtifactError(f"graph refers to node {v!r} before it is defined")
@@ -145,7 +149,9 @@ def graph_from_json(data: dict[str, Any]) -> fx.GraphModule:
             elif op == "call_function":
                 args = _dec(item["args"], env)
                 kwargs = _dec(item["kwargs"], env)
-                node = graph.create_node("call_function", _target_from_str(item["target"]), tuple(args), dict(kwargs), name=item["name"])
+                node = graph.create_node(
+                    "call_function", _target_from_str(item["target"]), tuple(args), dict(kwargs), name=item["name"]
+                )
             elif op == "output":
                 (out,) = _dec(item["args"], env)
                 node = graph.output(out)

@@ -7,6 +7,14 @@ saved artifact's graph (which names ``qcompile::`` ops) load and run.
 from qcompile.ops import cache, linear, packed, static, winograd  # noqa: F401  (registers the ops)
 
 QCOMPILE_OPS = (
-    "linear_w8a8", "quant_linear", "packed_linear", "winograd_conv2d", "quantize_static", "dequantize_static",
-    "linear_static", "cache_quantize", "cache_quantize_static", "cache_dequantize",
+    "linear_w8a8",
+    "quant_linear",
+    "packed_linear",
+    "winograd_conv2d",
+    "quantize_static",
+    "dequantize_static",
+    "linear_static",
+    "cache_quantize",
+    "cache_quantize_static",
+    "cache_dequantize",
 )

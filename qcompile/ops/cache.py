@@ -22,8 +22,6 @@ channel, constant over tokens), so every token is quantized on its own.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from qcompile.quant.spec import levels
@@ -66,7 +64,9 @@ def _cache_quantize_fake(x: torch.Tensor, bits: int, group_size: int, symmetric:
 
 
 @torch.library.custom_op("qcompile::cache_quantize_static", mutates_args=())
-def cache_quantize_static(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor], bits: int, symmetric: bool) -> torch.Tensor:
+def cache_quantize_static(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, symmetric: bool
+) -> torch.Tensor:
     qmin, qmax = levels(bits, symmetric)
     xf = x.to(torch.float32)
     if offset is not None:
@@ -81,7 +81,9 @@ def _cache_quantize_static_fake(x, scale, offset, bits: int, symmetric: bool):
 
 
 @torch.library.custom_op("qcompile::cache_dequantize", mutates_args=())
-def cache_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+def cache_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     q = codes.to(torch.float32)
     if group_size == 0:
         y = q * scale.to(torch.float32)

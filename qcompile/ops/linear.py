@@ -13,8 +13,6 @@ must match it bit for bit in ``acc``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from qcompile.quant.quantizer import quantize_per_token
@@ -33,7 +31,9 @@ def int8_matmul_int32(qx: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("qcompile::linear_w8a8", mutates_args=())
-def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_w8a8(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     if x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"linear_w8a8: x has {x.shape[-1]} input features, weight expects {qweight.shape[1]}")
     qx, sx = quantize_per_token(x, 8)
@@ -45,7 +45,9 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
 
 
 @linear_w8a8.register_fake
-def _linear_w8a8_fake(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear_w8a8_fake(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     torch._check(x.shape[-1] == qweight.shape[1])
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -72,8 +74,8 @@ def quant_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
-    offset: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
     group_size: int,
     act_bits: int,
     act_group: int,
@@ -97,7 +99,10 @@ def quant_linear(
         y = x2 @ dequantize_weight_groups(codes, scale, offset, group_size).t()
     else:
         if act_group not in (0, group_size) and group_size != k:
-            raise ValueError(f"quant_linear: activation group {act_group} must be 0 (per token) or equal the weight group {group_size}")
+            raise ValueError(
+                f"quant_linear: activation group {act_group} must be 0 (per token) or equal the weight group "
+                f"{group_size}"
+            )
         block = act_group if act_group else group_size
         qx, sx = activation_blocks(x2, act_bits, act_group, block)  # [M, g, block], [M, g]
         g = qx.shape[1]

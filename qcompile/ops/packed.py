@@ -24,8 +24,6 @@ The reference kernel has two forms that must agree bit for bit:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from qcompile.quant.packing import pack, packed_size, unpack
@@ -36,7 +34,9 @@ def unpack_codes(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     if bits != 6:
         return unpack(packed, k, bits, signed=True)
     if packed.dtype != torch.uint8 or packed.shape[-1] != packed_size(k, 6):
-        raise ValueError(f"{k} codes of 6 bits need uint8 rows of {packed_size(k, 6)} bytes, got {packed.dtype}{list(packed.shape)}")
+        raise ValueError(
+            f"{k} codes of 6 bits need uint8 rows of {packed_size(k, 6)} bytes, got {packed.dtype}{list(packed.shape)}"
+        )
     n = packed.shape[0]
     words = -(-packed.shape[-1] // 3)  # 3 bytes = 4 codes; pad the row to whole words
     b = torch.nn.functional.pad(packed, (0, words * 3 - packed.shape[-1])).to(torch.int32).view(n, words, 3)
@@ -57,7 +57,7 @@ def packed_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     in_features: int,
     w_bits: int,
     group_size: int,
@@ -78,7 +78,7 @@ def packed_linear_bitserial(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     in_features: int,
     w_bits: int,
     group_size: int,
@@ -104,7 +104,9 @@ def packed_linear_bitserial(
     wq = torch.nn.functional.pad(codes, (0, g * block - k)).view(n, g, block)
     # [g, M, N] viewed as [M, N, g]: the layout of the direct form's batched product, so that the
     # fp32 rescale-and-sum below reduces in the same order and the results are bit-identical
-    acc = torch.stack([bitserial_matmul(qx[:, i], wq[:, i], act_bits, w_bits) for i in range(g)], dim=0).permute(1, 2, 0)
+    acc = torch.stack([bitserial_matmul(qx[:, i], wq[:, i], act_bits, w_bits) for i in range(g)], dim=0).permute(
+        1, 2, 0
+    )
     ws = scale if scale.shape[1] == g else scale.expand(n, g)
     y = (acc.to(torch.int32).to(torch.float32) * sx[:, None, :] * ws[None, :, :]).sum(-1)
     if bias is not None:

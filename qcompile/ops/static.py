@@ -17,8 +17,6 @@ run time::
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from qcompile.ops.linear import exact_block_products
@@ -53,7 +51,12 @@ def _dequantize_static_fake(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor
 
 @torch.library.custom_op("qcompile::linear_static", mutates_args=())
 def linear_static(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], group_size: int, act_bits: int
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    act_bits: int,
 ) -> torch.Tensor:
     n, k = codes.shape
     if x.shape[-1] != k:

@@ -16,8 +16,6 @@ fp32 and rounds its result to fp16. ``fp16=False`` does the same in fp32.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -33,7 +31,7 @@ def winograd_conv2d(
     U: torch.Tensor,
     AT: torch.Tensor,
     BT: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     m: int,
     padding: list[int],
     fp16: bool,
@@ -43,7 +41,10 @@ def winograd_conv2d(
     cout = U.shape[2]
     depthwise = c > 1 and U.shape[3] == 1 and cout == c
     if U.shape != (alpha, alpha, cout, 1 if depthwise else c) or AT.shape != (m, alpha) or alpha != m + 2:
-        raise ValueError(f"winograd_conv2d: inconsistent shapes x{list(x.shape)} U{list(U.shape)} AT{list(AT.shape)} BT{list(BT.shape)}")
+        raise ValueError(
+            f"winograd_conv2d: inconsistent shapes x{list(x.shape)} U{list(U.shape)} AT{list(AT.shape)} "
+            f"BT{list(BT.shape)}"
+        )
     ph, pw = padding
     ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
     th, tw = -(-ho // m), -(-wo // m)

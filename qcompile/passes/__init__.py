@@ -12,4 +12,14 @@ from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, make_pas
 from qcompile.passes.manager import PassManager
 from qcompile.report import CompileReport, PassReport
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassResult", "make_pass", "register_pass", "CompileReport", "PassManager", "PassReport"]
+__all__ = [
+    "PASSES",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "make_pass",
+    "register_pass",
+    "CompileReport",
+    "PassManager",
+    "PassReport",
+]

@@ -58,17 +58,16 @@ import torch
 import torch.fx as fx
 
 from qcompile.errors import DataError, PlanError
+from qcompile.ir.calib import calib_batches, entry_args
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
 from qcompile.plan import LayerRule
-from qcompile.quant.spec import Granularity, QuantSpec, check_bits, check_group
-from qcompile.ir.calib import calib_batches, entry_args
 from qcompile.quant.quantizer import fake_quantize_activation, fake_quantize_weight
+from qcompile.quant.spec import Granularity, QuantSpec, check_bits, check_group
 
 log = logging.getLogger(__name__)
-
 
 
 class Unit(str, enum.Enum):
@@ -107,8 +106,14 @@ class _Simulator(fx.Interpreter):
     input and (retained-grad) output for the Fisher estimate."""
 
     def __init__(
-        self, gm: fx.GraphModule, cands: dict[fx.Node, _Candidate], wdq: dict[str, torch.Tensor],
-        *, track: bool = False, low: fx.Node | None = None, keep_values: bool = False,
+        self,
+        gm: fx.GraphModule,
+        cands: dict[fx.Node, _Candidate],
+        wdq: dict[str, torch.Tensor],
+        *,
+        track: bool = False,
+        low: fx.Node | None = None,
+        keep_values: bool = False,
     ) -> None:
         super().__init__(gm, garbage_collect_values=not keep_values)
         self.cands, self.wdq, self.track, self.low = cands, wdq, track, low
@@ -164,17 +169,30 @@ class AssignPrecision(Pass):
             check_bits(getattr(self, name), f"assign_precision: {name}")
         if self.low_bits >= self.high_bits:
             raise PlanError(f"assign_precision: low_bits ({self.low_bits}) must be below high_bits ({self.high_bits})")
-        if not isinstance(self.min_tokens, int) or not isinstance(self.max_tokens, int) or not 2 <= self.min_tokens <= self.max_tokens:
-            raise PlanError(f"assign_precision: need 2 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+        if (
+            not isinstance(self.min_tokens, int)
+            or not isinstance(self.max_tokens, int)
+            or not 2 <= self.min_tokens <= self.max_tokens
+        ):
+            raise PlanError(
+                f"assign_precision: need 2 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}"
+            )
 
     # ---- the pass ---------------------------------------------------------------------------
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         t0 = time.perf_counter()
         if self.entry not in program.entries:
-            raise PlanError(f"assign_precision: the program has no entry {self.entry!r}; entries: {list(program.entries)}")
+            raise PlanError(
+                f"assign_precision: the program has no entry {self.entry!r}; entries: {list(program.entries)}"
+            )
         cands, fixed = self._candidates(program, ctx)
         if not cands:
-            return PassResult(program, modified=False, skipped=fixed, notes={"reason": "no linear with quantized activations to assign"})
+            return PassResult(
+                program,
+                modified=False,
+                skipped=fixed,
+                notes={"reason": "no linear with quantized activations to assign"},
+            )
         rows = self._calib_rows(ctx)
         self._measure(program, ctx, cands, rows)
         chosen = self._choose(cands)
@@ -182,7 +200,10 @@ class AssignPrecision(Pass):
         rules = tuple(LayerRule(match=_glob_escape(c.path), activation=c.high) for c in cands if c.path in chosen)
         # the refined plan replaces this pass by its result, so replaying it needs no calibration and
         # gives the same module (re-running the analysis on top of its own rules would not)
-        done = f"A{self.high_bits} layers assigned by assign_precision ({self.metric.value}, budget {self.budget:.4g} of {self.unit.value})"
+        done = (
+            f"A{self.high_bits} layers assigned by assign_precision "
+            f"({self.metric.value}, budget {self.budget:.4g} of {self.unit.value})"
+        )
         refined = dataclasses.replace(
             plan,
             passes=tuple(pc for pc in plan.passes if pc.name != self.name),
@@ -204,14 +225,25 @@ class AssignPrecision(Pass):
             f"a{self.high_bits}_fraction_flops": high_flops / total_flops if total_flops else 0.0,
             "analysis_seconds": round(seconds, 2),
             "sensitivity": [
-                {"path": c.path, "score": c.score, "flops_per_token": c.flops,
-                 "act_bits": self.high_bits if c.path in chosen else self.low_bits}
+                {
+                    "path": c.path,
+                    "score": c.score,
+                    "flops_per_token": c.flops,
+                    "act_bits": self.high_bits if c.path in chosen else self.low_bits,
+                }
                 for c in cands
             ],
         }
-        log.info("assign_precision: A%d for %d of %d linears in %.1fs", self.high_bits, len(chosen), len(cands), seconds)
+        log.info(
+            "assign_precision: A%d for %d of %d linears in %.1fs", self.high_bits, len(chosen), len(cands), seconds
+        )
         return PassResult(
-            program, modified=False, layers_changed=[c.path for c in cands if c.path in chosen], skipped=fixed, notes=notes, plan=refined
+            program,
+            modified=False,
+            layers_changed=[c.path for c in cands if c.path in chosen],
+            skipped=fixed,
+            notes=notes,
+            plan=refined,
         )
 
     @classmethod
@@ -220,8 +252,10 @@ class AssignPrecision(Pass):
         if high is None or "sensitivity" not in notes:
             return []
         return [
-            f"{notes['metric']} sensitivity on {notes['tokens']} calibration tokens in {notes['analysis_seconds']}s; budget "
-            f"{notes['budget']:.4g} of {notes['unit']}: {high.split('_')[0].upper()} for {len(notes[high])} of {notes['candidates']} linears"
+            f"{notes['metric']} sensitivity on {notes['tokens']} calibration tokens in {notes['analysis_seconds']}s; "
+            "budget "
+            f"{notes['budget']:.4g} of {notes['unit']}: {high.split('_')[0].upper()} for {len(notes[high])} of "
+            f"{notes['candidates']} linears"
         ]
 
     def _candidates(self, program: Program, ctx: PassContext) -> tuple[list[_Candidate], list[tuple[str, str]]]:
@@ -243,13 +277,29 @@ class AssignPrecision(Pass):
                 fixed.append((m.path, f"activations fixed by the plan ({got}, not {self.low_bits}-bit)"))
                 continue
             if not a.symmetric or not a.dynamic or a.granularity not in (Granularity.PER_TOKEN, Granularity.PER_GROUP):
-                raise PlanError(f"layer {m.path!r}: assign_precision handles dynamic symmetric per_token/per_group activations, got {a}")
+                raise PlanError(
+                    f"layer {m.path!r}: assign_precision handles dynamic symmetric per_token/per_group activations, "
+                    f"got {a}"
+                )
             if lq.weight.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
-                raise PlanError(f"layer {m.path!r}: weight granularity {lq.weight.granularity.value!r} is not supported")
+                raise PlanError(
+                    f"layer {m.path!r}: weight granularity {lq.weight.granularity.value!r} is not supported"
+                )
             n, k = program.state[m.weight_key].shape
             check_group(m.path, k, lq.weight)
             check_group(m.path, k, a)
-            cands.append(_Candidate(m.path, m.node, m.weight_key, a, dataclasses.replace(a, bits=self.high_bits), lq.weight, n * k, len(cands)))
+            cands.append(
+                _Candidate(
+                    m.path,
+                    m.node,
+                    m.weight_key,
+                    a,
+                    dataclasses.replace(a, bits=self.high_bits),
+                    lq.weight,
+                    n * k,
+                    len(cands),
+                )
+            )
         ctx.at(None, None)
         return cands, fixed
 
@@ -259,7 +309,10 @@ class AssignPrecision(Pass):
         used = 0
         for b in batches:
             if b.shape[1] < 2:
-                raise DataError(f"assign_precision: calibration sequences need at least 2 tokens (next-token loss), got {b.shape[1]}")
+                raise DataError(
+                    "assign_precision: calibration sequences need at least 2 tokens (next-token loss), got "
+                    f"{b.shape[1]}"
+                )
             for row in b:
                 if used >= self.max_tokens:
                     break
@@ -287,9 +340,7 @@ class AssignPrecision(Pass):
             with torch.enable_grad():
                 outs = sim.run(*entry_args(program, self.entry, [row]))
                 logits = _logits(outs, vocab)
-                loss = torch.nn.functional.cross_entropy(
-                    logits[0, :-1].to(torch.float32), row[0, 1:], reduction="sum"
-                )
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1].to(torch.float32), row[0, 1:], reduction="sum")
                 loss.backward()
             with torch.no_grad():
                 for c in cands:
@@ -306,8 +357,13 @@ class AssignPrecision(Pass):
             c.score = float(f"{scores[c.path] / tokens:.6g}")
 
     def _measure_kl(
-        self, program: Program, ctx: PassContext, cands: list[_Candidate], rows: list[torch.Tensor],
-        wdq: dict[str, torch.Tensor], scores: dict[str, float],
+        self,
+        program: Program,
+        ctx: PassContext,
+        cands: list[_Candidate],
+        rows: list[torch.Tensor],
+        wdq: dict[str, torch.Tensor],
+        scores: dict[str, float],
     ) -> None:
         """Exact: mean KL(all-high ‖ only-this-layer-low) of the next-token distributions, per token.
         Each perturbed run starts from the stored values of the nodes before the layer."""
@@ -318,7 +374,9 @@ class AssignPrecision(Pass):
         order = {n: i for i, n in enumerate(entry.graph.graph.nodes)}
         vocab = program.meta.get("vocab_size")
         tokens = 0
-        bar = tqdm(total=len(rows) * len(cands), desc="assign_precision: exact KL", disable=not ctx.progress, unit="run")
+        bar = tqdm(
+            total=len(rows) * len(cands), desc="assign_precision: exact KL", disable=not ctx.progress, unit="run"
+        )
         with torch.no_grad():
             for row in rows:
                 base = _Simulator(entry.graph, by_node, wdq, keep_values=True)
@@ -354,7 +412,12 @@ class AssignPrecision(Pass):
 def _logits(outs: Any, vocab: Any) -> torch.Tensor:
     flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     for t in flat:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3 and (vocab is None or t.shape[-1] == int(vocab)):
+        if (
+            isinstance(t, torch.Tensor)
+            and t.is_floating_point()
+            and t.dim() == 3
+            and (vocab is None or t.shape[-1] == int(vocab))
+        ):
             return t
     raise PlanError("assign_precision needs a causal LM whose entry returns logits [1, T, vocab]")
 

@@ -20,8 +20,9 @@ import abc
 import dataclasses
 import enum
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch.fx as fx
 

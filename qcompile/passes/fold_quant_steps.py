@@ -48,15 +48,15 @@ from typing import ClassVar
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import LinearMatch, ScaleGroup, find_linears, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import LayerQuant, Plan
-from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
-from qcompile.quant.spec import Granularity, QuantSpec, check_group, levels
 from qcompile.quant.quantizer import dequantize_weight_groups, fake_quantize_weight, quantize_weight_groups
+from qcompile.quant.spec import Granularity, check_group, levels
 
 aten = torch.ops.aten
 DEFAULT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
@@ -85,7 +85,9 @@ class FoldQuantSteps(Pass):
             raise PlanError("fold_quant_steps: need split_threshold > 1, max_split >= 1, 0 <= max_extra <= 1")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        groups = [g for g in find_scale_groups(program, value_out=True, up_down=True) if _specs(ctx.plan, g) is not None]
+        groups = [
+            g for g in find_scale_groups(program, value_out=True, up_down=True) if _specs(ctx.plan, g) is not None
+        ]
         if not groups:
             raise PlanError(
                 "fold_quant_steps found no linear group to fold: it needs linears fed by a norm or another "
@@ -94,9 +96,12 @@ class FoldQuantSteps(Pass):
             )
         batches = calib_batches(ctx.calib, who="fold_quant_steps", min_tokens=64)
         stats = observe_linear_inputs(
-            program, batches, [g.linears[0] for g in groups],
+            program,
+            batches,
+            [g.linears[0] for g in groups],
             lambda _k: [AbsMaxObserver(), SampleObserver(cap=self.samples, stride=7)],
-            progress=ctx.progress, desc="fold_quant_steps: calibrating",
+            progress=ctx.progress,
+            desc="fold_quant_steps: calibrating",
         )
         notes: dict[str, dict[str, float]] = {}
         changed: list[str] = []
@@ -120,7 +125,12 @@ class FoldQuantSteps(Pass):
         # 2. dimensional reconstruction (exact weight rewrites) before anything is quantized
         for i, (g, lq, step) in enumerate(plan):
             assert lq.activation is not None
-            if self.reconstruct and g.producer == "linear" and g.channel_map is None and lq.activation.granularity is Granularity.PER_CHANNEL:
+            if (
+                self.reconstruct
+                and g.producer == "linear"
+                and g.channel_map is None
+                and lq.activation.granularity is Granularity.PER_CHANNEL
+            ):
                 new_step, extra = self._split(program, linears, g, step)
                 if extra:
                     splits[g.paths[0]] = extra
@@ -136,7 +146,9 @@ class FoldQuantSteps(Pass):
         program.finish_rewrite(touched)
         leftover = sorted({m.path for m in find_linears(program) if not ctx.plan.resolve(m.path).skip})
         return PassResult(
-            program, modified=True, layers_changed=changed,
+            program,
+            modified=True,
+            layers_changed=changed,
             skipped=[(p, "no foldable producer (kept in float)") for p in leftover],
             notes={"groups": notes, "split_channels": splits},
         )
@@ -160,7 +172,9 @@ class FoldQuantSteps(Pass):
                 best = (err, float(r))
         return best[1]
 
-    def _split(self, program: Program, linears: dict[str, list[LinearMatch]], g: ScaleGroup, step: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _split(
+        self, program: Program, linears: dict[str, list[LinearMatch]], g: ScaleGroup, step: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         """Dimensional reconstruction for an up→down group (see the module docstring)."""
         med = float(step.median())
         m = torch.clamp(torch.ceil(step / (self.split_threshold * med)), 1, self.max_split).to(torch.int64)
@@ -195,10 +209,14 @@ class FoldQuantSteps(Pass):
         program.state[down_key] = w[:, idx]
         return step[idx] / div, extra_total
 
-    def _rewrite(self, program: Program, linears: dict[str, list[LinearMatch]], g: ScaleGroup, lq: LayerQuant, step: torch.Tensor) -> None:
+    def _rewrite(
+        self, program: Program, linears: dict[str, list[LinearMatch]], g: ScaleGroup, lq: LayerQuant, step: torch.Tensor
+    ) -> None:
         assert lq.activation is not None and lq.weight is not None
         bits = lq.activation.bits
-        step_key = None if self.fold else program.add_state(f"{g.linears[0].removesuffix('.weight')}.act_step", step.clone())
+        step_key = (
+            None if self.fold else program.add_state(f"{g.linears[0].removesuffix('.weight')}.act_step", step.clone())
+        )
         for wkey in g.linears:
             w = program.state[wkey].to(torch.float32)
             k = w.shape[1]
@@ -224,7 +242,9 @@ class FoldQuantSteps(Pass):
                         q = graph.call_function(torch.ops.qcompile.quantize_static.default, (m.node.args[0], st, bits))
                         dq = graph.call_function(torch.ops.qcompile.dequantize_static.default, (q, st))
                     for n in (q, dq):
-                        n.meta.update({k: v for k, v in m.node.meta.items() if k in ("qcompile_path", "nn_module_stack")})
+                        n.meta.update(
+                            {k: v for k, v in m.node.meta.items() if k in ("qcompile_path", "nn_module_stack")}
+                        )
                     m.entry.replace_call(m.node, aten.linear.default, (dq, m.entry.state_input(fk), bias))
 
 
@@ -235,13 +255,16 @@ def _specs(plan: Plan, g: ScaleGroup) -> LayerQuant | None:
         return None
     a, w = lqs[0].activation, lqs[0].weight
     if any(lq.activation != a or lq.weight != w for lq in lqs):
-        raise PlanError(f"fold_quant_steps: the linears {list(g.paths)} share one input and must share one quantization")
+        raise PlanError(
+            f"fold_quant_steps: the linears {list(g.paths)} share one input and must share one quantization"
+        )
     assert a is not None and w is not None
     if a.dynamic or a.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_TENSOR):
         return None
     if not a.symmetric or not w.symmetric or w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
         raise PlanError(
-            f"fold_quant_steps: layer {g.paths[0]!r} needs symmetric static activations and symmetric per_channel/per_group "
+            f"fold_quant_steps: layer {g.paths[0]!r} needs symmetric static activations and symmetric "
+            "per_channel/per_group "
             f"weights, got activation {a} and weight {w}"
         )
     return lqs[0]

@@ -95,8 +95,6 @@ from qcompile.quant.lowrank import latent_factors
 from qcompile.quant.spec import BITS, Granularity, QuantSpec
 
 
-
-
 class Mode(str, enum.Enum):
     AUTO = "auto"  # latent when K and V together are narrower than X, else x
     X = "x"
@@ -110,6 +108,8 @@ class ClSpace(str, enum.Enum):
 
 
 GRANULARITIES = (Granularity.PER_TOKEN, Granularity.PER_CHANNEL)
+
+
 def cache_spec(bits: int, group_size: int, symmetric: bool, granularity: Granularity) -> QuantSpec | None:
     """The quantizer of one cache: None for a float cache (``bits == 0``); ``per_token`` with groups of
     ``group_size`` channels of a token (0: the whole token) is dynamic; ``per_channel`` is static."""
@@ -147,9 +147,14 @@ class KVToXCache(Pass):
         for name in ("bits", "first_layer_bits"):
             b = getattr(self, name)
             if not isinstance(b, int) or isinstance(b, bool) or not (b == 0 or b in BITS):
-                raise PlanError(f"kv_to_xcache: {name} must be 0 (no quantization) or one of {list(BITS)} cache bits, got {b!r}")
+                raise PlanError(
+                    f"kv_to_xcache: {name} must be 0 (no quantization) or one of {list(BITS)} cache bits, got {b!r}"
+                )
         if not isinstance(self.group_size, int) or self.group_size < 0:
-            raise PlanError(f"kv_to_xcache: group_size must be 0 (whole token) or a positive divisor of the cached width, got {self.group_size!r}")
+            raise PlanError(
+                "kv_to_xcache: group_size must be 0 (whole token) or a positive divisor of the cached width, got "
+                f"{self.group_size!r}"
+            )
         for name in ("granularity", "k_granularity", "v_granularity"):
             g = as_enum(self, name, Granularity)
             if g not in GRANULARITIES:
@@ -168,24 +173,37 @@ class KVToXCache(Pass):
         any_blocks = [b for bs in found.values() for b in bs] or fwd_blocks
         if not any_blocks:
             where = ", ".join(program.entries) or "(no entries)"
-            raise PassError(f"kv_to_xcache found no attention block in entries [{where}]; expected {ATTENTION_EXPECTED}")
+            raise PassError(
+                f"kv_to_xcache found no attention block in entries [{where}]; expected {ATTENTION_EXPECTED}"
+            )
         order = [b.k.weight_key for b in (next((bs for bs in found.values() if bs), None) or fwd_blocks)]
         for bs in [*found.values(), fwd_blocks]:
             keys = [b.k.weight_key for b in bs]
             if bs and keys != order:
-                raise PassError(f"kv_to_xcache: entries disagree on the attention blocks ({len(keys)} vs {len(order)} K projections)")
+                raise PassError(
+                    f"kv_to_xcache: entries disagree on the attention blocks ({len(keys)} vs {len(order)} K "
+                    "projections)"
+                )
             for i, b in enumerate(bs):
                 b.index = i
         first = any_blocks[0]
         d_x = int(program.state[first.k.weight_key].shape[1])
         d_k = int(program.state[first.k.weight_key].shape[0])
         d_v = int(program.state[first.v.weight_key].shape[0])
-        mode = self.mode.value if self.mode is not Mode.AUTO else ("latent" if d_k + d_v < d_x and not self.cross_layer else "x")
+        mode = (
+            self.mode.value
+            if self.mode is not Mode.AUTO
+            else ("latent" if d_k + d_v < d_x and not self.cross_layer else "x")
+        )
 
         specs = self._specs(mode)
         self._check_groups(mode, specs, d_x, d_k, d_v, first)
         # static per-channel scales: calibrated on the original forward entry, before rewriting
-        static = self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks) if any(is_static(s) for s in specs.values()) else {}
+        static = (
+            self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks)
+            if any(is_static(s) for s in specs.values())
+            else {}
+        )
         factors = _factors(program, fwd_blocks or any_blocks) if mode == "latent" else {}
 
         kv_fp16 = 0
@@ -237,7 +255,8 @@ class KVToXCache(Pass):
             return []
         return [
             f"cache: {notes['cache_bytes_per_token']} B/token (all layers, scales included) vs fp16 KV "
-            f"{notes.get('fp16_kv_bytes_per_token')} B/token: saving x{notes.get('saving_vs_fp16_kv')}; {notes.get('cached_per_layer', '')}"
+            f"{notes.get('fp16_kv_bytes_per_token')} B/token: saving x{notes.get('saving_vs_fp16_kv')}; "
+            f"{notes.get('cached_per_layer', '')}"
         ]
 
     # ---- options -> quantizers ------------------------------------------------------------
@@ -251,11 +270,15 @@ class KVToXCache(Pass):
         if mode == "x":
             out = {"x": base}
             if self.cross_layer:
-                out["x0"] = cache_spec(self.first_layer_bits or self.bits, self.group_size, self.symmetric, Granularity.PER_TOKEN)
+                out["x0"] = cache_spec(
+                    self.first_layer_bits or self.bits, self.group_size, self.symmetric, Granularity.PER_TOKEN
+                )
             return out
         return {"k": base, "v": base}
 
-    def _check_groups(self, mode: str, specs: dict[str, QuantSpec | None], d_x: int, d_k: int, d_v: int, b: AttentionBlock) -> None:
+    def _check_groups(
+        self, mode: str, specs: dict[str, QuantSpec | None], d_x: int, d_k: int, d_v: int, b: AttentionBlock
+    ) -> None:
         widths = {"x": d_x, "x0": d_x}
         if mode == "latent":
             widths.update(k=d_k, v=d_v)
@@ -270,13 +293,24 @@ class KVToXCache(Pass):
                 divisors = [d for d in range(8, c + 1, 8) if c % d == 0]
                 raise PlanError(
                     f"kv_to_xcache: group_size {s.group_size} does not divide the {c} channels of the "
-                    f"{'head of ' if mode == 'kv' else ''}{name} cache (mode {mode!r}); use 0 (whole token) or one of {divisors}"
+                    f"{'head of ' if mode == 'kv' else ''}{name} cache (mode {mode!r}); use 0 (whole token) or one of "
+                    f"{divisors}"
                 )
 
-    def _calibrate(self, program: Program, ctx: PassContext, mode: str, specs: dict[str, QuantSpec | None], fwd: Entry | None,
-                   blocks: list[AttentionBlock]) -> StaticScales:
+    def _calibrate(
+        self,
+        program: Program,
+        ctx: PassContext,
+        mode: str,
+        specs: dict[str, QuantSpec | None],
+        fwd: Entry | None,
+        blocks: list[AttentionBlock],
+    ) -> StaticScales:
         if fwd is None or not blocks:
-            raise PlanError("kv_to_xcache: per_channel cache quantization calibrates its scales on the forward entry, which this Program lacks")
+            raise PlanError(
+                "kv_to_xcache: per_channel cache quantization calibrates its scales on the forward entry, which this "
+                "Program lacks"
+            )
         batches = calib_batches(ctx.calib, who="kv_to_xcache (per_channel cache scales)")
         stats: dict[tuple[int, str], list[torch.Tensor]] = {}
         observers = {}
@@ -290,6 +324,7 @@ class KVToXCache(Pass):
                 lo, hi = t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
                 old = stats.get(key)
                 stats[key] = [lo, hi] if old is None else [torch.minimum(old[0], lo), torch.maximum(old[1], hi)]
+
             return fn
 
         factors = _factors(program, blocks) if mode == "latent" else {}
@@ -322,7 +357,9 @@ class KVToXCache(Pass):
             out[key] = (torch.where(scale > 0, scale, torch.ones_like(scale)), offset)
         return out
 
-    def _describe(self, mode: str, specs: dict[str, QuantSpec | None], layers: int, d_x: int, d_k: int, d_v: int) -> dict[str, Any]:
+    def _describe(
+        self, mode: str, specs: dict[str, QuantSpec | None], layers: int, d_x: int, d_k: int, d_v: int
+    ) -> dict[str, Any]:
         def q(s: QuantSpec | None) -> str:
             if s is None:
                 return "float (no quantization)"
@@ -331,12 +368,18 @@ class KVToXCache(Pass):
             return f"{s.bits}-bit {'symmetric' if s.symmetric else 'asymmetric'} codes, {where}"
 
         if mode == "x" and self.cross_layer and self.cl_space is ClSpace.RESIDUAL:
-            what = (f"layer 0: Q(h_0) [{d_x}] ({q(specs['x0'])}); layer l>0: Q(h_l - A_(l-1)) [{d_x}] ({q(specs['x'])}), where h_l is "
-                    "the residual stream the layer's attention norm reads, A_l = A_(l-1) + deq(Q(.)) its running reconstruction "
-                    "and X_l = norm_l(A_l) is recomputed with the layer's own norm")
+            what = (
+                f"layer 0: Q(h_0) [{d_x}] ({q(specs['x0'])}); layer l>0: Q(h_l - A_(l-1)) [{d_x}] ({q(specs['x'])}), "
+                "where h_l is "
+                "the residual stream the layer's attention norm reads, A_l = A_(l-1) + deq(Q(.)) its running "
+                "reconstruction "
+                "and X_l = norm_l(A_l) is recomputed with the layer's own norm"
+            )
         elif mode == "x" and self.cross_layer:
-            what = (f"layer 0: Q(X_0) [{d_x}] ({q(specs['x0'])}); layer l>0: Q(X_l - A_(l-1)) [{d_x}] ({q(specs['x'])}), "
-                    "A_l = A_(l-1) + deq(Q(.)) the running reconstruction")
+            what = (
+                f"layer 0: Q(X_0) [{d_x}] ({q(specs['x0'])}); layer l>0: Q(X_l - A_(l-1)) [{d_x}] ({q(specs['x'])}), "
+                "A_l = A_(l-1) + deq(Q(.)) the running reconstruction"
+            )
         elif mode == "x":
             what = f"Q(X) [{d_x}] per layer ({q(specs['x'])})"
         elif mode == "latent":

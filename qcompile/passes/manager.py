@@ -47,11 +47,15 @@ class PassManager:
             if missing:
                 before = [q.name for q in self.passes[:i]] or [f"(none: the Program as {what} left it)"]
                 why = "; ".join(
-                    f"{f.value} ({DESCRIPTIONS[f]}), which {lost[f]!r} invalidates" if f in lost
+                    f"{f.value} ({DESCRIPTIONS[f]}), which {lost[f]!r} invalidates"
+                    if f in lost
                     else f"{f.value} ({DESCRIPTIONS[f]}), which no earlier pass provides"
                     for f in missing
                 )
-                raise PlanError(f"pass {p.name!r} (position {i}) requires {why}; passes before it: {before}. Reorder the plan's passes.")
+                raise PlanError(
+                    f"pass {p.name!r} (position {i}) requires {why}; passes before it: {before}. Reorder the plan's "
+                    "passes."
+                )
             for f in p.invalidates:
                 lost[f] = p.name
             facts = (facts - p.invalidates) | p.provides
@@ -116,7 +120,9 @@ class PassManager:
         where = ""
         if node is not None:
             entry = ctx.entry.name if ctx.entry is not None else "?"
-            where = f" on node %{node.name} ({node.target}) in entry {entry!r}, module path {node.meta.get(PATH_KEY, '')!r}"
+            where = (
+                f" on node %{node.name} ({node.target}) in entry {entry!r}, module path {node.meta.get(PATH_KEY, '')!r}"
+            )
         kind = "" if isinstance(e, QCompileError) else f"{type(e).__name__}: "
         return PassError(f"pass {p.name!r} failed{where} after passes {done or ['(none)']}: {kind}{e}")
 

@@ -10,8 +10,9 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
   activation quantization, or with dynamic symmetric per-token / per-group activations →
   ``qcompile::quant_linear`` (weight codes stored one per int8; the report also gives the
   packed size); symmetric 6-bit weights (FlexQ's W6) are stored densely packed, 4 codes in 3 bytes,
-  and run by ``qcompile::packed_linear``. A group size that does not divide K is a PlanError naming the layer, unless the
-  spec sets ``partial_last_group`` (then the last group is shorter, as if K were zero-padded).
+  and run by ``qcompile::packed_linear``. A group size that does not divide K is a PlanError naming
+  the layer, unless the spec sets ``partial_last_group`` (then the last group is shorter, as if K
+  were zero-padded).
 
 Weight methods (``plan.weight_method``): ``rtn`` (round to nearest; with the option
 ``clip_search`` the per-group clip ratio is grid-searched on calibration inputs to minimize the
@@ -38,14 +39,13 @@ from typing import Any, ClassVar
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
-from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.ops.packed import pack_codes
+from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import LayerQuant, WeightMethod
-from qcompile.quant.spec import Granularity, QuantSpec, check_group
-from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
 from qcompile.quant.quantizer import (
@@ -56,6 +56,7 @@ from qcompile.quant.quantizer import (
     quantize_weight_per_channel,
     search_clip,
 )
+from qcompile.quant.spec import Granularity, QuantSpec, check_group
 
 Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -119,7 +120,9 @@ class QuantizeWeights(Pass):
                 continue
             assert lq.weight is not None
             if m.weight_key not in done:
-                done[m.weight_key] = self._quantize(program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key))
+                done[m.weight_key] = self._quantize(
+                    program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key)
+                )
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
@@ -159,8 +162,12 @@ class QuantizeWeights(Pass):
         if method is WeightMethod.GPTQ:
             return self._gptq(program, ctx, batches, targets)
         obs = observe_linear_inputs(
-            program, batches, [k for k, _, _ in targets], lambda _k: [SampleObserver(cap=self.samples, stride=7)],
-            progress=ctx.progress, desc="quantize_weights: clip search",
+            program,
+            batches,
+            [k for k, _, _ in targets],
+            lambda _k: [SampleObserver(cap=self.samples, stride=7)],
+            progress=ctx.progress,
+            desc="quantize_weights: clip search",
         )
         out: dict[str, Codes] = {}
         for key, _path, spec in targets:
@@ -168,12 +175,26 @@ class QuantizeWeights(Pass):
             k = w.shape[1]
             gs = spec.block(k)
             ratio = search_clip(w, obs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric)
-            q = quantize(w, spec.bits, Granularity.PER_GROUP, symmetric=spec.symmetric, group_size=gs, partial_last_group=True, clip=ratio)
+            q = quantize(
+                w,
+                spec.bits,
+                Granularity.PER_GROUP,
+                symmetric=spec.symmetric,
+                group_size=gs,
+                partial_last_group=True,
+                clip=ratio,
+            )
             codes = q.codes.reshape(w.shape[0], -1)[:, :k]
-            out[key] = (codes.to(code_dtype(spec.bits, spec.symmetric)), q.scale[..., 0], None if q.offset is None else q.offset[..., 0])
+            out[key] = (
+                codes.to(code_dtype(spec.bits, spec.symmetric)),
+                q.scale[..., 0],
+                None if q.offset is None else q.offset[..., 0],
+            )
         return out
 
-    def _gptq(self, program: Program, ctx: PassContext, batches: list[torch.Tensor], targets: list[tuple[str, str, QuantSpec]]) -> dict[str, Codes]:
+    def _gptq(
+        self, program: Program, ctx: PassContext, batches: list[torch.Tensor], targets: list[tuple[str, str, QuantSpec]]
+    ) -> dict[str, Codes]:
         from tqdm.auto import tqdm
 
         blocks: dict[str, list[tuple[str, str, QuantSpec]]] = {}
@@ -182,14 +203,24 @@ class QuantizeWeights(Pass):
         out: dict[str, Codes] = {}
         for block, items in tqdm(blocks.items(), desc="quantize_weights: gptq", disable=not ctx.progress, unit="block"):
             hs = observe_linear_inputs(
-                program, batches, [k for k, _, _ in items], lambda key: [Hessian(program.state[key].shape[1])],
-                desc=f"gptq {block}", stop_early=True,
+                program,
+                batches,
+                [k for k, _, _ in items],
+                lambda key: [Hessian(program.state[key].shape[1])],
+                desc=f"gptq {block}",
+                stop_early=True,
             )
             for key, _path, spec in items:
                 w = program.state[key]
                 gs = spec.block(w.shape[1])
                 codes, scale, offset = gptq_quantize(
-                    w, hs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric, damp=self.damp, act_order=self.act_order
+                    w,
+                    hs[key][0].value(),
+                    spec.bits,
+                    gs,
+                    symmetric=spec.symmetric,
+                    damp=self.damp,
+                    act_order=self.act_order,
                 )
                 out[key] = (codes, scale, offset)
                 program.state[key] = dequantize_weight_groups(codes, scale, offset, gs).to(w.dtype)
@@ -209,7 +240,9 @@ class QuantizeWeights(Pass):
             program.weight_bits[qkey] = 8
             return [qkey, program.add_state(f"{base}.w_scale", scale)], torch.ops.qcompile.linear_w8a8.default, ()
         if w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
-            raise PlanError(f"layer {path!r}: weight granularity {w.granularity.value!r} is not supported; supported: {SUPPORTED}")
+            raise PlanError(
+                f"layer {path!r}: weight granularity {w.granularity.value!r} is not supported; supported: {SUPPORTED}"
+            )
         group = w.block(k)
         check_group(path, k, w)
         act_bits, act_group = 0, 0

@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import ScaleGroup, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, Plan, QuantSpec
-from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
 from qcompile.quant.quantizer import fake_quantize
 
@@ -62,7 +62,7 @@ class SmoothMigration(Pass):
     requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
     provides: ClassVar[frozenset[Fact]] = frozenset({Fact.SMOOTHED})
 
-    alpha: Union[float, AlphaMode] = 0.5
+    alpha: float | AlphaMode = 0.5
     grid_step: float = 0.05
     value_out: bool = False  # also migrate o_proj's input scales into v_proj's rows
     up_down: bool = False  # also migrate down_proj's input scales into up_proj's rows
@@ -72,7 +72,9 @@ class SmoothMigration(Pass):
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):
             if self.alpha not in [m.value for m in AlphaMode]:
-                raise PlanError(f"smooth_migration: alpha must be a number in [0, 1], 'search' or 'none', not {self.alpha!r}")
+                raise PlanError(
+                    f"smooth_migration: alpha must be a number in [0, 1], 'search' or 'none', not {self.alpha!r}"
+                )
             object.__setattr__(self, "alpha", AlphaMode(self.alpha))
         elif not 0.0 <= float(self.alpha) <= 1.0:
             raise PlanError(f"smooth_migration: alpha must be in [0, 1], got {self.alpha}")
@@ -80,7 +82,11 @@ class SmoothMigration(Pass):
             raise PlanError(f"smooth_migration: grid_step must be in (0, 1], got {self.grid_step}")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        groups = [g for g in find_scale_groups(program, value_out=self.value_out, up_down=self.up_down) if not _all_skipped(ctx.plan, g)]
+        groups = [
+            g
+            for g in find_scale_groups(program, value_out=self.value_out, up_down=self.up_down)
+            if not _all_skipped(ctx.plan, g)
+        ]
         if not groups or self.alpha is AlphaMode.NONE:
             return PassResult(program, modified=False, notes={"groups": len(groups), "alpha": "none"})
         batches = calib_batches(ctx.calib, who="smooth_migration", min_tokens=MIN_CALIB_TOKENS)
@@ -90,7 +96,9 @@ class SmoothMigration(Pass):
         def make(_key: str) -> list:
             return [AbsMaxObserver(), SampleObserver(cap=self.samples, stride=7)] if search else [AbsMaxObserver()]
 
-        stats = observe_linear_inputs(program, batches, keys, make, progress=ctx.progress, desc="smooth_migration: calibrating")
+        stats = observe_linear_inputs(
+            program, batches, keys, make, progress=ctx.progress, desc="smooth_migration: calibrating"
+        )
         chosen: dict[str, str] = {}
         changed: list[str] = []
         for g in groups:
@@ -106,7 +114,9 @@ class SmoothMigration(Pass):
             if s is not None:
                 _apply(program, g, s)
                 changed.extend(g.paths)
-        return PassResult(program, modified=bool(changed), layers_changed=changed, notes={"alpha": chosen, "groups": len(groups)})
+        return PassResult(
+            program, modified=bool(changed), layers_changed=changed, notes={"alpha": chosen, "groups": len(groups)}
+        )
 
     def _scales(self, g: ScaleGroup, xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
         """Per consumer input channel scales (equal within a producer channel's consumers)."""
@@ -138,7 +148,9 @@ def _fake(t: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
     if spec is None:
         return t
     gs = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
-    return fake_quantize(t, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=gs, partial_last_group=True)
+    return fake_quantize(
+        t, spec.bits, spec.granularity, symmetric=spec.symmetric, group_size=gs, partial_last_group=True
+    )
 
 
 def _error(x, weights, specs, ref, s: torch.Tensor | None) -> float:

@@ -53,7 +53,9 @@ def resolve_points(m: int, points: str) -> tuple[Any, ...]:
     key = (m, name)
     if key not in winograd.POINT_SETS:
         names = sorted({n for (mm, n) in winograd.POINT_SETS if mm == m} | {"best"})
-        raise PlanError(f"no point set {points!r} for F({m},3); named sets: {names}, or explicit rationals '0,1,-1,...'")
+        raise PlanError(
+            f"no point set {points!r} for F({m},3); named sets: {names}, or explicit rationals '0,1,-1,...'"
+        )
     return winograd.POINT_SETS[key]
 
 
@@ -138,8 +140,13 @@ class WinogradConv(Pass):
                     changed.append(path)
         ctx.at(None, None)
         program.finish_rewrite(touched)
-        return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()),
-                          notes={"fp16": self.fp16})
+        return PassResult(
+            program,
+            modified=bool(changed),
+            layers_changed=changed,
+            skipped=sorted(skipped.items()),
+            notes={"fp16": self.fp16},
+        )
 
     @staticmethod
     def _ineligible(program: Program, bindings: dict[fx.Node, Slot], node: fx.Node) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +54,18 @@ class CacheLedger:
 class CacheGraph:
     """Graph building over one entry: ops, state and cache placeholders, quantize / store / finish."""
 
-    def __init__(self, program: Program, entry: Entry, specs: dict[str, QuantSpec | None], static: StaticScales,
-                 factors: dict[str, tuple[torch.Tensor, torch.Tensor]], ledger: CacheLedger, *,
-                 cross_layer: bool = False, residual: bool = False) -> None:
+    def __init__(
+        self,
+        program: Program,
+        entry: Entry,
+        specs: dict[str, QuantSpec | None],
+        static: StaticScales,
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        ledger: CacheLedger,
+        *,
+        cross_layer: bool = False,
+        residual: bool = False,
+    ) -> None:
         self.p, self.e, self.g = program, entry, entry.graph.graph
         self.specs, self.static, self.factors, self.ledger = specs, static, factors, ledger
         self.cross_layer, self.residual = cross_layer, residual  # XQuant-CL, and over the residual stream
@@ -76,7 +86,9 @@ class CacheGraph:
     def cache_input(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> fx.Node:
         spec = (tuple(shape), str(dtype).removeprefix("torch."))
         if self.ledger.caches.setdefault(key, spec) != spec:
-            raise PassError(f"kv_to_xcache: cache {key!r} gets shapes {self.ledger.caches[key]} and {spec} in different entries")
+            raise PassError(
+                f"kv_to_xcache: cache {key!r} gets shapes {self.ledger.caches[key]} and {spec} in different entries"
+            )
         placeholders = self.e.placeholders()
         first_user = next(i for i, s in enumerate(self.e.slots) if s.kind is SlotKind.USER)
         with self.g.inserting_before(placeholders[first_user]):
@@ -93,7 +105,9 @@ class CacheGraph:
         codes, scale, offset, gs = self.quantize(x, spec, static_key, width)
         return self.call(qops.cache_dequantize.default, codes, scale, offset, gs)
 
-    def quantize(self, x: fx.Node, spec: QuantSpec, static_key: tuple[int, str], width: int) -> tuple[Any, Any, Any, int]:
+    def quantize(
+        self, x: fx.Node, spec: QuantSpec, static_key: tuple[int, str], width: int
+    ) -> tuple[Any, Any, Any, int]:
         """(codes, scale, offset, group size; 0 for static per-channel scales held as state)."""
         if is_static(spec):
             s, o = self.static[static_key]
@@ -108,8 +122,17 @@ class CacheGraph:
         offset = None if spec.symmetric else self.call(operator.getitem, q, 2)
         return codes, scale, offset, gs
 
-    def store(self, x: fx.Node, spec: QuantSpec | None, static_key: tuple[int, str], key: str, shape: list[int], dim: int, pos: fx.Node,
-              dtype: torch.dtype) -> tuple[fx.Node, fx.Node]:
+    def store(
+        self,
+        x: fx.Node,
+        spec: QuantSpec | None,
+        static_key: tuple[int, str],
+        key: str,
+        shape: list[int],
+        dim: int,
+        pos: fx.Node,
+        dtype: torch.dtype,
+    ) -> tuple[fx.Node, fx.Node]:
         """Write x's new tokens into the cache(s) ``key.*``; returns (deq of the whole cache, deq of the new tokens)."""
         if spec is None:
             w = self.call(aten.index_copy_.default, self.cache_input(f"{key}", tuple(shape), dtype), dim, pos, x)
@@ -122,10 +145,14 @@ class CacheGraph:
             ws, wo = scale, offset
         else:
             sshape = (*shape[:-1], shape[-1] // gs)
-            ws = self.call(aten.index_copy_.default, self.cache_input(f"{key}.scale", sshape, torch.float16), dim, pos, scale)
+            ws = self.call(
+                aten.index_copy_.default, self.cache_input(f"{key}.scale", sshape, torch.float16), dim, pos, scale
+            )
             wo = None
             if offset is not None:
-                wo = self.call(aten.index_copy_.default, self.cache_input(f"{key}.offset", sshape, torch.float16), dim, pos, offset)
+                wo = self.call(
+                    aten.index_copy_.default, self.cache_input(f"{key}.offset", sshape, torch.float16), dim, pos, offset
+                )
         all_ = self.call(qops.cache_dequantize.default, wc, ws, wo, gs)
         new = self.call(qops.cache_dequantize.default, codes, scale, offset, gs)
         return all_, new
@@ -146,12 +173,26 @@ class CacheGraph:
         self.rewrite_cache(b, k_shape, v_shape, dim, length, x_dtype)
         return 2 * (math.prod(k_shape) + math.prod(v_shape)) // length
 
-    def rewrite_cache(self, b: AttentionBlock, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dim: int, length: int,
-                      x_dtype: torch.dtype) -> None:
+    def rewrite_cache(
+        self,
+        b: AttentionBlock,
+        k_shape: tuple[int, ...],
+        v_shape: tuple[int, ...],
+        dim: int,
+        length: int,
+        x_dtype: torch.dtype,
+    ) -> None:
         raise NotImplementedError
 
     def forward_block(self, b: AttentionBlock) -> None:
         raise NotImplementedError
+
+    def copy_nodes(self, nodes: Sequence[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
+        """Copy ``nodes`` (in graph order) at the insertion point, their inputs remapped through
+        ``env``, which gains each copy; the copies carry the block's module path."""
+        for n in nodes:
+            env[n] = self.g.node_copy(n, lambda a: env.get(a, a))
+            env[n].meta[PATH_KEY] = self.path
 
     def replace_write(self, proj: KVProjection, new: fx.Node) -> None:
         assert proj.write is not None
@@ -173,13 +214,28 @@ class CacheGraph:
 class KVRewriter(CacheGraph):
     """``mode: kv``: the (post-RoPE) K and V caches themselves hold codes."""
 
-    def rewrite_cache(self, b: AttentionBlock, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dim: int, length: int,
-                      x_dtype: torch.dtype) -> None:
+    def rewrite_cache(
+        self,
+        b: AttentionBlock,
+        k_shape: tuple[int, ...],
+        v_shape: tuple[int, ...],
+        dim: int,
+        length: int,
+        x_dtype: torch.dtype,
+    ) -> None:
         for name, proj, shape in (("k", b.k, k_shape), ("v", b.v, v_shape)):
             assert proj.write is not None and proj.src is not None
             with self.g.inserting_before(proj.write):
-                all_, _ = self.store(proj.src, self.specs[name], (b.index, name), f"kvq.{b.index}.{name}", list(shape), dim,
-                                     proj.write.args[2], x_dtype)
+                all_, _ = self.store(
+                    proj.src,
+                    self.specs[name],
+                    (b.index, name),
+                    f"kvq.{b.index}.{name}",
+                    list(shape),
+                    dim,
+                    proj.write.args[2],
+                    x_dtype,
+                )
             self.replace_write(proj, all_)
 
     def forward_block(self, b: AttentionBlock) -> None:
@@ -222,8 +278,15 @@ class _Remat(CacheGraph):
         """K or V (before the head path) for every cache position from ``source``."""
         raise NotImplementedError
 
-    def rewrite_cache(self, b: AttentionBlock, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dim: int, length: int,
-                      x_dtype: torch.dtype) -> None:
+    def rewrite_cache(
+        self,
+        b: AttentionBlock,
+        k_shape: tuple[int, ...],
+        v_shape: tuple[int, ...],
+        dim: int,
+        length: int,
+        x_dtype: torch.dtype,
+    ) -> None:
         assert b.k.write is not None and b.v.write is not None
         pos = b.k.write.args[2]
         order = {n: i for i, n in enumerate(self.g.nodes)}
@@ -239,9 +302,7 @@ class _Remat(CacheGraph):
                 env: dict[fx.Node, fx.Node] = {hp.heads: h}
                 for i, (ext, t) in enumerate(zip(hp.externals, tables)):
                     env[ext] = self.state(f"xcache.rope_table.{b.index}.{name}.{i}", t)
-                for n in hp.nodes:
-                    env[n] = self.g.node_copy(n, lambda a: env.get(a, a))
-                    env[n].meta[PATH_KEY] = self.path
+                self.copy_nodes(hp.nodes, env)
                 outs[name] = env[proj.src] if proj.src in env else h
         self.replace_write(b.k, outs["k"])
         self.replace_write(b.v, outs["v"])
@@ -256,8 +317,9 @@ class LatentRewriter(_Remat):
             u_t, _ = self.factors[proj.weight_key]
             z = self.call(aten.linear.default, b.x, self.state(f"xcache.{b.index}.{name}.U_t", u_t))
             r = u_t.shape[0]
-            out[id(proj)], _ = self.store(z, self.specs[name], (b.index, name), f"xcache.{b.index}.{name}_latent", [1, length, r], 1,
-                                          pos, x_dtype)
+            out[id(proj)], _ = self.store(
+                z, self.specs[name], (b.index, name), f"xcache.{b.index}.{name}_latent", [1, length, r], 1, pos, x_dtype
+            )
         return out
 
     def project(self, b: AttentionBlock, name: str, proj: KVProjection, source: fx.Node) -> fx.Node:
@@ -307,7 +369,9 @@ class XRewriter(_Remat):
         else:
             assert self.acc_all is not None
             diff = self.call(aten.sub.Tensor, src, self.acc_new)
-            d_all, d_new = self.store(diff, self.specs["x"], (b.index, "x"), f"{key}_delta", [1, length, d], 1, pos, x_dtype)
+            d_all, d_new = self.store(
+                diff, self.specs["x"], (b.index, "x"), f"{key}_delta", [1, length, d], 1, pos, x_dtype
+            )
             all_ = self.call(aten.add.Tensor, self.acc_all, d_all)
             new = self.call(aten.add.Tensor, self.acc_new, d_new)
         self.acc_all, self.acc_new = all_, new
@@ -317,9 +381,7 @@ class XRewriter(_Remat):
 
     def _copy_norm(self, h: fx.Node, nodes: list[fx.Node], x: fx.Node, new_h: fx.Node) -> fx.Node:
         env: dict[fx.Node, fx.Node] = {h: new_h}
-        for n in nodes:
-            env[n] = self.g.node_copy(n, lambda a: env.get(a, a))
-            env[n].meta[PATH_KEY] = self.path
+        self.copy_nodes(nodes, env)
         return env[x]
 
     def forward_block(self, b: AttentionBlock) -> None:
@@ -334,7 +396,9 @@ class XRewriter(_Remat):
                     xh = self.fake_quant(src, self.specs["x0"], (b.index, "x0"), d)
                 else:
                     diff = self.call(aten.sub.Tensor, src, self.acc_new)
-                    xh = self.call(aten.add.Tensor, self.acc_new, self.fake_quant(diff, self.specs["x"], (b.index, "x"), d))
+                    xh = self.call(
+                        aten.add.Tensor, self.acc_new, self.fake_quant(diff, self.specs["x"], (b.index, "x"), d)
+                    )
                 self.acc_new = xh
                 if self.residual:
                     xh = self._copy_norm(src, norm_nodes, b.x, xh)
@@ -344,7 +408,9 @@ class XRewriter(_Remat):
             b.v.lin.replace_input_with(b.x, xh)
 
 
-def _position_tables(program: Program, entry: Entry, nodes: list[fx.Node], seq_dim: int, length: int) -> list[torch.Tensor]:
+def _position_tables(
+    program: Program, entry: Entry, nodes: list[fx.Node], seq_dim: int, length: int
+) -> list[torch.Tensor]:
     """Values of ``nodes`` (position-dependent, content-independent) for positions 0..length-1,
     by evaluating the entry's own subgraph for one token at each position; concatenated on ``seq_dim``."""
     anc = ancestors(nodes)
@@ -369,8 +435,8 @@ def _position_tables(program: Program, entry: Entry, nodes: list[fx.Node], seq_d
                 env[ph] = torch.zeros([1] * len(spec.shape), dtype=spec.torch_dtype)  # token ids
         with torch.no_grad():
             for n in ordered:
-                args = fx.node.map_arg(n.args, lambda a: env[a])
-                kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+                args = fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
                 env[n] = n.target(*args, **kwargs)
         for i, n in enumerate(nodes):
             cols[i].append(env[n])

@@ -102,4 +102,8 @@ def gptq_quantize(
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
     inv = torch.argsort(perm)
     codes = codes[:, inv]
-    return codes.to(code_dtype(bits, symmetric)), scale.to(torch.float32), None if offset is None else offset.to(torch.float32)
+    return (
+        codes.to(code_dtype(bits, symmetric)),
+        scale.to(torch.float32),
+        None if offset is None else offset.to(torch.float32),
+    )

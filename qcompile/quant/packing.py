@@ -20,7 +20,6 @@ import torch
 from qcompile.quant.spec import BITS
 
 
-
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
     """Inclusive range of ``bits``-bit storage (two's complement when signed: one more negative
     value than the symmetric quantization grid of :func:`qcompile.quant.spec.levels` uses)."""
@@ -31,12 +30,16 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
 
 def _check(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dim() == 0:
-        raise ValueError(f"codes must be an integer tensor with at least one axis, got {codes.dtype}[{list(codes.shape)}]")
+        raise ValueError(
+            f"codes must be an integer tensor with at least one axis, got {codes.dtype}[{list(codes.shape)}]"
+        )
     lo, hi = code_range(bits, signed)
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < lo or int(c.max()) > hi):
         kind = "signed" if signed else "unsigned"
-        raise ValueError(f"codes outside the {kind} {bits}-bit range [{lo}, {hi}]: min {int(c.min())}, max {int(c.max())}")
+        raise ValueError(
+            f"codes outside the {kind} {bits}-bit range [{lo}, {hi}]: min {int(c.min())}, max {int(c.max())}"
+        )
     return c & (2**bits - 1)  # two's complement bit pattern
 
 
@@ -92,7 +95,9 @@ def from_bitplanes(planes: torch.Tensor, k: int, signed: bool = True) -> torch.T
     bits = planes.shape[0]
     code_range(bits, signed)
     if planes.dtype != torch.int32 or planes.shape[-1] != (k + 31) // 32:
-        raise ValueError(f"expected int32 planes with {(k + 31) // 32} words per row, got {planes.dtype}{list(planes.shape)}")
+        raise ValueError(
+            f"expected int32 planes with {(k + 31) // 32} words per row, got {planes.dtype}{list(planes.shape)}"
+        )
     words = planes.to(torch.int64) & 0xFFFFFFFF
     bitvals = ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).flatten(-2)[..., :k]  # [bits, ..., k]
     weights = 2 ** torch.arange(bits, dtype=torch.int64)

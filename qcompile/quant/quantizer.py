@@ -29,13 +29,14 @@ scale 1 (codes 0), never a division by zero:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from qcompile.errors import PlanError
-from qcompile.quant.spec import BITS, Granularity, QuantSpec, levels
+from qcompile.quant.spec import Granularity, QuantSpec, levels
+
 
 @dataclass(frozen=True)
 class Quantized:
@@ -66,7 +67,9 @@ def _grouped(x: torch.Tensor, group_size: int, partial_last_group: bool) -> torc
     return x.reshape(*x.shape[:-1], -1, group_size)
 
 
-def blocks_view(x: torch.Tensor, granularity: Granularity, group_size: int | None = None, partial_last_group: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+def blocks_view(
+    x: torch.Tensor, granularity: Granularity, group_size: int | None = None, partial_last_group: bool = False
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``x`` reshaped so that reducing over the returned dims gives one value per block."""
     if granularity is Granularity.PER_TENSOR:
         return x, tuple(range(x.dim()))
@@ -81,7 +84,9 @@ def blocks_view(x: torch.Tensor, granularity: Granularity, group_size: int | Non
     return g, (g.dim() - 1,)
 
 
-def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def params_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, clip: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and offset) of the grid covering ``[lo, hi]`` shrunk by ``clip``."""
     qmin, qmax = levels(bits, symmetric)
     if symmetric:
@@ -119,7 +124,9 @@ def quantize(
     qmin, qmax = levels(bits, symmetric)
     shifted = xb if offset is None else xb - offset
     codes = torch.clamp(torch.round(shifted / scale), qmin, qmax).to(torch.int16)
-    return Quantized(codes, scale, offset, bits, symmetric, group_size if granularity is Granularity.PER_GROUP else None)
+    return Quantized(
+        codes, scale, offset, bits, symmetric, group_size if granularity is Granularity.PER_GROUP else None
+    )
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
@@ -271,7 +278,9 @@ def quantize_weight_groups(
     return codes, scale, offset
 
 
-def dequantize_weight_groups(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int) -> torch.Tensor:
+def dequantize_weight_groups(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """The float32 weight ``q·s (+ m)`` that :func:`quantize_weight_groups` encodes."""
     n, k = codes.shape
     s = scale.repeat_interleave(group_size, dim=1)[:, :k]

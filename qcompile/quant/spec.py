@@ -64,7 +64,8 @@ class QuantSpec:
                 raise PlanError("granularity 'per_group' needs a positive group_size (e.g. 128)")
         elif self.group_size is not None or self.partial_last_group:
             raise PlanError(
-                f"group_size/partial_last_group are only meaningful with granularity 'per_group', not {self.granularity.value!r}"
+                "group_size/partial_last_group are only meaningful with granularity 'per_group', not "
+                f"{self.granularity.value!r}"
             )
 
     @property

@@ -21,9 +21,9 @@ reports the 2-norm condition number of the square Vandermonde matrix of the fini
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -125,8 +125,14 @@ def verify(t: Transforms, trials: int = 8, seed: int = 0) -> None:
     d2 = [[Fraction(rng.randint(-9, 9)) for _ in range(a)] for _ in range(a)]
     U = _matmul(_matmul(t.G, g2), _transpose(t.G))
     V = _matmul(_matmul(t.BT, d2), _transpose(t.BT))
-    Y = _matmul(_matmul(t.AT, [[u * v for u, v in zip(ru, rv, strict=True)] for ru, rv in zip(U, V, strict=True)]), _transpose(t.AT))
-    direct2 = [[sum((g2[u][v] * d2[i + u][j + v] for u in range(r) for v in range(r)), Fraction(0)) for j in range(m)] for i in range(m)]
+    Y = _matmul(
+        _matmul(t.AT, [[u * v for u, v in zip(ru, rv, strict=True)] for ru, rv in zip(U, V, strict=True)]),
+        _transpose(t.AT),
+    )
+    direct2 = [
+        [sum((g2[u][v] * d2[i + u][j + v] for u in range(r) for v in range(r)), Fraction(0)) for j in range(m)]
+        for i in range(m)
+    ]
     if Y != direct2:
         raise AssertionError(f"2-D F({m},{r}) with points {list(map(str, t.points))} is wrong")
 

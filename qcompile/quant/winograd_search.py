@@ -12,9 +12,9 @@ the given layers of the relative error of the fp16 Winograd convolution (the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 import torch
 
@@ -45,7 +45,9 @@ def fp16_error(
     AT, G, BT = (torch.tensor(a, dtype=torch.float32) for a in t.as_arrays())
     errs = []
     for s, ref in zip(samples, refs if refs is not None else [direct(s) for s in samples], strict=True):
-        y = torch.ops.qcompile.winograd_conv2d(s.x, winograd.transform_weight(s.weight, G), AT, BT, None, m, list(s.padding), True)
+        y = torch.ops.qcompile.winograd_conv2d(
+            s.x, winograd.transform_weight(s.weight, G), AT, BT, None, m, list(s.padding), True
+        )
         e = float((y - ref).norm() / ref.norm())
         errs.append(e if math.isfinite(e) else math.inf)
     errs.sort()

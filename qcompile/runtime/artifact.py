@@ -32,9 +32,9 @@ from qcompile.fileio import atomic_directory, sha256_file
 from qcompile.ir.facts import CAPTURED_FACTS, Fact, names
 from qcompile.ir.program import DimRange, Entry, Program, Slot, SlotKind, TensorSpec
 from qcompile.ir.serialize import graph_from_json, graph_to_json
-from qcompile.report import CompileReport
 from qcompile.ir.verify import verify
 from qcompile.plan import Plan
+from qcompile.report import CompileReport
 
 if TYPE_CHECKING:
     from qcompile.runtime.compiled import CompiledModule
@@ -71,19 +71,26 @@ def _unalias(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, t in tensors.items():
         t = t.detach()
         ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-        if ptr in seen or not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        if (
+            ptr in seen
+            or not t.is_contiguous()
+            or t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        ):
             t = t.clone().contiguous()
         seen.add(t.untyped_storage().data_ptr() if t.numel() else -1)
         out[k] = t
     return out
 
 
-def save_artifact(cm: "CompiledModule", path: Path) -> Path:
+def save_artifact(cm: CompiledModule, path: Path) -> Path:
     path = path.expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
-        raise ArtifactError(f"{path} is a non-empty directory that is not a qcompile artifact; refusing to overwrite it")
+        raise ArtifactError(
+            f"{path} is a non-empty directory that is not a qcompile artifact; refusing to overwrite it"
+        )
     with atomic_directory(path) as tmp:
         prog = cm.program
         tensors = {f"state/{k}": v for k, v in prog.state.items()}
@@ -155,7 +162,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(path: str | Path, backend: str | None = None) -> "CompiledModule":
+def load_artifact(path: str | Path, backend: str | None = None) -> CompiledModule:
     from qcompile.runtime.compiled import CompiledModule
 
     path = Path(path).expanduser()
@@ -168,7 +175,9 @@ def load_artifact(path: str | Path, backend: str | None = None) -> "CompiledModu
         if not f.is_file():
             raise ArtifactError(f"{path} is incomplete: {rel} is missing")
         if sha256_file(f) != digest:
-            raise ArtifactError(f"{path}/{rel} does not match its checksum (truncated or tampered); re-create the artifact")
+            raise ArtifactError(
+                f"{path}/{rel} does not match its checksum (truncated or tampered); re-create the artifact"
+            )
     try:
         tensors = load_file(path / TENSORS)
     except (SafetensorError, OSError) as e:
@@ -213,11 +222,19 @@ def _program_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -
     cache_specs = {k: (tuple(int(d) for d in s), str(dt)) for k, (s, dt) in data["cache_specs"].items()}
     meta = dict(data["meta"])
     if "weight_bits" not in data:  # format 1 kept these facts in meta
-        data = {**data, "weight_bits": meta.pop("weight_bits", {}), "cache_bits": meta.pop("cache_bits", {}),
-                "fp16_kv_bytes": meta.pop("fp16_kv_bytes_per_token", None), "facts": names(CAPTURED_FACTS)}
+        data = {
+            **data,
+            "weight_bits": meta.pop("weight_bits", {}),
+            "cache_bits": meta.pop("cache_bits", {}),
+            "fp16_kv_bytes": meta.pop("fp16_kv_bytes_per_token", None),
+            "facts": names(CAPTURED_FACTS),
+        }
     fp16 = data["fp16_kv_bytes"]
     return Program(
-        entries, state, cache_specs, meta,
+        entries,
+        state,
+        cache_specs,
+        meta,
         weight_bits={str(k): _bits(v, k) for k, v in data["weight_bits"].items()},
         cache_bits={str(k): _bits(v, k) for k, v in data["cache_bits"].items()},
         fp16_kv_bytes=None if fp16 is None else int(fp16),

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -22,8 +23,8 @@ from qcompile.codegen.base import BuiltEntry
 from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import InputError, QCompileError
 from qcompile.ir.program import Entry, Program, SlotKind
-from qcompile.report import CompileReport
 from qcompile.plan import Plan
+from qcompile.report import CompileReport
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,13 @@ class CompiledModule:
             )
         vocab = int(self.program.meta["vocab_size"])
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise InputError(f"token ids must be in [0, {vocab}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
-        eos = set(self.program.meta.get("eos_token_id") or []) if eos_token_id is None else (
-            {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+            raise InputError(
+                f"token ids must be in [0, {vocab}), got range [{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        eos = (
+            set(self.program.meta.get("eos_token_id") or [])
+            if eos_token_id is None
+            else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
         )
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.reset_cache()
@@ -231,7 +236,9 @@ def check_inputs(entry: Entry, inputs: list[Any]) -> None:
     bound: dict[str, int] = {}
     for name, spec, x in zip(names, entry.user_inputs, inputs):
         expect = spec.describe()
-        ranges = ", ".join(f"{d} in [{entry.dims[d].min}, {entry.dims[d].max}]" for d in spec.shape if isinstance(d, str))
+        ranges = ", ".join(
+            f"{d} in [{entry.dims[d].min}, {entry.dims[d].max}]" for d in spec.shape if isinstance(d, str)
+        )
         hint = f"expected {expect}" + (f" with {ranges}" if ranges else "")
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{entry.name} input {name!r}: {hint}, got {type(x).__name__}")
@@ -249,4 +256,7 @@ def check_inputs(entry: Entry, inputs: list[Any]) -> None:
             if rng is not None and not rng.min <= have <= rng.max:
                 raise InputError(f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} out of range)")
             if bound.setdefault(want, have) != have:
-                raise InputError(f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} must equal {bound[want]} like the other inputs)")
+                raise InputError(
+                    f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} must equal {bound[want]} like the "
+                    "other inputs)"
+                )

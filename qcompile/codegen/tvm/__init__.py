@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import tvm
@@ -88,7 +89,9 @@ class _Runner:
             hit = self.bound.get(i)
             if hit is None or hit[0] is not a:  # state and cache tensors are stable: convert once
                 if kind is SlotKind.CACHE and self.device == "cpu" and (not a.is_contiguous() or a.data_ptr() % 64):
-                    raise ValueError(f"cache slot {i} is not contiguous and 64-byte aligned; the VM could not update it in place")
+                    raise ValueError(
+                        f"cache slot {i} is not contiguous and 64-byte aligned; the VM could not update it in place"
+                    )
                 hit = self.bound[i] = (a, _share(a, self.device))
             tv.append(hit[1])
         out = self.fn(*tv, *self.extras)
@@ -119,8 +122,9 @@ class TVMBackend(Backend):
         self.fatbin: bytes | None = None
 
     # ---- build ------------------------------------------------------------------------------
-    def build(self, program: Program, target: Target, *, allow_fallback: bool = False,
-              artifact: Path | None = None) -> dict[str, BuiltEntry]:
+    def build(
+        self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
+    ) -> dict[str, BuiltEntry]:
         if artifact is not None and (artifact / INFO).is_file():
             self._load(program, artifact)
         else:
@@ -153,8 +157,11 @@ class TVMBackend(Backend):
             source = cuda.device_source(self.executable)
             self.fatbin = cuda.compile_fatbin(source, gpu.arch)
             cuda.install_fatbins({cuda.source_key(source): self.fatbin})
-            extra = {"cuda_source_sha256": cuda.source_key(source), "generic_kernels": lowered.generic,
-                     "nvcc_seconds": round(time.perf_counter() - t2, 3)}
+            extra = {
+                "cuda_source_sha256": cuda.source_key(source),
+                "generic_kernels": lowered.generic,
+                "nvcc_seconds": round(time.perf_counter() - t2, 3),
+            }
         with torch.no_grad():
             self.params = {k: f(program.state).contiguous() for k, f in lowered.repacks.items()}
         self.info = {

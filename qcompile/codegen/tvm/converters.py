@@ -17,8 +17,10 @@ A converter declines a node by raising :class:`~.rules.NoRule`; anything else it
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -49,7 +51,7 @@ def converters(lw: Lowering) -> dict[str, Converter]:
         "scaled_dot_product_attention.default": sdpa,
         "to.device": lambda lw, node: lw.env(node.args[0]),
     }
-    return {name: (lambda f: lambda node: f(lw, node))(f) for name, f in table.items()}
+    return {name: functools.partial(f, lw) for name, f in table.items()}
 
 
 # ---- linear layers ------------------------------------------------------------------------------
@@ -70,8 +72,9 @@ def _bias_key(lw: Lowering, node: Any) -> str | None:
     return None if node is None else _state_key(lw, node, "bias")
 
 
-def _linear(lw: Lowering, node: fx.Node, x: fx.Node, recipe: LinearRecipe, weights: LinearWeights,
-            bias: str | None) -> relax.Var:
+def _linear(
+    lw: Lowering, node: fx.Node, x: fx.Node, recipe: LinearRecipe, weights: LinearWeights, bias: str | None
+) -> relax.Var:
     return apply_rules(lw.target.rules.linear, lw, LinearCall(node, lw.env(x), recipe, weights, bias), "linear")
 
 

@@ -38,7 +38,9 @@ def check_device(arch: str) -> None:
     version = tvm.cuda().compute_version  # e.g. "9.0"
     have = int(version.replace(".", ""))
     if have < int(arch[3:]):
-        raise CudaTargetError(f"this module was built for {arch}; this GPU is sm_{have}. Recompile with target 'cuda:sm_{have}'")
+        raise CudaTargetError(
+            f"this module was built for {arch}; this GPU is sm_{have}. Recompile with target 'cuda:sm_{have}'"
+        )
 
 
 def nvcc_path() -> str | None:
@@ -50,14 +52,31 @@ def _nvcc(source: str, arch: str, fmt: str) -> bytes:
     exactly as the reference does."""
     nvcc = nvcc_path()
     if nvcc is None:
-        raise CudaTargetError("nvcc is not on PATH: CUDA kernels are compiled ahead of time and need the CUDA toolkit at build time")
+        raise CudaTargetError(
+            "nvcc is not on PATH: CUDA kernels are compiled ahead of time and need the CUDA toolkit at build time"
+        )
     sm = arch[3:]
     with tempfile.TemporaryDirectory(prefix="qcompile-nvcc-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
         src.write_text(source, encoding="utf-8")
-        cmd = [nvcc, f"--{fmt}", "-O3", "-gencode", f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]" if fmt == "fatbin" else f"arch=compute_{sm},code=compute_{sm}" if fmt == "ptx" else f"arch=compute_{sm},code=sm_{sm}",
-               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "--expt-relaxed-constexpr",
-               "-diag-suppress=177,550", "-o", str(out), str(src)]
+        cmd = [
+            nvcc,
+            f"--{fmt}",
+            "-O3",
+            "-gencode",
+            f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]"
+            if fmt == "fatbin"
+            else f"arch=compute_{sm},code=compute_{sm}"
+            if fmt == "ptx"
+            else f"arch=compute_{sm},code=sm_{sm}",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "--expt-relaxed-constexpr",
+            "-diag-suppress=177,550",
+            "-o",
+            str(out),
+            str(src),
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
             raise CudaTargetError(f"nvcc failed for {arch}:\n{run.stderr[-4000:]}")

@@ -22,8 +22,9 @@ Failures:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -41,7 +42,14 @@ from qcompile.ir.program import PATH_KEY, Entry, Program, SlotKind
 # What a converter bug raises (Python's, torch's and TVM's error types; TVM's derive from RuntimeError)
 # and qcompile's own errors raised inside a converter (e.g. a Program without a weight's bit width).
 CONVERTER_ERRORS = (
-    ArithmeticError, AssertionError, AttributeError, LookupError, RuntimeError, TypeError, ValueError, QCompileError,
+    ArithmeticError,
+    AssertionError,
+    AttributeError,
+    LookupError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+    QCompileError,
 )
 
 
@@ -123,8 +131,10 @@ class Lowering:
                 dims, dtype = list(shape_), getattr(torch, dt)
             else:
                 dims, dtype = list(node.meta["val"].shape), node.meta["val"].dtype
-            shape = [symvars.setdefault(str(d), tvm.tirx.Var(str(d), "int64")) if isinstance(d, torch.SymInt) else int(d)
-                     for d in dims]
+            shape = [
+                symvars.setdefault(str(d), tvm.tirx.Var(str(d), "int64")) if isinstance(d, torch.SymInt) else int(d)
+                for d in dims
+            ]
             inputs[node.name] = relax.Var(node.name, relax.TensorType(shape, imp._convert_data_type(dtype)))
         self.symvars = symvars
         nodes = list(entry.graph.graph.nodes)
@@ -232,6 +242,12 @@ def lower_program(program: Program, target: Target, allow_fallback: bool = False
 
 
 __all__ = [
-    "CONVERTER_ERRORS", "Lowered", "Lowering", "LoweringError", "NoRule", "fallback_name", "lower_program",
+    "CONVERTER_ERRORS",
+    "Lowered",
+    "Lowering",
+    "LoweringError",
+    "NoRule",
+    "fallback_name",
+    "lower_program",
     "register_fallback",
 ]

@@ -46,8 +46,9 @@ class LinearRecipe:
         return cls(n, k, "i8", k, act_bits=8)
 
     @classmethod
-    def codes(cls, n: int, k: int, bits: int, group: int, act_bits: int, act_grouped: bool,
-              offset: bool) -> LinearRecipe:
+    def codes(
+        cls, n: int, k: int, bits: int, group: int, act_bits: int, act_grouped: bool, offset: bool
+    ) -> LinearRecipe:
         """Integer codes of ``bits`` in groups of ``group`` (a float ``offset`` when asymmetric), with
         ``act_bits``-bit activations (0: fp32): ``i6`` for 6 bits, ``u4`` for up to 4 bits with fp32
         activations, ``i8`` otherwise. :class:`NoFormat` when no kernel stores them."""
@@ -93,8 +94,13 @@ class LinearRecipe:
         """Per-(output, group) values ``[N, G]`` (scales, the zero term) in the kernel's layout."""
         return pack_groups(spec, t)
 
-    def pack(self, spec: LinearKernel, codes: torch.Tensor, scale: torch.Tensor | None = None,
-             offset: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def pack(
+        self,
+        spec: LinearKernel,
+        codes: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """Every weight-side argument of ``spec``'s kernel, in order: weights, scales, zero term."""
         out = self.pack_weight(spec, codes)
         if self.scaled:

@@ -13,8 +13,9 @@ before the ones they beat; the driver does not change.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.fx as fx
@@ -165,8 +166,9 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
 # ---- the lane-blocked template (kernels/linear.py): CPU rules schedule it, the GPU's generic rule runs it plain
 
 
-def quantize_rows(lw: Lowering, spec: LinearKernel, flat: relax.Var, mdim: Any,
-                  finalize: Finalize | None = None) -> tuple[relax.Var, relax.Var]:
+def quantize_rows(
+    lw: Lowering, spec: LinearKernel, flat: relax.Var, mdim: Any, finalize: Finalize | None = None
+) -> tuple[relax.Var, relax.Var]:
     """Per-token / per-group int8 codes and scales of ``flat`` for ``spec`` (scheduled for the CPU,
     or plain and passed through ``finalize``)."""
     qr = QuantRows(spec.k, spec.act_bits, spec.act_group, spec.m)

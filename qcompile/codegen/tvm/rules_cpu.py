@@ -78,10 +78,18 @@ class BitSerialW6:
         qx, sx = quantize_rows(lw, spec, flat, mdim)
         pf = lw.kernel("qc_planes_" + bs.name, lambda: act_planes_primfunc(bs))
         planes = bb.emit(relax.call_tir(pf, [qx], relax.TensorType([bs.a_bits, mdim, bs.k // 32], "int32")))
-        wp = lw.param(f"{w.key}@planes", lambda st: recipe.pack_planes(bs, w.codes(st)),
-                      (6, bs.n // NBB, bs.k // 32, NBB), "int32")
-        sp = lw.param(f"{w.key}@scale{NBB}", lambda st: recipe.pack_plane_scales(bs, scale(st)),
-                      (bs.n // NBB, bs.groups, NBB), "float32")
+        wp = lw.param(
+            f"{w.key}@planes",
+            lambda st: recipe.pack_planes(bs, w.codes(st)),
+            (6, bs.n // NBB, bs.k // 32, NBB),
+            "int32",
+        )
+        sp = lw.param(
+            f"{w.key}@scale{NBB}",
+            lambda st: recipe.pack_plane_scales(bs, scale(st)),
+            (bs.n // NBB, bs.groups, NBB),
+            "float32",
+        )
         f = lw.kernel(bs.name, lambda: bitserial_primfunc(bs))
         y = bb.emit(relax.call_tir(f, [planes, sx, wp, sp], relax.TensorType([mdim, bs.n], "float32")))
         n = recipe.n

@@ -74,8 +74,17 @@ class TensorCore:
         try:
             act_group = 0 if per_channel or not recipe.act_grouped else grp
             tokens = 8 if m is not None and m <= 8 else 32
-            spec = CudaLinear(kind, n_p, k_p, grp, act_bits, act_group, call.bias is not None,
-                              zero_term=recipe.zero_term, tokens=tokens)
+            spec = CudaLinear(
+                kind,
+                n_p,
+                k_p,
+                grp,
+                act_bits,
+                act_group,
+                call.bias is not None,
+                zero_term=recipe.zero_term,
+                tokens=tokens,
+            )
             qspec = CudaQuant(k_p, act_bits, spec.act_group, planes=kind == "b1") if act_bits else None
         except Uncovered as e:
             call.declines.append(str(e))
@@ -100,8 +109,9 @@ class TensorCore:
         sw = lw.param(f"{w.key}@cuda_scale{n_p}x{groups}", lambda st: padg(scale(st)), (n_p, groups), "float32")
         if qspec is None:
             if recipe.zero_term:
-                fourth = lw.param(f"{w.key}@cuda_offset{n_p}x{groups}", lambda st: padg(call.cterm(st)),
-                                  (n_p, groups), "float32")
+                fourth = lw.param(
+                    f"{w.key}@cuda_offset{n_p}x{groups}", lambda st: padg(call.cterm(st)), (n_p, groups), "float32"
+                )
             else:
                 fourth = sw
         if call.bias is not None:
@@ -113,15 +123,19 @@ class TensorCore:
         return finish(lw, y, call.x, lead, n_p, n)
 
 
-def _quantize(lw: Lowering, call: LinearCall, qspec: CudaQuant, flat: relax.Var,
-              mdim: Any) -> tuple[relax.Var, relax.Var]:
+def _quantize(
+    lw: Lowering, call: LinearCall, qspec: CudaQuant, flat: relax.Var, mdim: Any
+) -> tuple[relax.Var, relax.Var]:
     """Activation codes (+ planes) and scales for a tensor-core linear: one kernel per distinct input
     (q/k/v and gate/up share it), fused with the RMSNorm that produces the input when that norm
     feeds only quantized linears (nothing else needs the normalized tensor)."""
     bb, k = lw.bb, call.recipe.k
     src = call.node.args[0]
-    norm = rmsnorm_source(src, lw.slots) if all(u.op == "call_function" and u.target.__name__ in _QUANT_LINEARS
-                                                   for u in src.users) else None
+    norm = (
+        rmsnorm_source(src, lw.slots)
+        if all(u.op == "call_function" and u.target.__name__ in _QUANT_LINEARS for u in src.users)
+        else None
+    )
     args = [flat, None]
     if norm is not None:
         qspec = replace(qspec, norm=True, eps=norm.eps, valid=k if qspec.k != k else 0)
@@ -139,9 +153,17 @@ def _quantize(lw: Lowering, call: LinearCall, qspec: CudaQuant, flat: relax.Var,
         args[1] = lw.param("qc@one", lambda st: torch.ones(1), (1,), "float32")
     qf = lw.kernel(qspec.name, lambda: quant_cuda_primfunc(qspec))
     pshape = [mdim, qspec.k // 128, 8, 4] if qspec.planes else [1, 1, 8, 4]
-    q = bb.emit(relax.call_tir(qf, args, [relax.TensorType([mdim, qspec.k], "int8"),
-                                          relax.TensorType([mdim, qspec.groups], "float32"),
-                                          relax.TensorType(pshape, "uint32")]))
+    q = bb.emit(
+        relax.call_tir(
+            qf,
+            args,
+            [
+                relax.TensorType([mdim, qspec.k], "int8"),
+                relax.TensorType([mdim, qspec.groups], "float32"),
+                relax.TensorType(pshape, "uint32"),
+            ],
+        )
+    )
     out = bb.emit(relax.TupleGetItem(q, 2 if qspec.planes else 0)), bb.emit(relax.TupleGetItem(q, 1))
     memo[memo_key] = out
     return out

@@ -48,7 +48,7 @@ def measure_w6(recipe: LinearRecipe, m: int | None, target: CpuTarget) -> dict[s
     return _measure(replace(recipe, n=spec.n, k=spec.k, group=spec.group), m, target)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measure(recipe: LinearRecipe, m: int | None, target: CpuTarget) -> dict[str, Any]:
     if recipe.bitserial(m) is None:
         return {"chosen": "unpack", "reason": "no bit-serial form for this shape"}

@@ -95,7 +95,9 @@ def attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
     r2 = te.reduce_axis((0, l_), "r2")
     z = te.compute((b_, h_, s_), lambda b, h, s: te.sum(e[b, h, s, r2], axis=r2), name="Z")
     r3 = te.reduce_axis((0, l_), "r3")
-    acc = te.compute((b_, h_, s_, d_), lambda b, h, s, d: te.sum(e[b, h, s, r3] * v[b, h // g, r3, d], axis=r3), name="ACC")
+    acc = te.compute(
+        (b_, h_, s_, d_), lambda b, h, s, d: te.sum(e[b, h, s, r3] * v[b, h // g, r3, d], axis=r3), name="ACC"
+    )
     out = te.compute((b_, h_, s_, d_), lambda b, h, s, d: acc[b, h, s, d] / z[b, h, s], name="OUT")
     func = te.create_prim_func(args + [out])
     return _schedule(func, spec.keys is not None).with_attr("tir.is_scheduled", True)

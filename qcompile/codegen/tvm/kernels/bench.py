@@ -9,7 +9,7 @@ quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the k
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,12 +23,17 @@ from qcompile.quant.quantizer import quantize_weight_groups, quantize_weight_per
 Run = Callable[[torch.Tensor], torch.Tensor]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lib(kind: str, spec: object) -> tvm.runtime.Module:
     """The compiled kernel (once per kind and shape: weight sets share it)."""
     from qcompile.codegen.tvm.kernels.bitserial import act_planes_primfunc, bitserial_primfunc
 
-    make = {"linear": linear_primfunc, "quant": quant_rows_primfunc, "planes": act_planes_primfunc, "bitserial": bitserial_primfunc}[kind]
+    make = {
+        "linear": linear_primfunc,
+        "quant": quant_rows_primfunc,
+        "planes": act_planes_primfunc,
+        "bitserial": bitserial_primfunc,
+    }[kind]
     return tvm.compile(make(spec), target=host_target().tvm)
 
 
@@ -36,7 +41,9 @@ def _tv(t: torch.Tensor) -> tvm.runtime.Tensor:
     return tvm.runtime.from_dlpack(t.contiguous().clone())
 
 
-def _prepare(fmt: str, bits: int, group: int | None, act_bits: int, act_group: bool, symmetric: bool) -> Callable[[torch.Tensor, int], Run]:
+def _prepare(
+    fmt: str, bits: int, group: int | None, act_bits: int, act_group: bool, symmetric: bool
+) -> Callable[[torch.Tensor, int], Run]:
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
         g = group or k

@@ -7,10 +7,10 @@ for every group of K::
 
 with ``c = -1`` for the sign plane and ``+1`` otherwise (36 plane pairs for W6A6, 48 for W6A8):
 exactly :func:`qcompile.ops.packed.packed_linear_bitserial`. Weight planes are lane-blocked
-(``int32[planes, N/NBB, words, NBB]``, a word's 32 bits in an int32) so a vector of NBB output channels is ANDed with one broadcast
-activation word and popcounted per lane. Without a vector popcount instruction (AVX2 has none; LLVM
-emulates it with a nibble table) this does more work per weight than unpacking to integers, which
-the kernel benchmark measures.
+(``int32[planes, N/NBB, words, NBB]``, a word's 32 bits in an int32) so a vector of NBB output
+channels is ANDed with one broadcast activation word and popcounted per lane. Without a vector
+popcount instruction (AVX2 has none; LLVM emulates it with a nibble table) this does more work per
+weight than unpacking to integers, which the kernel benchmark measures.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class BitSerial:
     @property
     def name(self) -> str:
         m = "mdyn" if self.m is None else f"m{self.m}"
-        return f"qc_bitserial_w{self.w_bits}a{self.a_bits}{'g' if self.act_group else 't'}_n{self.n}_k{self.k}_g{self.group}_{m}"
+        act = "g" if self.act_group else "t"
+        return f"qc_bitserial_w{self.w_bits}a{self.a_bits}{act}_n{self.n}_k{self.k}_g{self.group}_{m}"
 
 
 def _coef(i: tirx.PrimExpr, bits: int) -> tirx.PrimExpr:
@@ -65,7 +66,9 @@ def act_planes_primfunc(spec: BitSerial) -> tvm.tirx.PrimFunc:
     b = te.reduce_axis((0, 32), "b")
     planes = te.compute(
         (spec.a_bits, m, spec.k // 32),
-        lambda i, r, w: te.sum(((q[r, w * 32 + b].astype("int32") >> i.astype("int32")) & 1) << b.astype("int32"), axis=b),
+        lambda i, r, w: te.sum(
+            ((q[r, w * 32 + b].astype("int32") >> i.astype("int32")) & 1) << b.astype("int32"), axis=b
+        ),
         name="P",
     )
     func = te.create_prim_func([q, planes])
@@ -85,7 +88,8 @@ def bitserial_primfunc(spec: BitSerial) -> tvm.tirx.PrimFunc:
     acc = te.compute(
         (m, spec.n, spec.groups),
         lambda r, n, g: te.sum(
-            _coef(i, spec.a_bits) * _coef(j, spec.w_bits)
+            _coef(i, spec.a_bits)
+            * _coef(j, spec.w_bits)
             * tirx.popcount(a[i, r, g * wpg + ww] & w[j, n // NBB, g * wpg + ww, n % NBB]).astype("int32"),
             axis=[i, j, ww],
         ),
@@ -95,7 +99,8 @@ def bitserial_primfunc(spec: BitSerial) -> tvm.tirx.PrimFunc:
     y = te.compute(
         (m, spec.n),
         lambda r, n: te.sum(
-            acc[r, n, gg].astype("float32") * (sx[r, gg] if spec.act_group else sx[r, 0]) * s[n // NBB, gg, n % NBB], axis=gg
+            acc[r, n, gg].astype("float32") * (sx[r, gg] if spec.act_group else sx[r, 0]) * s[n // NBB, gg, n % NBB],
+            axis=gg,
         ),
         name="Y",
     )

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+from tvm.script import tirx as T  # noqa: F401  (used by the generated TVMScript)
 
 from qcompile.codegen.tvm.kernels.cuda import with_root
-from tvm.script import tirx as T  # noqa: F401  (used by the generated TVMScript)
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class IndexCopy:
     @property
     def name(self) -> str:
         rows = "dyn" if self.rows is None else self.rows
-        return f"qc_index_copy_{'x'.join(map(str, self.shape))}_{self.dtype}_d{self.dim}_r{rows}{'_cuda' if self.cuda else ''}"
+        shape, cuda = "x".join(map(str, self.shape)), "_cuda" if self.cuda else ""
+        return f"qc_index_copy_{shape}_{self.dtype}_d{self.dim}_r{rows}{cuda}"
 
 
 def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
@@ -38,7 +39,10 @@ def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
     store = f"cache[{', '.join(cache_idx)}] = src[{', '.join(names)}]"
     if spec.cuda:  # one thread per source element: unravel a flat index (no thread-free loops on GPUs)
         total = " * ".join(f"({d})" for d in src_shape)
-        unravel = [f"{n} = (flat // ({' * '.join(f'({d})' for d in src_shape[a + 1:]) or '1'})) % ({src_shape[a]})" for a, n in enumerate(names)]
+        unravel = [
+            f"{n} = (flat // ({' * '.join(f'({d})' for d in src_shape[a + 1 :]) or '1'})) % ({src_shape[a]})"
+            for a, n in enumerate(names)
+        ]
         ind = "\n" + " " * 16
         body = f"""for bx in T.thread_binding(({total} + 255) // 256, thread="blockIdx.x"):
         for tx in T.thread_binding(256, thread="threadIdx.x"):
@@ -47,15 +51,15 @@ def index_copy_primfunc(spec: IndexCopy) -> tvm.tirx.PrimFunc:
                 {ind.join(unravel)}
                 {store}"""
     else:
-        body = f"""for {', '.join(names)} in T.grid({', '.join(src_shape)}):
+        body = f"""for {", ".join(names)} in T.grid({", ".join(src_shape)}):
         {store}"""
     src = f"""
 @T.prim_func(private=True)
-def main(cache: T.Buffer(({', '.join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
+def main(cache: T.Buffer(({", ".join(map(str, spec.shape))},), "{spec.dtype}"), index_h: T.handle, src_h: T.handle):
     T.func_attr({{"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True}})
     {decl}
     index = T.match_buffer(index_h, ({t},), "int64")
-    src = T.match_buffer(src_h, ({', '.join(src_shape)},), "{spec.dtype}")
+    src = T.match_buffer(src_h, ({", ".join(src_shape)},), "{spec.dtype}")
     {body}
 """
     func = tvm.script.from_source(src)

@@ -42,7 +42,6 @@ from qcompile.codegen.tvm.kernels.cuda_layout import (  # noqa: F401  (re-export
     pack_cuda_weight,
 )
 
-
 STAGES = 4  # b1: cp.async ring depth per warp (3 steps of weight planes in flight)
 
 
@@ -76,9 +75,13 @@ def _epilogue(tm: int, rows: int, has_bias: bool) -> object:
                     tok = by * tm + idx // rows
                     col = bx * rows + idx % rows
                     if idx < tm * rows and tok < m:
-                        Y[tok, col] = red[0, idx // rows, idx % rows] + red[1, idx // rows, idx % rows] \
-                            + red[2, idx // rows, idx % rows] + red[3, idx // rows, idx % rows] \
+                        Y[tok, col] = (
+                            red[0, idx // rows, idx % rows]
+                            + red[1, idx // rows, idx % rows]
+                            + red[2, idx // rows, idx % rows]
+                            + red[3, idx // rows, idx % rows]
                             + T.if_then_else(has_bias, B[col], T.float32(0))
+                        )
 
     return epilogue
 
@@ -140,7 +143,8 @@ def _int8(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                             raw[r] = W[bx, st, lane, r]
                                         for r in T.unroll(4):
                                             a[r] = T.call_pure_extern(
-                                                "uint32", "__vsub4",
+                                                "uint32",
+                                                "__vsub4",
                                                 ((raw[r // 2] >> T.uint32(4 * (r % 2))) & T.uint32(0x0F0F0F0F))
                                                 | (((raw[2] >> T.uint32(2 * r)) & T.uint32(0x03030303)) << T.uint32(4)),
                                                 T.uint32(0x20202020),
@@ -152,14 +156,35 @@ def _int8(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                         if by * tm + j * 8 < m:
                                             tok = T.min(by * tm + j * 8 + lane // 4, m - 1)
                                             for h in T.serial(2):
-                                                bx0[h] = T.reinterpret("uint32", X[tok, T.Ramp(st * 32 + h * 16 + (lane % 4) * 4, 1, 4)])
-                                            T.ptx[ptx](ci[j, 0], ci[j, 1], ci[j, 2], ci[j, 3], a[0], a[1], a[2], a[3],
-                                                       bx0[0], bx0[1], ci[j, 0], ci[j, 1], ci[j, 2], ci[j, 3])
+                                                bx0[h] = T.reinterpret(
+                                                    "uint32", X[tok, T.Ramp(st * 32 + h * 16 + (lane % 4) * 4, 1, 4)]
+                                                )
+                                            T.ptx[ptx](
+                                                ci[j, 0],
+                                                ci[j, 1],
+                                                ci[j, 2],
+                                                ci[j, 3],
+                                                a[0],
+                                                a[1],
+                                                a[2],
+                                                a[3],
+                                                bx0[0],
+                                                bx0[1],
+                                                ci[j, 0],
+                                                ci[j, 1],
+                                                ci[j, 2],
+                                                ci[j, 3],
+                                            )
                             k0 = (wy + c * KS) * chunk_steps
                             for j, r in T.grid(tm // 8, 4):
                                 row = bx * 16 + lane // 4 + (r // 2) * 8
                                 tok = T.min(by * tm + j * 8 + (lane % 4) * 2 + r % 2, m - 1)
-                                acc[j, r] = acc[j, r] + T.Cast("float32", T.reinterpret("int32", ci[j, r])) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                                acc[j, r] = (
+                                    acc[j, r]
+                                    + T.Cast("float32", T.reinterpret("int32", ci[j, r]))
+                                    * SW[row, k0 // g_w]
+                                    * SX[tok, k0 // g_x]
+                                )
                         for j, r in T.grid(tm // 8, 4):
                             red[wy, j * 8 + (lane % 4) * 2 + r % 2, lane // 4 + (r // 2) * 8] = acc[j, r]
                 T.evaluate(_sync())
@@ -220,7 +245,9 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                 for p in T.unroll(6):
                                     T.ptx["cp.async.ca.shared.global"](
                                         T.address_of(ring[wy, i % stages, p, lane]),
-                                        T.address_of(W[bx, (wy + i // cs * KS) * cs + i % cs, p, lane]), 4)
+                                        T.address_of(W[bx, (wy + i // cs * KS) * cs + i % cs, p, lane]),
+                                        4,
+                                    )
                             T.ptx["cp.async.commit_group"]()
                         for i in T.serial(local):
                             nx = i + stages - 1
@@ -228,7 +255,9 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                 for p in T.unroll(6):
                                     T.ptx["cp.async.ca.shared.global"](
                                         T.address_of(ring[wy, nx % stages, p, lane]),
-                                        T.address_of(W[bx, (wy + nx // cs * KS) * cs + nx % cs, p, lane]), 4)
+                                        T.address_of(W[bx, (wy + nx // cs * KS) * cs + nx % cs, p, lane]),
+                                        4,
+                                    )
                             T.ptx["cp.async.commit_group"]()
                             T.ptx["cp.async.wait_group"](stages - 1)  # step i's copies have landed
                             st = (wy + i // cs * KS) * cs + i % cs
@@ -242,7 +271,7 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                             T.ptx[ptx](d[0], d[1], a[p], bw[0], zero[0], zero[1])
                                             for h in T.unroll(2):
                                                 q = (lane % 4) * 2 + h
-                                                # plane weights ±2^(p+q); the sign planes (p = 5, q = ab - 1) count negative
+                                                # plane weight ±2^(p+q): sign planes (p=5, q=ab-1) negative
                                                 isum[j] = isum[j] + T.if_then_else(
                                                     q < ab,
                                                     T.if_then_else((p == 5) != (q == ab - 1), -1, 1)
@@ -257,7 +286,10 @@ def _bitserial(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                         isum[j] = isum[j] + _shfl_xor(isum[j], 2)
                                         tok = T.min(by * tm + j, m - 1)
                                         row = bx * 8 + lane // 4
-                                        acc[j] = acc[j] + T.Cast("float32", isum[j]) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                                        acc[j] = (
+                                            acc[j]
+                                            + T.Cast("float32", isum[j]) * SW[row, k0 // g_w] * SX[tok, k0 // g_x]
+                                        )
                                         isum[j] = 0
                         if lane % 4 == 0:
                             for j in T.serial(tm):
@@ -310,20 +342,66 @@ def _w4a16(spec: CudaLinear) -> tvm.tirx.PrimFunc:
                                     for h in T.serial(2):
                                         row = bx * 16 + lane // 4 + h * 8
                                         sc[h] = T.Cast("float16", SW[row, st // g_w])
-                                        of[h] = T.Cast("float16", T.if_then_else(has_zero, C[row, st // g_w], T.float32(0)))
+                                        of[h] = T.Cast(
+                                            "float16", T.if_then_else(has_zero, C[row, st // g_w], T.float32(0))
+                                        )
                                     for r in T.unroll(4):
                                         # nibbles 2r, 2r+1 of the lane's word: two K-neighbours of row (r % 2)·8
-                                        a[r] = T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", (W[bx, st, lane, 0] >> T.uint32(8 * r)) & T.uint32(15)) * sc[r % 2] + of[r % 2])) \
-                                            | (T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", (W[bx, st, lane, 0] >> T.uint32(8 * r + 4)) & T.uint32(15)) * sc[r % 2] + of[r % 2])) << T.uint32(16))
+                                        a[r] = T.Cast(
+                                            "uint32",
+                                            T.reinterpret(
+                                                "uint16",
+                                                T.Cast(
+                                                    "float16", (W[bx, st, lane, 0] >> T.uint32(8 * r)) & T.uint32(15)
+                                                )
+                                                * sc[r % 2]
+                                                + of[r % 2],
+                                            ),
+                                        ) | (
+                                            T.Cast(
+                                                "uint32",
+                                                T.reinterpret(
+                                                    "uint16",
+                                                    T.Cast(
+                                                        "float16",
+                                                        (W[bx, st, lane, 0] >> T.uint32(8 * r + 4)) & T.uint32(15),
+                                                    )
+                                                    * sc[r % 2]
+                                                    + of[r % 2],
+                                                ),
+                                            )
+                                            << T.uint32(16)
+                                        )
                                     for j in T.serial(tm // 8):
                                         if by * tm + j * 8 < m:
                                             tok = T.min(by * tm + j * 8 + lane // 4, m - 1)
                                             for h in T.serial(2):
                                                 kk = st * 16 + (lane % 4) * 2 + h * 8
-                                                bf[h] = T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", X[tok, kk]))) \
-                                                    | (T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", X[tok, kk + 1]))) << T.uint32(16))
-                                            T.ptx[ptx](acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3], a[0], a[1], a[2], a[3],
-                                                       bf[0], bf[1], acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3])
+                                                bf[h] = T.Cast(
+                                                    "uint32", T.reinterpret("uint16", T.Cast("float16", X[tok, kk]))
+                                                ) | (
+                                                    T.Cast(
+                                                        "uint32",
+                                                        T.reinterpret("uint16", T.Cast("float16", X[tok, kk + 1])),
+                                                    )
+                                                    << T.uint32(16)
+                                                )
+                                            T.ptx[ptx](
+                                                acc[j, 0],
+                                                acc[j, 1],
+                                                acc[j, 2],
+                                                acc[j, 3],
+                                                a[0],
+                                                a[1],
+                                                a[2],
+                                                a[3],
+                                                bf[0],
+                                                bf[1],
+                                                acc[j, 0],
+                                                acc[j, 1],
+                                                acc[j, 2],
+                                                acc[j, 3],
+                                            )
                         for j, r in T.grid(tm // 8, 4):
                             red[wy, j * 8 + (lane % 4) * 2 + r % 2, lane // 4 + (r // 2) * 8] = acc[j, r]
                 T.evaluate(_sync())
@@ -357,8 +435,11 @@ def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
             return T.float32(1)
         return T.rsqrt((wsum[0] + wsum[1] + wsum[2] + wsum[3]) / T.float32(count) + T.float32(eps))
 
-    def normed(X: tvm.tirx.Buffer, NW: tvm.tirx.Buffer, rs: tvm.tirx.PrimExpr, tok: tvm.tirx.PrimExpr, kk: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+    def normed(
+        X: tvm.tirx.Buffer, NW: tvm.tirx.Buffer, rs: tvm.tirx.PrimExpr, tok: tvm.tirx.PrimExpr, kk: tvm.tirx.PrimExpr
+    ) -> tvm.tirx.PrimExpr:
         return X[tok, kk] * rs * NW[kk] if use_norm else X[tok, kk]
+
     pm, ps = (1, subs) if planes else (0, 1)
 
     @T.prim_func(private=True)
@@ -421,12 +502,15 @@ def quant_cuda_primfunc(spec: CudaQuant) -> tvm.tirx.PrimFunc:
                         for e in T.unroll(4):
                             kk = sc * 128 + e * 32 + lane
                             v = normed(X, NW, rs[0], tok, kk)
-                            code[e] = T.Cast("int32", T.max(T.min(T.nearbyint(v / scale[0]), T.float32(qmax)), T.float32(-qmax)))
+                            code[e] = T.Cast(
+                                "int32", T.max(T.min(T.nearbyint(v / scale[0]), T.float32(qmax)), T.float32(-qmax))
+                            )
                             Q[tok, kk] = T.Cast("int8", code[e])
                         if planes:
                             for p, e in T.grid(8, 4):
-                                word = T.call_extern("uint32", "__ballot_sync", T.uint32(0xFFFFFFFF),
-                                                     ((code[e] >> p) & 1) == 1)
+                                word = T.call_extern(
+                                    "uint32", "__ballot_sync", T.uint32(0xFFFFFFFF), ((code[e] >> p) & 1) == 1
+                                )
                                 if lane == p * 4 + e:
                                     P[tok, sc, p, e] = word
 

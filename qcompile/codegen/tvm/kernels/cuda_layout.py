@@ -44,7 +44,9 @@ class CudaLinear:
         if self.n % rows or self.k % kstep:
             raise Uncovered(f"{self.kind} needs N % {rows} == 0 and K % {kstep} == 0, got {self.n}×{self.k}")
         if self.group % kstep or self.k % self.group:
-            raise Uncovered(f"{self.kind} needs groups that are a multiple of {kstep} dividing K, got group {self.group}")
+            raise Uncovered(
+                f"{self.kind} needs groups that are a multiple of {kstep} dividing K, got group {self.group}"
+            )
         if self.act_group not in (0, self.group):
             raise Uncovered("activation groups must equal the weight groups")
         if (self.kind == "f16") != (self.act_bits == 0):
@@ -69,8 +71,11 @@ class CudaLinear:
 
     @property
     def name(self) -> str:
-        return (f"qc_cuda_{self.kind}_n{self.n}_k{self.k}_g{self.group}_a{self.act_bits}"
-                f"{'g' if self.act_group else 't'}{'_b' if self.bias else ''}{'_z' if self.zero_term else ''}_t{self.tokens}")
+        return (
+            f"qc_cuda_{self.kind}_n{self.n}_k{self.k}_g{self.group}_a{self.act_bits}"
+            f"{'g' if self.act_group else 't'}{'_b' if self.bias else ''}"
+            f"{'_z' if self.zero_term else ''}_t{self.tokens}"
+        )
 
     def weight_shapes(self) -> list[tuple[tuple[int, ...], str]]:
         rows, kstep, _ = MMA[self.kind]
@@ -103,7 +108,10 @@ class CudaQuant:
 
     def __post_init__(self) -> None:
         if self.k % 128 or (self.group and (self.group % 128 or self.k % self.group)):
-            raise Uncovered(f"CUDA activation quantization needs K and groups in multiples of 128, got K={self.k}, group={self.group}")
+            raise Uncovered(
+                f"CUDA activation quantization needs K and groups in multiples of 128, got K={self.k}, "
+                f"group={self.group}"
+            )
         if self.bits not in (6, 8):
             raise Uncovered(f"no {self.bits}-bit activation codes")
 
@@ -114,7 +122,8 @@ class CudaQuant:
     @property
     def name(self) -> str:
         norm = f"_norm{self.eps:g}".replace("-", "m").replace(".", "p") + (f"v{self.valid}" if self.valid else "")
-        return f"qc_cuda_quant_k{self.k}_b{self.bits}_g{self.group}{'_planes' if self.planes else ''}{norm if self.norm else ''}"
+        planes = "_planes" if self.planes else ""
+        return f"qc_cuda_quant_k{self.k}_b{self.bits}_g{self.group}{planes}{norm if self.norm else ''}"
 
 
 # ---- weight repacking (torch, at build time) --------------------------------------------------
@@ -169,7 +178,10 @@ def pack_cuda_weight(spec: CudaLinear, codes: torch.Tensor) -> torch.Tensor:
     rows = MMA[spec.kind][0]
     tile_rows = max(rows, (1 << 24) // max(1, spec.k) // rows * rows)
     if spec.n > tile_rows:
-        parts = [pack_cuda_weight(replace(spec, n=min(tile_rows, spec.n - i)), codes[i : i + tile_rows]) for i in range(0, spec.n, tile_rows)]
+        parts = [
+            pack_cuda_weight(replace(spec, n=min(tile_rows, spec.n - i)), codes[i : i + tile_rows])
+            for i in range(0, spec.n, tile_rows)
+        ]
         return torch.cat(parts)
     c = codes.to(torch.int64)
     if spec.kind == "b1":

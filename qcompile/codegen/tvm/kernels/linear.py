@@ -142,7 +142,9 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True) -> tvm.tirx.PrimF
         else:
             acc = te.compute(
                 (m, n_, g_),
-                lambda i, j, g: te.sum(x[i, g * gs + kk] * _decode(spec, ws, j, g * gs + kk).astype("float32"), axis=kk),
+                lambda i, j, g: te.sum(
+                    x[i, g * gs + kk] * _decode(spec, ws, j, g * gs + kk).astype("float32"), axis=kk
+                ),
                 name="ACC",
             )
         xs = None
@@ -296,7 +298,12 @@ def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torc
     if spec.wfmt == "u4":
         return [nib.contiguous()]
     hi = u >> 4
-    top = hi[..., :quarter] | (hi[..., quarter : 2 * quarter] << 2) | (hi[..., 2 * quarter : 3 * quarter] << 4) | (hi[..., 3 * quarter :] << 6)
+    top = (
+        hi[..., :quarter]
+        | (hi[..., quarter : 2 * quarter] << 2)
+        | (hi[..., 2 * quarter : 3 * quarter] << 4)
+        | (hi[..., 3 * quarter :] << 6)
+    )
     return [nib.contiguous(), top.to(torch.uint8).contiguous()]
 
 
