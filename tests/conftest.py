@@ -33,7 +33,7 @@ def make_tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0) -> torch.n
 @pytest.fixture(autouse=True)
 def _reference_backend_unless_marked_tvm(request, monkeypatch):
     """Tests of passes and numerics check against the reference, so they compile for the torch
-    backend; tests marked ``tvm`` (tests/test_tvm_*.py) use the product default for cpu, tvm."""
+    backend; tests marked ``tvm`` (tests/codegen/) use the product default for cpu, tvm."""
     if request.node.get_closest_marker("tvm") is None:
         from qcompile.codegen import DEFAULT_BACKEND
 
