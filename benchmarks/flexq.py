@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 else []
             ),
             "Budget sweep: budget 0 and budget 1 give exactly the w6a6 and w6a8 modules (the same ops and "
-            "arguments; tests/passes/test_flexq.py checks the outputs are bit-identical), so their rows are the w6a6 and "
-            "w6a8 rows" + (" (also measured here)." if a.sweep_ends else "."),
+            "arguments; tests/passes/test_flexq.py checks the outputs are bit-identical), so their rows are the "
+            "w6a6 and w6a8 rows" + (" (also measured here)." if a.sweep_ends else "."),
             "",
             f"Layers given A8 at budget 1/7 by kind: {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}.",
             "",

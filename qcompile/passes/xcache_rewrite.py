@@ -43,6 +43,17 @@ def is_static(spec: QuantSpec | None) -> bool:
     return spec is not None and spec.granularity is Granularity.PER_CHANNEL
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """One block's caches: K and V cache shapes, the sequence axis, its length, X's dtype."""
+
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    dim: int
+    length: int
+    x_dtype: torch.dtype
+
+
 @dataclass
 class CacheLedger:
     """The caches the rewriters add, across entries: specs must agree between entries."""
@@ -168,20 +179,12 @@ class CacheGraph:
         k_shape = self.p.cache_specs[b.k.cache_key][0]
         v_shape = self.p.cache_specs[b.v.cache_key][0]
         dim = int(b.k.write.args[1])
-        length = int(k_shape[dim])
         x_dtype = b.x.meta["val"].dtype if "val" in b.x.meta else torch.float32
-        self.rewrite_cache(b, k_shape, v_shape, dim, length, x_dtype)
-        return 2 * (math.prod(k_shape) + math.prod(v_shape)) // length
+        at = CacheLayout(k_shape, v_shape, dim, int(k_shape[dim]), x_dtype)
+        self.rewrite_cache(b, at)
+        return 2 * (math.prod(k_shape) + math.prod(v_shape)) // at.length
 
-    def rewrite_cache(
-        self,
-        b: AttentionBlock,
-        k_shape: tuple[int, ...],
-        v_shape: tuple[int, ...],
-        dim: int,
-        length: int,
-        x_dtype: torch.dtype,
-    ) -> None:
+    def rewrite_cache(self, b: AttentionBlock, at: CacheLayout) -> None:
         raise NotImplementedError
 
     def forward_block(self, b: AttentionBlock) -> None:
@@ -214,16 +217,8 @@ class CacheGraph:
 class KVRewriter(CacheGraph):
     """``mode: kv``: the (post-RoPE) K and V caches themselves hold codes."""
 
-    def rewrite_cache(
-        self,
-        b: AttentionBlock,
-        k_shape: tuple[int, ...],
-        v_shape: tuple[int, ...],
-        dim: int,
-        length: int,
-        x_dtype: torch.dtype,
-    ) -> None:
-        for name, proj, shape in (("k", b.k, k_shape), ("v", b.v, v_shape)):
+    def rewrite_cache(self, b: AttentionBlock, at: CacheLayout) -> None:
+        for name, proj, shape in (("k", b.k, at.k_shape), ("v", b.v, at.v_shape)):
             assert proj.write is not None and proj.src is not None
             with self.g.inserting_before(proj.write):
                 all_, _ = self.store(
@@ -232,9 +227,9 @@ class KVRewriter(CacheGraph):
                     (b.index, name),
                     f"kvq.{b.index}.{name}",
                     list(shape),
-                    dim,
+                    at.dim,
                     proj.write.args[2],
-                    x_dtype,
+                    at.x_dtype,
                 )
             self.replace_write(proj, all_)
 
@@ -278,26 +273,18 @@ class _Remat(CacheGraph):
         """K or V (before the head path) for every cache position from ``source``."""
         raise NotImplementedError
 
-    def rewrite_cache(
-        self,
-        b: AttentionBlock,
-        k_shape: tuple[int, ...],
-        v_shape: tuple[int, ...],
-        dim: int,
-        length: int,
-        x_dtype: torch.dtype,
-    ) -> None:
+    def rewrite_cache(self, b: AttentionBlock, at: CacheLayout) -> None:
         assert b.k.write is not None and b.v.write is not None
         pos = b.k.write.args[2]
         order = {n: i for i, n in enumerate(self.g.nodes)}
         first = min(b.k.write, b.v.write, key=order.__getitem__)
         outs = {}
         with self.g.inserting_before(first):
-            sources = self.sources(b, pos, length, x_dtype)
-            for name, proj, shape in (("k", b.k, k_shape), ("v", b.v, v_shape)):
+            sources = self.sources(b, pos, at.length, at.x_dtype)
+            for name, proj, shape in (("k", b.k, at.k_shape), ("v", b.v, at.v_shape)):
                 lin = self.project(b, name, proj, sources[id(proj)])
                 hp, tables = self.remat[id(proj)]
-                h = self.call(aten.view.default, lin, [shape[0], length, shape[1], shape[3]])
+                h = self.call(aten.view.default, lin, [shape[0], at.length, shape[1], shape[3]])
                 h = self.call(aten.transpose.int, h, 1, 2)
                 env: dict[fx.Node, fx.Node] = {hp.heads: h}
                 for i, (ext, t) in enumerate(zip(hp.externals, tables)):

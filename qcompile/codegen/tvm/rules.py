@@ -181,6 +181,16 @@ def quantize_rows(
     return lw.bb.emit(relax.TupleGetItem(q, 0)), lw.bb.emit(relax.TupleGetItem(q, 1))
 
 
+def template_spec(lw: Lowering, call: LinearCall) -> LinearKernel | None:
+    """The lane-blocked template's kernel for ``call``, or None (the reason added to
+    ``call.declines``) when the template does not cover its shape."""
+    try:
+        return call.recipe.kernel(static_rows(lw, call.x), call.bias is not None)
+    except ValueError as e:
+        call.declines.append(str(e))
+        return None
+
+
 def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: Finalize | None = None) -> relax.Var:
     """``call`` on the lane-blocked kernel ``spec``: scheduled for the CPU (``finalize`` None), or the
     plain compute passed through ``finalize`` (a GPU's generic schedule)."""

@@ -35,6 +35,7 @@ from qcompile.codegen.tvm.rules import (
     rows,
     same_dim,
     static_rows,
+    template_spec,
 )
 from qcompile.codegen.tvm.select import measure_w6
 from qcompile.ir.patterns import gqa_unrepeat
@@ -108,12 +109,8 @@ class LaneBlocked:
     name: str = "lane_blocked"
 
     def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
-        try:
-            spec = call.recipe.kernel(static_rows(lw, call.x), call.bias is not None)
-        except ValueError as e:
-            call.declines.append(str(e))
-            return None
-        return emit_template(lw, call, spec)
+        spec = template_spec(lw, call)
+        return None if spec is None else emit_template(lw, call, spec)
 
 
 @dataclass(frozen=True)

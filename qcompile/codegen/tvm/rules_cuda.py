@@ -35,6 +35,7 @@ from qcompile.codegen.tvm.rules import (
     padded_bias,
     rows,
     static_rows,
+    template_spec,
 )
 from qcompile.codegen.tvm.rules_cpu import ComposedAttention, InPlaceCopy, TvmDense
 from qcompile.codegen.tvm.select import cuda_w6_choice
@@ -193,10 +194,8 @@ class GenericGpu:
     name: str = "generic_gpu"
 
     def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
-        try:
-            spec = call.recipe.kernel(static_rows(lw, call.x), call.bias is not None)
-        except ValueError as e:
-            call.declines.append(str(e))
+        spec = template_spec(lw, call)
+        if spec is None:
             return None
         lw.generic.append(f"{call.node.name}: {'; '.join(call.declines)}")
         return emit_template(lw, call, spec, one_thread_per_output)
