@@ -45,30 +45,13 @@ sys.path.insert(0, str(HERE.parent))
 
 import qcompile  # noqa: E402
 from qcompile.eval.harness import machine  # noqa: E402
+from qcompile.eval.zoo import tiny_llama  # noqa: E402
 from qcompile.plan import PRESETS  # noqa: E402
 
 # presets whose ops all have TVM kernels (the others set fallback: torch and run partly in torch)
 SMOL_TVM = ("fp32", "w8a8-rtn", "w6a6-rtn", "w4a16-rtn-g128", "w4a16-rtn-g32-asym", "w6a8", "w6a6", "w8a8-smooth")
 CUDA_PRESETS = ("fp32", "w8a8-rtn", "w6a8", "w6a6", "w4a16-rtn-g128", "w4a16-rtn-g32-asym", "w6a6-rtn")
 TIMING_KEYS = ("seconds", "analysis_seconds")
-
-
-def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=None,
-        bos_token_id=1,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_cnn() -> torch.nn.Module:

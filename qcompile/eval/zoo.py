@@ -173,6 +173,26 @@ def load_efficientnet_lite0() -> ZooModel:
     )
 
 
+def tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama (hidden 64, 4 query / 2 KV heads of 16, seeded): the model tests and the
+    equivalence benchmark compile in seconds. Random weights: a harness for behaviour, not accuracy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=None,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,
     "fmnist-vgg": load_fmnist_vgg,
