@@ -21,7 +21,7 @@ found from the attention's key/value inputs. Then, depending on ``mode``:
 * ``kv``: the KIVI-style baseline: the (post-RoPE) K and V caches themselves are quantized,
   K with ``k_granularity`` (default per-channel), V with ``v_granularity`` (default per-token).
 
-Quantizers (``qcompile/ops/cache.py``): ``bits`` 2..8 (0 = no quantization: a float X / latent
+Quantizers (``qcompile/ops/cache.py``): ``bits`` one of 2, 3, 4, 6, 8 (0 = no quantization: a float X / latent
 cache, for checking the rewrite itself), ``per_token``: dynamic, one fp16 scale (and offset when
 asymmetric) per ``group_size`` consecutive channels of a token (0 = the whole token);
 ``per_channel``: one static scale (offset) per channel, calibrated on the calibration data

@@ -6,7 +6,7 @@ path and, unless the layer is skipped, quantizes the weight once (shared by ever
 uses it) and replaces the linear with the fused qcompile op for the (weight, activation) pair:
 
 * W8 per-channel symmetric + A8 per-token symmetric dynamic → ``qcompile::linear_w8a8``;
-* any other weight spec (2–8 bits, per-channel or per-group, symmetric or asymmetric) with no
+* any other weight spec (2, 3, 4, 6 or 8 bits, per-channel or per-group, symmetric or asymmetric) with no
   activation quantization, or with dynamic symmetric per-token / per-group activations →
   ``qcompile::quant_linear`` (weight codes stored one per int8; the report also gives the
   packed size); symmetric 6-bit weights (FlexQ's W6) are stored densely packed, 4 codes in 3 bytes,
@@ -64,7 +64,7 @@ Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 PACKED_BITS = (6,)
 
 SUPPORTED = (
-    "weights: 2-8 bits, per_channel or per_group, symmetric or not; activations: none, or 2-8 bits "
+    "weights: 2, 3, 4, 6 or 8 bits, per_channel or per_group, symmetric or not; activations: none, or those widths "
     "symmetric dynamic per_token or per_group (with the weights' group size)"
 )
 

@@ -150,7 +150,7 @@ def test_dump_dir_has_the_graph_after_each_pass(tmp_path):
 def test_unsupported_combination_is_a_plan_error():
     plan = PRESETS["w8a8-rtn"].with_rules(LayerRule("*", weight=qcompile.QuantSpec(4, qcompile.Granularity.PER_TENSOR)))
     with pytest.raises(
-        PassError, match="weight granularity 'per_tensor' is not supported; supported: weights: 2-8 bits"
+        PassError, match="weight granularity 'per_tensor' is not supported; supported: weights: 2, 3, 4, 6 or 8 bits"
     ):
         qcompile.compile(_mlp(), plan=plan, example_inputs=(torch.randn(2, 16),))
 
