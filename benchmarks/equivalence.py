@@ -242,6 +242,16 @@ def _diff_tensors(a_dir: Path, b_dir: Path, cid: str) -> str:
     return "; ".join(parts)
 
 
+def _backend_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """What differs between two backend reports; kernel choices made by timing are named as such."""
+    ca, cb = a.get("kernel_choices") or {}, b.get("kernel_choices") or {}
+    choices = [f"{k}: {ca.get(k)} -> {cb.get(k)}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+    rest = [k for k in set(a) | set(b) if k not in ("kernel_choices", "kernels") and a.get(k) != b.get(k)]
+    if choices and not rest:  # the kernel list differs exactly by the kernels those choices swap
+        return "backend: only the kernel choice made by timing differs (" + "; ".join(choices) + ")"
+    return f"backend report differs ({', '.join(sorted(rest + (['kernel_choices'] if choices else [])))})"
+
+
 def compare(args: argparse.Namespace) -> int:
     a_dir, b_dir = Path(args.before), Path(args.after)
     a = json.loads((a_dir / "records.json").read_text())
@@ -269,9 +279,11 @@ def compare(args: argparse.Namespace) -> int:
             diffs.append(
                 f"state: {len(renamed)} keys only on one side {renamed[:4]}, {len(changed)} changed {changed[:4]}"
             )
-        for part in ("passes", "backend", "plan"):
+        for part in ("passes", "plan"):
             if ra.get(part) != rb.get(part):
                 diffs.append(f"{part} report differs")
+        if ra.get("backend") != rb.get("backend"):
+            diffs.append(_backend_diff(ra.get("backend") or {}, rb.get("backend") or {}))
         if diffs:
             rows.append((cid, "; ".join(diffs)))
         else:
