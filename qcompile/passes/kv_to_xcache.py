@@ -199,12 +199,12 @@ class KVToXCache(Pass):
         specs = self._specs(mode)
         self._check_groups(mode, specs, d_x, d_k, d_v, first)
         # static per-channel scales: calibrated on the original forward entry, before rewriting
+        factors = _factors(program, fwd_blocks or any_blocks) if mode == "latent" else {}
         static = (
-            self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks)
+            self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks, factors)
             if any(is_static(s) for s in specs.values())
             else {}
         )
-        factors = _factors(program, fwd_blocks or any_blocks) if mode == "latent" else {}
 
         kv_fp16 = 0
         ledger = CacheLedger()
@@ -305,6 +305,7 @@ class KVToXCache(Pass):
         specs: dict[str, QuantSpec | None],
         fwd: Entry | None,
         blocks: list[AttentionBlock],
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> StaticScales:
         if fwd is None or not blocks:
             raise PlanError(
@@ -327,7 +328,6 @@ class KVToXCache(Pass):
 
             return fn
 
-        factors = _factors(program, blocks) if mode == "latent" else {}
         for b in blocks:
             for name, s in specs.items():
                 if not is_static(s):
