@@ -8,6 +8,12 @@ Later rules override earlier ones, field by field; a rule field left ``None`` in
 Plans round-trip exactly through ``to_dict``/``from_dict``, YAML and JSON. Unknown keys and bad
 values raise :class:`~qcompile.errors.PlanError` naming the key and listing the allowed values.
 Named plans live in :data:`PRESETS`.
+
+Plans come from people a deployment does not control, so reading one is bounded: a plan file is a
+regular file of at most :data:`MAX_PLAN_BYTES` of UTF-8; a document holds at most
+:data:`MAX_PLAN_NODES` values counted with YAML aliases expanded (a "billion laughs" alias bomb is
+refused, not expanded), at most :data:`MAX_PLAN_ALIASES` aliases, nesting at most
+:data:`MAX_PLAN_DEPTH` deep, and no YAML tags. Every breach is a PlanError saying which bound.
 """
 
 from __future__ import annotations
@@ -16,7 +22,11 @@ import dataclasses
 import enum
 import fnmatch
 import json
+import math
+import os
 import re
+import reprlib
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -31,6 +41,17 @@ from qcompile.quant.spec import BITS, Granularity, QuantSpec
 
 PLAN_VERSION = 1
 ALLOWED_BITS = BITS  # the widths every spec and pass option accepts (qcompile.quant.spec)
+
+# Bounds on reading a plan. The largest plan qcompile writes (assign_precision's per-layer rules for an
+# 80-layer model) is ~120 KB and ~9,000 values, nested 6 deep; pure-Python YAML reads 1 MiB in ~1-3 s.
+MAX_PLAN_BYTES = 1 << 20  # characters of YAML/JSON text (bytes of a plan file)
+MAX_PLAN_NODES = 50_000  # values in the document, YAML aliases expanded
+MAX_PLAN_ALIASES = 100  # YAML aliases (*name) in the document
+MAX_PLAN_DEPTH = 32  # nesting of mappings and lists
+
+_repr = reprlib.Repr()  # values in messages, bounded: a hostile value does not become a megabyte of message
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict, _repr.maxlevel = 80, 80, 6, 6, 3
+_short = _repr.repr
 
 
 class WeightMethod(str, enum.Enum):
@@ -132,6 +153,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        _check_shape(data)
         return from_plain(cls, data, "plan")
 
     def to_json(self) -> str:
@@ -139,10 +161,13 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
+        _check_text_size(text, "JSON")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"malformed plan JSON: {e}") from None
+        except RecursionError:  # the C decoder's own guard on nesting
+            raise PlanError(f"plan JSON is nested deeper than {MAX_PLAN_DEPTH} levels") from None
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
@@ -150,22 +175,26 @@ class Plan:
 
     @classmethod
     def from_yaml(cls, text: str) -> Plan:
+        _check_text_size(text, "YAML")
+        loader = _PlanLoader(text)
         try:
-            data = yaml.safe_load(text)
+            data = loader.get_single_data()
         except yaml.YAMLError as e:
             raise PlanError(f"malformed plan YAML: {e}") from None
+        finally:
+            loader.dispose()
         return cls.from_dict(data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Plan:
         p = Path(path)
+        text = _read_plan_file(p)
         try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise PlanError(f"cannot read plan file {p}: {e.strerror}") from None
-        if p.suffix.lower() == ".json":
-            return cls.from_json(text)
-        return cls.from_yaml(text)
+            if p.suffix.lower() == ".json":
+                return cls.from_json(text)
+            return cls.from_yaml(text)
+        except PlanError as e:
+            raise PlanError(f"plan file {p}: {e}") from None
 
     def with_rules(self, *rules: LayerRule) -> Plan:
         """A copy with ``rules`` appended (they override the existing ones)."""
@@ -504,6 +533,116 @@ def get_plan(plan: Plan | str | Path) -> Plan:
     raise PlanError(f"plan must be a Plan, a preset name or a file path, not {type(plan).__name__}")
 
 
+# ---- bounded reading of untrusted plan text ---------------------------------------------------
+
+
+def _check_text_size(text: Any, what: str) -> None:
+    if not isinstance(text, str):
+        raise PlanError(f"plan {what} must be text (str), not {type(text).__name__}")
+    if len(text) > MAX_PLAN_BYTES:
+        raise PlanError(
+            f"plan {what} is {len(text):,} characters; plans are limited to {MAX_PLAN_BYTES:,} "
+            "(qcompile.plan.MAX_PLAN_BYTES)"
+        )
+
+
+def _read_plan_file(p: Path) -> str:
+    """The UTF-8 text of the plan file ``p``: a regular file of at most MAX_PLAN_BYTES. Opened without
+    blocking, so a FIFO or a device is refused rather than read."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise PlanError(f"cannot read plan file {p}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+            raise PlanError(f"plan file {p} is {kind}; --plan takes a preset name or a .yaml/.json file")
+        if st.st_size > MAX_PLAN_BYTES:
+            raise PlanError(
+                f"plan file {p} is {st.st_size:,} bytes; plans are limited to {MAX_PLAN_BYTES:,} bytes "
+                "(qcompile.plan.MAX_PLAN_BYTES)"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
+    except OSError as e:
+        raise PlanError(f"cannot read plan file {p}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_PLAN_BYTES:  # it grew after the stat
+        raise PlanError(f"plan file {p} is over {MAX_PLAN_BYTES:,} bytes (qcompile.plan.MAX_PLAN_BYTES)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanError(
+            f"plan file {p} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 4]!r}); save it as UTF-8"
+        ) from None
+
+
+class _PlanLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that bounds a document while it is composed: values (before alias
+    expansion; :func:`_check_shape` counts them expanded), aliases, nesting depth; refuses tags."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_PLAN_ALIASES:
+                raise PlanError(
+                    f"plan YAML line {line}: more than {MAX_PLAN_ALIASES} aliases (*name); plans are limited to "
+                    f"{MAX_PLAN_ALIASES} (qcompile.plan.MAX_PLAN_ALIASES)"
+                )
+        elif getattr(event, "tag", None) is not None:
+            raise PlanError(
+                f"plan YAML line {line}: tag {event.tag!r} is not allowed; plans hold plain mappings, lists, "
+                "strings, numbers and booleans"
+            )
+        self._nodes += 1
+        if self._nodes > MAX_PLAN_NODES:
+            raise PlanError(
+                f"plan YAML line {line}: more than {MAX_PLAN_NODES:,} values; plans are limited to "
+                f"{MAX_PLAN_NODES:,} (qcompile.plan.MAX_PLAN_NODES)"
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_PLAN_DEPTH:
+                raise PlanError(
+                    f"plan YAML line {line}: nested deeper than {MAX_PLAN_DEPTH} levels (qcompile.plan.MAX_PLAN_DEPTH)"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_shape(data: Any) -> None:
+    """PlanError unless ``data`` (JSON/YAML values) holds at most MAX_PLAN_NODES values, counting
+    shared (aliased) values once per use, nested at most MAX_PLAN_DEPTH deep. Iterative and bounded
+    by those numbers: neither an alias bomb nor a self-referencing list is expanded or recursed into."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    seen = 1  # values visited or queued
+    while stack:
+        value, depth = stack.pop()
+        if not (isinstance(value, Mapping) or (isinstance(value, (list, tuple)) and value)):
+            continue
+        if depth >= MAX_PLAN_DEPTH:
+            raise PlanError(f"plan is nested deeper than {MAX_PLAN_DEPTH} levels (qcompile.plan.MAX_PLAN_DEPTH)")
+        children = [*value.keys(), *value.values()] if isinstance(value, Mapping) else value
+        seen += len(children)
+        if seen > MAX_PLAN_NODES:
+            raise PlanError(
+                f"plan holds more than {MAX_PLAN_NODES:,} values (YAML aliases expanded); plans are limited to "
+                f"{MAX_PLAN_NODES:,} (qcompile.plan.MAX_PLAN_NODES)"
+            )
+        stack.extend((c, depth + 1) for c in children)
+
+
 # ---- generic typed (de)serialization of frozen dataclasses ----------------------------------
 
 
@@ -543,7 +682,9 @@ def from_plain(tp: Any, data: Any, where: str) -> Any:
                 return from_plain(arm, data, where)
             except PlanError:
                 continue
-        raise PlanError(f"{where}: {data!r} is not allowed; expected {' or '.join(_describe_type(a) for a in args)}")
+        raise PlanError(
+            f"{where}: {_short(data)} is not allowed; expected {' or '.join(_describe_type(a) for a in args)}"
+        )
     if origin is tuple:
         if not isinstance(data, (list, tuple)):
             raise PlanError(f"{where}: expected a list, got {type(data).__name__}")
@@ -555,29 +696,35 @@ def from_plain(tp: Any, data: Any, where: str) -> Any:
         if getattr(tp, "POSITIONAL", False) and isinstance(data, (list, tuple)):
             names = [f.name for f in dataclasses.fields(tp)]
             if len(data) != len(names):
-                raise PlanError(f"{where}: expected [{', '.join(names)}], got {list(data)!r}")
+                raise PlanError(f"{where}: expected [{', '.join(names)}], got {_short(list(data))}")
             data = dict(zip(names, data))
         return _dataclass_from_plain(tp, data, where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [m.value for m in tp]
         if data not in allowed:
-            raise PlanError(f"{where}: {data!r} is not allowed; allowed: {allowed}")
+            raise PlanError(f"{where}: {_short(data)} is not allowed; allowed: {allowed}")
         return tp(data)
     if tp is bool:
         if not isinstance(data, bool):
-            raise PlanError(f"{where}: expected true/false, got {data!r}")
+            raise PlanError(f"{where}: expected true/false, got {_short(data)}")
         return data
     if tp is int:
         if isinstance(data, bool) or not isinstance(data, int):
-            raise PlanError(f"{where}: expected an integer, got {data!r}")
+            raise PlanError(f"{where}: expected an integer, got {_short(data)}")
         return data
     if tp is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise PlanError(f"{where}: expected a number, got {data!r}")
-        return float(data)
+            raise PlanError(f"{where}: expected a number, got {_short(data)}")
+        try:
+            value = float(data)
+        except OverflowError:  # an integer too large for a float
+            raise PlanError(f"{where}: {_short(data)} is out of range for a number") from None
+        if not math.isfinite(value):
+            raise PlanError(f"{where}: expected a finite number, got {data!r}")
+        return value
     if tp is str:
         if not isinstance(data, str):
-            raise PlanError(f"{where}: expected a string, got {data!r}")
+            raise PlanError(f"{where}: expected a string, got {_short(data)}")
         return data
     raise PlanError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
 
@@ -591,13 +738,13 @@ def _describe_type(tp: Any) -> str:
 def _dataclass_from_plain(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise PlanError(
-            f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {data!r}"
+            f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {_short(data)}"
         )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=repr)  # keys may be numbers, booleans or null in YAML
     if unknown:
-        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys: {list(fields)}")
+        raise PlanError(f"{where}: unknown key(s) {_short(unknown)}; allowed keys: {list(fields)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in data:
@@ -618,7 +765,7 @@ def _freeze_option(value: Any, where: str) -> Any:
         return value
     if isinstance(value, enum.Enum) or dataclasses.is_dataclass(value):  # typed values: stored as plain data
         return _freeze_option(to_plain(value), where)
-    raise PlanError(f"{where}: option values must be numbers, strings, booleans or lists, got {value!r}")
+    raise PlanError(f"{where}: option values must be numbers, strings, booleans or lists, got {_short(value)}")
 
 
 def _pass_config_from_plain(data: Any, where: str) -> PassConfig:
@@ -626,9 +773,9 @@ def _pass_config_from_plain(data: Any, where: str) -> PassConfig:
         return PassConfig(data)
     if not isinstance(data, Mapping):
         raise PlanError(f"{where}: expected a pass name or a mapping with keys ['name', 'options']")
-    unknown = sorted(set(data) - {"name", "options"})
+    unknown = sorted(set(data) - {"name", "options"}, key=repr)
     if unknown:
-        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys: ['name', 'options']")
+        raise PlanError(f"{where}: unknown key(s) {_short(unknown)}; allowed keys: ['name', 'options']")
     if not isinstance(data.get("name"), str):
         raise PlanError(f"{where}: 'name' (the pass name) is required")
     options = data.get("options") or {}
