@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from qcompile.codegen.target import parse_target
+from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import QCompileError
 from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
 from qcompile.ir.program import Program
@@ -44,9 +44,8 @@ def compile(
     or an already captured :class:`Program` (which is rewritten in place). ``lm_entries`` picks
     which of a causal LM's entries to capture (``forward``, ``prefill``, ``decode``).
     """
-    the_plan = get_plan(plan)
-    manager = PassManager(the_plan, dump_dir=dump_dir)  # plan/pass errors surface before capture
-    the_target = parse_target(target, the_plan.arch)  # so do target errors and conflicts with the plan's arch
+    # the plan, its passes' options, the target, the backend and dump_dir are checked before capture
+    the_plan, manager, the_target = check_compile_args(plan, target, backend, dump_dir, max_cache_len)
     report = CompileReport(the_plan.name)
     t0 = time.perf_counter()
     if isinstance(model, Program):
@@ -72,6 +71,48 @@ def compile(
     # passes may refine the plan (assign_precision writes per-layer rules): the refined plan is the
     # one the module carries, saves and reports
     return CompiledModule(program, refined, target=the_target, backend=backend, report=report, tokenizer=tokenizer)
+
+
+def check_compile_args(
+    plan: Plan | str | Path,
+    target: str = "cpu",
+    backend: str | None = None,
+    dump_dir: str | Path | None = None,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+) -> tuple[Plan, PassManager, Target]:
+    """Everything about a compile that can be checked without the model, checked in a fraction of
+    a second: the plan (read, its passes built from their options, their order), the target (and
+    its agreement with the plan's arch), the backend's existence and support for the target,
+    ``dump_dir``, ``max_cache_len``. Raises the QCompileError that ``compile`` would raise later.
+    The CLI calls it before it loads a model; ``compile`` before it captures."""
+    the_plan = get_plan(plan)
+    manager = PassManager(the_plan, dump_dir=dump_dir)  # builds every pass from its options, checks the order
+    if not isinstance(target, str):
+        raise QCompileError(f"target must be a string such as 'cpu' or 'cuda:sm_90', not {type(target).__name__}")
+    the_target = parse_target(target, the_plan.arch)  # so do conflicts with the plan's arch
+    check_backend(backend, the_target)
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
+        raise QCompileError(f"max_cache_len must be an integer >= 2 (cache positions), got {max_cache_len!r}")
+    return the_plan, manager, the_target
+
+
+def check_backend(name: str | None, target: Target) -> str:
+    """The name of the backend ``name`` (None: the target's default) after checking it exists and
+    supports ``target``, without building it (the tvm backend imports TVM, which takes seconds)."""
+    from qcompile.codegen import BACKEND_TARGETS, BACKENDS, DEFAULT_BACKEND
+
+    kind = target.kind
+    if name is None:
+        if kind not in DEFAULT_BACKEND:
+            raise QCompileError(f"target {kind!r} has no default backend; backends: {sorted(BACKENDS)}")
+        return DEFAULT_BACKEND[kind]
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise QCompileError(f"unknown backend {name!r}; backends: {sorted(BACKENDS)}")
+    if kind not in BACKEND_TARGETS[name]:
+        raise QCompileError(
+            f"backend {name!r} does not support target {kind!r} (it supports {list(BACKEND_TARGETS[name])})"
+        )
+    return name
 
 
 def load(path: str | Path, backend: str | None = None) -> CompiledModule:

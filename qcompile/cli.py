@@ -11,8 +11,10 @@ User errors exit with status 2 and a one-paragraph message; ``--debug`` shows th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +25,39 @@ from qcompile.errors import QCompileError
 log = logging.getLogger("qcompile")
 
 
+def _int_at_least(low: int, meaning: str = ""):  # type: ignore[no-untyped-def]
+    """An argparse ``type`` for integers >= ``low``: a bad value is a usage error (exit 2), not a traceback."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _finite_float(low: float, high: float | None = None):  # type: ignore[no-untyped-def]
+    """An argparse ``type`` for finite numbers in (low, high] (``high`` None: no upper bound)."""
+    span = f"> {low}" if high is None else f"in ({low}, {high}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value <= low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo name (smollm2-135m) or a Hugging Face model folder")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside the --model folder")
@@ -31,11 +66,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-windows",
-        type=int,
+        type=_int_at_least(0),
         default=8,
         help="calibration windows for passes that calibrate (default 8; 0: none)",
     )
-    p.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument(
+        "--calib-seq", type=_int_at_least(1), default=512, help="tokens per calibration window (default 512)"
+    )
 
 
 def _calibration(zm, a: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -67,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
     c.add_argument("--target", default="cpu")
     c.add_argument("--backend", default=None, help="tvm (default for cpu) or torch (the reference)")
-    c.add_argument("--max-cache-len", type=int, default=1024)
+    c.add_argument(
+        "--max-cache-len", type=_int_at_least(2, " (cache positions)"), default=1024, help="cache length (default 1024)"
+    )
     c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
     _add_calib_args(c)
@@ -80,11 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate a continuation with a saved artifact")
     r.add_argument("artifact")
     r.add_argument("--prompt", required=True)
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=_int_at_least(0), default=32)
     r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--top-k", type=int, default=None)
-    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--temperature", type=_finite_float(0.0), default=1.0)
+    r.add_argument("--top-k", type=_int_at_least(0, " (0: no limit)"), default=None)
+    r.add_argument("--top-p", type=_finite_float(0.0, 1.0), default=None)
     r.add_argument("--seed", type=int, default=None)
 
     e = sub.add_parser("eval", help="perplexity / top-1 of a model under a plan")
@@ -98,8 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", default="shakespeare", help="dataset (default: shakespeare)")
     e.add_argument("--split", default="evaluation", choices=["evaluation", "calibration"])
     e.add_argument("--encoding", default="utf-8", help="encoding of --text (default utf-8)")
-    e.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
-    e.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--windows", type=_int_at_least(1), default=16, help="number of windows (default 16)")
+    e.add_argument(
+        "--seq", type=_int_at_least(2, " (a window predicts tokens 2..seq)"), default=512, help="tokens per window"
+    )
     e.add_argument("--json", default=None, help="write the record to this JSON file")
     _add_calib_args(e)
 
@@ -121,6 +162,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     from qcompile.plan import get_plan
 
     plan = get_plan(a.plan)  # fail fast on a bad plan, before loading a model
+
+    _check_before_loading(a, plan)
     t0 = time.perf_counter()
     zm = load_model(a.model, a.gguf_file)
     print(f"loaded {zm.name} ({type(zm.model).__name__}) in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -141,6 +184,24 @@ def cmd_compile(a: argparse.Namespace) -> int:
     out = cm.save(a.output)
     print(f"saved artifact to {out}")
     return 0
+
+
+def _check_before_loading(a: argparse.Namespace, plan: object) -> None:
+    """What can be checked without the model (the plan's passes and options, --target, --backend,
+    --dump-dir, --max-cache-len, input files) is checked before the model loads, which takes seconds."""
+    from qcompile.api import check_compile_args
+
+    check_compile_args(
+        plan,  # type: ignore[arg-type]
+        a.target,
+        a.backend,
+        getattr(a, "dump_dir", None),
+        getattr(a, "max_cache_len", 1024),
+    )
+    for flag, path in (("--calib-text", getattr(a, "calib_text", None)), ("--text", getattr(a, "text", None))):
+        if path is not None and not Path(path).is_file():
+            what = "does not exist" if not Path(path).exists() else "is not a regular file"
+            raise QCompileError(f"{flag} {path} {what}; name a text file")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -173,7 +234,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from qcompile.eval.harness import TextSource, evaluate
+    from qcompile.plan import get_plan
 
+    _check_before_loading(a, get_plan("fp32" if a.source else a.plan))
     text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)
     rec = evaluate(
         a.model,
@@ -253,6 +316,24 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+# OSErrors that a user's files and disks cause (a missing, unreadable or misplaced file, a full or
+# read-only disk): exit 2 with the message. Any other exception is a bug and keeps its traceback.
+_USER_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
+
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "report": cmd_report}
 
 
@@ -267,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.debug:
             raise
         print(f"qcompile {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if a.debug or e.errno not in _USER_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"qcompile {a.cmd}: error:{where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

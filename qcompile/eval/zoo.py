@@ -8,6 +8,13 @@
 * any Hugging Face model folder (optionally with ``gguf_file``).
 
 Nothing here reaches a model hub: ``HF_HUB_OFFLINE`` is set before transformers loads anything.
+
+Model folders may come from anyone, so loading one runs no code from it: weights are read only from
+safetensors or GGUF (a pickle checkpoint such as ``pytorch_model.bin`` is refused, never unpickled;
+transformers is called with ``use_safetensors=True``), ``trust_remote_code`` is never enabled (a
+``config.json`` whose ``auto_map`` names Python files gets the built-in class or an error), and a
+GGUF file's header is checked against the file's size before transformers parses it
+(:func:`check_gguf`), so a truncated or lying header is a clear error naming the file.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
+import mmap
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +71,187 @@ def package_dir(package: str, pip_hint: str) -> Path:
 def _load_hf(folder: Path, gguf_file: str | None) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    what = f"{folder}/{gguf_file}" if gguf_file else str(folder)
+    if gguf_file:
+        check_gguf(folder / gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        what = f"{folder}/{gguf_file}" if gguf_file else str(folder)
-        raise ModelNotFoundError(f"cannot load a causal LM from {what}: {type(e).__name__}: {str(e)[:300]}") from None
+    weights: dict[str, Any] = {} if gguf_file else {"use_safetensors": True}  # never a pickle checkpoint
+    try:  # no code from the folder runs: no remote code, no pickle
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=False, **weights, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:
+        hint = (
+            "; the folder asks to run its own Python code (auto_map), which qcompile never does: use a model whose "
+            "architecture transformers ships"
+            if _asks_for_code(folder)
+            else ""
+        )
+        raise ModelNotFoundError(
+            f"cannot load a causal LM from {what}: {type(e).__name__}: {str(e)[:300]}{hint}"
+        ) from None
     return model.eval(), tokenizer
+
+
+def _asks_for_code(folder: Path) -> bool:
+    """Whether the folder's config or tokenizer config names Python code to run (``auto_map``)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            with open(folder / name, "rb") as f:
+                if b'"auto_map"' in f.read(1 << 20):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+# Weight files that are Python pickles: loading one runs whatever code it names.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+SAFETENSORS_HINT = (
+    "qcompile reads weights only from safetensors or GGUF, because loading a pickle runs code. Convert it where "
+    'you trust the file, e.g. python -c "from transformers import AutoModelForCausalLM as M; '
+    "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\", and copy the tokenizer files along"
+)
+
+
+def _check_weight_files(folder: Path) -> None:
+    """ModelNotFoundError unless ``folder`` holds safetensors weights; a folder with only pickle
+    checkpoints is refused by name, without opening them."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
+    if pickles:
+        raise ModelNotFoundError(f"{folder} holds only pickle checkpoints {pickles[:5]}; {SAFETENSORS_HINT}")
+    raise ModelNotFoundError(f"{folder} has a config.json but no *.safetensors weights (and no --gguf-file)")
+
+
+# ---- GGUF header check -----------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_ARRAY_NESTING = 4
+_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _GGUFHeader:
+    """A bounds-checked reader over a GGUF file's bytes (little-endian)."""
+
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def bad(self, why: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"{self.path} is not a usable GGUF file: {why} (the file has {self.size:,} bytes; truncated or corrupt? "
+            "copy it again)"
+        )
+
+    def take(self, n: int, what: str) -> int:
+        if self.pos + n > self.size:
+            raise self.bad(f"{what} at byte {self.pos:,} needs {n:,} bytes, past the end of the file")
+        at = self.pos
+        self.pos += n
+        return at
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        at = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from("<" + fmt, self.buf, at)[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("Q", f"{what} length")
+        at = self.take(n, what)
+        return bytes(self.buf[at : at + min(n, 100)]).decode("utf-8", "replace")
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _GGUF_SCALARS:
+            return self.scalar(_GGUF_SCALARS[vtype], what)
+        if vtype == _GGUF_STRING:
+            return self.string(what)
+        if vtype != _GGUF_ARRAY:
+            raise self.bad(f"{what} has unknown value type {vtype}")
+        if depth >= _GGUF_MAX_ARRAY_NESTING:
+            raise self.bad(f"{what} nests arrays deeper than {_GGUF_MAX_ARRAY_NESTING}")
+        item = self.scalar("I", f"{what} item type")
+        count = self.scalar("Q", f"{what} length")
+        if item in _GGUF_SCALARS:  # fixed-size items: one bounds check
+            self.take(count * struct.calcsize(_GGUF_SCALARS[item]), f"{what} ({count:,} items)")
+            return None
+        if count * 8 > self.size - self.pos:  # a string or array item takes at least 8 bytes
+            raise self.bad(f"{what} claims {count:,} items, more than the rest of the file can hold")
+        for i in range(count):
+            self.value(item, f"{what}[{i}]", depth + 1)
+        return None
+
+
+def check_gguf(path: Path) -> None:
+    """ModelNotFoundError naming ``path`` unless its GGUF header is whole and consistent: magic,
+    version 2 or 3, counts the file can hold, metadata and tensor infos inside the file, known
+    tensor types with 1 to 4 dimensions, every tensor's data inside the file. Reads the header
+    only, through a read-only mmap (SmolLM2's 100 MB file, tokenizer arrays included: ~0.1 s)."""
+    try:
+        size = path.stat().st_size
+        if size < 24:
+            raise ModelNotFoundError(f"{path} is not a usable GGUF file: it has {size} bytes, fewer than a header")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _check_gguf(_GGUFHeader(buf, path))
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _check_gguf(h: _GGUFHeader) -> None:
+    magic = bytes(h.buf[:4])
+    if magic != GGUF_MAGIC:
+        raise h.bad(f"it starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}")
+    h.pos = 4
+    version = h.scalar("I", "version")
+    if version not in (2, 3):
+        raise h.bad(f"GGUF version {version} is not supported (2 or 3)")
+    n_tensors = h.scalar("Q", "tensor count")
+    n_kv = h.scalar("Q", "metadata count")
+    # the smallest metadata entry takes 13 bytes (key length, value type, a 1-byte value), a tensor info 32
+    if n_kv * 13 + n_tensors * 32 > h.size - h.pos:
+        raise h.bad(f"its header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more than the file holds")
+    alignment = 32
+    for i in range(n_kv):
+        key = h.string(f"metadata key {i}")
+        value = h.value(h.scalar("I", f"metadata {key!r} type"), f"metadata {key!r}")
+        if key == "general.alignment":
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise h.bad(f"general.alignment {value!r} is not a power of two")
+            alignment = value
+    tensors = []
+    for i in range(n_tensors):
+        name = h.string(f"tensor info {i} name")
+        n_dims = h.scalar("I", f"tensor {name!r} dimension count")
+        if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+            raise h.bad(f"tensor {name!r} has {n_dims} dimensions (1 to {_GGUF_MAX_DIMS} allowed)")
+        dims = [h.scalar("Q", f"tensor {name!r} shape") for _ in range(n_dims)]
+        tensors.append((name, dims, h.scalar("I", f"tensor {name!r} type"), h.scalar("Q", f"tensor {name!r} offset")))
+    sizes = _ggml_type_sizes()
+    if sizes is None:
+        return
+    data_start = -(-h.pos // alignment) * alignment
+    for name, dims, ttype, offset in tensors:
+        if ttype not in sizes:
+            raise h.bad(f"tensor {name!r} has unknown type {ttype}")
+        block, block_bytes = sizes[ttype]
+        if dims[0] % block:
+            raise h.bad(f"tensor {name!r}: its first dimension {dims[0]} is not a multiple of its block of {block}")
+        count = math.prod(dims)
+        end = data_start + offset + count // block * block_bytes
+        if end > h.size:
+            raise h.bad(f"tensor {name!r} ({'x'.join(map(str, dims))}) ends at byte {end:,}, past the end of the file")
+
+
+def _ggml_type_sizes() -> dict[int, tuple[int, int]] | None:
+    """GGML tensor type -> (elements per block, bytes per block), from the ``gguf`` package (None
+    without it: transformers then says that it is missing)."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:
+        return None
+    return {int(k): (int(b), int(n)) for k, (b, n) in GGML_QUANT_SIZES.items()}
 
 
 def load_hf_folder(folder: str | Path, gguf_file: str | None = None) -> ZooModel:
@@ -84,6 +267,8 @@ def load_hf_folder(folder: str | Path, gguf_file: str | None = None) -> ZooModel
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f" (it holds GGUF files {ggufs}: pass --gguf-file)" if ggufs else ""
         raise ModelNotFoundError(f"{folder} has no config.json{hint}")
+    if not gguf_file:
+        _check_weight_files(folder)
     model, tok = _load_hf(folder, gguf_file)
     return ZooModel(folder.name, "causal_lm", model, tok, {"source": str(folder), "gguf_file": gguf_file})
 
@@ -101,11 +286,11 @@ def _cached_gguf_lm(name: str, gguf_path: Path) -> ZooModel:
         try:
             meta = json.loads(meta_path.read_text())
             if sha256_file(folder / "model.safetensors") == meta["sha256"]:
-                config = AutoConfig.from_pretrained(str(folder))
+                config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
                 model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
                 model.tie_weights()
-                tok = AutoTokenizer.from_pretrained(str(folder))
+                tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
                 return ZooModel(name, "causal_lm", model.eval(), tok, {"source": str(gguf_path), "cache": str(folder)})
             log.warning("cached %s failed its checksum; rebuilding it", folder)
         except (OSError, KeyError, ValueError, RuntimeError) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from qcompile.report import CompileReport, PassReport
 log = logging.getLogger(__name__)
 
 
+_DEFAULT_SKIP = next(f.default for f in dataclasses.fields(Plan) if f.name == "skip")
+
+
 def _node_ids(program: Program) -> set[tuple[str, str]]:
     return {(e.name, n.name) for e, n in program.nodes()}
 
@@ -32,6 +36,8 @@ class PassManager:
     def __init__(self, plan: Plan, *, dump_dir: str | Path | None = None, verify_deep: bool = True) -> None:
         self.plan = plan
         self.dump_dir = Path(dump_dir) if dump_dir else None
+        if self.dump_dir is not None:
+            check_writable_dir(self.dump_dir, "dump_dir (--dump-dir)")
         self.verify_deep = verify_deep
         self.passes: list[Pass] = [make_pass(pc.name, pc.options) for pc in plan.passes]
         self.check_order(CAPTURED_FACTS)
@@ -64,8 +70,14 @@ class PassManager:
         return frozenset(facts)
 
     def rule_warnings(self, program: Program) -> list[str]:
+        """A warning for each ``skip`` glob and rule ``match`` that selects no module path of
+        ``program`` (a typo there would otherwise quantize what was meant to stay in float). The
+        default skip glob (``*lm_head*``) is exempt: models without an lm_head are common."""
         paths = program.module_paths()
         out = []
+        for glob in self.plan.skip:
+            if glob not in _DEFAULT_SKIP and not any(fnmatch.fnmatchcase(p, glob) for p in paths):
+                out.append(f"skip glob {glob!r} matches no layer of this model, so it keeps nothing in float")
         for i, rule in enumerate(self.plan.rules):
             if not any(fnmatch.fnmatchcase(p, rule.match) for p in paths):
                 out.append(f"rule {i} (match {rule.match!r}) matches no layer of this model")
@@ -129,5 +141,27 @@ class PassManager:
     def _dump(self, program: Program, index: int, name: str) -> None:
         if self.dump_dir is None:
             return
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
-        (self.dump_dir / f"{index:02d}_{name}.txt").write_text(format_program(program) + "\n", encoding="utf-8")
+        path = self.dump_dir / f"{index:02d}_{name}.txt"
+        try:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(format_program(program) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise QCompileError(f"cannot write the graph dump {path}: {e.strerror}; pass another --dump-dir") from None
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """QCompileError unless ``path`` is a directory this process can write into, or can be created
+    as one (its nearest existing ancestor is a writable directory). Creates nothing."""
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise QCompileError(f"{what} {path} exists and is not a directory; name a directory (it is created)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise QCompileError(f"{what} {path} is not writable by this user; name a directory you can write")
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QCompileError(f"{what} {path} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QCompileError(f"{what} {path} cannot be created: {parent} is not writable by this user")
