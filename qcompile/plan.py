@@ -677,11 +677,15 @@ def from_plain(tp: Any, data: Any, where: str) -> Any:
             raise PlanError(f"{where}: a value is required")
         if len(args) == 1:
             return from_plain(args[0], data, where)
+        errors = []
         for arm in args:  # the first arm that accepts the value (e.g. a number, else a named mode)
             try:
                 return from_plain(arm, data, where)
-            except PlanError:
-                continue
+            except PlanError as e:
+                errors.append((arm, e))
+        for arm, e in errors:  # a number refused by the number arm (not finite, too large): say so
+            if arm in (int, float) and isinstance(data, (int, float)) and not isinstance(data, bool):
+                raise e from None
         raise PlanError(
             f"{where}: {_short(data)} is not allowed; expected {' or '.join(_describe_type(a) for a in args)}"
         )

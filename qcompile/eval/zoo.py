@@ -143,8 +143,8 @@ class _GGUFHeader:
 
     def bad(self, why: str) -> ModelNotFoundError:
         return ModelNotFoundError(
-            f"{self.path} is not a usable GGUF file: {why} (the file has {self.size:,} bytes; truncated or corrupt? "
-            "copy it again)"
+            f"cannot load a causal LM from {self.path}: not a usable GGUF file: {why} (the file has {self.size:,} "
+            "bytes; truncated or corrupt? copy it again)"
         )
 
     def take(self, n: int, what: str) -> int:
@@ -192,7 +192,9 @@ def check_gguf(path: Path) -> None:
     try:
         size = path.stat().st_size
         if size < 24:
-            raise ModelNotFoundError(f"{path} is not a usable GGUF file: it has {size} bytes, fewer than a header")
+            raise ModelNotFoundError(
+                f"cannot load a causal LM from {path}: not a usable GGUF file: it has {size} bytes, fewer than a header"
+            )
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             _check_gguf(_GGUFHeader(buf, path))
     except OSError as e:
