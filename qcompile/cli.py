@@ -162,8 +162,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     from qcompile.plan import get_plan
 
     plan = get_plan(a.plan)  # fail fast on a bad plan, before loading a model
-
-    _check_before_loading(a, plan)
+    _check_before_loading(a, plan)  # and on its passes' options, --target, --backend, --dump-dir
     t0 = time.perf_counter()
     zm = load_model(a.model, a.gguf_file)
     print(f"loaded {zm.name} ({type(zm.model).__name__}) in {time.perf_counter() - t0:.1f}s", flush=True)
