@@ -82,6 +82,15 @@ class CompiledModule:
         self.last_generation: GenerationStats | None = None
         self.index_bounds: dict[str, EntryBounds] = self._derive_bounds()
         self._check_indices = True  # private switch: benchmarks/input_checks.py times calls without the check
+        limit = self.token_limit()
+        size = _length(tokenizer)
+        if limit is not None and size is not None and size > limit:
+            log.warning(
+                "the tokenizer has %d tokens but the model only %d token ids: prompts with ids >= %d will be refused",
+                size,
+                limit,
+                limit,
+            )
 
     def _derive_bounds(self) -> dict[str, EntryBounds]:
         """Index bounds of every entry, from its graph and the shapes of the tensors the kernels get
@@ -249,6 +258,13 @@ def _pick(
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+def _length(tokenizer: Any) -> int | None:
+    try:
+        return int(len(tokenizer)) if tokenizer is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def check_sampling(
