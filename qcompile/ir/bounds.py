@@ -315,18 +315,17 @@ def _reach(start: fx.Node) -> set[fx.Node]:
                 continue
             if op is aten.copy_ and not (len(u.args) > 1 and u.args[1] is n):
                 continue
-            index_args = {use.arg for use in _sink_uses(u)}
-            if n in index_args and not any(a is n for a in _data_args(u, index_args)):
+            as_index = sum(use.arg is n for use in _sink_uses(u))
+            if as_index and sum(a is n for a in _flat_args(u)) == as_index:  # only an index here
                 continue
             seen.add(u)
             todo.append(u)
     return seen
 
 
-def _data_args(node: fx.Node, skip: set[fx.Node]) -> Iterable[object]:
+def _flat_args(node: fx.Node) -> Iterable[object]:
     for a in (*node.args, *node.kwargs.values()):
-        items = a if isinstance(a, (list, tuple)) else (a,)
-        yield from (x for x in items if not (isinstance(x, fx.Node) and x in skip))
+        yield from (a if isinstance(a, (list, tuple)) else (a,))
 
 
 def index_bounds(entry: Entry, shapes: Mapping[str, Sequence[int]]) -> EntryBounds:
@@ -383,7 +382,7 @@ def _bound(
     slot = bindings.get(use.table)
     kind = getattr(slot, "kind", None)
     if kind not in (SlotKind.STATE, SlotKind.CACHE) or slot.name not in shapes:  # type: ignore[union-attr]
-        return f"it indexes %{use.table.name}, a computed tensor whose shape is only known by running the graph"
+        return f"it indexes %{use.table.name}, whose shape the matcher does not know (not a state or cache tensor)"
     key = slot.name  # type: ignore[union-attr]
     shape = tuple(int(d) for d in shapes[key])
     if use.dim is None:

@@ -134,6 +134,17 @@ class CompiledModule:
         check_inputs(entry, inputs)
         check_index_values(name, self.index_bounds[name].bounds, inputs)
 
+    def cache_limit(self) -> int:
+        """How many tokens the cache holds: the rows ``decode``'s cache writes may reach, from the
+        graph and the cache tensors (the manifest's ``max_cache_len`` only when no bound is found)."""
+        his = [b.hi for b in self.index_bounds.get("decode", EntryBounds()).bounds if b.table is SlotKind.CACHE]
+        if his:
+            return min(his)
+        try:
+            return int(self.program.meta["max_cache_len"])
+        except (KeyError, TypeError, ValueError):
+            raise QCompileError("this module records no cache length, so it cannot generate") from None
+
     def token_limit(self) -> int | None:
         """Token ids must be below this: the rows of the table the first input of ``prefill`` (or
         ``forward``) indexes, from the graph; None when that input indexes nothing bounded."""
@@ -187,7 +198,7 @@ class CompiledModule:
         prompt_len = int(input_ids.shape[1])
         if prompt_len == 0:
             raise InputError("the prompt is empty: give at least one token")
-        limit = int(self.program.meta["max_cache_len"])
+        limit = self.cache_limit()
         if prompt_len + max_new_tokens > limit:
             raise InputError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) is more than the compiled cache "
