@@ -142,6 +142,15 @@ def test_wrong_dtypes_and_layouts_are_refused(cms, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_ids_are_checked_and_run_like_contiguous_ones(cms, backend):
+    cm = cms[backend]
+    wide = torch.tensor([[5, 999, 6, -7, 7, 300]])
+    assert torch.equal(cm(wide[:, ::2]), cm(torch.tensor([[5, 6, 7]])))
+    with pytest.raises(InputError, match=r"got 999 at \[0, 0\], -7 at \[0, 1\], 300 at \[0, 2\]"):
+        cm(wide[:, 1::2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_does_not_trust_the_manifest_cache_length(cms, backend):
     """A tampered max_cache_len in the metadata must not let decode write past the real cache."""
     cm = cms[backend]
@@ -330,3 +339,10 @@ def test_run_refuses_prompt_ids_past_the_vocabulary_and_bad_parameters(big_token
     assert main(["run", art, "--prompt", ""]) == 2
     assert "the prompt is empty" in capsys.readouterr().err
     assert main(["run", art, "--prompt", "w1 w2", "--max-new-tokens", "3"]) == 0  # in range: runs
+
+
+def test_loading_warns_about_a_tokenizer_bigger_than_the_model(big_tokenizer_artifact, caplog):
+    with caplog.at_level(logging.WARNING, logger="qcompile.runtime.compiled"):
+        cm = qcompile.load(big_tokenizer_artifact)
+    assert cm.token_limit() == VOCAB
+    assert "the tokenizer has 300 tokens but the model only 256 token ids" in caplog.text
