@@ -207,6 +207,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import torch
 
     import qcompile
+    from qcompile.errors import InputError
 
     t0 = time.perf_counter()
     cm = qcompile.load(a.artifact)
@@ -217,6 +218,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     if cm.tokenizer is None:
         raise QCompileError(f"{a.artifact} has no tokenizer, so it cannot run text prompts")
     ids = torch.tensor([cm.tokenizer(a.prompt).input_ids], dtype=torch.int64)
+    limit = cm.token_limit()
+    if limit is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        raise InputError(
+            f"the prompt tokenizes to ids in [{int(ids.min())}, {int(ids.max())}] but the model in {a.artifact} has "
+            f"{limit} token ids (0 to {limit - 1}): its tokenizer ({len(cm.tokenizer)} tokens) does not match the "
+            "model; re-create the artifact with the model's own tokenizer"
+        )
     out = cm.generate(
         ids, a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
     )

@@ -148,6 +148,7 @@ def _eval_lm(
     from qcompile.eval.perplexity import hf_logits, perplexity, windows_of
 
     tokens = text.tokens(zm.tokenizer)
+    check_token_ids(tokens, zm, "the evaluation text")  # fail on a mismatched tokenizer before compiling
     windows_of(tokens, seq, windows)  # fail on short text before compiling anything
     cm = None
     if source:
@@ -157,6 +158,7 @@ def _eval_lm(
         from qcompile.eval.datasets import calibration_tokens
 
         ctoks = calibration_tokens(zm.tokenizer, calib.windows, calib.seq)
+        check_token_ids(ctoks, zm, "the calibration text")
         cm = qcompile.compile(
             zm.model,
             target=target,
@@ -193,6 +195,37 @@ def _eval_lm(
         out["report"] = cm.report.to_dict()
         out["backend"] = cm.backend
     return out
+
+
+def model_vocab(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding (what token ids index), else its config's vocab_size."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def check_token_ids(tokens: torch.Tensor, zm: ZooModel, what: str) -> None:
+    """A DataError unless every id in ``tokens`` has a row in the model's embedding: a tokenizer
+    bigger than the model's vocabulary is refused before anything is compiled or run."""
+    vocab = model_vocab(zm.model)
+    if vocab is None or tokens.numel() == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo >= 0 and hi < vocab:
+        return
+    try:
+        size: Any = len(zm.tokenizer)
+    except TypeError:
+        size = "unknown"
+    raise DataError(
+        f"{what} tokenizes to ids in [{lo}, {hi}] but {zm.name}'s vocabulary has {vocab} entries (ids 0 to "
+        f"{vocab - 1}): its tokenizer ({size} tokens) does not match the model; use the tokenizer the model was "
+        "trained with"
+    )
 
 
 def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int) -> Any:

@@ -1,6 +1,8 @@
 """CompiledModule: what ``qcompile.compile`` returns and ``qcompile.load`` brings back.
 
-* ``cm(*inputs)`` runs the ``forward`` entry (inputs checked against the captured specs);
+* ``cm(*inputs)`` runs the ``forward`` entry (inputs checked against the captured specs, and the
+  values of inputs the graph uses as indices against the tensors they index: see
+  :mod:`qcompile.ir.bounds`; a rejected call runs no kernel, so the cache is left as it was);
 * ``cm.generate(input_ids, max_new_tokens)`` runs ``prefill`` once and ``decode`` per new token
   over the Program's static cache (greedy, or sampling with temperature / top-k / top-p);
 * ``cm.report`` is the compile report, ``cm.save(dir)`` writes an artifact.
@@ -9,6 +11,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from qcompile.codegen import get_backend
 from qcompile.codegen.base import BuiltEntry
 from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import InputError, QCompileError
+from qcompile.ir.bounds import EntryBounds, IndexBound, index_bounds
 from qcompile.ir.program import Entry, Program, SlotKind
 from qcompile.plan import Plan
 from qcompile.report import CompileReport
@@ -75,6 +80,31 @@ class CompiledModule:
         self._cache: dict[str, torch.Tensor] = program.new_cache()
         self._out_specs = {name: pytree.treespec_loads(e.out_spec) for name, e in program.entries.items()}
         self.last_generation: GenerationStats | None = None
+        self.index_bounds: dict[str, EntryBounds] = self._derive_bounds()
+        self._check_indices = True  # private switch: benchmarks/input_checks.py times calls without the check
+        limit = self.token_limit()
+        size = _length(tokenizer)
+        if limit is not None and size is not None and size > limit:
+            log.warning(
+                "the tokenizer has %d tokens but the model only %d token ids: prompts with ids >= %d will be refused",
+                size,
+                limit,
+                limit,
+            )
+
+    def _derive_bounds(self) -> dict[str, EntryBounds]:
+        """Index bounds of every entry, from its graph and the shapes of the tensors the kernels get
+        (never from the manifest); an index the matcher cannot bound is warned about and noted."""
+        shapes = {k: tuple(t.shape) for k, t in self.program.state.items()}
+        shapes.update({k: tuple(t.shape) for k, t in self._cache.items()})
+        out = {name: index_bounds(e, shapes) for name, e in self.program.entries.items()}
+        for name, eb in out.items():
+            for u in eb.unbounded:
+                note = f"unchecked index input: {u.describe(name)}; its values are not checked before the kernels run"
+                log.warning(note)
+                if note not in self.report.warnings:
+                    self.report.warnings.append(note)
+        return out
 
     # ---- calling ---------------------------------------------------------------------------
     @property
@@ -91,9 +121,38 @@ class CompiledModule:
         entry = self.program.entries[name]
         inputs = _bind(entry, args, kwargs)
         check_inputs(entry, inputs)
+        if self._check_indices:
+            check_index_values(name, self.index_bounds[name].bounds, inputs)
         flat = self._build_args(entry, inputs)
         out = self._built[name](flat)
         return pytree.tree_unflatten(list(out), self._out_specs[name])
+
+    def _check_call(self, name: str, *args: torch.Tensor) -> None:
+        """Check a call of entry ``name`` (specs and index values) without running it."""
+        entry = self.program.entries[name]
+        inputs = _bind(entry, args, {})
+        check_inputs(entry, inputs)
+        check_index_values(name, self.index_bounds[name].bounds, inputs)
+
+    def cache_limit(self) -> int:
+        """How many tokens the cache holds: the rows ``decode``'s cache writes may reach, from the
+        graph and the cache tensors (the manifest's ``max_cache_len`` only when no bound is found)."""
+        his = [b.hi for b in self.index_bounds.get("decode", EntryBounds()).bounds if b.table is SlotKind.CACHE]
+        if his:
+            return min(his)
+        try:
+            return int(self.program.meta["max_cache_len"])
+        except (KeyError, TypeError, ValueError):
+            raise QCompileError("this module records no cache length, so it cannot generate") from None
+
+    def token_limit(self) -> int | None:
+        """Token ids must be below this: the rows of the table the first input of ``prefill`` (or
+        ``forward``) indexes, from the graph; None when that input indexes nothing bounded."""
+        for name in ("prefill", "forward"):
+            if name in self.index_bounds:
+                his = [b.hi for b in self.index_bounds[name].bounds if b.position == 0 and not b.element]
+                return min(his) if his else None
+        return None
 
     def _build_args(self, entry: Entry, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         user = iter(inputs)
@@ -130,25 +189,26 @@ class CompiledModule:
         """
         if self.program.kind != "causal_lm" or not {"prefill", "decode"} <= set(self.program.entries):
             raise QCompileError("generate() needs a causal LM compiled with its prefill/decode steps")
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise InputError(f"generate() takes input_ids of shape [1, prompt_len] (batch 1), got {got}")
         if input_ids.dtype != torch.int64:
             raise InputError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
         prompt_len = int(input_ids.shape[1])
-        limit = int(self.program.meta["max_cache_len"])
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if prompt_len < 1 or prompt_len + max_new_tokens > limit:
+        if prompt_len == 0:
+            raise InputError("the prompt is empty: give at least one token")
+        limit = self.cache_limit()
+        if prompt_len + max_new_tokens > limit:
             raise InputError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) must be between 1 and the "
-                f"compiled cache length {limit}; recompile with a larger max_cache_len"
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) is more than the compiled cache "
+                f"length {limit}; shorten them or recompile with a larger max_cache_len"
             )
-        vocab = int(self.program.meta["vocab_size"])
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise InputError(
-                f"token ids must be in [0, {vocab}), got range [{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        # every call below checks its own inputs; checking the prompt and the last decode position here
+        # refuses a generation that would fail half way, before the cache is reset
+        self._check_call("prefill", input_ids, torch.arange(prompt_len))
+        if max_new_tokens >= 2:
+            self._check_call("decode", input_ids[:, :1], torch.tensor([prompt_len + max_new_tokens - 2]))
         eos = (
             set(self.program.meta.get("eos_token_id") or [])
             if eos_token_id is None
@@ -198,8 +258,6 @@ def _pick(
     logits = logits.to(torch.float32)
     if not do_sample:
         return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
     logits = logits / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
@@ -211,6 +269,42 @@ def _pick(
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+def _length(tokenizer: Any) -> int | None:
+    try:
+        return int(len(tokenizer)) if tokenizer is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def check_sampling(
+    max_new_tokens: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any = None
+) -> None:
+    """Raise InputError unless generate()'s parameters are usable (NaN and infinities never are)."""
+
+    def integer(x: Any) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    def real(x: Any) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+    if not integer(max_new_tokens) or int(max_new_tokens) < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(do_sample, (bool, numbers.Integral)):
+        raise InputError(f"do_sample must be True or False, got {do_sample!r}")
+    if not real(temperature):
+        raise InputError(f"temperature must be a finite number, got {temperature!r}")
+    if do_sample and float(temperature) <= 0:
+        raise InputError(
+            f"temperature must be > 0 when sampling, got {temperature!r}; for greedy decoding do not sample"
+        )
+    if top_k is not None and (not integer(top_k) or int(top_k) < 0):
+        raise InputError(f"top_k must be an integer >= 0 (0 or None: no top-k), got {top_k!r}")
+    if top_p is not None and (not real(top_p) or not 0 < float(top_p) <= 1):
+        raise InputError(f"top_p must be a number in (0, 1] (1 or None: no top-p), got {top_p!r}")
+    if seed is not None and not integer(seed):
+        raise InputError(f"seed must be an integer or None, got {seed!r}")
 
 
 def _bind(entry: Entry, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -243,6 +337,8 @@ def check_inputs(entry: Entry, inputs: list[Any]) -> None:
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{entry.name} input {name!r}: {hint}, got {type(x).__name__}")
         got = f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+        if x.layout != torch.strided or x.is_meta:
+            raise InputError(f"{entry.name} input {name!r}: {hint}, got a {x.layout} tensor on {x.device}")
         if x.dtype != spec.torch_dtype:
             raise InputError(f"{entry.name} input {name!r}: {hint}, got dtype {got}")
         if x.dim() != len(spec.shape):
@@ -260,3 +356,74 @@ def check_inputs(entry: Entry, inputs: list[Any]) -> None:
                     f"{entry.name} input {name!r}: {hint}, got {got} (dim {axis} must equal {bound[want]} like the "
                     "other inputs)"
                 )
+
+
+def check_index_values(entry: str, bounds: Sequence[IndexBound], inputs: Sequence[torch.Tensor]) -> None:
+    """Raise InputError unless the inputs the graph uses as indices lie within what they index.
+
+    One min/max per bounded input (one scalar read for a selected element); ``inputs`` have
+    passed :func:`check_inputs`. Runs before any kernel, so a refused call changes nothing.
+    """
+    extremes: dict[int, tuple[Any, Any]] = {}
+    for b in bounds:
+        x = inputs[b.position]
+        if b.element:
+            x = _element(entry, b, x)
+            got = _extremes(x)
+        elif b.position in extremes:
+            got = extremes[b.position]
+        else:
+            got = extremes[b.position] = _extremes(x)
+        if got is None:
+            continue
+        lo, hi = b.allowed(inputs)
+        if not (lo <= got[0] and got[1] <= hi):  # NaN fails both comparisons
+            raise InputError(_out_of_range(entry, b, x, lo, hi, inputs))
+
+
+def _extremes(x: torch.Tensor) -> tuple[Any, Any] | None:
+    n = x.numel()
+    if n == 0:
+        return None
+    if n == 1:
+        v = x.item()
+        return v, v
+    lo, hi = torch.aminmax(x)
+    return lo.item(), hi.item()
+
+
+def _element(entry: str, b: IndexBound, x: torch.Tensor) -> torch.Tensor:
+    for dim, i in b.element:
+        if x.dim() <= dim or not -x.shape[dim] <= i < x.shape[dim]:
+            raise InputError(
+                f"{entry} input {b.input!r}: the graph reads its element {i} along dim {dim}, which a tensor of "
+                f"shape {list(x.shape)} does not have"
+            )
+        x = x.select(dim, i)
+    return x
+
+
+def _out_of_range(entry: str, b: IndexBound, x: torch.Tensor, lo: int, hi: int, inputs: Sequence[torch.Tensor]) -> str:
+    flat = x.reshape(-1)
+    bad = ((flat < lo) | (flat > hi) | (flat != flat)).nonzero().view(-1)
+    shown = []
+    for i in bad[:3].tolist():
+        where = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), x.shape)) if x.dim() else ()
+        shown.append(f"{flat[i].item()}" + (f" at {list(where)}" if where else ""))
+    more = f" ({bad.numel()} values out of range)" if bad.numel() > len(shown) else ""
+    span = ""
+    if b.extent is not None:
+        n = int(inputs[b.extent.position].shape[b.extent.axis])
+        span = f" with {b.extent.input}.shape[{b.extent.axis}] = {n}"
+    if b.table is SlotKind.CACHE:
+        low = bool(bad.numel()) and flat[int(bad[0])].item() < lo
+        what = "cache positions"
+        hint = "positions count from 0" if low else "recompile with a larger max_cache_len for longer sequences"
+    elif b.op == "embedding":
+        what, hint = "token ids", "token ids must come from this model's own tokenizer"
+    else:
+        what, hint = "its values", "pass values within that range"
+    return (
+        f"{entry} input {b.describe()!r}: {what} must be in [{lo}, {hi}]{span}, because {b.why}; got "
+        f"{', '.join(shown)}{more}. Nothing was run: {hint}"
+    )
