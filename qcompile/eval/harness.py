@@ -88,10 +88,13 @@ def evaluate(
     (:func:`qcompile.eval.datasets.calibration_tokens`); the evaluation text is never used for it.
     """
     import qcompile
+    from qcompile.api import check_compile_args
     from qcompile.plan import get_plan
 
     t0 = time.perf_counter()
     the_plan = get_plan(plan)
+    if not source:  # a bad pass option, target or backend fails before the model loads
+        check_compile_args(the_plan, target, backend)
     zm = model if isinstance(model, ZooModel) else load_model(model, gguf_file)
     record: dict[str, Any] = {
         "model": zm.name,

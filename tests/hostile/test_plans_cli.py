@@ -435,6 +435,17 @@ def test_eval_checks_everything_before_the_model_loads(case, args, message, caps
     assert rc == 2 and message in err and seconds < 2.0 and not no_model_load
 
 
+def test_api_evaluate_checks_the_plan_before_the_model_loads(no_model_load):
+    from qcompile.eval.harness import evaluate
+
+    bad = Plan(passes=(qcompile.plan.PassConfig("quantize_weights", (("damp", "x"),)),))
+    with pytest.raises(PlanError, match="damp"):
+        evaluate("smollm2-135m", bad)
+    with pytest.raises(QCompileError, match="unknown backend"):
+        evaluate("smollm2-135m", "w8a8-rtn", backend="nope")
+    assert not no_model_load
+
+
 def test_eval_text_that_is_a_directory(tmp_path, capsys, no_model_load):
     rc, err, _ = run_cli(["eval", "--model", "smollm2-135m", "--text", str(tmp_path)], capsys)
     assert rc == 2 and "is not a regular file" in err and not no_model_load
