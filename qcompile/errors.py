@@ -41,3 +41,12 @@ class ModelNotFoundError(QCompileError):
 
 class DataError(QCompileError):
     """Evaluation or calibration data is unusable (too short, empty, undecodable, NaN)."""
+
+
+class NonFiniteError(DataError, ValueError):
+    """A weight, buffer, example input, computed scale or calibration activation holds NaN or ±Inf.
+
+    The message names the tensor (state key or input), the layer (module path) or node, how many
+    NaN / +Inf / -Inf values it holds and where the first one is, and what to do. A ``ValueError``
+    too, as the numeric routines that raise it (quantizers) raise ``ValueError`` for bad input.
+    """
