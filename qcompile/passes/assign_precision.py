@@ -55,6 +55,7 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -123,6 +124,7 @@ class _Simulator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=not keep_values)
         self.cands, self.wdq, self.track, self.low = cands, wdq, track, low
         self.window = ""  # which calibration sequence runs (for error messages)
+        self.origin: Callable[[], str] = lambda: ""  # where the first non-finite value appears (on error)
         self.inputs: dict[fx.Node, torch.Tensor] = {}
         self.outputs: dict[fx.Node, torch.Tensor] = {}
 
@@ -136,8 +138,8 @@ class _Simulator(fx.Interpreter):
         if counts is not None:
             raise NonFiniteError(
                 f"assign_precision: calibration activations entering layer {c.path!r} (node %{n.name}) contain NaN "
-                f"or Inf: {counts.describe()} in calibration window {self.window}. Check the calibration data and the "
-                "model's weights"
+                f"or Inf: {counts.describe()} in calibration window {self.window}{self.origin()}. Check the "
+                "calibration data and the model's weights"
             )
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         spec = c.low if n is self.low else c.high
@@ -353,6 +355,7 @@ class AssignPrecision(Pass):
             sim = _Simulator(entry.graph, by_node, wdq, track=True)
             sim.window = f"{w} (sequence {w} of {len(rows)})"
             args = entry_args(program, self.entry, [row])
+            sim.origin = lambda args=args: first_nonfinite(program, self.entry, args)
             with torch.enable_grad():
                 outs = sim.run(*args)
                 logits = _logits(outs, vocab)
@@ -408,7 +411,9 @@ class AssignPrecision(Pass):
             for w, row in enumerate(rows):
                 base = _Simulator(entry.graph, by_node, wdq, keep_values=True)
                 base.window = f"{w} (sequence {w} of {len(rows)})"
-                ref = torch.log_softmax(_logits(base.run(*entry_args(program, self.entry, [row])), vocab).double(), -1)
+                args = entry_args(program, self.entry, [row])
+                base.origin = lambda args=args: first_nonfinite(program, self.entry, args)
+                ref = torch.log_softmax(_logits(base.run(*args), vocab).double(), -1)
                 env = base.env
                 for c in cands:
                     start = {n: v for n, v in env.items() if order[n] < order[c.node]}
