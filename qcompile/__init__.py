@@ -17,6 +17,7 @@ from qcompile.errors import (  # noqa: E402
     DataError,
     InputError,
     ModelNotFoundError,
+    NonFiniteError,
     PassError,
     PlanError,
     QCompileError,
@@ -48,5 +49,6 @@ __all__ = [
     "ArtifactError",
     "InputError",
     "ModelNotFoundError",
+    "NonFiniteError",
     "DataError",
 ]

@@ -41,3 +41,21 @@ class ModelNotFoundError(QCompileError):
 
 class DataError(QCompileError):
     """Evaluation or calibration data is unusable (too short, empty, undecodable, NaN)."""
+
+
+class NonFiniteError(DataError, ValueError):
+    """A weight, buffer, example input, computed scale or calibration activation holds NaN or ±Inf.
+
+    The message names the tensor (state key or input), the layer (module path) or node, how many
+    NaN / +Inf / -Inf values it holds and where the first one is, and what to do. A ``ValueError``
+    too, as the numeric routines that raise it (quantizers) raise ``ValueError`` for bad input.
+    The message stays as written when the error crosses a ``torch.fx.Interpreter`` (which appends the
+    node and a traceback of the model's source to ``args[0]``): the message already names the node.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

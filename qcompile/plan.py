@@ -61,6 +61,13 @@ class WeightMethod(str, enum.Enum):
     GPTQ = "gptq"  # needs calibration data; see qcompile.quant.gptq
 
 
+class NonFinite(str, enum.Enum):
+    """What compile does with NaN/±Inf values in the model's weights and buffers (Program state)."""
+
+    ERROR = "error"  # refuse, naming every tensor, its layer, the counts and the first index
+    ZERO = "zero"  # replace them by 0 before any pass; the compile report lists every replacement
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """Overrides for the layers whose module path matches ``match`` (fnmatch glob).
@@ -115,8 +122,16 @@ class Plan:
     rules: tuple[LayerRule, ...] = ()
     fallback: str | None = None  # "torch": nodes the backend cannot lower run with torch (reported)
     arch: str | None = None  # CUDA arch for target "cuda" ("sm_80", "sm_86", "sm_89", "sm_90")
+    nonfinite: NonFinite = NonFinite.ERROR  # NaN/±Inf weights: "error", or "zero" (replaced by 0, reported)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.nonfinite, NonFinite):
+            try:
+                object.__setattr__(self, "nonfinite", NonFinite(self.nonfinite))
+            except ValueError:
+                raise PlanError(
+                    f"nonfinite must be one of {[m.value for m in NonFinite]}, got {self.nonfinite!r}"
+                ) from None
         if self.fallback not in (None, "torch"):
             raise PlanError(f"fallback must be 'torch' or absent, got {self.fallback!r}")
         if self.arch is not None and not re.fullmatch(r"sm_\d+a?", self.arch):
@@ -794,6 +809,7 @@ __all__ = [
     "PLAN_VERSION",
     "Granularity",
     "WeightMethod",
+    "NonFinite",
     "QuantSpec",
     "LayerRule",
     "PassConfig",

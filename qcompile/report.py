@@ -35,6 +35,8 @@ class CompileReport:
     packed_weight_bytes: int = 0
     capture_seconds: float = 0.0
     backend: dict[str, Any] = field(default_factory=dict)  # what the backend built (target, kernels, fallbacks)
+    # plan ``nonfinite: zero``: state key -> {layers, nan, posinf, neginf, numel, first_index, replaced}
+    nonfinite: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,10 +52,22 @@ class CompileReport:
             int(d.get("packed_weight_bytes", 0)),
             float(d.get("capture_seconds", 0.0)),
             dict(d.get("backend", {})),
+            {k: dict(v) for k, v in (d.get("nonfinite") or {}).items()},
         )
 
     def summary(self) -> str:
         lines = [f"plan {self.plan}: {len(self.passes)} pass(es)"]
+        if self.nonfinite:
+            total = sum(int(v.get("replaced", 0)) for v in self.nonfinite.values())
+            lines.append(
+                f"  nonfinite: zero: replaced {total} NaN/Inf value(s) by 0 in {len(self.nonfinite)} tensor(s)"
+            )
+            for key, v in self.nonfinite.items():
+                lines.append(
+                    f"    {key} (layer {', '.join(v.get('layers', []))}): {v.get('nan', 0)} NaN, "
+                    f"{v.get('posinf', 0)} +Inf, {v.get('neginf', 0)} -Inf of {v.get('numel', '?')} values, first at "
+                    f"{v.get('first_index')}"
+                )
         for p in self.passes:
             lines.append(
                 f"  {p.name:<20} {p.seconds:7.2f}s  modified={p.modified}  nodes {p.nodes_before}->{p.nodes_after} "

@@ -6,6 +6,12 @@ from the calibration split). Passes that need calibration call :func:`calib_batc
 checks the data and says what is missing, then :func:`run_observed` to see the concrete inputs of
 the nodes they care about. Observers see the calibration data only; evaluation text never reaches
 this module.
+
+Non-finite values: a float ``calib`` tensor holding NaN/Inf is refused naming the item; a NaN or Inf
+activation reaching an observed node is a :class:`~qcompile.errors.NonFiniteError` (a
+:class:`~qcompile.errors.DataError`) naming the layer, the calibration window (item and row) and
+the first node of the graph whose output was not finite (the window is re-run to find it), never
+NaN statistics.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from qcompile.errors import DataError, PlanError
-from qcompile.ir.program import Program, SlotKind
+from qcompile.errors import DataError, NonFiniteError, PlanError
+from qcompile.ir.program import PATH_KEY, Program, SlotKind
+from qcompile.quant.finite import nonfinite_counts
 
 Observer = Callable[[fx.Node, tuple[Any, ...]], None]
 
@@ -40,6 +47,11 @@ def calib_batches(calib: Any, *, who: str, min_tokens: int = 1) -> list[torch.Te
         )
     batches = []
     for i, t in enumerate(items):
+        if isinstance(t, torch.Tensor) and (c := nonfinite_counts(t)) is not None:
+            raise NonFiniteError(
+                f"{who}: calibration item {i} ({_describe(t)}) holds {c.describe()}; calibration data must be "
+                "integer token ids [B, T] (or [T])"
+            )
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() not in (1, 2):
             raise DataError(
                 f"{who}: calibration item {i} must be an integer token tensor [B, T] or [T], got {_describe(t)}"
@@ -100,39 +112,79 @@ def run_observed(
     ``observers[node](node, concrete_args)``. Returns the entry's flat outputs per batch (None for
     a batch an observer ended early with :class:`StopRun`).
 
-    Calibration input with NaN/Inf is rejected naming the first observed node that sees it.
+    Calibration input with NaN/Inf is rejected naming the first observed node that sees it, the
+    window, and the node that first produced a non-finite value.
     """
     from tqdm.auto import tqdm
 
     gm = program.entries[entry].graph
-    wrapped = {n: _finite_check(obs) for n, obs in observers.items()}
-    outs = []
+    windows: list[tuple[str, torch.Tensor]] = []
     if program.entries[entry].user_inputs[0].shape[0] == 1:  # captured with a static batch of 1
-        batches = [row[None] for b in batches for row in b]
+        for i, b in enumerate(batches):
+            windows += [(f"item {i}, row {r}", row[None]) for r, row in enumerate(b)]
     else:
-        batches = list(batches)
+        windows = [(f"item {i}, rows 0..{b.shape[0] - 1}", b) for i, b in enumerate(batches)]
+    outs = []
     with torch.no_grad():
-        for b in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        for w, (label, b) in enumerate(tqdm(windows, desc=desc, disable=not progress, unit="batch")):
+            args = entry_args(program, entry, [b])
+            wrapped = {n: _finite_check(obs, program, entry, w, label, args) for n, obs in observers.items()}
             try:
-                outs.append(_Observing(gm, wrapped).run(*entry_args(program, entry, [b])))
+                outs.append(_Observing(gm, wrapped).run(*args))
             except StopRun:
                 outs.append(None)
     return outs
 
 
-def _finite_check(obs: Observer) -> Observer:
-    def check(n: fx.Node, args: tuple[Any, ...]) -> None:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
-            from qcompile.ir.program import PATH_KEY
+def _finite_check(
+    obs: Observer, program: Program, entry: str, window: int, label: str, run_args: list[torch.Tensor]
+) -> Observer:
+    """``obs`` behind a check that every floating-point activation it is handed is finite."""
 
-            raise DataError(
-                f"calibration activations entering layer {n.meta.get(PATH_KEY, n.name)!r} contain NaN or Inf; "
-                "check the calibration data and the model's weights"
-            )
+    def check(n: fx.Node, args: tuple[Any, ...]) -> None:
+        for i, (x, a) in enumerate(zip(args, n.args)):
+            if isinstance(a, fx.Node) and a.op == "placeholder":
+                continue  # weights and inputs: checked before any pass / by calib_batches
+            if isinstance(x, torch.Tensor) and (c := nonfinite_counts(x)) is not None:
+                origin = first_nonfinite(program, entry, run_args)
+                raise NonFiniteError(
+                    f"calibration activations entering layer {n.meta.get(PATH_KEY, n.name)!r} contain NaN or Inf: "
+                    f"input {i} of node %{n.name} holds {c.describe()} in calibration window {window} ({label}) of "
+                    f"entry {entry!r}{origin}. Check the calibration data and the model's weights; a model whose "
+                    "activations overflow float32 cannot be calibrated"
+                )
         obs(n, args)
 
     return check
+
+
+class _FirstNonFinite(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function":
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and nonfinite_counts(t) is not None:
+                    raise _Found(n)
+        return out
+
+
+class _Found(Exception):
+    def __init__(self, node: fx.Node) -> None:
+        self.node = node
+
+
+def first_nonfinite(program: Program, entry: str, args: list[torch.Tensor]) -> str:
+    """``"; first produced by node %x (op) in layer 'path'"``: the first node of ``entry`` whose
+    output is not finite when run on ``args`` (empty when none is found)."""
+    try:
+        with torch.no_grad():
+            _FirstNonFinite(program.entries[entry].graph).run(*args)
+    except _Found as f:
+        n = f.node
+        return f"; first produced by node %{n.name} ({n.target}) in layer {n.meta.get(PATH_KEY, '')!r}"
+    except Exception:  # the diagnosis must not hide the error it explains
+        return ""
+    return ""
 
 
 class StopRun(Exception):

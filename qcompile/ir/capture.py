@@ -14,6 +14,12 @@ Capture is ``torch.export`` (non-strict) and nothing model-specific:
 
 When ``torch.export`` fails, a :class:`CaptureError` names the innermost module that was running
 and the line of user code that failed.
+
+Values: capture keeps the model's weights as they are, NaN and Inf included (the same tensor seen
+by two entries is the same even when it holds NaN); ``compile`` checks them before any pass
+(:mod:`qcompile.ir.finite`). Floating-point example inputs holding NaN/±Inf are refused here
+(:class:`~qcompile.errors.NonFiniteError` naming the input), as they would be stored with the Program
+as its valid example values.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from qcompile.errors import CaptureError
+from qcompile.errors import CaptureError, NonFiniteError
 from qcompile.ir.program import PATH_KEY, DimRange, Entry, Program, Slot, SlotKind, TensorSpec, dtype_name
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,7 @@ def capture(
             "(a tensor or a tuple of tensors of the shapes it will run on)"
         )
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _check_examples(args)
     prog = Program(entries={}, state={}, meta={"kind": "module", "model_class": type(model).__name__})
     with _inference(model):
         ep = _export(model, args, {}, dynamic_shapes)
@@ -320,7 +327,7 @@ def _entry_from_export(
             slots.append(Slot(SlotKind.CACHE, key))
             continue
         old = prog.state.get(key)
-        if old is not None and old is not tensor and not torch.equal(old, tensor):
+        if old is not None and old is not tensor and not _same_values(old, tensor):
             raise CaptureError(f"{name}: state {key!r} differs from the tensor of the same name in another entry")
         prog.state[key] = tensor
         slots.append(Slot(SlotKind.STATE, key))
@@ -334,6 +341,30 @@ def _entry_from_export(
     except Exception as e:
         raise CaptureError(f"{name}: the model's outputs must be tensors or tuples/lists/dicts of tensors ({e})") from e
     return Entry(name, gm, slots, user_specs, [t.detach().clone() for t in _flat(examples)], dims, out_spec)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and values, a NaN equal to a NaN in the same place (``torch.equal`` says
+    a tensor holding NaN differs from itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+    return torch.equal(a, b)
+
+
+def _check_examples(args: tuple) -> None:
+    """Floating-point example inputs must be finite (NonFiniteError naming the input)."""
+    from qcompile.quant.finite import nonfinite_counts
+
+    for i, leaf in enumerate(pytree.tree_leaves(list(args))):
+        if isinstance(leaf, torch.Tensor) and (c := nonfinite_counts(leaf)) is not None:
+            raise NonFiniteError(
+                f"example input {i} ({dtype_name(leaf.dtype)}{list(leaf.shape)}) holds {c.describe()}; "
+                "capture needs example inputs with valid (finite) values"
+            )
 
 
 def _flat(xs: Sequence[Any]) -> list[torch.Tensor]:

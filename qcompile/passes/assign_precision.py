@@ -42,6 +42,10 @@ activation precision. Guarantees: the refined plan it returns (``PassResult.plan
 rules appended and this pass removed from its pass list (so the saved plan replays to the same
 module without calibration data); the Program itself is unchanged (``quantize_weights`` applies
 the rules). ``qcompile report --plot`` draws the scores (:mod:`qcompile.eval.plots`).
+
+Non-finite values: a NaN/Inf activation entering a candidate layer, a non-finite calibration loss or
+a non-finite gradient at a layer's output is a :class:`~qcompile.errors.NonFiniteError` naming the
+layer and the calibration window (sequence), never a NaN score ranked as if it were a number.
 """
 
 from __future__ import annotations
@@ -51,19 +55,21 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 
-from qcompile.errors import DataError, PlanError
-from qcompile.ir.calib import calib_batches, entry_args
+from qcompile.errors import DataError, NonFiniteError, PlanError
+from qcompile.ir.calib import calib_batches, entry_args, first_nonfinite
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
 from qcompile.plan import LayerRule
+from qcompile.quant.finite import naming, nonfinite_counts
 from qcompile.quant.quantizer import fake_quantize_activation, fake_quantize_weight
 from qcompile.quant.spec import Granularity, QuantSpec, check_bits, check_group
 
@@ -117,6 +123,8 @@ class _Simulator(fx.Interpreter):
     ) -> None:
         super().__init__(gm, garbage_collect_values=not keep_values)
         self.cands, self.wdq, self.track, self.low = cands, wdq, track, low
+        self.window = ""  # which calibration sequence runs (for error messages)
+        self.origin: Callable[[], str] = lambda: ""  # where the first non-finite value appears (on error)
         self.inputs: dict[fx.Node, torch.Tensor] = {}
         self.outputs: dict[fx.Node, torch.Tensor] = {}
 
@@ -126,6 +134,13 @@ class _Simulator(fx.Interpreter):
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x = args[0]
+        counts = nonfinite_counts(x)
+        if counts is not None:
+            raise NonFiniteError(
+                f"assign_precision: calibration activations entering layer {c.path!r} (node %{n.name}) contain NaN "
+                f"or Inf: {counts.describe()} in calibration window {self.window}{self.origin()}. Check the "
+                "calibration data and the model's weights"
+            )
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         spec = c.low if n is self.low else c.high
         xq = x + (fake_quantize_activation(x.detach(), spec) - x).detach()  # straight-through
@@ -328,25 +343,40 @@ class AssignPrecision(Pass):
         wdq: dict[str, torch.Tensor] = {}
         for c in cands:
             if c.weight_key not in wdq:
-                wdq[c.weight_key] = fake_quantize_weight(program.state[c.weight_key], c.weight_spec)
+                with naming(f"layer {c.path!r} (weight {c.weight_key!r})"):
+                    wdq[c.weight_key] = fake_quantize_weight(program.state[c.weight_key], c.weight_spec)
         vocab = program.meta.get("vocab_size")
         scores = {c.path: 0.0 for c in cands}
         tokens = 0
         if self.metric is Metric.KL:
             self._measure_kl(program, ctx, cands, rows, wdq, scores)
             return
-        for row in tqdm(rows, desc="assign_precision: sensitivity", disable=not ctx.progress, unit="seq"):
+        for w, row in enumerate(tqdm(rows, desc="assign_precision: sensitivity", disable=not ctx.progress, unit="seq")):
             sim = _Simulator(entry.graph, by_node, wdq, track=True)
+            sim.window = f"{w} (sequence {w} of {len(rows)})"
+            args = entry_args(program, self.entry, [row])
+            sim.origin = lambda args=args: first_nonfinite(program, self.entry, args)
             with torch.enable_grad():
-                outs = sim.run(*entry_args(program, self.entry, [row]))
+                outs = sim.run(*args)
                 logits = _logits(outs, vocab)
                 loss = torch.nn.functional.cross_entropy(logits[0, :-1].to(torch.float32), row[0, 1:], reduction="sum")
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        f"assign_precision: the calibration loss is {float(loss)} in calibration window {sim.window}"
+                        f"{first_nonfinite(program, self.entry, args)}; the model's activations overflow"
+                    )
                 loss.backward()
             with torch.no_grad():
                 for c in cands:
                     x, y = sim.inputs[c.node], sim.outputs[c.node]
                     if y.grad is None:
                         continue  # the output does not reach the loss
+                    counts = nonfinite_counts(y.grad)
+                    if counts is not None:
+                        raise NonFiniteError(
+                            f"assign_precision: the loss gradient at the output of layer {c.path!r} holds "
+                            f"{counts.describe()} in calibration window {sim.window}"
+                        )
                     dx = fake_quantize_activation(x, c.low) - fake_quantize_activation(x, c.high)
                     delta = torch.nn.functional.linear(dx, wdq[c.weight_key])
                     gd = (y.grad.to(torch.float64) * delta.to(torch.float64)).sum(-1)  # [1, T]
@@ -378,15 +408,24 @@ class AssignPrecision(Pass):
             total=len(rows) * len(cands), desc="assign_precision: exact KL", disable=not ctx.progress, unit="run"
         )
         with torch.no_grad():
-            for row in rows:
+            for w, row in enumerate(rows):
                 base = _Simulator(entry.graph, by_node, wdq, keep_values=True)
-                ref = torch.log_softmax(_logits(base.run(*entry_args(program, self.entry, [row])), vocab).double(), -1)
+                base.window = f"{w} (sequence {w} of {len(rows)})"
+                args = entry_args(program, self.entry, [row])
+                base.origin = lambda args=args: first_nonfinite(program, self.entry, args)
+                ref = torch.log_softmax(_logits(base.run(*args), vocab).double(), -1)
                 env = base.env
                 for c in cands:
                     start = {n: v for n, v in env.items() if order[n] < order[c.node]}
                     sim = _Simulator(entry.graph, by_node, wdq, low=c.node)
+                    sim.window = base.window
                     out = torch.log_softmax(_logits(sim.run(initial_env=start), vocab).double(), -1)
                     kl = (ref.exp() * (ref - out)).sum(-1)  # [1, T]
+                    if not bool(torch.isfinite(kl).all()):
+                        raise NonFiniteError(
+                            f"assign_precision: the KL divergence for layer {c.path!r} is not finite in calibration "
+                            f"window {base.window}; the model's outputs hold NaN or Inf"
+                        )
                     scores[c.path] += float(kl.sum())
                     bar.update(1)
                 tokens += row.numel()

@@ -54,6 +54,7 @@ from qcompile.ir.patterns import LinearMatch, ScaleGroup, find_linears, find_sca
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import LayerQuant, Plan
+from qcompile.quant.finite import naming
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
 from qcompile.quant.quantizer import dequantize_weight_groups, fake_quantize_weight, quantize_weight_groups
 from qcompile.quant.spec import Granularity, check_group, levels
@@ -115,7 +116,8 @@ class FoldQuantSteps(Pass):
             if lq.activation.granularity is Granularity.PER_TENSOR:
                 absmax = absmax.max().expand_as(absmax).clone()
             absmax = g.shared_max(absmax)
-            ratio = self._clip(program, g, lq, absmax, x)
+            with naming(f"layers {list(g.paths)}"):
+                ratio = self._clip(program, g, lq, absmax, x)
             notes[g.paths[0]] = {"clip": ratio}
             plan.append((g, lq, absmax.clamp(min=1e-8) * ratio / levels(lq.activation.bits, True)[1]))
         # the graph does not change until step 4, and step 4 only replaces each weight's own linears
@@ -140,7 +142,8 @@ class FoldQuantSteps(Pass):
             for g, _lq, step in plan:
                 g.divide_producer(program.state, step)
         for g, lq, step in plan:
-            self._rewrite(program, linears, g, lq, step)
+            with naming(f"layers {list(g.paths)}"):
+                self._rewrite(program, linears, g, lq, step)
             changed.extend(g.paths)
         touched = {e.name for e in program.entries.values()}
         program.finish_rewrite(touched)

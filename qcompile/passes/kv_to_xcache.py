@@ -91,6 +91,7 @@ from qcompile.passes.xcache_rewrite import (
     XRewriter,
     is_static,
 )
+from qcompile.quant.finite import check_scale, naming
 from qcompile.quant.lowrank import latent_factors
 from qcompile.quant.spec import BITS, Granularity, QuantSpec
 
@@ -354,7 +355,9 @@ class KVToXCache(Pass):
             else:
                 scale = (hi - lo) / (qmax - qmin)
                 offset = lo
-            out[key] = (torch.where(scale > 0, scale, torch.ones_like(scale)), offset)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            check_scale(scale, f"the {key[1]} cache of attention block {key[0]} ({blocks[key[0]].path!r})")
+            out[key] = (scale, offset)
         return out
 
     def _describe(
@@ -398,5 +401,6 @@ def _factors(program: Program, blocks: list[AttentionBlock]) -> dict[str, tuple[
     for b in blocks:
         for proj in (b.k, b.v):
             if proj.weight_key not in out:
-                out[proj.weight_key] = latent_factors(program.state[proj.weight_key])
+                with naming(f"layer {b.path!r} (weight {proj.weight_key!r})"):
+                    out[proj.weight_key] = latent_factors(program.state[proj.weight_key])
     return out

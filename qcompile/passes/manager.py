@@ -1,4 +1,9 @@
-"""PassManager: checks a plan's order, runs its passes, verifies after each, reports, dumps, explains failures."""
+"""PassManager: checks a plan's order, runs its passes, verifies after each, reports, dumps, explains failures.
+
+Before the first pass it checks the Program's state for NaN/±Inf (:func:`qcompile.ir.finite.guard_state`):
+an error naming every bad tensor and its layer, or, under the plan's ``nonfinite: zero``, the
+values replaced by 0 and listed in the report (``CompileReport.nonfinite``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from qcompile.errors import PassError, PlanError, QCompileError
 from qcompile.ir.facts import CAPTURED_FACTS, DESCRIPTIONS, Fact
+from qcompile.ir.finite import guard_state
 from qcompile.ir.printer import format_program
 from qcompile.ir.program import PATH_KEY, Program
 from qcompile.ir.verify import verify
@@ -87,6 +93,7 @@ class PassManager:
         """Run the passes; returns the rewritten Program and the plan as refined by the passes."""
         if program.facts != CAPTURED_FACTS:  # a Program that passes already rewrote
             self.check_order(program.facts, "earlier passes")
+        report.nonfinite.update(guard_state(program, self.plan.nonfinite))  # before any pass sees a NaN
         for w in self.rule_warnings(program):
             log.warning(w)
             report.warnings.append(w)

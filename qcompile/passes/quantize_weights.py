@@ -46,6 +46,7 @@ from qcompile.ir.program import Program
 from qcompile.ops.packed import pack_codes
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import LayerQuant, WeightMethod
+from qcompile.quant.finite import naming
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
 from qcompile.quant.quantizer import (
@@ -120,9 +121,10 @@ class QuantizeWeights(Pass):
                 continue
             assert lq.weight is not None
             if m.weight_key not in done:
-                done[m.weight_key] = self._quantize(
-                    program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key)
-                )
+                with naming(f"layer {m.path!r} (weight {m.weight_key!r})"):
+                    done[m.weight_key] = self._quantize(
+                        program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key)
+                    )
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
@@ -170,20 +172,21 @@ class QuantizeWeights(Pass):
             desc="quantize_weights: clip search",
         )
         out: dict[str, Codes] = {}
-        for key, _path, spec in targets:
+        for key, path, spec in targets:
             w = program.state[key].to(torch.float32)
             k = w.shape[1]
             gs = spec.block(k)
-            ratio = search_clip(w, obs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric)
-            q = quantize(
-                w,
-                spec.bits,
-                Granularity.PER_GROUP,
-                symmetric=spec.symmetric,
-                group_size=gs,
-                partial_last_group=True,
-                clip=ratio,
-            )
+            with naming(f"layer {path!r} (weight {key!r})"):
+                ratio = search_clip(w, obs[key][0].value(), spec.bits, gs, symmetric=spec.symmetric)
+                q = quantize(
+                    w,
+                    spec.bits,
+                    Granularity.PER_GROUP,
+                    symmetric=spec.symmetric,
+                    group_size=gs,
+                    partial_last_group=True,
+                    clip=ratio,
+                )
             codes = q.codes.reshape(w.shape[0], -1)[:, :k]
             out[key] = (
                 codes.to(code_dtype(spec.bits, spec.symmetric)),
@@ -210,18 +213,19 @@ class QuantizeWeights(Pass):
                 desc=f"gptq {block}",
                 stop_early=True,
             )
-            for key, _path, spec in items:
+            for key, path, spec in items:
                 w = program.state[key]
                 gs = spec.block(w.shape[1])
-                codes, scale, offset = gptq_quantize(
-                    w,
-                    hs[key][0].value(),
-                    spec.bits,
-                    gs,
-                    symmetric=spec.symmetric,
-                    damp=self.damp,
-                    act_order=self.act_order,
-                )
+                with naming(f"layer {path!r} (weight {key!r})"):
+                    codes, scale, offset = gptq_quantize(
+                        w,
+                        hs[key][0].value(),
+                        spec.bits,
+                        gs,
+                        symmetric=spec.symmetric,
+                        damp=self.damp,
+                        act_order=self.act_order,
+                    )
                 out[key] = (codes, scale, offset)
                 program.state[key] = dequantize_weight_groups(codes, scale, offset, gs).to(w.dtype)
         return out

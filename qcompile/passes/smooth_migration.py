@@ -42,6 +42,7 @@ from qcompile.ir.patterns import ScaleGroup, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, Plan, QuantSpec
+from qcompile.quant.finite import check_finite, naming
 from qcompile.quant.observers import AbsMaxObserver, SampleObserver
 from qcompile.quant.quantizer import fake_quantize
 
@@ -106,14 +107,15 @@ class SmoothMigration(Pass):
             xmax = obs[0].value()
             weights = [program.state[k].to(torch.float32) for k in g.linears]
             wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
-            if search:
-                label, s = self._search(ctx.plan, g, xmax, wmax, weights, obs[1].value())
-            else:
-                label, s = f"{float(self.alpha):.2f}", self._scales(g, xmax, wmax, float(self.alpha))
-            chosen[g.paths[0]] = label
-            if s is not None:
-                _apply(program, g, s)
-                changed.extend(g.paths)
+            with naming(f"layers {list(g.paths)}"):
+                if search:
+                    label, s = self._search(ctx.plan, g, xmax, wmax, weights, obs[1].value())
+                else:
+                    label, s = f"{float(self.alpha):.2f}", self._scales(g, xmax, wmax, float(self.alpha))
+                chosen[g.paths[0]] = label
+                if s is not None:
+                    _apply(program, g, s)
+                    changed.extend(g.paths)
         return PassResult(
             program, modified=bool(changed), layers_changed=changed, notes={"alpha": chosen, "groups": len(groups)}
         )
@@ -166,7 +168,9 @@ def _error(x, weights, specs, ref, s: torch.Tensor | None) -> float:
 
 def _apply(program: Program, g: ScaleGroup, s: torch.Tensor) -> None:
     """Divide the producer by ``s`` and multiply the consumers' columns by ``s`` (exact rewrite)."""
+    check_finite(s, "the smoothing scales")
     g.divide_producer(program.state, s)
     for key in g.linears:
         w = program.state[key]
         program.state[key] = (w.to(torch.float32) * s[None, :]).to(w.dtype)
+        check_finite(program.state[key], f"weight {key!r} after smoothing", "the smoothing scales overflow it")

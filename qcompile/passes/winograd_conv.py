@@ -38,6 +38,7 @@ from qcompile.ir.patterns import state_key
 from qcompile.ir.program import PATH_KEY, Entry, Program, Slot
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.quant import winograd
+from qcompile.quant.finite import naming
 
 aten = torch.ops.aten
 WILDCARDS = set("*?[")
@@ -133,7 +134,8 @@ class WinogradConv(Pass):
                 pts = resolve_points(m, pts_name)
                 key = (wkey, m, pts)
                 if key not in cache:
-                    cache[key] = self._make_state(program, wkey, m, pts)
+                    with naming(f"layer {path!r} (weight {wkey!r})"):
+                        cache[key] = self._make_state(program, wkey, m, pts)
                 self._replace(entry, node, cache[key], m)
                 touched.add(entry.name)
                 if path not in changed:

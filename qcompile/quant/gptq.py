@@ -11,12 +11,16 @@ the already error-updated weights, as in the reference implementation.
 
 The output has the layout of :func:`qcompile.quant.quantizer.quantize_weight_groups`: codes ``[N, K]``,
 scales ``[N, G]``, offsets ``[N, G]`` or None; with H = identity it equals RTN exactly.
+A weight or Hessian holding NaN/±Inf (NaN calibration activations accumulate into H), an inverse
+Hessian factor that is not finite, or a group scale that overflows is a
+:class:`~qcompile.errors.NonFiniteError`, never codes computed from NaN.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qcompile.quant.finite import check_finite
 from qcompile.quant.quantizer import code_dtype, num_groups, params_from_range
 from qcompile.quant.spec import levels
 
@@ -54,6 +58,8 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ-quantize ``weight[N, K]`` with Hessian ``[K, K]`` in groups of ``group_size`` input channels
     (K: one group per row) → (codes int8, scale [N, G], offset or None)."""
+    check_finite(weight, f"the weight {list(weight.shape)} being quantized (gptq)")
+    check_finite(hessian, "the Hessian of the layer's calibration inputs (gptq)", "check the calibration data")
     n, k = weight.shape
     gs = group_size
     g = num_groups(k, gs)
@@ -67,6 +73,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    check_finite(hinv, "the inverse Hessian's Cholesky factor (gptq)", "raise the option damp")
 
     scale = torch.ones(n, g, dtype=torch.float64)
     offset = torch.zeros(n, g, dtype=torch.float64) if not symmetric else None

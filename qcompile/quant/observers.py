@@ -8,7 +8,8 @@ and keeps only a summary, so memory does not grow with the calibration set:
 * :class:`TokenStatsObserver`: distribution of the per-token abs-max (what dynamic per-token
   quantization adapts to), as count / mean / max and fixed quantiles of the rows seen;
 * :class:`HistogramObserver`: a histogram of |x| over a range that doubles when exceeded
-  (bins are merged in pairs), for percentile clipping;
+  (bins are merged in pairs), for percentile clipping (NaN/±Inf input is a NonFiniteError: an infinite maximum would
+  double the range without end);
 * :class:`SampleObserver`: a bounded, deterministic sample of rows (every k-th row up to a cap),
   for searches that need real inputs (α and clip-ratio grids).
 """
@@ -16,6 +17,8 @@ and keeps only a summary, so memory does not grow with the calibration set:
 from __future__ import annotations
 
 import torch
+
+from qcompile.quant.finite import check_finite
 
 
 class AbsMaxObserver:
@@ -70,6 +73,7 @@ class HistogramObserver:
         self.upper = 0.0
 
     def update(self, x: torch.Tensor) -> None:
+        check_finite(x, "the activations a histogram observer saw")
         a = x.detach().abs().reshape(-1).to(torch.float32)
         top = float(a.max()) if a.numel() else 0.0
         if self.upper == 0.0:

@@ -3,7 +3,11 @@
 Two families, both on the grids of :func:`qcompile.quant.spec.levels` (symmetric
 ``[-(2^(b-1)-1), 2^(b-1)-1]`` with ``s = absmax / qmax``; asymmetric ``[0, 2^b-1]`` with a float
 offset, as GGUF Q4_1), rounding with ``torch.round`` (half to even), and a block of zeros getting
-scale 1 (codes 0), never a division by zero:
+scale 1 (codes 0), never a division by zero. Non-finite values are never made plausible: a weight,
+calibration tensor or static scale holding NaN/±Inf, or a computed scale that overflows float32, is a
+:class:`~qcompile.errors.NonFiniteError` (a ``ValueError``); the run-time activation quantizers
+(used by the reference ops) do not raise but propagate NaN into the scale, so a NaN input gives a
+NaN output as in float, never a zeroed row:
 
 * **Round-to-nearest in the kernels' layouts** (what the ops store and compute):
   :func:`quantize_weight_per_channel` (W8 ``[N, K]`` → int8 + ``[N]`` scales),
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.errors import PlanError
+from qcompile.quant.finite import check_finite, check_scale
 from qcompile.quant.spec import Granularity, QuantSpec, levels
 
 
@@ -87,15 +92,22 @@ def blocks_view(
 def params_from_range(
     lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, clip: float | torch.Tensor = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and offset) of the grid covering ``[lo, hi]`` shrunk by ``clip``."""
+    """Scale (and offset) of the grid covering ``[lo, hi]`` shrunk by ``clip``; NonFiniteError when
+    the range is not finite or the scale overflows."""
+    check_finite(lo, "the minimum of a block being quantized")
+    check_finite(hi, "the maximum of a block being quantized")
     qmin, qmax = levels(bits, symmetric)
     if symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs()) * clip
         scale = absmax / qmax
-        return torch.where(absmax > 0, scale, torch.ones_like(scale)), None
+        scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
+        check_scale(scale, "a block")
+        return scale, None
     lo_c, hi_c = lo * clip, hi * clip
     scale = (hi_c - lo_c) / (qmax - qmin)
-    return torch.where(scale > 0, scale, torch.ones_like(scale)), lo_c
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    check_scale(scale, "a block")
+    return scale, lo_c
 
 
 def quantize(
@@ -115,7 +127,12 @@ def quantize(
     Codes have the blocked shape (``[..., G, group_size]`` for per_group), scales keep the reduced
     dims (size 1) so ``codes * scale (+ offset)`` broadcasts.
     """
+    check_finite(x, f"the tensor being quantized {list(x.shape)}")
     xb, dims = blocks_view(x.to(torch.float32), granularity, group_size, partial_last_group)
+    if scale is not None:
+        check_finite(scale, "the static scale")
+        if offset is not None:
+            check_finite(offset, "the static offset")
     if scale is None:
         lo, hi = xb.amin(dim=dims, keepdim=True), xb.amax(dim=dims, keepdim=True)
         scale, offset = params_from_range(lo, hi, bits, symmetric, clip)
@@ -174,6 +191,8 @@ def search_clip(
     ``clip=`` to :func:`quantize` with ``per_group`` (``group_size=None``: one group = the row).
     The error is measured group by group (the cross-group terms are ignored), as AWQ does.
     """
+    check_finite(weight, f"the weight {list(weight.shape)}")
+    check_finite(x, f"the calibration inputs {list(x.shape)}")
     gs = group_size or weight.shape[1]
     w = _grouped(weight.to(torch.float32), gs, partial_last_group)  # [N, G, gs]
     xg = _grouped(x.to(torch.float32), gs, partial_last_group).permute(1, 0, 2)  # [G, T, gs]
@@ -204,17 +223,29 @@ def code_dtype(bits: int, symmetric: bool) -> torch.dtype:
 
 
 def _scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``absmax / qmax``, 1 for an all-zero block; a NaN block keeps a NaN scale (never 1: that would
+    turn it into zeros), so a NaN activation gives a NaN output."""
     scale = absmax / qmax
-    return torch.where(absmax > 0, scale, torch.ones_like(scale))
+    return torch.where(absmax == 0, torch.ones_like(scale), scale)
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    check_finite(
+        weight,
+        f"the weight {list(weight.shape)} being quantized",
+        "fix the model's weights (or set the plan's nonfinite: zero to replace them by 0)",
+    )
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight[N, K]`` → (int8 codes ``[N, K]``, float32 scales ``[N]``); ``w ≈ q * s[:, None]``."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    _check_weight(weight)
     qmin, qmax = levels(bits, True)
     w = weight.detach().to(torch.float32)
     scale = _scale(w.abs().amax(dim=1), qmax)
+    check_scale(scale, "a weight row")
     q = torch.clamp(torch.round(w / scale[:, None]), qmin, qmax).to(torch.int8)
     return q, scale
 
@@ -256,6 +287,7 @@ def quantize_weight_groups(
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    _check_weight(weight)
     n, k = weight.shape
     g = num_groups(k, group_size)
     w = weight.detach().to(torch.float32)
@@ -274,6 +306,7 @@ def quantize_weight_groups(
         scale = _scale(hi - lo, levels_)
         q = torch.clamp(torch.round((wp - lo[..., None]) / scale[..., None]), 0, levels_)
         offset = lo
+    check_scale(scale, "a weight group")
     codes = q.reshape(n, g * group_size)[:, :k].to(code_dtype(bits, symmetric))
     return codes, scale, offset
 

@@ -28,6 +28,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from qcompile.quant.finite import check_finite
+
 Matrix = list[list[Fraction]]
 
 
@@ -180,8 +182,12 @@ BEST: dict[int, str] = {2: "integer", 4: "searched", 6: "fractional", 8: "search
 
 
 def transform_weight(weight: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """``U[i, j, o, c] = (G g[o, c] Gᵀ)[i, j]`` in float64, returned as float32."""
+    """``U[i, j, o, c] = (G g[o, c] Gᵀ)[i, j]`` in float64, returned as float32 (NonFiniteError for a
+    weight holding NaN/±Inf, or a transformed weight that overflows float32)."""
+    check_finite(weight, f"the convolution weight {list(weight.shape)} being transformed (Winograd)")
     g = weight.to(torch.float64)
     G64 = G.to(torch.float64)
     u = G64 @ g @ G64.t()  # [O, C, α, α]
-    return u.permute(2, 3, 0, 1).contiguous().to(torch.float32)
+    out = u.permute(2, 3, 0, 1).contiguous().to(torch.float32)
+    check_finite(out, "the Winograd-transformed weight", "the weight's magnitude overflows float32 after G g Gᵀ")
+    return out
