@@ -28,8 +28,10 @@ from qcompile.quant.spec import levels
 
 
 def _fp16_scale(s: torch.Tensor) -> torch.Tensor:
+    """An all-zero group gets scale 1; a NaN (from a NaN in K/V) stays NaN so that it shows in the
+    output instead of silently zeroing the group."""
     s16 = s.to(torch.float16)
-    return torch.where(s16 > 0, s16, torch.ones_like(s16))
+    return torch.where(s16 == 0, torch.ones_like(s16), s16)
 
 
 @torch.library.custom_op("qcompile::cache_quantize", mutates_args=())

@@ -401,3 +401,16 @@ def test_runtime_activation_quantizers_propagate_nan_instead_of_zeroing_the_row(
     assert bool(torch.isnan(sg[2, 0])) and bool(torch.isfinite(sg[2, 1])) and bool(torch.isfinite(sg[[0, 1, 3]]).all())
     y = torch.ops.qcompile.linear_w8a8(bad, *quantize_weight_per_channel(torch.randn(3, 16)), None)
     assert bool(torch.isnan(y[2]).all()) and bool(torch.isfinite(y[keep]).all())
+
+
+def test_cache_quantize_keeps_a_nan_visible_and_zero_groups_exact():
+    from qcompile.ops.cache import cache_dequantize, cache_quantize
+
+    x = torch.randn(1, 2, 4, 16)
+    x[0, 0, 1, 3] = float("nan")
+    x[0, 1, 2] = 0.0  # an all-zero group: scale 1, decoded exactly
+    for symmetric in (True, False):
+        q, scale, offset = cache_quantize(x, 4, 8, symmetric)
+        y = cache_dequantize(q, scale, None if symmetric else offset, 8)
+        assert torch.isnan(y[0, 0, 1, :8]).all(), "a NaN in K/V must not decode to plausible numbers"
+        assert torch.isfinite(y[0, 0, 1, 8:]).all() and (y[0, 1, 2] == 0).all()
