@@ -33,6 +33,7 @@ entry are dropped from the state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,6 +106,12 @@ class QuantizeWeights(Pass):
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
     clip_search: bool = False  # rtn: grid-search clip ratios on calibration inputs
     samples: int = 512  # rtn clip search: calibration rows per layer
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.damp) or self.damp < 0:
+            raise PlanError(f"quantize_weights: damp must be a finite number >= 0, got {self.damp!r}")
+        if self.samples < 1:
+            raise PlanError(f"quantize_weights: samples must be >= 1 calibration rows, got {self.samples!r}")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         pre = self._calibrated_codes(program, ctx)

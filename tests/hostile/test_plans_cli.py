@@ -274,10 +274,14 @@ def test_bad_values_are_plan_errors_with_bounded_messages(data, message):
         ({"grid_step": "x"}, "grid_step"),
         ({"alpha": 2.0}, r"\[0, 1\]"),
         ({"nope": 1}, "unknown option"),
+        ({"damp": -0.1, "_pass": "quantize_weights"}, "damp must be a finite number >= 0"),
+        ({"samples": 0, "_pass": "quantize_weights"}, "samples must be >= 1"),
     ],
 )
 def test_bad_pass_options_are_plan_errors(options, message):
-    plan = Plan.from_dict({"passes": [{"name": "smooth_migration", "options": options}]})
+    options = dict(options)
+    name = options.pop("_pass", "smooth_migration")
+    plan = Plan.from_dict({"passes": [{"name": name, "options": options}]})
     with pytest.raises(PlanError, match=message):
         PassManager(plan)
 
