@@ -33,6 +33,9 @@ MAX_NODES = 1_000_000
 _INT64 = (-(2**63), 2**63 - 1)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 _OPS = {"aten": ATEN_OPS, "qcompile": QCOMPILE_OPS}
+# globals of the Python source fx generates for a graph (torch/fx/graph.py: _register_custom_builtin), plus the
+# modules of the listed functions: a node of one of these names would shadow it
+_FX_NAMES = frozenset({"inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree", "operator", "math", "self"})
 _FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 _DEVICES = ("cpu", "cuda")
 _LAYOUTS = {str(v): v for v in (torch.strided,)}
@@ -182,7 +185,7 @@ def graph_to_json(gm: fx.GraphModule) -> dict[str, Any]:
             raise ArtifactError(f"cannot serialize node %{n.name}: op {n.op!r}")
         nodes.append(
             {
-                "name": n.name,
+                "name": _identifier(n.name, "node name"),
                 "op": n.op,
                 "target": _target_to_str(n.target, f"node %{n.name}") if n.op == "call_function" else str(n.target),
                 "args": _enc(tuple(n.args)),
@@ -194,12 +197,24 @@ def graph_to_json(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def _identifier(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not _IDENT.fullmatch(name) or keyword.iskeyword(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name) or keyword.iskeyword(name) or name in _FX_NAMES:
         raise ArtifactError(
-            f"artifact graph has a {what} {str(name)[:200]!r} that is not a plain Python identifier "
-            "(fx turns names into Python source, so anything else is refused)"
+            f"artifact graph has a {what} {str(name)[:200]!r} that is not a plain Python identifier, or is one "
+            f"of the names fx's generated code uses ({', '.join(sorted(_FX_NAMES))}); fx turns names into Python "
+            "source, so anything else is refused"
         )
     return name
+
+
+def _keep_name(graph: fx.Graph, node: fx.Node, name: str) -> None:
+    """Give ``node`` its saved name. fx renames nodes named after Python builtins (``input``, ``abs``)
+    that torch.export itself produces; the names reach the backend, so a rebuild needs them as saved.
+    Shadowing a builtin in fx's generated code is harmless; the names fx's code relies on are not."""
+    if node.name != name:
+        node.name = name
+        graph._graph_namespace._used_names.add(name)
+    if node.op == "placeholder":
+        node.target = name  # the generated forward's parameter
 
 
 def _check_kwargs(target: Any, kwargs: dict[Any, Any], where: str) -> None:
@@ -228,6 +243,8 @@ def graph_from_json(data: Any) -> fx.GraphModule:
         path = item.get("path", "")
         if not isinstance(path, str) or len(path) > MAX_STR:
             raise ArtifactError(f"{where} has a malformed module path")
+        if op != "output" and name in env:
+            raise ArtifactError(f"duplicate node name {name!r} in artifact graph")
         if op == "placeholder":
             node = graph.placeholder(name)
         elif op == "call_function":
@@ -248,8 +265,7 @@ def graph_from_json(data: Any) -> fx.GraphModule:
             raise ArtifactError(f"{where} has unknown op {str(op)[:50]!r}")
         node.meta[PATH_KEY] = path
         if op != "output":
-            if node.name != name:
-                raise ArtifactError(f"duplicate node name {name!r} in artifact graph")
+            _keep_name(graph, node, name)
             env[name] = node
     if outputs != 1:
         raise ArtifactError(f"artifact graph has {outputs} output nodes, not one")
