@@ -436,6 +436,8 @@ def load_artifact(path: str | Path, backend: str | None = None, trust_library: b
     shipped = chosen == manifest["backend"] and any(k.startswith(f"{BACKEND_DIR}/") for k in files)
     target = _load_target(path, manifest["target"], chosen, plan)
     rebuild = shipped and not _trusted(path, manifest, trust_library)
+    if chosen != "torch" and (rebuild or not shipped):  # a backend will lower the loaded graphs
+        _give_inputs_fake_values(path, program)
     cm = _module(
         path, program, plan, target, chosen, report, tokenizer, path / BACKEND_DIR if shipped else None, rebuild
     )
@@ -509,9 +511,9 @@ def _module(
         )
     except ArtifactError:
         raise
-    except QCompileError as e:
+    except (QCompileError, *_SHAPE_ERRORS, RuntimeError, AssertionError) as e:  # a graph that does not build
         doing = "rebuild the library of" if rebuild else "build"
-        raise ArtifactError(f"cannot {doing} {path} with backend {backend!r}: {e}") from None
+        raise ArtifactError(f"cannot {doing} {path} with backend {backend!r}: {type(e).__name__}: {e}") from None
 
 
 def _check_rebuilt(path: Path, cm: CompiledModule, files: dict[str, str]) -> None:
@@ -519,17 +521,33 @@ def _check_rebuilt(path: Path, cm: CompiledModule, files: dict[str, str]) -> Non
     shipped_code = {k for k in files if k in rebuilt or k.endswith((".so", ".dll", ".dylib", ".fatbin"))}
     for rel in sorted(shipped_code | set(rebuilt)):
         if files.get(rel) != rebuilt.get(rel):
+            shipped, built = (str(d)[:12] + "..." if d else "none" for d in (files.get(rel), rebuilt.get(rel)))
             raise ArtifactError(
                 f"{path}/{rel} differs from the library this machine builds from the artifact's graph (sha256 "
-                f"{str(files.get(rel))[:12]}... shipped, {str(rebuilt.get(rel))[:12]}... rebuilt): it was built with "
+                f"{shipped} shipped, {built} rebuilt): it was built with "
                 "another compiler, TVM, CPU or kernel choice, or altered. It was not loaded. If you trust whoever "
                 "built it, load it with trust_library=True; backend='torch' runs the graph without a library"
             )
 
 
 def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer in ``tokenizer/`` (every file listed and checked), without remote code, and only
+    if its config names no files of its own (transformers would open those wherever they point)."""
     from transformers import AutoTokenizer
 
+    config_key = f"{TOKENIZER_DIR}/tokenizer_config.json"
+    if os.path.lexists(path / config_key):
+        config = _parse_json(_read_file(path, config_key, MAX_MANIFEST_BYTES), path / config_key)
+        named = (
+            [k for k in config if k.endswith(("_file", "_files")) or k == "auto_map"]
+            if isinstance(config, dict)
+            else []
+        )
+        if named:
+            raise ArtifactError(
+                f"{path}/{config_key} names files or code to load ({', '.join(named[:5])}); an artifact's tokenizer "
+                "is read from its own listed files only"
+            )
     try:
         return AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds on a bad tokenizer folder
@@ -570,6 +588,49 @@ def check_out_spec(spec: Any, where: str) -> None:
         if not isinstance(node["children_spec"], list):
             raise ArtifactError(f"{where}: malformed output spec")
         stack.extend((c, depth + 1) for c in node["children_spec"])
+
+
+def _give_inputs_fake_values(path: Path, program: Program) -> None:
+    """Give every entry's user-input placeholders the fake value (shape, dtype) capture gave them, so
+    a backend can lower a loaded graph (lowering propagates the rest). A dynamic dimension becomes a
+    size symbol of the saved name and range, shared by the inputs that name it, as at capture, so a
+    rebuild produces the same library as the original build.
+
+    torch has no public call that makes a size symbol with a given name: this fills the fields of the
+    ShapeEnv that ``ShapeEnv.create_symbol`` fills (torch 2.13)."""
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, ValueRangesSLoc
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    symbols: dict[str, Any] = {}
+    for entry in program.entries.values():
+        users = [node for node, slot in entry.bindings().items() if slot.kind is SlotKind.USER]
+        for node, spec, example in zip(users, entry.user_inputs, entry.examples):
+            where = f"{path}/{MANIFEST}: entry {entry.name!r} input {node.name!r}"
+            if example.dim() != len(spec.shape) or str(example.dtype).removeprefix("torch.") != spec.dtype:
+                raise ArtifactError(f"{where}: its example does not match its spec {spec.describe()}")
+            sizes: list[Any] = []
+            for dim, hint in zip(spec.shape, example.shape):
+                rng = entry.dims.get(dim) if isinstance(dim, str) else None
+                if isinstance(dim, int) or rng is None or not 1 <= rng.min <= int(hint) <= rng.max:
+                    if dim != int(hint):
+                        raise ArtifactError(f"{where}: its example does not match its spec {spec.describe()}")
+                    sizes.append(int(hint))
+                    continue
+                if dim not in symbols:
+                    sym = sympy.Symbol(dim, integer=True, positive=True)
+                    env.backed_var_to_val[sym] = sympy.Integer(int(hint))
+                    env.var_to_range[sym] = ValueRanges(rng.min, rng.max)
+                    sloc = env._get_sloc("qcompile artifact")
+                    env.var_to_range_sloc[sym] = ValueRangesSLoc(sloc, sloc)
+                    env.var_to_sources[sym] = []
+                    symbols[dim] = env.create_symintnode(sym, hint=int(hint))
+                sizes.append(symbols[dim])
+            with mode:
+                node.meta["val"] = torch.empty(sizes, dtype=example.dtype)
 
 
 def _dtype(value: Any, where: str) -> str:
