@@ -437,7 +437,10 @@ def load_artifact(path: str | Path, backend: str | None = None, trust_library: b
     target = _load_target(path, manifest["target"], chosen, plan)
     rebuild = shipped and not _trusted(path, manifest, trust_library)
     if chosen != "torch" and (rebuild or not shipped):  # a backend will lower the loaded graphs
-        _give_inputs_fake_values(path, program)
+        try:
+            _give_inputs_fake_values(path, program)
+        except (*_SHAPE_ERRORS, RuntimeError, AssertionError) as e:
+            raise ArtifactError(f"{path}/{MANIFEST}: its input specs are malformed: {type(e).__name__}: {e}") from None
     cm = _module(
         path, program, plan, target, chosen, report, tokenizer, path / BACKEND_DIR if shipped else None, rebuild
     )
