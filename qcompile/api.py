@@ -115,8 +115,15 @@ def check_backend(name: str | None, target: Target) -> str:
     return name
 
 
-def load(path: str | Path, backend: str | None = None) -> CompiledModule:
-    """Load an artifact written by ``CompiledModule.save`` (no source model needed)."""
+def load(path: str | Path, backend: str | None = None, trust_library: bool | None = None) -> CompiledModule:
+    """Load an artifact written by ``CompiledModule.save`` (no source model needed).
+
+    Every file is checked against the manifest first. A compiled backend library in the artifact is
+    native code, so ``trust_library`` decides whether it runs: ``None`` loads it only if this user's
+    key signed the artifact (one this user saved), ``True`` loads it regardless (you vouch for its
+    author), ``False`` never loads it but rebuilds it from the graph and refuses the artifact unless
+    the shipped library is byte-identical. ``backend="torch"`` runs the graph without any library.
+    """
     from qcompile.runtime.artifact import load_artifact
 
-    return load_artifact(path, backend=backend)
+    return load_artifact(path, backend=backend, trust_library=trust_library)

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qcompile.errors import QCompileError
@@ -125,6 +125,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=_int_at_least(0, " (0: no limit)"), default=None)
     r.add_argument("--top-p", type=_finite_float(0.0, 1.0), default=None)
     r.add_argument("--seed", type=int, default=None)
+    trust = r.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--trust-library",
+        dest="trust_library",
+        action="store_const",
+        const=True,
+        default=None,
+        help="load the artifact's compiled library even if another user's key signed it (you trust its author)",
+    )
+    trust.add_argument(
+        "--rebuild-library",
+        dest="trust_library",
+        action="store_const",
+        const=False,
+        help="never load the shipped library: rebuild it from the graph and refuse a mismatch",
+    )
 
     e = sub.add_parser("eval", help="perplexity / top-1 of a model under a plan")
     _add_model_args(e)
@@ -156,6 +172,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _holding_output(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Take the output's lock and check ``-o`` before anything slow: held through the save, so a
+    second compile to the same path fails at once; an ``-o`` that is not replaceable fails first."""
+
+    def run(a: argparse.Namespace) -> int:
+        from qcompile.fileio import output_lock
+        from qcompile.runtime.artifact import check_output_dir, output_path
+
+        out = output_path(a.output)
+        with output_lock(out):
+            check_output_dir(out)
+            return cmd(a)
+
+    return run
+
+
+@_holding_output
 def cmd_compile(a: argparse.Namespace) -> int:
     import qcompile
     from qcompile.eval.zoo import load_model
@@ -210,7 +243,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from qcompile.errors import InputError
 
     t0 = time.perf_counter()
-    cm = qcompile.load(a.artifact)
+    cm = qcompile.load(a.artifact, trust_library=a.trust_library)
     print(
         f"loaded {a.artifact} (plan {cm.plan.name!r}, backend {cm.backend}) in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,

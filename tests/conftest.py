@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,11 @@ from qcompile.eval.zoo import tiny_llama as make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# artifacts are signed with a per-user key (qcompile/runtime/signing.py): tests, and the processes
+# they start, use a throwaway one instead of creating one in the real ~/.config
+os.environ.setdefault(
+    "QCOMPILE_SIGNING_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="qcompile-test-"), "signing.key")
+)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -34,3 +34,9 @@ class Backend(abc.ABC):
     def save(self, directory: Path) -> list[Path]:
         """Write what :meth:`build` needs to skip compiling (nothing for backends that build fast)."""
         return []
+
+    def library_digests(self) -> dict[str, str]:
+        """The sha256 of each file of native code :meth:`save` writes, by its name in that directory
+        (empty for backends that ship none). Loading with ``trust_library=False`` compares these,
+        from a build on the loading machine, with the shipped files."""
+        return {}

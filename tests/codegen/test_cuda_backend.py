@@ -1,6 +1,6 @@
 """``compile(..., target="cuda")`` on a machine without a GPU: the whole model lowers to the
 tensor-core kernels (or, reported, the generic ones), nvcc builds the fatbin ahead of time into the
-artifact, and running or loading says clearly that a GPU is needed."""
+artifact; running says clearly that a GPU is needed, and so does loading (which offers backend="torch")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 import qcompile
-from qcompile.errors import QCompileError
+from qcompile.errors import ArtifactError, QCompileError
 from qcompile.plan import Plan, get_plan
 
 pytestmark = [
@@ -57,10 +57,11 @@ def test_cuda_build_uses_the_tensor_core_kernels(tiny_llama, tmp_path, plan, tar
     assert {"module.so", "kernels.fatbin", "params.safetensors", "tvm.json"} <= files
     saved = json.loads((tmp_path / "a" / "backend" / "tvm.json").read_text())
     assert saved["target"] == {"kind": "cuda", "arch": info["target"]["arch"]}
-    loaded = qcompile.load(tmp_path / "a")  # no rebuild, no GPU: entries explain instead of running
-    assert loaded.report.backend["loaded_prebuilt"]
-    with pytest.raises(RuntimeError, match=info["target"]["arch"]):
-        loaded(cm_ids())
+    arch = info["target"]["arch"]
+    with pytest.raises(ArtifactError, match=rf"compiled for cuda:{arch}.*no CUDA device.*backend='torch'"):
+        qcompile.load(tmp_path / "a")  # no GPU: loading says so, naming the target and what to do
+    ref = qcompile.load(tmp_path / "a", backend="torch")  # the graph still runs with torch on this CPU
+    assert ref.target == "cpu" and ref(cm_ids()).shape == (1, 8, 256)
 
 
 def cm_ids():

@@ -12,8 +12,10 @@ built for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ from qcompile.codegen.tvm.fallback import fallback_name, register_fallback
 from qcompile.codegen.tvm.lower import Lowered, LoweringError, lower_program
 from qcompile.codegen.tvm.target import host_target, missing_features
 from qcompile.errors import ArtifactError
+from qcompile.fileio import sha256_file
 from qcompile.ir.program import Program, SlotKind
 
 log = logging.getLogger(__name__)
@@ -125,10 +128,19 @@ class TVMBackend(Backend):
     def build(
         self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
     ) -> dict[str, BuiltEntry]:
-        if artifact is not None and (artifact / INFO).is_file():
-            self._load(program, artifact)
-        else:
+        if artifact is None:
             self._compile(program, allow_fallback, target)
+            return self._entries(program)
+        self._load(program, artifact)
+        try:
+            return self._entries(program)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a tvm.json that does not fit the library
+            raise ArtifactError(
+                f"the compiled library in {artifact} does not fit the artifact's graph ({type(e).__name__}: "
+                f"{str(e).strip()[:300]}); re-create the artifact, or load it with backend='torch'"
+            ) from None
+
+    def _entries(self, program: Program) -> dict[str, BuiltEntry]:
         built: dict[str, BuiltEntry] = {}
         arch = self.info["target"].get("arch")
         if arch is not None:
@@ -191,7 +203,35 @@ class TVMBackend(Backend):
             written.append(directory / FATBIN)
         return written
 
+    def library_digests(self) -> dict[str, str]:
+        with tempfile.TemporaryDirectory(prefix="qcompile-rebuilt-") as tmp:
+            self.executable.export_library(str(Path(tmp) / LIBRARY))
+            digests = {LIBRARY: sha256_file(Path(tmp) / LIBRARY)}
+        if self.fatbin is not None:
+            digests[FATBIN] = hashlib.sha256(self.fatbin).hexdigest()
+        return digests
+
     def _load(self, program: Program, directory: Path) -> None:
+        """Load what :meth:`save` wrote (the artifact layer has checked every file's sha256 and
+        decided the library may be loaded); anything missing or unloadable is an ArtifactError."""
+        try:
+            self._load_files(program, directory)
+        except ArtifactError:
+            raise
+        # TVM's own errors are RuntimeError kinds
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration, RuntimeError) as e:
+            raise ArtifactError(
+                f"the compiled library in {directory} cannot be loaded ({type(e).__name__}: {str(e).strip()[:300]}); "
+                "re-create the artifact, or load it with backend='torch'"
+            ) from None
+
+    def _load_files(self, program: Program, directory: Path) -> None:
+        missing = [n for n in (INFO, PARAMS, LIBRARY) if not (directory / n).is_file()]
+        if missing:
+            raise ArtifactError(
+                f"{directory} is incomplete: {', '.join(missing)} missing; re-create the artifact, or load it "
+                "with backend='torch'"
+            )
         info = json.loads((directory / INFO).read_text(encoding="utf-8"))
         if info.get("tvm_version") != tvm.__version__:
             raise ArtifactError(
