@@ -29,11 +29,18 @@ from qcompile.quant.finite import nonfinite_counts
 Observer = Callable[[fx.Node, tuple[Any, ...]], None]
 
 
-def calib_batches(calib: Any, *, who: str, min_tokens: int = 1) -> list[torch.Tensor]:
+def calib_batches(calib: Any, *, who: str, program: Program, min_tokens: int = 1) -> list[torch.Tensor]:
     """``calib`` as a list of int64 ``[B, T]`` token batches with at least ``min_tokens`` tokens in all.
 
-    ``who`` names the pass asking, for the error messages.
+    ``who`` names the pass asking, for the error messages. Calibration feeds token ids, so a program
+    that is not a causal LM (a CNN) is refused with a message saying so, before any data is read.
     """
+    if program.kind != "causal_lm":
+        specs = ", ".join(u.describe() for u in program.entries["forward"].user_inputs)
+        raise PlanError(
+            f"{who} calibrates on token ids, which only causal LMs take; this model's forward takes {specs}. "
+            "Choose a plan whose passes do not calibrate for it (e.g. round-to-nearest weights)"
+        )
     if calib is None:
         raise PlanError(
             f"{who} needs calibration data: pass compile(..., calib=token ids [B, T]) "

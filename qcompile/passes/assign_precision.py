@@ -208,7 +208,7 @@ class AssignPrecision(Pass):
                 skipped=fixed,
                 notes={"reason": "no linear with quantized activations to assign"},
             )
-        rows = self._calib_rows(ctx)
+        rows = self._calib_rows(program, ctx)
         self._measure(program, ctx, cands, rows)
         chosen = self._choose(cands)
         plan = ctx.plan
@@ -318,8 +318,10 @@ class AssignPrecision(Pass):
         ctx.at(None, None)
         return cands, fixed
 
-    def _calib_rows(self, ctx: PassContext) -> list[torch.Tensor]:
-        batches = calib_batches(ctx.calib, who="assign_precision (sensitivity analysis)", min_tokens=self.min_tokens)
+    def _calib_rows(self, program: Program, ctx: PassContext) -> list[torch.Tensor]:
+        batches = calib_batches(
+            ctx.calib, who="assign_precision (sensitivity analysis)", program=program, min_tokens=self.min_tokens
+        )
         rows: list[torch.Tensor] = []
         used = 0
         for b in batches:

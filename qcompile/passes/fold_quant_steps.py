@@ -95,7 +95,7 @@ class FoldQuantSteps(Pass):
                 "linear, and a plan whose activation spec for them is static (dynamic: false), symmetric, "
                 "per_channel or per_tensor"
             )
-        batches = calib_batches(ctx.calib, who="fold_quant_steps", min_tokens=64)
+        batches = calib_batches(ctx.calib, who="fold_quant_steps", program=program, min_tokens=64)
         stats = observe_linear_inputs(
             program,
             batches,

@@ -313,7 +313,7 @@ class KVToXCache(Pass):
                 "kv_to_xcache: per_channel cache quantization calibrates its scales on the forward entry, which this "
                 "Program lacks"
             )
-        batches = calib_batches(ctx.calib, who="kv_to_xcache (per_channel cache scales)")
+        batches = calib_batches(ctx.calib, who="kv_to_xcache (per_channel cache scales)", program=program)
         stats: dict[tuple[int, str], list[torch.Tensor]] = {}
         observers = {}
 

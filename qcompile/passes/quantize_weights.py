@@ -167,7 +167,7 @@ class QuantizeWeights(Pass):
         if not targets:
             return {}
         who = f"quantize_weights ({'gptq' if method is WeightMethod.GPTQ else 'clip search'})"
-        batches = calib_batches(ctx.calib, who=who, min_tokens=64)
+        batches = calib_batches(ctx.calib, who=who, program=program, min_tokens=64)
         if method is WeightMethod.GPTQ:
             return self._gptq(program, ctx, batches, targets)
         obs = observe_linear_inputs(

@@ -90,7 +90,7 @@ class SmoothMigration(Pass):
         ]
         if not groups or self.alpha is AlphaMode.NONE:
             return PassResult(program, modified=False, notes={"groups": len(groups), "alpha": "none"})
-        batches = calib_batches(ctx.calib, who="smooth_migration", min_tokens=MIN_CALIB_TOKENS)
+        batches = calib_batches(ctx.calib, who="smooth_migration", program=program, min_tokens=MIN_CALIB_TOKENS)
         search = self.alpha is AlphaMode.SEARCH
         keys = [g.linears[0] for g in groups]
 

@@ -233,11 +233,11 @@ def test_nonfinite_plan_option_round_trips_and_rejects_bad_values():
 # ---- calibration ------------------------------------------------------------------------------------
 
 
-def test_nan_calibration_data_is_refused_naming_the_item():
+def test_nan_calibration_data_is_refused_naming_the_item(tiny_llama_program):
     bad = torch.rand(2, 64)
     bad[1, 3] = NAN
     with pytest.raises(NonFiniteError, match=r"smooth: calibration item 0 \(torch.float32\[2, 64\]\) holds 1 NaN"):
-        calib_batches([bad], who="smooth")
+        calib_batches([bad], who="smooth", program=tiny_llama_program)
 
 
 def test_nan_example_input_is_refused_at_capture():
