@@ -42,11 +42,8 @@ _OWNER_TAG = "qcompile temporary folder"
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_fd(f.fileno())
 
 
 def sha256_fd(fd: int) -> str:

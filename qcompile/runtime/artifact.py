@@ -440,7 +440,9 @@ def load_artifact(path: str | Path, backend: str | None = None, trust_library: b
         try:
             _give_inputs_fake_values(path, program)
         except (*_SHAPE_ERRORS, RuntimeError, AssertionError) as e:
-            raise ArtifactError(f"{path}/{MANIFEST}: its input specs are malformed: {type(e).__name__}: {e}") from None
+            raise ArtifactError(
+                f"{path}/{MANIFEST}: its input specs are malformed: {type(e).__name__}: {e}"
+            ) from e  # cause kept: --debug shows it
     cm = _module(
         path, program, plan, target, chosen, report, tokenizer, path / BACKEND_DIR if shipped else None, rebuild
     )
@@ -516,7 +518,9 @@ def _module(
         raise
     except (QCompileError, *_SHAPE_ERRORS, RuntimeError, AssertionError) as e:  # a graph that does not build
         doing = "rebuild the library of" if rebuild else "build"
-        raise ArtifactError(f"cannot {doing} {path} with backend {backend!r}: {type(e).__name__}: {e}") from None
+        raise ArtifactError(
+            f"cannot {doing} {path} with backend {backend!r}: {type(e).__name__}: {e}"
+        ) from e  # cause kept: --debug shows it
 
 
 def _check_rebuilt(path: Path, cm: CompiledModule, files: dict[str, str]) -> None:
@@ -556,7 +560,7 @@ def _load_tokenizer(path: Path) -> Any:
     except Exception as e:  # transformers raises many kinds on a bad tokenizer folder
         raise ArtifactError(
             f"{path}/{TOKENIZER_DIR} cannot be loaded as a tokenizer: {type(e).__name__}: {e}"
-        ) from None
+        ) from e  # cause kept: --debug shows it
 
 
 # ---- the Program ---------------------------------------------------------------------------------

@@ -118,21 +118,20 @@ class CompiledModule:
         """Run entry ``name`` on user inputs (positional or by name); outputs as the model's."""
         if name not in self.program.entries:
             raise InputError(f"this module has no entry {name!r}; entries: {self.entries}")
-        entry = self.program.entries[name]
-        inputs = _bind(entry, args, kwargs)
-        check_inputs(entry, inputs)
-        if self._check_indices:
-            check_index_values(name, self.index_bounds[name].bounds, inputs)
-        flat = self._build_args(entry, inputs)
+        inputs = self._checked_inputs(name, args, kwargs, indices=self._check_indices)
+        flat = self._build_args(self.program.entries[name], inputs)
         out = self._built[name](flat)
         return pytree.tree_unflatten(list(out), self._out_specs[name])
 
-    def _check_call(self, name: str, *args: torch.Tensor) -> None:
-        """Check a call of entry ``name`` (specs and index values) without running it."""
+    def _checked_inputs(self, name: str, args: tuple, kwargs: dict, *, indices: bool = True) -> list[torch.Tensor]:
+        """The user inputs of a call of entry ``name``, bound and checked (specs, and index values
+        unless ``indices`` is False), without running it."""
         entry = self.program.entries[name]
-        inputs = _bind(entry, args, {})
+        inputs = _bind(entry, args, kwargs)
         check_inputs(entry, inputs)
-        check_index_values(name, self.index_bounds[name].bounds, inputs)
+        if indices:
+            check_index_values(name, self.index_bounds[name].bounds, inputs)
+        return inputs
 
     def cache_limit(self) -> int:
         """How many tokens the cache holds: the rows ``decode``'s cache writes may reach, from the
@@ -206,9 +205,9 @@ class CompiledModule:
             )
         # every call below checks its own inputs; checking the prompt and the last decode position here
         # refuses a generation that would fail half way, before the cache is reset
-        self._check_call("prefill", input_ids, torch.arange(prompt_len))
+        self._checked_inputs("prefill", (input_ids, torch.arange(prompt_len)), {})
         if max_new_tokens >= 2:
-            self._check_call("decode", input_ids[:, :1], torch.tensor([prompt_len + max_new_tokens - 2]))
+            self._checked_inputs("decode", (input_ids[:, :1], torch.tensor([prompt_len + max_new_tokens - 2])), {})
         eos = (
             set(self.program.meta.get("eos_token_id") or [])
             if eos_token_id is None
