@@ -45,29 +45,13 @@ sys.path.insert(0, str(HERE.parent))
 
 import qcompile  # noqa: E402
 from qcompile.eval.harness import machine  # noqa: E402
-from qcompile.eval.zoo import tiny_llama  # noqa: E402
+from qcompile.eval.zoo import tiny_cnn, tiny_llama  # noqa: E402
 from qcompile.plan import PRESETS  # noqa: E402
 
 # presets whose ops all have TVM kernels (the others set fallback: torch and run partly in torch)
 SMOL_TVM = ("fp32", "w8a8-rtn", "w6a6-rtn", "w4a16-rtn-g128", "w4a16-rtn-g32-asym", "w6a8", "w6a6", "w8a8-smooth")
 CUDA_PRESETS = ("fp32", "w8a8-rtn", "w6a8", "w6a6", "w4a16-rtn-g128", "w4a16-rtn-g32-asym", "w6a6-rtn")
 TIMING_KEYS = ("seconds", "analysis_seconds")
-
-
-def tiny_cnn() -> torch.nn.Module:
-    torch.manual_seed(0)
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).eval()
 
 
 def _sha(t: torch.Tensor) -> str:

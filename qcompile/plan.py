@@ -535,6 +535,42 @@ _xquant_preset(
 )
 
 
+# ---- composed presets (issue 22): one plan stacking SmoothQuant, FlexQ precision, weights and a cache ----
+# The X-cache runs after quantize_weights: it matches the quantized K/V projections and rematerializes
+# K and V with the same quantized weights (mode x), or, for GQA models (auto -> latent), factors the
+# weight the quantized codes encode, so the latent factors reproduce the quantized projection exactly.
+XC4 = PassConfig(
+    "kv_to_xcache",
+    (("mode", "auto"), ("bits", 4), ("group_size", 64), ("symmetric", False), ("granularity", "per_token")),
+)
+register_preset(
+    Plan(
+        name="w8a8-smooth-xc4",
+        description="w8a8-smooth (SmoothQuant alpha 0.5, W8 per-channel, A8 dynamic per-token) with the 4-bit "
+        "X / latent cache of xcache-4bit over its quantized K/V projections.",
+        passes=(PassConfig("smooth_migration", (("alpha", 0.5), *SMOOTH_A8)), PassConfig("quantize_weights"), XC4),
+        fallback=TORCH_FALLBACK,
+    )
+)
+register_preset(
+    Plan(
+        name="w6a8-flexq-smooth-xc4",
+        description="SmoothQuant (alpha 0.5), then FlexQ's sensitivity analysis picks the A8 linears (budget 1/7), "
+        "W6 weights (group 128, packed) with A6/A8 activations, and the 4-bit X / latent cache of xcache-4bit "
+        "over the quantized K/V projections.",
+        passes=(
+            PassConfig("smooth_migration", (("alpha", 0.5), *SMOOTH_A8)),
+            PassConfig("assign_precision", (("budget", FLEXQ_BUDGET),)),
+            PassConfig("quantize_weights"),
+            XC4,
+        ),
+        weight=W6_G128,
+        activation=A6_G128,
+        fallback=TORCH_FALLBACK,
+    )
+)
+
+
 def get_plan(plan: Plan | str | Path) -> Plan:
     """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
     if isinstance(plan, Plan):

@@ -380,6 +380,24 @@ def tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0) -> torch.nn.Mod
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_cnn(seed: int = 0) -> torch.nn.Module:
+    """A tiny random CNN (a 3x3 conv, a depthwise 3x3, a strided 3x3, pooling, a linear head; seeded): the
+    CNN the tests and the equivalence benchmark compile in seconds."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,
     "fmnist-vgg": load_fmnist_vgg,

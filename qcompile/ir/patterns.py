@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -58,6 +60,90 @@ def find_linears(program: Program) -> Iterator[LinearMatch]:
             if bias is not None and bkey is None:
                 continue
             yield LinearMatch(entry, node, wkey, bkey)
+
+
+# ---- linear-like ops: float aten.linear and qcompile's quantized linears -------------------------
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """Where a linear-like op ``op(x, weight, ...)`` keeps its bias, and how to read its weight back in
+    float: ``weight(state, args)`` returns the ``[out, in]`` float32 weight the op multiplies by."""
+
+    bias_index: int
+    weight: Callable[[dict[str, torch.Tensor], tuple[Any, ...], Entry], torch.Tensor]
+
+
+def _state_arg(state: dict[str, torch.Tensor], entry: Entry, arg: object) -> torch.Tensor | None:
+    key = state_key(entry.bindings(), arg)
+    return None if key is None else state[key]
+
+
+def _need(state: dict[str, torch.Tensor], entry: Entry, arg: object) -> torch.Tensor:
+    t = _state_arg(state, entry, arg)
+    if t is None:
+        raise PassError(f"%{arg} is not a constant weight; a linear whose weight is computed cannot be read back")
+    return t
+
+
+def _w_float(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entry) -> torch.Tensor:
+    return _need(state, entry, args[1]).to(torch.float32)
+
+
+def _w_w8a8(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entry) -> torch.Tensor:
+    return _need(state, entry, args[1]).to(torch.float32) * _need(state, entry, args[2]).to(torch.float32)[:, None]
+
+
+def _w_groups(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entry) -> torch.Tensor:
+    from qcompile.quant.quantizer import dequantize_weight_groups
+
+    offset = _state_arg(state, entry, args[3]) if args[3] is not None else None
+    return dequantize_weight_groups(_need(state, entry, args[1]), _need(state, entry, args[2]), offset, int(args[5]))
+
+
+def _w_packed(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entry) -> torch.Tensor:
+    from qcompile.ops.packed import unpack_codes
+    from qcompile.quant.quantizer import dequantize_weight_groups
+
+    codes = unpack_codes(_need(state, entry, args[1]), int(args[4]), int(args[5]))
+    return dequantize_weight_groups(codes, _need(state, entry, args[2]), None, int(args[6]))
+
+
+def _w_static(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entry) -> torch.Tensor:
+    from qcompile.quant.quantizer import dequantize_weight_groups
+
+    return dequantize_weight_groups(_need(state, entry, args[1]), _need(state, entry, args[2]), None, int(args[4]))
+
+
+@functools.cache
+def _linear_forms() -> dict[object, LinearForm]:
+    import qcompile.ops  # noqa: F401  (registers the qcompile ops)
+
+    q = torch.ops.qcompile
+    return {
+        aten.linear.default: LinearForm(2, _w_float),
+        q.linear_w8a8.default: LinearForm(3, _w_w8a8),  # (x, qweight, w_scale, bias)
+        q.quant_linear.default: LinearForm(4, _w_groups),  # (x, codes, scale, offset, bias, group, ...)
+        q.packed_linear.default: LinearForm(3, _w_packed),  # (x, packed, scale, bias, in_features, bits, group, ...)
+        q.linear_static.default: LinearForm(3, _w_static),  # (x, codes, scale, bias, group, act_bits)
+    }
+
+
+def linear_form(node: object) -> LinearForm | None:
+    """How ``node`` computes ``x·Wᵀ (+ b)`` when it is a float ``aten.linear`` or one of qcompile's quantized
+    linears (the forms ``quantize_weights`` and ``fold_quant_steps`` write), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    return _linear_forms().get(node.target)
+
+
+def projection_weight(program: Program, entry: Entry, node: fx.Node) -> torch.Tensor:
+    """The float32 ``[out, in]`` weight a linear-like ``node`` multiplies by: the float weight, or its
+    quantized codes times their scales (what the quantized op computes with)."""
+    form = linear_form(node)
+    if form is None:
+        raise PassError(f"%{node.name} ({node.target}) is not a linear")
+    return form.weight(program.state, tuple(node.args), entry)
 
 
 # ---- per-channel scale producers (for scale migration and step folding) -----------------------
@@ -250,9 +336,10 @@ def _bias_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | None:
 # ---- attention blocks: K/V projections, their caches, the RoPE path, the norm producing X ----------
 
 ATTENTION_EXPECTED = (
-    "an attention block: a normed activation X feeding two aten.linear projections (K and V) with "
-    "constant weights, whose outputs (after view/transpose and, for K, RoPE) are written with "
-    "aten.index_copy_ into cache tensors that aten.scaled_dot_product_attention reads as key and value"
+    "an attention block: a normed activation X feeding two linear projections (K and V: aten.linear or "
+    "a qcompile quantized linear) with constant weights, whose outputs (after view/transpose and, for K, "
+    "RoPE) are written with aten.index_copy_ into cache tensors that aten.scaled_dot_product_attention "
+    "reads as key and value"
 )
 HEAD_SHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten.transpose.int, aten._unsafe_view.default})
 # what may sit between a cached K/V tensor and the attention that reads it (GQA head repeats, copies)
@@ -275,8 +362,8 @@ KV_REPEAT_OPS = frozenset(
 class KVProjection:
     """The K or V projection of an attention block."""
 
-    lin: fx.Node  # aten.linear(X, W, b)
-    weight_key: str
+    lin: fx.Node  # aten.linear(X, W, b) or a quantized linear (:func:`linear_form`) of X
+    weight_key: str  # the state tensor in the weight position (float weight, codes or packed codes)
     bias: object  # the bias argument (a node or None)
     write: fx.Node | None = None  # cache entries: the index_copy_ writing the cache
     src: fx.Node | None = None  # what is written (cache layout [B, H, T, hd]); forward: K/V fed to attention
@@ -300,16 +387,17 @@ class AttentionBlock:
 
 
 def _single_linear_ancestor(program: Program, bindings: dict[fx.Node, Slot], node: fx.Node) -> fx.Node | None:
-    """The one aten.linear with a constant weight that ``node`` derives from (not looking past linears)."""
+    """The one linear-like node (float ``aten.linear`` or a quantized linear, :func:`linear_form`) with a
+    constant weight that ``node`` derives from (not looking past linears)."""
     found, seen, todo = [], set(), [node]
     while todo:
         n = todo.pop()
         if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target == aten.linear.default:
+        if linear_form(n) is not None:
             wkey = state_key(bindings, n.args[1])
-            if wkey is not None and program.state[wkey].dim() == 2:
+            if wkey is not None and (n.target != aten.linear.default or program.state[wkey].dim() == 2):
                 found.append(n)
             continue
         todo.extend(n.all_input_nodes)
@@ -337,9 +425,11 @@ def _attention_reader(node: fx.Node) -> tuple[fx.Node, int] | None:
 
 
 def _projection(bindings: dict[fx.Node, Slot], lin: fx.Node) -> KVProjection:
-    bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    form = linear_form(lin)
+    assert form is not None  # _single_linear_ancestor only returns linear-like nodes
+    bias = lin.args[form.bias_index] if len(lin.args) > form.bias_index else lin.kwargs.get("bias")
     wkey = state_key(bindings, lin.args[1])
-    assert wkey is not None  # _single_linear_ancestor only returns linears with constant weights
+    assert wkey is not None  # ... with constant weights
     return KVProjection(lin, wkey, bias)
 
 

@@ -123,11 +123,13 @@ class Entry:
         return self.bindings()[node]
 
     def replace_call(self, node: fx.Node, target: Any, args: tuple) -> fx.Node:
-        """Replace call ``node`` by ``target(*args)``, keeping its module path and stack metadata."""
+        """Replace call ``node`` by ``target(*args)``, an op with the same output (shape and dtype), keeping
+        its module path, stack metadata and output value description (``meta['val']``)."""
         graph = self.graph.graph
         with graph.inserting_after(node):
             new = graph.call_function(target, args)
-        new.meta.update({k: v for k, v in node.meta.items() if k in (PATH_KEY, "nn_module_stack", "stack_trace")})
+        keep = (PATH_KEY, "nn_module_stack", "stack_trace", "val")
+        new.meta.update({k: v for k, v in node.meta.items() if k in keep})
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         return new

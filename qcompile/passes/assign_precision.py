@@ -159,7 +159,9 @@ class _Simulator(fx.Interpreter):
 @dataclass(frozen=True)
 class AssignPrecision(Pass):
     name: ClassVar[str] = "assign_precision"
-    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS})
+    # the sensitivity analysis differentiates through the model: float linears and the captured attention
+    # (a rewritten cache's quantizers have no gradient; assign precision before kv_to_xcache)
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
     provides: ClassVar[frozenset[Fact]] = frozenset({Fact.ACTIVATION_PRECISION})
 
     budget: float = 1 / 7

@@ -79,7 +79,13 @@ import torch.fx as fx
 from qcompile.errors import PassError, PlanError
 from qcompile.ir.calib import calib_batches, run_observed
 from qcompile.ir.facts import Fact
-from qcompile.ir.patterns import ATTENTION_EXPECTED, AttentionBlock, find_cache_attention, find_forward_attention
+from qcompile.ir.patterns import (
+    ATTENTION_EXPECTED,
+    AttentionBlock,
+    find_cache_attention,
+    find_forward_attention,
+    projection_weight,
+)
 from qcompile.ir.program import Entry, Program, SlotKind
 from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
 from qcompile.passes.xcache_rewrite import (
@@ -127,7 +133,7 @@ def cache_spec(bits: int, group_size: int, symmetric: bool, granularity: Granula
 @dataclass(frozen=True)
 class KVToXCache(Pass):
     name: ClassVar[str] = "kv_to_xcache"
-    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
+    requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.KV_ATTENTION})
     provides: ClassVar[frozenset[Fact]] = frozenset({Fact.XCACHE})
     invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.KV_ATTENTION})
 
@@ -188,9 +194,10 @@ class KVToXCache(Pass):
             for i, b in enumerate(bs):
                 b.index = i
         first = any_blocks[0]
-        d_x = int(program.state[first.k.weight_key].shape[1])
-        d_k = int(program.state[first.k.weight_key].shape[0])
-        d_v = int(program.state[first.v.weight_key].shape[0])
+        home = next((e for e in cache_entries if found[e.name]), fwd)  # the entry of any_blocks
+        assert home is not None
+        d_k, d_x = projection_weight(program, home, first.k.lin).shape
+        d_v = projection_weight(program, home, first.v.lin).shape[0]
         mode = (
             self.mode.value
             if self.mode is not Mode.AUTO
@@ -200,7 +207,11 @@ class KVToXCache(Pass):
         specs = self._specs(mode)
         self._check_groups(mode, specs, d_x, d_k, d_v, first)
         # static per-channel scales: calibrated on the original forward entry, before rewriting
-        factors = _factors(program, fwd_blocks or any_blocks) if mode == "latent" else {}
+        factors = (
+            _factors(program, fwd if fwd is not None and fwd_blocks else home, fwd_blocks or any_blocks)
+            if mode == "latent"
+            else {}
+        )
         static = (
             self._calibrate(program, ctx, mode, specs, fwd, fwd_blocks, factors)
             if any(is_static(s) for s in specs.values())
@@ -395,12 +406,16 @@ class KVToXCache(Pass):
 REWRITERS: dict[str, type[CacheGraph]] = {"x": XRewriter, "latent": LatentRewriter, "kv": KVRewriter}
 
 
-def _factors(program: Program, blocks: list[AttentionBlock]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Weight key -> latent factors (:func:`qcompile.quant.lowrank.latent_factors`) of every K/V projection."""
+def _factors(
+    program: Program, entry: Entry, blocks: list[AttentionBlock]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Weight key -> latent factors (:func:`qcompile.quant.lowrank.latent_factors`) of every K/V projection:
+    of its float weight, or of the weight its quantized codes and scales encode (the factors reproduce
+    the quantized projection exactly, rank = its output width)."""
     out = {}
     for b in blocks:
         for proj in (b.k, b.v):
             if proj.weight_key not in out:
                 with naming(f"layer {b.path!r} (weight {proj.weight_key!r})"):
-                    out[proj.weight_key] = latent_factors(program.state[proj.weight_key])
+                    out[proj.weight_key] = latent_factors(projection_weight(program, entry, proj.lin))
     return out

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from qcompile.errors import PlanError
+from qcompile.errors import PassError, PlanError
 from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import ScaleGroup, find_scale_groups
@@ -83,13 +83,21 @@ class SmoothMigration(Pass):
             raise PlanError(f"smooth_migration: grid_step must be in (0, 1], got {self.grid_step}")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        groups = [
-            g
-            for g in find_scale_groups(program, value_out=self.value_out, up_down=self.up_down)
-            if not _all_skipped(ctx.plan, g)
-        ]
+        found = find_scale_groups(program, value_out=self.value_out, up_down=self.up_down)
+        if not found:
+            raise PassError(
+                f"smooth_migration found no group of linears to smooth in entries {list(program.entries)}; expected "
+                "linears whose shared input is a norm's affine output (h * w + b with a constant 1-D w)"
+                + (
+                    ", or another linear's output (v_proj through attention, up_proj through the gate)"
+                    if self.value_out or self.up_down
+                    else ""
+                )
+            )
+        groups = [g for g in found if not _all_skipped(ctx.plan, g)]
+        kept = [(p, "kept in float by the plan (skip glob or rule)") for g in found if g not in groups for p in g.paths]
         if not groups or self.alpha is AlphaMode.NONE:
-            return PassResult(program, modified=False, notes={"groups": len(groups), "alpha": "none"})
+            return PassResult(program, modified=False, skipped=kept, notes={"groups": len(groups), "alpha": "none"})
         batches = calib_batches(ctx.calib, who="smooth_migration", program=program, min_tokens=MIN_CALIB_TOKENS)
         search = self.alpha is AlphaMode.SEARCH
         keys = [g.linears[0] for g in groups]
@@ -117,7 +125,11 @@ class SmoothMigration(Pass):
                     _apply(program, g, s)
                     changed.extend(g.paths)
         return PassResult(
-            program, modified=bool(changed), layers_changed=changed, notes={"alpha": chosen, "groups": len(groups)}
+            program,
+            modified=bool(changed),
+            layers_changed=changed,
+            skipped=kept,
+            notes={"alpha": chosen, "groups": len(groups)},
         )
 
     def _scales(self, g: ScaleGroup, xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:

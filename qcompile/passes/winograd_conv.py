@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from qcompile.errors import PlanError
+from qcompile.errors import PassError, PlanError
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import state_key
 from qcompile.ir.program import PATH_KEY, Entry, Program, Slot
@@ -123,6 +123,7 @@ class WinogradConv(Pass):
                 path = str(node.meta.get(PATH_KEY, ""))
                 cfg = self._config(path)
                 if cfg is None:
+                    skipped[path] = f"not selected by the pass's layers {list(self.layers)}"
                     continue
                 reason, wkey = self._ineligible(program, bindings, node)
                 if reason:
@@ -141,6 +142,11 @@ class WinogradConv(Pass):
                 if path not in changed:
                     changed.append(path)
         ctx.at(None, None)
+        if not changed and not skipped:
+            raise PassError(
+                f"winograd_conv found no convolution in entries {list(program.entries)}; expected aten.conv2d with a "
+                "constant 3x3 weight (a model without convolutions has nothing for this pass to do)"
+            )
         program.finish_rewrite(touched)
         return PassResult(
             program,

@@ -83,8 +83,8 @@ class CacheGraph:
         self.path = ""
 
     # ---- graph building ---------------------------------------------------------------------
-    def call(self, target: Any, *args: Any) -> fx.Node:
-        n = self.g.call_function(target, args)
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        n = self.g.call_function(target, args, kwargs)
         n.meta[PATH_KEY] = self.path
         return n
 
@@ -296,13 +296,23 @@ class _Remat(CacheGraph):
 
 
 class LatentRewriter(_Remat):
-    """``mode: latent``: per projection the cache holds ``Q(X·U)``; ``K = (X̂U)·(Σ·Bᵀ)`` (same for V)."""
+    """``mode: latent``: per projection the cache holds ``Q(X·U)``; ``K = (X̂U)·(Σ·Bᵀ)`` (same for V).
+
+    The two factor linears carry the projection's module path, so a later ``quantize_weights`` gives
+    them the projection's own rule. Over an already quantized projection the factors are those of the
+    weight its codes encode (``X·W_qᵀ`` exactly); they are float, and the projection's activation
+    quantization is replaced by the cache's quantizer of ``X·U``."""
+
+    def latent_linear(self, proj: KVProjection, x: fx.Node, key: str, t: torch.Tensor, *bias: object) -> fx.Node:
+        n = self.call(aten.linear.default, x, self.state(key, t), *bias)
+        n.meta[PATH_KEY] = proj.lin.meta.get(PATH_KEY, self.path)
+        return n
 
     def sources(self, b: AttentionBlock, pos: fx.Node, length: int, x_dtype: torch.dtype) -> dict[int, fx.Node]:
         out = {}
         for name, proj in (("k", b.k), ("v", b.v)):
             u_t, _ = self.factors[proj.weight_key]
-            z = self.call(aten.linear.default, b.x, self.state(f"xcache.{b.index}.{name}.U_t", u_t))
+            z = self.latent_linear(proj, b.x, f"xcache.{b.index}.{name}.U_t", u_t)
             r = u_t.shape[0]
             out[id(proj)], _ = self.store(
                 z, self.specs[name], (b.index, name), f"xcache.{b.index}.{name}_latent", [1, length, r], 1, pos, x_dtype
@@ -311,16 +321,16 @@ class LatentRewriter(_Remat):
 
     def project(self, b: AttentionBlock, name: str, proj: KVProjection, source: fx.Node) -> fx.Node:
         _, sb_t = self.factors[proj.weight_key]
-        return self.call(aten.linear.default, source, self.state(f"xcache.{b.index}.{name}.SB_t", sb_t), proj.bias)
+        return self.latent_linear(proj, source, f"xcache.{b.index}.{name}.SB_t", sb_t, proj.bias)
 
     def forward_block(self, b: AttentionBlock) -> None:
         self.path = b.path
         for name, proj in (("k", b.k), ("v", b.v)):
             u_t, sb_t = self.factors[proj.weight_key]
             with self.g.inserting_before(proj.lin):
-                z = self.call(aten.linear.default, b.x, self.state(f"xcache.{b.index}.{name}.U_t", u_t))
+                z = self.latent_linear(proj, b.x, f"xcache.{b.index}.{name}.U_t", u_t)
                 zh = self.fake_quant(z, self.specs[name], (b.index, name), int(u_t.shape[0]))
-                new = self.call(aten.linear.default, zh, self.state(f"xcache.{b.index}.{name}.SB_t", sb_t), proj.bias)
+                new = self.latent_linear(proj, zh, f"xcache.{b.index}.{name}.SB_t", sb_t, proj.bias)
             proj.lin.replace_all_uses_with(new)
             self.g.erase_node(proj.lin)
 
@@ -340,10 +350,11 @@ class XRewriter(_Remat):
         return {id(b.k): x_all, id(b.v): x_all}
 
     def project(self, b: AttentionBlock, name: str, proj: KVProjection, source: fx.Node) -> fx.Node:
-        return self.call(aten.linear.default, source, proj.lin.args[1], proj.bias)
+        # the projection's own op on X̂: the same (float or quantized) weights the forward uses
+        return self.call(proj.lin.target, source, *proj.lin.args[1:], **proj.lin.kwargs)
 
     def _store_x(self, b: AttentionBlock, pos: fx.Node, length: int, x_dtype: torch.dtype) -> fx.Node:
-        d = int(self.p.state[b.k.weight_key].shape[1])
+        d = int(b.x.meta["val"].shape[-1])
         key = f"xcache.{b.index}.x"
         if not self.cross_layer:
             all_, _ = self.store(b.x, self.specs["x"], (b.index, "x"), key, [1, length, d], 1, pos, x_dtype)
@@ -373,7 +384,7 @@ class XRewriter(_Remat):
 
     def forward_block(self, b: AttentionBlock) -> None:
         self.path = b.path
-        d = int(self.p.state[b.k.weight_key].shape[1])
+        d = int(b.x.meta["val"].shape[-1])
         with self.g.inserting_before(b.k.lin):
             if self.cross_layer:
                 src = b.x

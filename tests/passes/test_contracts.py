@@ -31,7 +31,7 @@ def _plan(*names: str) -> Plan:
     [
         (("quantize_weights", "smooth_migration"), "smooth_migration", "float_linears", "quantize_weights"),
         (("quantize_weights", "assign_precision"), "assign_precision", "float_linears", "quantize_weights"),
-        (("quantize_weights", "kv_to_xcache"), "kv_to_xcache", "float_linears", "quantize_weights"),
+        (("kv_to_xcache", "assign_precision"), "assign_precision", "kv_attention", "kv_to_xcache"),
         (("quantize_weights", "quantize_weights"), "quantize_weights", "float_linears", "quantize_weights"),
         (("fold_quant_steps", "quantize_weights"), "quantize_weights", "float_linears", "fold_quant_steps"),
         (("kv_to_xcache", "smooth_migration"), "smooth_migration", "kv_attention", "kv_to_xcache"),
