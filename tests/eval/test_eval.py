@@ -166,13 +166,11 @@ def test_smollm2_perplexity_matches_a_direct_transformers_loss(smollm2):
     from qcompile.eval.harness import TextSource, evaluate
 
     rec = evaluate(smollm2, "fp32", text=TextSource(), windows=2, seq=256)
-    again = evaluate(smollm2, "fp32", text=TextSource(), windows=2, seq=256)
     src = evaluate(smollm2, "fp32", text=TextSource(), windows=2, seq=256, source=True)
     wins = windows_of(shakespeare_tokens(smollm2.tokenizer, "evaluation"), 256, 2)
     with torch.no_grad():
         losses = [float(smollm2.model(input_ids=w.view(1, -1), labels=w.view(1, -1)).loss) for w in wins]
     direct = math.exp(sum(losses) / len(losses))
-    assert abs(rec["ppl"] - again["ppl"]) <= 1e-4 * direct
     assert abs(rec["ppl"] - direct) <= 1e-4 * direct and abs(src["ppl"] - direct) <= 1e-4 * direct
     # SmolLM2 KV cache in fp32: 30 layers x (K + V) x 3 kv heads x 64 dims x 4 bytes
     assert rec["cache_bytes_per_token"] == 30 * 2 * 3 * 64 * 4

@@ -81,19 +81,16 @@ def test_refusals_are_reported_with_the_fact(matrices):
 # ---- matching quantized forms -------------------------------------------------------------------
 
 
-def _quantized(tiny_llama, preset: str):
-    plan = dataclasses.replace(PRESETS[preset], passes=PRESETS[preset].passes)
-    return qcompile.compile(
-        qcompile.capture(tiny_llama, max_cache_len=32), plan=plan, calib=torch.randint(0, 256, (2, 64))
-    )
+def _quantized(program, preset: str):
+    return qcompile.compile(program.copy(), plan=preset, calib=torch.randint(0, 256, (2, 64)))
 
 
 @pytest.mark.parametrize("preset", ["w8a8-rtn", "w4a16-rtn-g32-asym", "w6a8", "w4a4-mergequant"])
-def test_projection_weight_is_what_the_quantized_op_multiplies_by(tiny_llama, preset):
+def test_projection_weight_is_what_the_quantized_op_multiplies_by(tiny_llama_program, preset):
     """Oracle: x·W_qᵀ (+ b), with W_q read back from the codes and scales, equals the quantized op on an
     x that its activation quantizer keeps exactly (integers; one entry 127 so a dynamic 8-bit scale is 1,
     integers within the 4-bit range for MergeQuant's static steps)."""
-    cm = _quantized(tiny_llama, preset)
+    cm = _quantized(tiny_llama_program, preset)
     entry = cm.program.entries["forward"]
     bindings = entry.bindings()
     nodes = [
@@ -112,7 +109,7 @@ def test_projection_weight_is_what_the_quantized_op_multiplies_by(tiny_llama, pr
         torch.testing.assert_close(node.target(*args), x @ w.t() + bias, rtol=1e-5, atol=1e-3)
 
 
-def test_xcache_over_quantized_projections_reuses_the_quantized_op(tiny_llama):
+def test_xcache_over_quantized_projections_reuses_the_quantized_op(tiny_llama_program):
     """Mode x after quantize_weights: decode rematerializes K and V with the forward's own quantized op
     (same weight tensors), so forward equals prefill + decode (the matrix checks the logits)."""
     plan = dataclasses.replace(
@@ -122,9 +119,7 @@ def test_xcache_over_quantized_projections_reuses_the_quantized_op(tiny_llama):
             PassConfig("kv_to_xcache", (("mode", "x"), ("bits", 4), ("group_size", 16))),
         ),
     )
-    cm = qcompile.compile(
-        qcompile.capture(tiny_llama, max_cache_len=32), plan=plan, calib=torch.randint(0, 256, (2, 64))
-    )
+    cm = qcompile.compile(tiny_llama_program.copy(), plan=plan, calib=torch.randint(0, 256, (2, 64)))
     decode = cm.program.entries["decode"]
     w8 = [n for n in decode.graph.graph.nodes if n.target == torch.ops.qcompile.linear_w8a8.default]
     remat = [n for n in w8 if n.args[0].target == torch.ops.qcompile.cache_dequantize.default]
@@ -133,11 +128,11 @@ def test_xcache_over_quantized_projections_reuses_the_quantized_op(tiny_llama):
     assert not find_cache_attention(cm.program, decode)  # the K/V caches are gone
 
 
-def test_latent_factors_of_a_quantized_projection_reproduce_it(tiny_llama):
+def test_latent_factors_of_a_quantized_projection_reproduce_it(tiny_llama_program):
     """Latent mode over W6 projections: U·(ΣBᵀ) equals the weight the 6-bit codes encode."""
     from qcompile.quant.lowrank import latent_factors
 
-    cm = _quantized(tiny_llama, "w6a8")
+    cm = _quantized(tiny_llama_program, "w6a8")
     entry = cm.program.entries["forward"]
     k_proj = next(
         n for n in entry.graph.graph.nodes if linear_form(n) is not None and "k_proj" in str(n.meta.get(PATH_KEY, ""))

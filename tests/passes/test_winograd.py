@@ -149,14 +149,21 @@ def test_naming_an_ineligible_layer_or_a_bad_point_set_is_an_error():
 
 
 @pytest.mark.slow
-def test_winograd_keeps_fmnist_vgg_top1_in_fp32():
-    from qcompile.eval.harness import evaluate
+def test_winograd_keeps_fmnist_vgg_predictions_in_fp32():
+    """On the first 500 Fashion-MNIST test images Winograd F(4,3) and F(6,3) change at most one top-1
+    prediction of the fp32 model (the full 10,000-image top-1 is benchmarks/winograd.py's table)."""
+    from qcompile.eval.images import fashion_mnist
+    from qcompile.eval.zoo import load_model
 
-    base = evaluate("fmnist-vgg", "fp32")["top1"]
+    zm = load_model("fmnist-vgg")
+    x = fashion_mnist("test")[0][:500]
+    with torch.no_grad():
+        ref = torch.cat([zm.model(b) for b in x.split(250)]).argmax(-1)
     for plan in ("winograd-f4", "winograd-f6"):
-        rec = evaluate("fmnist-vgg", plan)
-        assert rec["report"]["passes"][0]["layers_changed"] if "report" in rec else True
-        assert abs(rec["top1"] - base) <= 0.0005, (plan, rec["top1"], base)
+        cm = qcompile.compile(zm.model, plan=plan, example_inputs=(x[:250],))
+        assert cm.report.passes[0].layers_changed, plan
+        got = torch.cat([cm(b) for b in x.split(250)]).argmax(-1)
+        assert int((got != ref).sum()) <= 1, (plan, int((got != ref).sum()))
 
 
 def test_point_search_is_verified_deterministic_and_never_worse_than_its_starts():
