@@ -549,6 +549,8 @@ register_preset(
         description="w8a8-smooth (SmoothQuant alpha 0.5, W8 per-channel, A8 dynamic per-token) with the 4-bit "
         "X / latent cache of xcache-4bit over its quantized K/V projections.",
         passes=(PassConfig("smooth_migration", (("alpha", 0.5), *SMOOTH_A8)), PassConfig("quantize_weights"), XC4),
+        weight=W8_PER_CHANNEL,
+        activation=A8_PER_TOKEN,
         fallback=TORCH_FALLBACK,
     )
 )

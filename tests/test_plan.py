@@ -146,3 +146,11 @@ def test_plans_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.name = "other"  # type: ignore[misc]
     assert yaml.safe_load(plan.to_yaml())["version"] == 1
+
+
+def test_every_preset_that_quantizes_weights_says_how():
+    """A preset running quantize_weights or fold_quant_steps with no weight spec would quantize nothing
+    (each layer reported as skipped): every such preset carries a weight spec."""
+    for name, plan in PRESETS.items():
+        if {p.name for p in plan.passes} & {"quantize_weights", "fold_quant_steps"}:
+            assert plan.weight is not None or any(r.weight is not None for r in plan.rules), name
