@@ -233,10 +233,19 @@ def check_token_ids(tokens: torch.Tensor, zm: ZooModel, what: str) -> None:
 
 def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int) -> Any:
     import qcompile
+    from qcompile.eval.images import calibration_images
 
     batch = torch.export.Dim("batch", min=1, max=IMAGE_BATCH)
     example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
-    return qcompile.compile(zm.model, target=target, plan=plan, example_inputs=(example,), dynamic_shapes=({0: batch},))
+    calib = calibration_images(zm.name)  # for plans with static activations (cnn-w8a8); others ignore it
+    return qcompile.compile(
+        zm.model,
+        target=target,
+        plan=plan,
+        example_inputs=(example,),
+        dynamic_shapes=({0: batch},),
+        calib=list(calib.split(64)),
+    )
 
 
 def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
@@ -248,6 +257,7 @@ def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str
     acc = top1(zm.model if source else cm, x, y, IMAGE_BATCH)
     return {
         "dataset": "fashion-mnist:test",
+        "calibration": None if source else "fashion-mnist:train[:256] (static activation steps)",
         "images": len(x),
         "top1": acc,
         "eval_seconds": round(time.perf_counter() - t0, 2),
@@ -267,6 +277,7 @@ def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str
         got = ref if cm is None else cm(x).argmax(-1)
     return {
         "dataset": "skimage-photos",
+        "calibration": None if source else "skimage/data images outside the evaluation set (CALIB_PHOTOS)",
         "images": len(names),
         "top1_agreement": float((got == ref).double().mean()),
         "predictions": {n: _label(int(i)) for n, i in zip(names, got)},
