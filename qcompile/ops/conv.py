@@ -25,6 +25,7 @@ Weights: symmetric integer codes ``codes[O, C/groups, kh, kw]`` (stored one per 
   simulated quantization (``x`` rounded to its per-pixel grid and dequantized, then ``conv`` with the
   dequantized weights in fp32), not an integer kernel. It measures what per-pixel activation
   quantization costs in accuracy; an integer kernel would need one rescale per pixel in the window.
+  As with static activations, a non-finite value makes its sample's whole output NaN.
 
 The exact integer convolution is a float convolution of integer values: float32 while every partial
 sum is below 2^24 (``max|q_x| · max|codes| · C/groups · kh · kw``), float64 otherwise (exact below
@@ -111,7 +112,7 @@ def quant_conv2d(
         y = acc.to(torch.float32) * x_scale.to(torch.float32).reshape(()) * ws.view(1, o, 1, 1)
         y = y + _nonfinite_samples(x)
     else:
-        xin = fake_quant_per_pixel(x, act_bits) if act_bits else x.to(torch.float32)
+        xin = fake_quant_per_pixel(x, act_bits) + _nonfinite_samples(x) if act_bits else x.to(torch.float32)
         w = codes.to(torch.float32) * ws.view(o, 1, 1, 1)
         y = F.conv2d(xin, w, None, stride, padding, dilation, groups)
     if bias is not None:
