@@ -110,9 +110,9 @@ def evaluate(
             _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend)
         )
     elif zm.name == "fmnist-vgg":
-        record.update(_eval_fmnist(zm, the_plan, target, source))
+        record.update(_eval_fmnist(zm, the_plan, target, source, backend))
     elif zm.name == "efficientnet-lite0":
-        record.update(_eval_photos(zm, the_plan, target, source))
+        record.update(_eval_photos(zm, the_plan, target, source, backend))
     else:  # pragma: no cover - every zoo entry is handled above
         raise QCompileError(f"no evaluation defined for {zm.name!r}")
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -231,7 +231,7 @@ def check_token_ids(tokens: torch.Tensor, zm: ZooModel, what: str) -> None:
     )
 
 
-def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int) -> Any:
+def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int, backend: str | None = None) -> Any:
     import qcompile
     from qcompile.eval.images import calibration_images
 
@@ -245,14 +245,15 @@ def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int
         example_inputs=(example,),
         dynamic_shapes=({0: batch},),
         calib=list(calib.split(64)),
+        backend=backend,
     )
 
 
-def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
+def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool, backend: str | None = None) -> dict[str, Any]:
     from qcompile.eval.images import fashion_mnist, top1
 
     x, y = fashion_mnist("test")
-    cm = None if source else _image_module(zm, plan, target, 1, 28)
+    cm = None if source else _image_module(zm, plan, target, 1, 28, backend)
     t0 = time.perf_counter()
     acc = top1(zm.model if source else cm, x, y, IMAGE_BATCH)
     return {
@@ -265,13 +266,13 @@ def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str
     }
 
 
-def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
+def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool, backend: str | None = None) -> dict[str, Any]:
     from qcompile.eval.images import imagenet_photos
 
     names, x = imagenet_photos()
     with torch.no_grad():
         ref = zm.model(x).argmax(-1)
-    cm = None if source else _image_module(zm, plan, target, 3, 224)
+    cm = None if source else _image_module(zm, plan, target, 3, 224, backend)
     t0 = time.perf_counter()
     with torch.no_grad():
         got = ref if cm is None else cm(x).argmax(-1)
