@@ -47,7 +47,10 @@ def layer_errors(zm: Any, plan: str, x: torch.Tensor, channels: int, size: int, 
     for n in convs:
         path = str(n.meta[PATH_KEY])
         mod = zm.model.get_submodule(path)
-        hook = lambda _m, i, o, p=path: seen.setdefault(p, (i[0].detach(), o.detach()))  # noqa: E731
+
+        def hook(_m: Any, i: tuple[torch.Tensor, ...], o: torch.Tensor, p: str = path) -> None:
+            seen.setdefault(p, (i[0].detach(), o.detach()))
+
         hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         zm.model(x)
