@@ -35,43 +35,42 @@ QCONV = torch.ops.qcompile.quant_conv2d.default
 
 
 def layer_errors(zm: Any, plan: str, x: torch.Tensor, channels: int, size: int, top: int) -> list[dict[str, Any]]:
-    """The ``top`` convolutions with the largest relative output error under ``plan`` on images ``x``."""
+    """The ``top`` convolutions with the largest relative output error under ``plan`` on images ``x``:
+    each conv's input is taken from the fp32 captured graph (so explicit padding layers are included)."""
+    import torch.nn.functional as F
+
     from qcompile.eval.harness import _image_module
+    from qcompile.ir.calib import run_observed
 
     cm = _image_module(zm, plan, "cpu", channels, size, backend="torch")
+    fp = _image_module(zm, "fp32", "cpu", channels, size, backend="torch").program
     entry = cm.program.entries["forward"]
     slots = entry.bindings()
-    convs = [n for n in entry.graph.graph.nodes if n.op == "call_function" and n.target == QCONV]
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = []
-    for n in convs:
-        path = str(n.meta[PATH_KEY])
-        mod = zm.model.get_submodule(path)
-
-        def hook(_m: Any, i: tuple[torch.Tensor, ...], o: torch.Tensor, p: str = path) -> None:
-            seen.setdefault(p, (i[0].detach(), o.detach()))
-
-        hooks.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        zm.model(x)
-    for h in hooks:
-        h.remove()
+    convs = {str(n.meta[PATH_KEY]): n for n in entry.graph.graph.nodes if n.op == "call_function" and n.target == QCONV}
+    seen: dict[str, tuple[Any, ...]] = {}
+    observers = {}
+    for n in fp.entries["forward"].graph.graph.nodes:
+        path = str(n.meta.get(PATH_KEY, ""))
+        if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default and path in convs:
+            observers[n] = lambda _n, args, p=path: seen.setdefault(p, tuple(args))
+    run_observed(fp, [x], observers)
     out = []
     st = cm.program.state
-    for n in convs:
-        path = str(n.meta[PATH_KEY])
-        xin, y = seen[path]
-        keys = [slots[a].name if a is not None else None for a in n.args[1:5]]
-        codes, ws, xs, bias = (st[k] if k else None for k in keys)
+    for path, n in convs.items():
+        args = seen[path]
         with torch.no_grad():
-            yq = QCONV(xin, codes, ws, xs, bias, *n.args[5:])
-        mod = zm.model.get_submodule(path)
+            y = F.conv2d(*args)
+            keys = [slots[a].name if a is not None else None for a in n.args[1:5]]
+            codes, ws, xs, bias = (st[k] if k else None for k in keys)
+            yq = QCONV(args[0], codes, ws, xs, bias, *n.args[5:])
         out.append(
             {
                 "layer": path,
-                "shape": f"{mod.in_channels}->{mod.out_channels} k{mod.kernel_size[0]} s{mod.stride[0]} g{mod.groups}",
-                "rel_max_error": float((yq - y).abs().max() / y.abs().max()),
-                "rel_rms_error": float((yq - y).pow(2).mean().sqrt() / y.pow(2).mean().sqrt()),
+                "weight": list(codes.shape),
+                "groups": n.args[8],
+                "stride": n.args[5],
+                "rel_max_error": round(float((yq - y).abs().max() / y.abs().max()), 5),
+                "rel_rms_error": round(float((yq - y).pow(2).mean().sqrt() / y.pow(2).mean().sqrt()), 5),
             }
         )
     return sorted(out, key=lambda r: -r["rel_rms_error"])[:top]
