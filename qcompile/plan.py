@@ -406,6 +406,45 @@ for _m in (4, 6, 8):
         )
     )
 
+# ---- CNN presets (issue 22): quantized convolutions (qcompile::quant_conv2d), with and without Winograd ----
+# Activations are static per tensor: one calibrated step per layer input (compile(..., calib=input batches));
+# the linears of the classifier become qcompile::linear_static, which the TVM backend runs with torch (fallback).
+A8_STATIC_PER_TENSOR = QuantSpec(bits=8, granularity=Granularity.PER_TENSOR, symmetric=True, dynamic=False)
+W4_PER_CHANNEL = QuantSpec(bits=4, granularity=Granularity.PER_CHANNEL, symmetric=True)
+register_preset(
+    Plan(
+        name="cnn-w8a8",
+        description="CNNs: int8 symmetric weights per output channel (convolutions, including depthwise and "
+        "grouped, and linears) and static per-tensor symmetric int8 activations calibrated on input batches; "
+        "exact integer convolution with int32 accumulation.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W8_PER_CHANNEL,
+        activation=A8_STATIC_PER_TENSOR,
+        fallback=TORCH_FALLBACK,
+    )
+)
+register_preset(
+    Plan(
+        name="cnn-w4a16",
+        description="CNNs: weight-only 4-bit symmetric weights per output channel (convolutions and linears); "
+        "fp32 activations.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W4_PER_CHANNEL,
+    )
+)
+register_preset(
+    Plan(
+        name="cnn-w8a8-winograd-f4",
+        description="CNNs: 3x3 stride-1 convolutions as Winograd F(4,3) (best points, kept in float: Winograd "
+        "transforms leave the integer domain, the report lists them), then cnn-w8a8 on the other convolutions "
+        "and the linears.",
+        passes=(PassConfig("winograd_conv", (("m", 4), ("points", "best"))), PassConfig("quantize_weights")),
+        weight=W8_PER_CHANNEL,
+        activation=A8_STATIC_PER_TENSOR,
+        fallback=TORCH_FALLBACK,
+    )
+)
+
 # ---- FlexQ presets (arXiv 2508.04405): W6 weights, A6 activations with A8 where it matters ----------
 # Weights: 6-bit symmetric RTN, group 128 along K, stored densely packed (qcompile::packed_linear).
 # Activations: dynamic symmetric per token, group 128 along K (FlexQ's granularity). SmolLM2's

@@ -110,9 +110,9 @@ def evaluate(
             _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend)
         )
     elif zm.name == "fmnist-vgg":
-        record.update(_eval_fmnist(zm, the_plan, target, source))
+        record.update(_eval_fmnist(zm, the_plan, target, source, backend))
     elif zm.name == "efficientnet-lite0":
-        record.update(_eval_photos(zm, the_plan, target, source))
+        record.update(_eval_photos(zm, the_plan, target, source, backend))
     else:  # pragma: no cover - every zoo entry is handled above
         raise QCompileError(f"no evaluation defined for {zm.name!r}")
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -231,23 +231,34 @@ def check_token_ids(tokens: torch.Tensor, zm: ZooModel, what: str) -> None:
     )
 
 
-def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int) -> Any:
+def _image_module(zm: ZooModel, plan: Any, target: str, channels: int, size: int, backend: str | None = None) -> Any:
     import qcompile
+    from qcompile.eval.images import calibration_images
 
     batch = torch.export.Dim("batch", min=1, max=IMAGE_BATCH)
     example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
-    return qcompile.compile(zm.model, target=target, plan=plan, example_inputs=(example,), dynamic_shapes=({0: batch},))
+    calib = calibration_images(zm.name)  # for plans with static activations (cnn-w8a8); others ignore it
+    return qcompile.compile(
+        zm.model,
+        target=target,
+        plan=plan,
+        example_inputs=(example,),
+        dynamic_shapes=({0: batch},),
+        calib=list(calib.split(64)),
+        backend=backend,
+    )
 
 
-def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
+def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool, backend: str | None = None) -> dict[str, Any]:
     from qcompile.eval.images import fashion_mnist, top1
 
     x, y = fashion_mnist("test")
-    cm = None if source else _image_module(zm, plan, target, 1, 28)
+    cm = None if source else _image_module(zm, plan, target, 1, 28, backend)
     t0 = time.perf_counter()
     acc = top1(zm.model if source else cm, x, y, IMAGE_BATCH)
     return {
         "dataset": "fashion-mnist:test",
+        "calibration": None if source else "fashion-mnist:train[:256] (static activation steps)",
         "images": len(x),
         "top1": acc,
         "eval_seconds": round(time.perf_counter() - t0, 2),
@@ -255,18 +266,19 @@ def _eval_fmnist(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str
     }
 
 
-def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool) -> dict[str, Any]:
+def _eval_photos(zm: ZooModel, plan: Any, target: str, source: bool, backend: str | None = None) -> dict[str, Any]:
     from qcompile.eval.images import imagenet_photos
 
     names, x = imagenet_photos()
     with torch.no_grad():
         ref = zm.model(x).argmax(-1)
-    cm = None if source else _image_module(zm, plan, target, 3, 224)
+    cm = None if source else _image_module(zm, plan, target, 3, 224, backend)
     t0 = time.perf_counter()
     with torch.no_grad():
         got = ref if cm is None else cm(x).argmax(-1)
     return {
         "dataset": "skimage-photos",
+        "calibration": None if source else "skimage/data images outside the evaluation set (CALIB_PHOTOS)",
         "images": len(names),
         "top1_agreement": float((got == ref).double().mean()),
         "predictions": {n: _label(int(i)) for n, i in zip(names, got)},

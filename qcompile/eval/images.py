@@ -6,6 +6,9 @@
   (shorter side 256, bicubic) and centre-cropped to 224; grey images are repeated to RGB.
   There is no labelled ImageNet here, so a quantized classifier is scored by top-1 *agreement*
   with the fp32 model on these photos.
+* Calibration (static activation steps): Fashion-MNIST's first :data:`FMNIST_CALIB` training
+  images; for the photo classifier the other images of ``skimage/data`` (:data:`CALIB_PHOTOS`, never
+  one of the evaluation photos). :func:`calibration_images` gives them per model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ PHOTOS = (
     "rocket.jpg",
     "text.png",
 )
+
+CALIB_PHOTOS = ("cell.png", "color.png", "horse.png", "logo.png", "phantom.png", "chessboard_RGB.png")
+FMNIST_CALIB = 256
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -119,12 +125,21 @@ def load_photo(path: Path, size: int = 224) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
-def imagenet_photos(size: int = 224) -> tuple[list[str], torch.Tensor]:
+def calibration_images(model: str) -> torch.Tensor:
+    """Calibration input batch for zoo image model ``model`` (never evaluation images)."""
+    if model == "fmnist-vgg":
+        return fashion_mnist("train")[0][:FMNIST_CALIB]
+    if model == "efficientnet-lite0":
+        return imagenet_photos(names=CALIB_PHOTOS)[1]
+    raise DataError(f"no calibration images for {model!r}")
+
+
+def imagenet_photos(size: int = 224, names: tuple[str, ...] = PHOTOS) -> tuple[list[str], torch.Tensor]:
     """(names, float32 [N, 3, size, size]) of the photos, normalized as EfficientNet-Lite expects
     ((pixel - 127) / 128, RGB)."""
     folder = photo_dir()
-    names, arrays = [], []
-    for name in PHOTOS:
+    wanted, names, arrays = names, [], []
+    for name in wanted:
         p = folder / name
         if p.is_file():
             names.append(name)

@@ -4,8 +4,11 @@
 ``[T]``, or a list of such tensors (:func:`qcompile.eval.datasets.calibration_tokens` builds one
 from the calibration split). Passes that need calibration call :func:`calib_batches`, which
 checks the data and says what is missing, then :func:`run_observed` to see the concrete inputs of
-the nodes they care about. Observers see the calibration data only; evaluation text never reaches
-this module.
+the nodes they care about. For any other model with one tensor input (a CNN), ``calib`` is input
+batches of the model's input shape and dtype (a tensor ``[B, ...]``, or a list of them or of
+1-tuples holding one); :func:`calib_inputs` checks them (shape against the captured input spec,
+dtype, NaN/Inf refused), and :func:`calibration_batches` picks the form for the program. Observers
+see the calibration data only; evaluation text never reaches this module.
 
 Non-finite values: a float ``calib`` tensor holding NaN/Inf is refused naming the item; a NaN or Inf
 activation reaching an observed node is a :class:`~qcompile.errors.NonFiniteError` (a
@@ -68,6 +71,69 @@ def calib_batches(calib: Any, *, who: str, program: Program, min_tokens: int = 1
     if total < min_tokens:
         raise DataError(f"{who}: calibration data has {total} tokens; at least {min_tokens} are needed")
     return batches
+
+
+def calib_inputs(calib: Any, *, who: str, program: Program, min_items: int = 1) -> list[torch.Tensor]:
+    """``calib`` as a list of input batches for a one-input model that is not a causal LM (a CNN).
+
+    Each item is a tensor ``[B, ...]`` (or a 1-tuple / 1-list holding one) with the dtype and, but
+    for a dynamic batch, the shape of the forward entry's input; non-finite values are refused
+    naming the item. ``min_items``: at least that many samples (rows) in all.
+    """
+    entry = program.entries["forward"]
+    if len(entry.user_inputs) != 1:
+        specs = ", ".join(u.describe() for u in entry.user_inputs)
+        raise PlanError(f"{who} calibrates models with one tensor input; this model's forward takes {specs}")
+    spec = entry.user_inputs[0]
+    if calib is None:
+        raise PlanError(
+            f"{who} needs calibration data: pass compile(..., calib=input batches {spec.describe()}) "
+            "(a tensor or a list of tensors of the model's input shape; never evaluation data)"
+        )
+    raw = [calib] if isinstance(calib, torch.Tensor) else list(calib) if isinstance(calib, (list, tuple)) else None
+    if not raw:
+        raise DataError(
+            f"{who}: calibration data must be an input tensor {spec.describe()} or a non-empty list of them, got "
+            f"{type(calib).__name__}"
+        )
+    batches = []
+    for i, t in enumerate(raw):
+        if isinstance(t, (tuple, list)) and len(t) == 1:
+            t = t[0]
+        if not isinstance(t, torch.Tensor) or t.dtype != spec.torch_dtype or not _fits(t, spec, entry.dims):
+            raise DataError(
+                f"{who}: calibration item {i} must be a tensor {spec.describe()} (the model's input; the batch may "
+                f"differ where it is dynamic), got {_describe(t)}"
+            )
+        if (c := nonfinite_counts(t)) is not None:
+            raise NonFiniteError(f"{who}: calibration item {i} ({_describe(t)}) holds {c.describe()}")
+        batches.append(t)
+    total = sum(b.shape[0] for b in batches)
+    if total < min_items:
+        raise DataError(f"{who}: calibration data has {total} samples; at least {min_items} are needed")
+    return batches
+
+
+def _fits(t: torch.Tensor, spec: Any, dims: Mapping[str, Any]) -> bool:
+    """``t``'s shape matches ``spec``: static dimensions equal (a static batch of 1 takes any batch,
+    run row by row), dynamic ones within their range."""
+    if t.dim() != len(spec.shape) or t.numel() == 0:
+        return False
+    for i, (n, d) in enumerate(zip(t.shape, spec.shape)):
+        if isinstance(d, int):
+            if n != d and not (i == 0 and d == 1):
+                return False
+        elif d in dims and not dims[d].min <= n <= dims[d].max:
+            return False
+    return True
+
+
+def calibration_batches(calib: Any, *, who: str, program: Program, min_tokens: int = 1) -> list[torch.Tensor]:
+    """Token batches for a causal LM (:func:`calib_batches`), input batches for any other model
+    (:func:`calib_inputs`)."""
+    if program.kind == "causal_lm":
+        return calib_batches(calib, who=who, program=program, min_tokens=min_tokens)
+    return calib_inputs(calib, who=who, program=program)
 
 
 def _describe(t: Any) -> str:

@@ -4,13 +4,14 @@ Importing this package registers them; ``import qcompile`` does so too, which is
 saved artifact's graph (which names ``qcompile::`` ops) load and run.
 """
 
-from qcompile.ops import cache, linear, packed, static, winograd  # noqa: F401  (registers the ops)
+from qcompile.ops import cache, conv, linear, packed, static, winograd  # noqa: F401  (registers the ops)
 
 QCOMPILE_OPS = (
     "linear_w8a8",
     "quant_linear",
     "packed_linear",
     "winograd_conv2d",
+    "quant_conv2d",
     "quantize_static",
     "dequantize_static",
     "linear_static",

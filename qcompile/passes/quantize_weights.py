@@ -23,12 +23,31 @@ collected from a calibration run that stops after the block, the block's weights
 and written back dequantized, so later blocks calibrate on the quantized model's activations
 (the sequential GPTQ of the paper) and only one block's Hessians are held at a time.
 
+Static activations (``activation: {granularity: per_tensor, dynamic: false, symmetric: true}``):
+one step per layer input, ``absmax / qmax`` over the calibration data (token ids for a causal LM,
+input batches for a CNN: :func:`qcompile.ir.calib.calibration_batches`). A linear becomes
+``x / step`` followed by ``qcompile::linear_static`` with the step folded into the weight scales
+(symmetric per-channel or per-group weights).
+
+Convolutions (``aten.conv2d`` with a constant weight, found by :func:`qcompile.ir.convs.find_convs`;
+dense, grouped and depthwise, any stride / padding / dilation) become ``qcompile::quant_conv2d``
+(:mod:`qcompile.ops.conv`): symmetric weight codes with one scale per output channel (a
+``per_group`` weight spec is applied per output channel too, and the report says so for each such
+layer: a conv's input channels times taps rarely split into the LLM group sizes, and per-channel is
+what int8 conv kernels take); activations none, static per-tensor symmetric (calibrated; exact
+integer conv), or dynamic per token-pixel (``per_token``: one scale per input pixel, simulated).
+Anything else is a PlanError naming the layer. Convolution weights are always rounded to nearest
+(GPTQ and the clip search cover linears; the report notes it). ``qcompile::winograd_conv2d`` ops
+(an earlier ``winograd_conv``) are listed in ``skipped``: Winograd transforms leave the integer
+domain (the transformed weights and tiles are not integer grids), so they stay in float.
+
 Requires: float linears (so it runs after passes that rewrite float linears, such as
 ``smooth_migration`` and ``assign_precision``, and at most once). Provides: quantized linears;
-invalidates: float linears. Guarantees after it runs: no selected linear remains in float; each
-layer it did not change is listed in ``skipped`` with the reason; every one-code-per-byte weight
-tensor it writes has its width in ``Program.weight_bits``; float weights no longer used by any
-entry are dropped from the state.
+invalidates: float linears and float convolutions (``winograd_conv`` runs before it, never
+after). Guarantees after it runs: no selected linear or convolution remains in float; each layer
+it did not change is listed in ``skipped`` with the reason; every one-code-per-byte weight tensor it
+writes has its width in ``Program.weight_bits``; float weights no longer used by any entry are
+dropped from the state.
 """
 
 from __future__ import annotations
@@ -40,14 +59,15 @@ from typing import Any, ClassVar
 import torch
 
 from qcompile.errors import PlanError
-from qcompile.ir.calib import calib_batches, observe_linear_inputs
+from qcompile.ir.calib import calib_batches, calibration_batches, observe_linear_inputs, run_observed
+from qcompile.ir.convs import ConvMatch, find_convs
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears
-from qcompile.ir.program import Program
+from qcompile.ir.program import PATH_KEY, Program
 from qcompile.ops.packed import pack_codes
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import LayerQuant, WeightMethod
-from qcompile.quant.finite import naming
+from qcompile.quant.finite import check_scale, naming
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
 from qcompile.quant.quantizer import (
@@ -58,7 +78,7 @@ from qcompile.quant.quantizer import (
     quantize_weight_per_channel,
     search_clip,
 )
-from qcompile.quant.spec import Granularity, QuantSpec, check_group
+from qcompile.quant.spec import Granularity, QuantSpec, check_group, levels
 
 Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -69,6 +89,17 @@ SUPPORTED = (
     "weights: 2, 3, 4, 6 or 8 bits, per_channel or per_group, symmetric or not; activations: none, or those widths "
     "symmetric dynamic per_token or per_group (with the weights' group size)"
 )
+
+
+CONV_SUPPORTED = (
+    "weights: symmetric, per_channel (per_group is applied per output channel), 2, 3, 4, 6 or 8 bits; "
+    "activations: none, symmetric static per_tensor (calibrated), or symmetric dynamic per_token (per pixel)"
+)
+WINOGRAD_REASON = "Winograd transforms leave the integer domain; kept in float"
+
+
+def _is_static_per_tensor(spec: QuantSpec | None) -> bool:
+    return spec is not None and spec.granularity is Granularity.PER_TENSOR and spec.symmetric and not spec.dynamic
 
 
 def _is_w8_per_channel(spec: QuantSpec | None) -> bool:
@@ -100,7 +131,7 @@ class QuantizeWeights(Pass):
     name: ClassVar[str] = "quantize_weights"
     requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS})
     provides: ClassVar[frozenset[Fact]] = frozenset({Fact.QUANTIZED_LINEARS})
-    invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.FLOAT_LINEARS})
+    invalidates: ClassVar[frozenset[Fact]] = frozenset({Fact.FLOAT_LINEARS, Fact.FLOAT_CONVS})
 
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
@@ -114,7 +145,9 @@ class QuantizeWeights(Pass):
             raise PlanError(f"quantize_weights: samples must be >= 1 calibration rows, got {self.samples!r}")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
+        conv_schemes = self._conv_schemes(program, ctx)  # PlanErrors before any calibration
         pre = self._calibrated_codes(program, ctx)
+        steps = self._static_steps(program, ctx, conv_schemes)
         done: dict[str, tuple[str, str]] = {}  # weight key -> (qweight key, scale key)
         changed: list[str] = []
         skipped: dict[str, str] = {}
@@ -127,6 +160,14 @@ class QuantizeWeights(Pass):
                 skipped[m.path] = reason
                 continue
             assert lq.weight is not None
+            if _is_static_per_tensor(lq.activation):
+                assert lq.activation is not None
+                with naming(f"layer {m.path!r} (weight {m.weight_key!r})"):
+                    self._linear_static(program, m, lq.weight, lq.activation.bits, steps[m.weight_key])
+                touched.add(m.entry.name)
+                if m.path not in changed:
+                    changed.append(m.path)
+                continue
             if m.weight_key not in done:
                 with naming(f"layer {m.path!r} (weight {m.weight_key!r})"):
                     done[m.weight_key] = self._quantize(
@@ -143,9 +184,205 @@ class QuantizeWeights(Pass):
             touched.add(m.entry.name)
             if m.path not in changed:
                 changed.append(m.path)
+        notes = self._convs(program, ctx, conv_schemes, steps, changed, skipped, touched)
+        for _, node in program.nodes():
+            if node.op == "call_function" and node.target == torch.ops.qcompile.winograd_conv2d.default:
+                skipped[str(node.meta.get(PATH_KEY, node.name))] = WINOGRAD_REASON
         ctx.at(None, None)
         program.finish_rewrite(touched)
-        return PassResult(program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()))
+        return PassResult(
+            program, modified=bool(changed), layers_changed=changed, skipped=sorted(skipped.items()), notes=notes
+        )
+
+    @classmethod
+    def summarize(cls, notes: dict[str, Any]) -> list[str]:
+        lines = []
+        if notes.get("conv_per_group_as_per_channel"):
+            lines.append(
+                "per_group weight spec applied per output channel in convolution(s): "
+                + ", ".join(notes["conv_per_group_as_per_channel"])
+            )
+        if notes.get("conv_rtn"):
+            lines.append(f"convolutions rounded to nearest ({notes['conv_rtn']} covers linears only)")
+        return lines
+
+    # ---- convolutions and static activations ----------------------------------------------------
+
+    @staticmethod
+    def _conv_scheme(path: str, w: QuantSpec, a: QuantSpec | None) -> tuple[int, bool]:
+        """(activation bits, static) for a conv, or a PlanError naming the layer."""
+        if not w.symmetric or w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+            raise PlanError(f"convolution {path!r}: weight {w} is not supported; supported: {CONV_SUPPORTED}")
+        if a is None:
+            return 0, False
+        if _is_static_per_tensor(a):
+            return a.bits, True
+        if a.symmetric and a.dynamic and a.granularity is Granularity.PER_TOKEN:
+            return a.bits, False
+        raise PlanError(f"convolution {path!r}: activation {a} is not supported; supported: {CONV_SUPPORTED}")
+
+    def _conv_schemes(self, program: Program, ctx: PassContext) -> dict[str, tuple[int, bool]]:
+        """Weight key -> (activation bits, static) of every conv this pass rewrites."""
+        out: dict[str, tuple[int, bool]] = {}
+        for c in find_convs(program):
+            lq = ctx.plan.resolve(c.path)
+            if c.reason or self._skip_reason(lq):
+                continue
+            assert lq.weight is not None and c.weight_key is not None
+            scheme = self._conv_scheme(c.path, lq.weight, lq.activation)
+            if out.setdefault(c.weight_key, scheme) != scheme:
+                raise PlanError(
+                    f"convolution {c.path!r} shares weight {c.weight_key!r} with another conv under a different "
+                    "activation scheme; give both layers the same activation spec"
+                )
+        return out
+
+    def _static_steps(
+        self, program: Program, ctx: PassContext, conv_schemes: dict[str, tuple[int, bool]]
+    ) -> dict[str, torch.Tensor]:
+        """Weight key -> calibrated step ``[1]`` (absmax / qmax of the layer input, every use in the
+        forward entry) of every layer with static per-tensor activations."""
+        bits = {k: b for k, (b, static) in conv_schemes.items() if static}
+        for m in find_linears(program):
+            lq = ctx.plan.resolve(m.path)
+            if not self._skip_reason(lq) and _is_static_per_tensor(lq.activation):
+                assert lq.activation is not None
+                bits[m.weight_key] = lq.activation.bits
+        if not bits:
+            return {}
+        batches = calibration_batches(ctx.calib, who="quantize_weights (static activations)", program=program)
+        entry = program.entries["forward"]
+        bindings = entry.bindings()
+        paths: dict[str, str] = {}
+        observers = {}
+        absmax: dict[str, float] = {}
+
+        def observer(key: str):  # type: ignore[no-untyped-def]
+            def fn(_n: Any, args: tuple[Any, ...]) -> None:
+                absmax[key] = max(absmax.get(key, 0.0), float(args[0].detach().abs().max()))
+
+            return fn
+
+        for node in entry.graph.graph.nodes:
+            if node.op != "call_function" or len(node.args) < 2 or not isinstance(node.args[1], torch.fx.Node):
+                continue
+            slot = bindings.get(node.args[1])
+            if (
+                slot is not None
+                and slot.name in bits
+                and node.target
+                in (
+                    torch.ops.aten.linear.default,
+                    torch.ops.aten.conv2d.default,
+                )
+            ):
+                observers[node] = observer(slot.name)
+                paths.setdefault(slot.name, str(node.meta.get(PATH_KEY, "")))
+        missing = sorted(set(bits) - set(paths))
+        if missing:
+            raise PlanError(f"quantize_weights: static activations need the forward entry to use {missing[:3]}")
+        run_observed(program, batches, observers, progress=ctx.progress, desc="quantize_weights: static steps")
+        out = {}
+        for key, b in bits.items():
+            qmax = levels(b, True)[1]
+            step = torch.tensor([absmax.get(key, 0.0) / qmax], dtype=torch.float32)
+            check_scale(step, f"the input of layer {paths[key]!r}")
+            out[key] = torch.where(step == 0, torch.ones_like(step), step)
+        return out
+
+    @staticmethod
+    def _linear_static(program: Program, m: Any, w: QuantSpec, act_bits: int, step: torch.Tensor) -> None:
+        """``aten.linear`` → ``x / step`` then ``qcompile::linear_static`` (step folded into the scales)."""
+        weight = program.state[m.weight_key]
+        k = weight.shape[1]
+        if not w.symmetric or w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+            raise PlanError(
+                f"layer {m.path!r}: static per-tensor activations need symmetric per_channel or per_group weights, "
+                f"got {w}"
+            )
+        check_group(m.path, k, w)
+        group = w.block(k)
+        codes, scale, _ = quantize_weight_groups(weight, w.bits, group, True)
+        base = m.weight_key.removesuffix(".weight")
+        qkey = program.add_state(f"{base}.qweight", codes)
+        program.weight_bits[qkey] = w.bits
+        skey = program.add_state(f"{base}.w_scale_static", (scale * step).to(torch.float32))
+        xkey = program.add_state(f"{base}.x_step", step)
+        graph = m.entry.graph.graph
+        with graph.inserting_before(m.node):
+            div = graph.call_function(torch.ops.aten.div.Tensor, (m.node.args[0], m.entry.state_input(xkey)))
+        div.meta[PATH_KEY] = m.path
+        bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
+        args = (div, m.entry.state_input(qkey), m.entry.state_input(skey), bias, group, act_bits)
+        m.entry.replace_call(m.node, torch.ops.qcompile.linear_static.default, args)
+
+    def _convs(
+        self,
+        program: Program,
+        ctx: PassContext,
+        schemes: dict[str, tuple[int, bool]],
+        steps: dict[str, torch.Tensor],
+        changed: list[str],
+        skipped: dict[str, str],
+        touched: set[str],
+    ) -> dict[str, Any]:
+        """Rewrite every selected conv into ``qcompile::quant_conv2d``; returns the report notes."""
+        done: dict[str, tuple[str, str]] = {}
+        per_group: list[str] = []
+        for c in list(find_convs(program)):
+            ctx.at(c.entry, c.node)
+            lq = ctx.plan.resolve(c.path)
+            reason = c.reason or self._skip_reason(lq)
+            if reason:
+                skipped[c.path] = reason
+                continue
+            assert lq.weight is not None and c.weight_key is not None
+            act_bits, static = schemes[c.weight_key]
+            if lq.weight.granularity is Granularity.PER_GROUP and c.path not in per_group:
+                per_group.append(c.path)
+            if c.weight_key not in done:
+                with naming(f"convolution {c.path!r} (weight {c.weight_key!r})"):
+                    done[c.weight_key] = self._quantize_conv(program, c, lq.weight.bits)
+            qkey, skey = done[c.weight_key]
+            xs = None
+            if static:
+                base = c.weight_key.removesuffix(".weight")
+                xkey = f"{base}.x_scale"
+                if xkey not in program.state:
+                    program.state[xkey] = steps[c.weight_key]
+                xs = c.entry.state_input(xkey)
+            args = (
+                c.x,
+                c.entry.state_input(qkey),
+                c.entry.state_input(skey),
+                xs,
+                c.bias,
+                c.stride,
+                c.padding,
+                c.dilation,
+                c.groups,
+                act_bits,
+            )
+            c.entry.replace_call(c.node, torch.ops.qcompile.quant_conv2d.default, args)
+            touched.add(c.entry.name)
+            if c.path not in changed:
+                changed.append(c.path)
+        notes: dict[str, Any] = {}
+        if per_group:
+            notes["conv_per_group_as_per_channel"] = per_group
+        if done and (ctx.plan.weight_method is not WeightMethod.RTN or self.clip_search):
+            notes["conv_rtn"] = "gptq" if ctx.plan.weight_method is WeightMethod.GPTQ else "clip search"
+        return notes
+
+    @staticmethod
+    def _quantize_conv(program: Program, c: ConvMatch, bits: int) -> tuple[str, str]:
+        assert c.weight_key is not None
+        weight = program.state[c.weight_key]
+        codes, scale = quantize_weight_per_channel(weight.reshape(weight.shape[0], -1), bits)
+        base = c.weight_key.removesuffix(".weight")
+        qkey = program.add_state(f"{base}.qweight", codes.reshape(weight.shape).contiguous())
+        program.weight_bits[qkey] = bits
+        return qkey, program.add_state(f"{base}.w_scale", scale)
 
     def _targets(self, program: Program, plan: Any) -> list[tuple[str, str, QuantSpec]]:
         """(weight key, path, weight spec) of every linear to quantize, forward entry order."""

@@ -4,6 +4,10 @@
   with a constant weight become a :class:`~.rules.LinearCall` (its :class:`~.recipe.LinearRecipe`:
   weight bits from ``Program.bits_of``, or the op's own arguments for packed codes) handed to the
   target's linear rules;
+* ``quant_conv2d`` (:func:`quant_conv2d`) → Relax ``nn.conv2d``: with static activations an int8 ×
+  int8 convolution with int32 accumulation (``out_dtype="int32"``; LLVM lowers TVM's conv2d), then
+  the fp32 rescale; weight-only and dynamic per-pixel activations a fp32 convolution of the
+  dequantized weights (repacked once), after the per-pixel fake quantization;
 * ``scaled_dot_product_attention`` → the target's attention rules (causal / dropout / enable_gqa
   forms are declined);
 * ``index_copy_`` into a cache slot → the target's cache-write rules (in place; into anything else
@@ -45,6 +49,7 @@ def converters(lw: Lowering) -> dict[str, Converter]:
         "linear_w8a8.default": linear_w8a8,
         "quant_linear.default": quant_linear,
         "packed_linear.default": packed_linear,
+        "quant_conv2d.default": quant_conv2d,
         "index_copy_.default": index_copy_,
         "diff.default": diff,
         "cumsum.default": cumsum,
@@ -121,6 +126,61 @@ def packed_linear(lw: Lowering, node: fx.Node) -> relax.Var:
     recipe = _codes_recipe(n, k, w_bits, group, act_bits, act_group, False)
     weights = LinearWeights(pkey, lambda st: unpack_codes(st[pkey], k, w_bits), lambda st: st[skey].float())
     return _linear(lw, node, x, recipe, weights, _bias_key(lw, b))
+
+
+# ---- convolutions --------------------------------------------------------------------------------
+
+
+def _nonfinite_samples(lw: Lowering, x: relax.Var) -> relax.Var:
+    """[N, 1, 1, 1]: NaN for a sample of ``x`` holding NaN/Inf, else 0 (TVM folds ``x * 0`` to 0, so
+    this tests ``isfinite``)."""
+    bad = relax.op.where(relax.op.isfinite(x), relax.const(0.0, "float32"), relax.const(float("nan"), "float32"))
+    return lw.bb.emit(relax.op.sum(bad, axis=[1, 2, 3], keepdims=True))
+
+
+def quant_conv2d(lw: Lowering, node: fx.Node) -> relax.Var:
+    """``qcompile::quant_conv2d`` in Relax, the same float operations as the reference op (codes
+    ``clamp(round_half_even(x / step))``, NaN to code 0 and a NaN sample output, rescale
+    ``acc · step · w_scale[o]`` then the bias), so the int32 accumulator is bit-exact."""
+    x, codes, ws, xs, b, stride, padding, dilation, groups, act_bits = node.args
+    ckey, skey = _state_key(lw, codes, "codes"), _state_key(lw, ws, "scale")
+    bkey = _bias_key(lw, b)
+    if node.meta["val"].dtype != torch.float32:
+        raise NoRule("only float32 convolutions are converted")
+    bb = lw.bb
+    f32 = lambda v: relax.const(v, "float32")  # noqa: E731
+    o = int(lw.program.state[ckey].shape[0])
+    xv = lw.env(x)
+    conv = dict(strides=list(stride), padding=[*padding, *padding], dilation=list(dilation), groups=int(groups))
+    qmax = float(2 ** (act_bits - 1) - 1) if act_bits else 0.0
+    if act_bits and xs is not None:
+        step = lw.env(xs)
+        r = bb.emit(relax.op.round(relax.op.divide(xv, step)))
+        r = bb.emit(relax.op.where(relax.op.isnan(r), f32(0.0), r))
+        q = bb.emit(relax.op.astype(relax.op.clip(r, -qmax, qmax), "int8"))
+        acc = bb.emit(relax.op.nn.conv2d(q, lw.env(codes), out_dtype="int32", **conv))
+        sw = lw.param(f"{skey}@o11", lambda st: st[skey].float().view(1, -1, 1, 1), (1, o, 1, 1), "float32")
+        y = bb.emit(relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), step), sw))
+        y = bb.emit(relax.op.add(y, _nonfinite_samples(lw, xv)))
+    else:
+        if act_bits:  # dynamic per pixel: simulated (see qcompile.ops.conv)
+            amax = bb.emit(relax.op.max(relax.op.abs(xv), axis=[1], keepdims=True))
+            scale = bb.emit(relax.op.where(relax.op.equal(amax, f32(0.0)), f32(1.0), relax.op.divide(amax, f32(qmax))))
+            r = relax.op.clip(relax.op.round(relax.op.divide(xv, scale)), -qmax, qmax)
+            xq = bb.emit(relax.op.multiply(r, scale))
+            xv = bb.emit(relax.op.add(xq, _nonfinite_samples(lw, xv)))
+        shape = tuple(int(d) for d in lw.program.state[ckey].shape)
+
+        def deq(st: dict[str, torch.Tensor]) -> torch.Tensor:
+            return st[ckey].float() * st[skey].float().view(-1, 1, 1, 1)
+
+        w = lw.param(f"{ckey}@dequant", deq, shape, "float32")
+        y = bb.emit(relax.op.nn.conv2d(xv, w, out_dtype="float32", **conv))
+    if bkey is not None:
+        key = bkey
+        bias = lw.param(f"{key}@o11", lambda st: st[key].float().view(1, -1, 1, 1), (1, o, 1, 1), "float32")
+        y = bb.emit(relax.op.add(y, bias))
+    return y
 
 
 # ---- attention and cache writes -----------------------------------------------------------------
