@@ -39,7 +39,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check qcompile tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

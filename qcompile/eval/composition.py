@@ -262,4 +262,5 @@ def short_reason(cell: Cell) -> str:
                 )
                 return f"{fact} ({culprit} invalidates)" if culprit else fact
         return cell.detail.split(";")[0]
-    return cell.detail.split(";")[0][:90]
+    message = cell.detail.split("]: ", 1)[-1]  # without the PassManager's "pass ... failed after passes [...]"
+    return message.split(";")[0][:110]
