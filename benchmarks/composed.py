@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.accuracy import write_section  # noqa: E402
-from qcompile.eval.harness import TextSource, evaluate, machine  # noqa: E402
+from qcompile.eval.harness import TextSource, best_generation, evaluate, machine  # noqa: E402
 
 OUT = HERE / "results" / "composed-smollm2-135m.json"
 MATRIX_OUT = HERE / "results" / "composition-matrix.json"
@@ -35,12 +35,13 @@ PLANS = HERE / "plans"
 # composed preset -> its parts (each measured alone in the same run)
 COMPOSED: dict[str, tuple[str, ...]] = {
     "w8a8-smooth-xc4": ("w8a8-smooth", "xcache-4bit"),
+    "w8a8-smooth-xc4-cache-first": ("w8a8-smooth", "xcache-4bit"),
     "w6a8-flexq-smooth-xc4": ("w6a8-flexq", "xcache-4bit"),
     "w6a8-flexq-smooth-xc4-cache-first": ("w6a8-flexq", "xcache-4bit"),
 }
 DEFAULT_PLANS = (
     "fp32,w8a8-smooth,w6a8-flexq,w6a8-flexq-smooth,xcache-4bit,w8a8-smooth-xc4,w6a8-flexq-smooth-xc4,"
-    "w6a8-flexq-smooth-xc4-cache-first"
+    "w6a8-flexq-smooth-xc4-cache-first,w8a8-smooth-xc4-cache-first"
 )
 
 
@@ -103,12 +104,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
             calib=ctoks,
             backend=a.backend,
         )
-        best = None
-        for _ in range(a.repeat):
-            cm.generate(prompt, a.new, eos_token_id=[])
-            st = cm.last_generation
-            best = st if best is None or st.decode_tokens_per_s > best.decode_tokens_per_s else best
-        assert best is not None
+        best, _ = best_generation(cm, prompt, a.new, a.repeat)
         res[plan] = {
             "decode_tokens_per_s": round(best.decode_tokens_per_s, 2),
             "backend": cm.backend,

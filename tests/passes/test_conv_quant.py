@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import qcompile
 from qcompile import PassConfig, Plan, PlanError
 from qcompile.errors import DataError, NonFiniteError, PassError
+from qcompile.eval.zoo import tiny_cnn
 from qcompile.plan import PRESETS, LayerRule
 from qcompile.quant.spec import Granularity, QuantSpec
 
@@ -21,22 +22,6 @@ CALIB = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) f
 W8 = QuantSpec(8, Granularity.PER_CHANNEL)
 A8_STATIC = QuantSpec(8, Granularity.PER_TENSOR, dynamic=False)
 A8_PIXEL = QuantSpec(8, Granularity.PER_TOKEN)
-
-
-def tiny_cnn() -> torch.nn.Module:  # benchmarks/equivalence.py's: dense, depthwise, strided conv, linear
-    torch.manual_seed(0)
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).eval()
 
 
 def _plan(weight=W8, activation=None, passes=("quantize_weights",), **kw) -> Plan:
