@@ -100,7 +100,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
             zm.model,
             plan=plan_arg(plan),
             max_cache_len=a.max_cache_len,
-            lm_entries=("prefill", "decode"),
+            lm_entries=("prefill", "decode", "forward"),  # calibrating passes run the forward entry
             calib=ctoks,
             backend=a.backend,
         )

@@ -55,16 +55,22 @@ class TextSource:
 
 
 def machine() -> str:
-    """CPU model, cores/threads used, torch version: what every results table states."""
-    cpu = platform.processor() or platform.machine()
+    """CPU model and its SIMD features (those the kernels dispatch on), cores/threads used, torch version:
+    what every results table states."""
+    from qcompile.codegen.target import FEATURES
+
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    isa = " ".join(f for f in FEATURES if f in flags) or "no AVX2"
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def evaluate(

@@ -44,6 +44,11 @@ def calib_batches(calib: Any, *, who: str, program: Program, min_tokens: int = 1
             f"{who} calibrates on token ids, which only causal LMs take; this model's forward takes {specs}. "
             "Choose a plan whose passes do not calibrate for it (e.g. round-to-nearest weights)"
         )
+    if "forward" not in program.entries:
+        raise PlanError(
+            f"{who} calibrates by running the 'forward' entry, which this Program lacks (entries "
+            f"{list(program.entries)}); compile with lm_entries including 'forward'"
+        )
     if calib is None:
         raise PlanError(
             f"{who} needs calibration data: pass compile(..., calib=token ids [B, T]) "

@@ -67,3 +67,16 @@ def test_non_finite_calibration_activations_name_the_layer(tiny_llama_program):
     obs = {m.node: (lambda n, a: None) for m in find_linears(prog) if m.entry.name == "forward"}
     with pytest.raises(DataError, match=r"layer 'model.layers.1.mlp.gate_proj' contain NaN or Inf"):
         run_observed(prog, [torch.randint(0, 256, (1, 8))], obs)
+
+
+def test_calibrating_without_a_forward_entry_says_which_entries_to_capture(tiny_llama):
+    import qcompile
+
+    with pytest.raises(PassError, match=r"calibrates by running the 'forward' entry.*lm_entries including 'forward'"):
+        qcompile.compile(
+            tiny_llama,
+            plan="w8a8-smooth",
+            lm_entries=("prefill", "decode"),
+            max_cache_len=16,
+            calib=torch.zeros(1, 64, dtype=torch.int64),
+        )
