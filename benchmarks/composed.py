@@ -204,8 +204,12 @@ def composed_table() -> list[str]:
 def matrix_table() -> list[str]:
     if not MATRIX_OUT.exists():
         return ["(run `benchmarks/composed.py matrix` first)"]
+    from qcompile.eval.composition import PASS_NAMES, SHORT, Cell, short_reason
+
     data = json.loads(MATRIX_OUT.read_text())
     cells = data["cells"]
+    for c in cells:  # the reason as short_reason words it now, from the stored message
+        c["reason"] = short_reason(Cell(c["model"], tuple(c["passes"]), c["outcome"], c["detail"]))
     counts: dict[str, int] = {}
     for c in cells:
         counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
@@ -217,9 +221,36 @@ def matrix_table() -> list[str]:
         "- each cell compiles the passes in order (torch reference backend) under one plan's settings (w8a8-rtn; "
         "w6a8-flexq's when assign_precision is in it; w4a4-mergequant's with fold_quant_steps). composes = every "
         "pass ran and did its work, error vs fp32 within 1.5 x the sum of the passes' own errors + 1e-4, and "
-        "(LLM) forward = prefill + decode; refused = PlanError when the plan is read, naming the fact; "
+        "forward = prefill + decode when kv_to_xcache rewrote an LLM's caches; refused = PlanError when the plan "
+        "is read, naming the fact; "
         "n/a = the pass found none of its structure in this model and said so; failed = anything else.",
         f"- totals: {', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}",
+        "",
+    ]
+    mark = {"composes": "composes", "refused": "refused", "not applicable": "n/a", "failed": "**FAILED**"}
+    for model in ("llama", "cnn"):
+        pairs = {tuple(c["passes"]): c for c in cells if c["model"] == model and len(c["passes"]) == 2}
+        lines += [
+            f"{model}: first pass (row) then second pass (column); refused cells name the fact the first pass "
+            "invalidates",
+            "",
+            "| then → | " + " | ".join(SHORT[p] for p in PASS_NAMES) + " |",
+            "|---|" + "---|" * len(PASS_NAMES),
+        ]
+        for a in PASS_NAMES:
+            row = []
+            for b in PASS_NAMES:
+                c = pairs.get((a, b))
+                if c is None:
+                    row.append("")
+                elif c["outcome"] == "refused":
+                    row.append(f"refused: {c['reason'].split(' ')[0]}")
+                else:
+                    row.append(mark[c["outcome"]])
+            lines.append(f"| **{SHORT[a]}** | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += [
+        "Every cell, with the reasons and errors:",
         "",
         "| model | passes | outcome | fact / reason | rel. error vs fp32 | bound |",
         "|---|---|---|---|---:|---:|",
