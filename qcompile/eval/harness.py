@@ -59,16 +59,18 @@ def machine() -> str:
     what every results table states."""
     from qcompile.codegen.target import FEATURES
 
-    cpu, flags = platform.processor() or platform.machine(), set()
+    cpu, flags = "", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's lines
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
                 break
     except OSError:
         pass
+    cpu = cpu or platform.processor() or platform.machine()
     isa = " ".join(f for f in FEATURES if f in flags) or "no AVX2"
     return f"{cpu} ({isa}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 

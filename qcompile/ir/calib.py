@@ -54,7 +54,7 @@ def calib_batches(calib: Any, *, who: str, program: Program, min_tokens: int = 1
             f"{who} needs calibration data: pass compile(..., calib=token ids [B, T]) "
             "(e.g. qcompile.eval.datasets.calibration_tokens(tokenizer)), or use --calib-windows on the CLI"
         )
-    items = [calib] if isinstance(calib, torch.Tensor) else list(calib) if isinstance(calib, (list, tuple)) else None
+    items = _items(calib)
     if not items:
         raise DataError(
             f"{who}: calibration data must be a token tensor [B, T] or a non-empty list of them, got "
@@ -95,7 +95,7 @@ def calib_inputs(calib: Any, *, who: str, program: Program, min_items: int = 1) 
             f"{who} needs calibration data: pass compile(..., calib=input batches {spec.describe()}) "
             "(a tensor or a list of tensors of the model's input shape; never evaluation data)"
         )
-    raw = [calib] if isinstance(calib, torch.Tensor) else list(calib) if isinstance(calib, (list, tuple)) else None
+    raw = _items(calib)
     if not raw:
         raise DataError(
             f"{who}: calibration data must be an input tensor {spec.describe()} or a non-empty list of them, got "
@@ -117,6 +117,13 @@ def calib_inputs(calib: Any, *, who: str, program: Program, min_items: int = 1) 
     if total < min_items:
         raise DataError(f"{who}: calibration data has {total} samples; at least {min_items} are needed")
     return batches
+
+
+def _items(calib: Any) -> list[Any] | None:
+    """``calib`` as a list of items: a tensor is one item, a list or tuple its elements, anything else None."""
+    if isinstance(calib, torch.Tensor):
+        return [calib]
+    return list(calib) if isinstance(calib, (list, tuple)) else None
 
 
 def _fits(t: torch.Tensor, spec: Any, dims: Mapping[str, Any]) -> bool:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qcompile.quant.quantizer import quantize_per_token
 from qcompile.quant.spec import levels
 
 
@@ -69,11 +70,8 @@ def quantize_static_tensor(x: torch.Tensor, x_scale: torch.Tensor, bits: int) ->
 def fake_quant_per_pixel(x: torch.Tensor, bits: int) -> torch.Tensor:
     """``x[N, C, H, W]`` rounded to a symmetric grid with one scale per pixel (over C), dequantized.
     An all-zero pixel keeps scale 1; a non-finite pixel gives NaN."""
-    _, qmax = levels(bits, True)
-    xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
-    return torch.clamp(torch.round(xf / scale), -qmax, qmax) * scale
+    codes, scale = quantize_per_token(x.movedim(1, -1), bits)  # a pixel's channels are its "token"
+    return (codes.to(torch.float32) * scale).movedim(-1, 1)
 
 
 def _nonfinite_samples(x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ dropped from the state.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -251,33 +252,21 @@ class QuantizeWeights(Pass):
         if not bits:
             return {}
         batches = calibration_batches(ctx.calib, who="quantize_weights (static activations)", program=program)
-        entry = program.entries["forward"]
-        bindings = entry.bindings()
         paths: dict[str, str] = {}
         observers = {}
         absmax: dict[str, float] = {}
 
-        def observer(key: str):  # type: ignore[no-untyped-def]
+        def observer(key: str) -> Callable[[Any, tuple[Any, ...]], None]:
             def fn(_n: Any, args: tuple[Any, ...]) -> None:
                 absmax[key] = max(absmax.get(key, 0.0), float(args[0].detach().abs().max()))
 
             return fn
 
-        for node in entry.graph.graph.nodes:
-            if node.op != "call_function" or len(node.args) < 2 or not isinstance(node.args[1], torch.fx.Node):
-                continue
-            slot = bindings.get(node.args[1])
-            if (
-                slot is not None
-                and slot.name in bits
-                and node.target
-                in (
-                    torch.ops.aten.linear.default,
-                    torch.ops.aten.conv2d.default,
-                )
-            ):
-                observers[node] = observer(slot.name)
-                paths.setdefault(slot.name, str(node.meta.get(PATH_KEY, "")))
+        layers = [*find_linears(program), *find_convs(program)]  # the same matchers that rewrite them
+        for m in layers:
+            if m.entry.name == "forward" and m.weight_key in bits:
+                observers[m.node] = observer(m.weight_key)
+                paths.setdefault(m.weight_key, m.path)
         missing = sorted(set(bits) - set(paths))
         if missing:
             raise PlanError(f"quantize_weights: static activations need the forward entry to use {missing[:3]}")
