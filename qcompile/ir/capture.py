@@ -39,6 +39,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from qcompile.errors import CaptureError, NonFiniteError
+from qcompile.ir.canonicalize import canonicalize
 from qcompile.ir.program import PATH_KEY, DimRange, Entry, Program, Slot, SlotKind, TensorSpec, dtype_name
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def capture(
     with _inference(model):
         ep = _export(model, args, {}, dynamic_shapes)
     prog.entries["forward"] = _entry_from_export(prog, "forward", ep, strip="", examples=list(args))
-    return prog
+    return _canonical(prog)
 
 
 def capture_causal_lm(
@@ -139,7 +140,7 @@ def capture_causal_lm(
             prog.entries["forward"] = _entry_from_export(prog, "forward", ep, strip="model.", examples=[ids])
             bar.update(1)
         if not {"prefill", "decode"} & set(entries):
-            return prog
+            return _canonical(prog)
         try:
             gc.cache_implementation = "static"
             step = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len)
@@ -157,6 +158,15 @@ def capture_causal_lm(
             ep = _export(step, (), {"input_ids": one, "cache_position": pos1}, None)
             prog.entries["decode"] = _entry_from_export(prog, "decode", ep, strip="model.", examples=[one, pos1])
             bar.update(1)
+    return _canonical(prog)
+
+
+def _canonical(prog: Program) -> Program:
+    """``prog`` with fused projections and Conv1D spelled as plain linears (:mod:`qcompile.ir.canonicalize`);
+    what was rewritten is listed in ``prog.meta["canonicalized"]``."""
+    notes = canonicalize(prog)
+    if notes:
+        prog.meta["canonicalized"] = notes
     return prog
 
 

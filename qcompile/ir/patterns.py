@@ -169,8 +169,9 @@ class ScaleGroup:
 
     ``producer`` says how ``X / s`` is made at no run-time cost:
 
-    * ``"norm"``: ``X = h ⊙ w (+ b)`` with a 1-D state weight ``w`` (RMSNorm/LayerNorm affine):
-      divide ``w`` (and ``b``) by ``s``;
+    * ``"norm"``: ``X = h ⊙ (w + c) (+ b)`` with a 1-D state weight ``w`` (RMSNorm/LayerNorm affine;
+      ``c`` = ``producer_offset`` is 0, or 1 for Gemma's ``(1 + w)`` norms; ``aten.layer_norm`` with
+      its weight and bias is one such norm): ``w' = (w + c) / s − c``, ``b' = b / s``;
     * ``"linear"``: ``X`` is the output rows of another linear (``up_proj`` through the
       elementwise product with the gate, or ``v_proj`` through attention, which mixes tokens but
       not channels): divide that linear's rows ``channel_map`` maps to by ``s``.
@@ -185,6 +186,7 @@ class ScaleGroup:
     linears: tuple[str, ...]  # weight keys of the consuming linears
     paths: tuple[str, ...]  # their module paths
     channel_map: tuple[int, ...] | None = None  # None: identity
+    producer_offset: float = 0.0  # c in X = h ⊙ (w + c): 1.0 for (1 + w) norms
 
     def producer_index(self) -> torch.Tensor | None:
         return None if self.channel_map is None else torch.tensor(self.channel_map)
@@ -201,10 +203,10 @@ class ScaleGroup:
         per-consumer-channel scales ``s`` (equal within a producer channel, see :meth:`shared_max`)."""
         idx = self.producer_index()
         sp = s if idx is None else torch.ones(int(idx.max()) + 1).scatter(0, idx, s)
-        for key in (self.producer_weight, self.producer_bias):
+        for key, offset in ((self.producer_weight, self.producer_offset), (self.producer_bias, 0.0)):
             if key is not None:
-                t = state[key]
-                state[key] = (t.to(torch.float32) / (sp if t.dim() == 1 else sp[:, None])).to(t.dtype)
+                t = state[key].to(torch.float32)
+                state[key] = ((t + offset) / (sp if t.dim() == 1 else sp[:, None]) - offset).to(state[key].dtype)
 
 
 def _linear_weight_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | None:
@@ -213,20 +215,81 @@ def _linear_weight_key(node: fx.Node, bindings: dict[fx.Node, Slot]) -> str | No
     return state_key(bindings, node.args[1])
 
 
-def _norm_affine(node: fx.Node, bindings: dict[fx.Node, Slot], program: Program) -> tuple[str, str | None] | None:
-    """(weight key, bias key) when ``node`` is ``h ⊙ w`` or ``h ⊙ w + b`` with 1-D state w, b."""
+@dataclass(frozen=True)
+class NormAffine:
+    """The affine part of a norm: ``X = h ⊙ (w + offset) (+ b)`` with 1-D state ``w`` (and ``b``)."""
+
+    weight: str
+    bias: str | None
+    offset: float = 0.0
+
+    def keys(self) -> tuple[str, ...]:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+
+_FLOAT_CASTS = frozenset({aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default})
+
+
+def _same_dtype_cast(node: object) -> object:
+    """``node`` without casts that keep its dtype (``x.float()`` of an fp32 x, ``type_as`` to the same
+    dtype): the no-ops a norm written for mixed precision leaves in an fp32 graph."""
+    while (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target in _FLOAT_CASTS
+        and isinstance(node.args[0], fx.Node)
+        and getattr(node.meta.get("val"), "dtype", None) is not None
+        and node.meta["val"].dtype == getattr(node.args[0].meta.get("val"), "dtype", None)
+        and len(real_users(node.args[0])) == 1
+    ):
+        node = node.args[0]
+    return node
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """``node``'s users other than torch.export's ``_assert_tensor_metadata`` checks."""
+    return [u for u in node.users if u.target != aten._assert_tensor_metadata.default]
+
+
+def _state_1d(arg: object, bindings: dict[fx.Node, Slot], program: Program) -> str | None:
+    key = state_key(bindings, _same_dtype_cast(arg))
+    return key if key is not None and program.state[key].dim() == 1 else None
+
+
+def _norm_affine(node: fx.Node, bindings: dict[fx.Node, Slot], program: Program) -> NormAffine | None:
+    """The norm affine ``node`` computes: ``h ⊙ w``, ``h ⊙ (w + c)`` (c a number: Gemma's ``1 + w``),
+    either plus ``b``, or ``aten.layer_norm`` with state weight and bias; 1-D state w, b. Same-dtype
+    casts around the result and the weight are looked through."""
+    node = _same_dtype_cast(node)  # type: ignore[assignment]
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target == aten.layer_norm.default:
+        w = _state_1d(node.args[2], bindings, program) if len(node.args) > 2 else None
+        b = _state_1d(node.args[3], bindings, program) if len(node.args) > 3 and node.args[3] is not None else None
+        if w is None or (len(node.args) > 3 and node.args[3] is not None and b is None):
+            return None
+        return NormAffine(w, b)
     bias = None
     if node.target == aten.add.Tensor:
-        keys = [state_key(bindings, a) for a in node.args]
-        if keys[1] is None or program.state[keys[1]].dim() != 1 or not isinstance(node.args[0], fx.Node):
+        bias = _state_1d(node.args[1], bindings, program)
+        if bias is None or not isinstance(node.args[0], fx.Node):
             return None
-        bias, node = keys[1], node.args[0]
-    if node.op != "call_function" or node.target != aten.mul.Tensor:
+        node = _same_dtype_cast(node.args[0])  # type: ignore[assignment]
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target != aten.mul.Tensor:
         return None
-    for a, b in (node.args, node.args[::-1]):
-        key = state_key(bindings, a)
-        if key is not None and program.state[key].dim() == 1 and isinstance(b, fx.Node):
-            return key, bias
+    for a, h in (node.args, node.args[::-1]):
+        if not isinstance(h, fx.Node):
+            continue
+        if (key := _state_1d(a, bindings, program)) is not None:
+            return NormAffine(key, bias)
+        if (
+            isinstance(a, fx.Node)
+            and a.target == aten.add.Tensor
+            and len(a.users) == 1
+            and isinstance(a.args[1], (int, float))
+            and (key := _state_1d(a.args[0], bindings, program)) is not None
+        ):
+            return NormAffine(key, bias, float(a.args[1]))
     return None
 
 
@@ -284,12 +347,11 @@ def find_scale_groups(
             lin = tuple(k for k in keys if k is not None)
             group: ScaleGroup | None = None
             if norms and (aff := _norm_affine(node, bindings, program)) is not None:
-                group = ScaleGroup("norm", aff[0], aff[1], lin, paths)
-                placeholders = {n: s.name for n, s in bindings.items() if s.name in aff}
-                if all(len(ph.users) == 1 for ph in placeholders):
-                    for k in aff:
-                        if k:
-                            matched.setdefault(k, set()).add(entry.name)
+                group = ScaleGroup("norm", aff.weight, aff.bias, lin, paths, producer_offset=aff.offset)
+                placeholders = {n: s.name for n, s in bindings.items() if s.name in aff.keys()}
+                if all(len(real_users(ph)) == 1 for ph in placeholders):
+                    for k in aff.keys():
+                        matched.setdefault(k, set()).add(entry.name)
             elif len(users) == 1 and (value_out or up_down):
                 group = _linear_producer_group(node, bindings, lin, paths, value_out, up_down)
             if group is not None:
@@ -529,56 +591,52 @@ def _descendants_within(start: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
 
 @dataclass(frozen=True)
 class HeadPath:
-    """How a K/V projection reaches what is cached: ``heads`` = transpose(view(linear), 1, 2) in
-    ``[B, H, T, hd]``, then ``nodes`` (in graph order: RoPE for K, nothing for V) whose other inputs
-    ``externals`` depend on positions only (the rotary cos/sin)."""
+    """How a K/V projection reaches what is cached: ``nodes`` (graph order) from the linear to the cached
+    tensor, among them one ``view`` to ``[B, T, heads, head_dim]``; the others are per-token (a norm
+    over the projection such as OLMo 2's k_norm, the transpose to ``[B, heads, T, head_dim]``, per-head
+    norms such as Qwen3's or Gemma 3's k_norm, RoPE for K). Their other inputs are constants (weights,
+    or values computed from weights only) or ``externals``, which depend on positions only (the rotary
+    cos/sin)."""
 
-    heads: fx.Node
+    view: fx.Node
     nodes: tuple[fx.Node, ...]
     externals: tuple[fx.Node, ...]
 
 
-def head_path(graph: fx.Graph, block: AttentionBlock, proj: KVProjection) -> HeadPath:
+def _constant(node: fx.Node, bindings: dict[fx.Node, Slot]) -> bool:
+    """``node`` is computed from STATE placeholders only (a weight, or ``1 + w`` of a weight)."""
+    leaves = [a for a in ancestors([node]) if a.op == "placeholder"]
+    return all(a in bindings and bindings[a].kind is SlotKind.STATE for a in leaves)
+
+
+def head_path(graph: fx.Graph, block: AttentionBlock, proj: KVProjection, bindings: dict[fx.Node, Slot]) -> HeadPath:
     """Match the path from ``proj``'s linear to its cached tensor (the RoPE of K included)."""
     assert proj.src is not None
-    chain = [proj.lin]
-    n = proj.lin
     anc_src = ancestors([proj.src])
-    while n is not proj.src:
-        nxt = [u for u in n.users if u in anc_src]
-        if len(nxt) != 1 or nxt[0].target not in HEAD_SHAPE_OPS:
-            break
-        n = nxt[0]
-        chain.append(n)
-    targets = [c.target for c in chain[1:]]
-    if (
-        targets[:1] not in ([aten.view.default], [aten.reshape.default], [aten._unsafe_view.default])
-        or len(chain) < 3
-        or chain[2].target != aten.transpose.int
-        or sorted(int(a) for a in chain[2].args[1:3]) != [1, 2]
-    ):
-        raise PassError(
-            f"the projection %{proj.lin.name} reaches its cache through {[str(t) for t in targets]}; "
-            f"expected view to [B, T, heads, head_dim] then transpose(1, 2); {ATTENTION_EXPECTED}"
-        )
-    heads = chain[2]
-    if heads is proj.src:
-        return HeadPath(heads, (), ())
-    desc = _descendants_within(heads, anc_src)
+    where = f"(module path {block.path!r})"
+    desc = _descendants_within(proj.lin, anc_src)
     path_nodes = [m for m in graph.nodes if m in desc]
+    views = [m for m in path_nodes if m.target in HEAD_SHAPE_OPS - {aten.transpose.int}]
+    if len(views) != 1 or getattr(views[0].meta.get("val"), "ndim", 0) != 4:
+        raise PassError(
+            f"the projection %{proj.lin.name} {where} reaches its cache through "
+            f"{[str(m.target) for m in path_nodes]}; expected one view to [B, T, heads, head_dim] on the way "
+            f"(per-token ops, transposes, per-head norms and RoPE around it); {ATTENTION_EXPECTED}"
+        )
     x_desc = _descendants_within(block.x, set(graph.nodes))
     externals: list[fx.Node] = []
     for m in path_nodes:
-        for a in m.all_input_nodes:
-            if a is heads or a in desc or a in externals:
+        for a in [m.args[0]] if m is views[0] else m.all_input_nodes:  # the view's sizes are remade
+            if a is proj.lin or a in desc or a in externals or _constant(a, bindings):
                 continue
             if a in x_desc or a is block.x:
                 raise PassError(
-                    f"the transform between %{heads.name} and the cache write reads %{a.name}, which depends on "
-                    "the token content; only position-dependent inputs (RoPE cos/sin) can be rematerialized"
+                    f"the transform between %{proj.lin.name} {where} and the cache write reads %{a.name}, which "
+                    "depends on the token content; only position-dependent inputs (RoPE cos/sin) and weights can "
+                    "be rematerialized"
                 )
             externals.append(a)
-    return HeadPath(heads, tuple(path_nodes), tuple(externals))
+    return HeadPath(views[0], tuple(path_nodes), tuple(externals))
 
 
 def norm_source(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -631,6 +689,7 @@ class RMSNormMatch:
     x: fx.Node
     weight: fx.Node  # the STATE placeholder
     eps: float
+    offset: float = 0.0  # the norm multiplies by (weight + offset): 1.0 for Gemma's (1 + w)
 
 
 def _call_name(node: object) -> str:
@@ -649,17 +708,31 @@ def _is_state(node: object, bindings: dict[fx.Node, Slot]) -> bool:
     return isinstance(node, fx.Node) and node in bindings and bindings[node].kind is SlotKind.STATE
 
 
+def _weight_factor(node: fx.Node, bindings: dict[fx.Node, Slot]) -> tuple[fx.Node, object, float] | None:
+    """(w, y, c) for ``node = y · (w + c)`` (c = 0 when the factor is ``w`` itself) with ``w`` a 1-D STATE
+    placeholder, same-dtype casts looked through."""
+    for factor, y in (node.args, node.args[::-1]):
+        offset = 0.0
+        if _call_name(factor) == "add.Tensor" and isinstance(factor.args[1], (int, float)) and len(factor.users) == 1:  # type: ignore[union-attr]
+            factor, offset = factor.args[0], float(factor.args[1])  # type: ignore[union-attr]
+        w = _same_dtype_cast(factor)
+        if _is_state(w, bindings) and w.meta["val"].dim() == 1:  # type: ignore[union-attr]
+            return w, y, offset  # type: ignore[return-value]
+    return None
+
+
 def rmsnorm_source(node: object, bindings: dict[fx.Node, Slot]) -> RMSNormMatch | None:
     """The RMSNorm that ``node`` computes (``weight · (x · rsqrt(mean(x², -1, keepdim) + eps))``, the
     weight a 1-D STATE placeholder, float32 casts allowed around the normalized value), else None.
     ``bindings``: ``Entry.bindings()``."""
+    node = _same_dtype_cast(node)
     if _call_name(node) != "mul.Tensor":
         return None
     assert isinstance(node, fx.Node)
-    a, b = node.args
-    w, y = (a, b) if _is_state(a, bindings) else (b, a)
-    if not (_is_state(w, bindings) and w.meta["val"].dim() == 1):
+    found = _weight_factor(node, bindings)
+    if found is None:
         return None
+    w, y, offset = found
     y = _through_f32_casts(y)
     if _call_name(y) != "mul.Tensor":
         return None
@@ -679,7 +752,7 @@ def rmsnorm_source(node: object, bindings: dict[fx.Node, Slot]) -> RMSNormMatch 
         return None
     if _through_f32_casts(sq.args[0]) is not _through_f32_casts(x):
         return None
-    return RMSNormMatch(x, w, float(add.args[1]))
+    return RMSNormMatch(x, w, float(add.args[1]), offset)  # type: ignore[arg-type]
 
 
 def gqa_unrepeat(node: fx.Node) -> tuple[fx.Node, int]:

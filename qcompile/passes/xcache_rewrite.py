@@ -247,7 +247,7 @@ class KVRewriter(CacheGraph):
 
 class _Remat(CacheGraph):
     """K and V rematerialized for every cache position from a cached source, through the graph's
-    own head path (view, transpose, RoPE for K)."""
+    own head path (view, transpose, per-head norms, RoPE for K)."""
 
     def prepare(self, blocks: list[AttentionBlock]) -> None:
         """Plan the K/V rematerialization of every block and compute the position tables (RoPE cos/sin
@@ -255,7 +255,8 @@ class _Remat(CacheGraph):
         self.remat: dict[int, tuple[HeadPath, list[torch.Tensor]]] = {}
         if not blocks:
             return
-        plans = {id(proj): head_path(self.g, b, proj) for b in blocks for proj in (b.k, b.v)}
+        bindings = self.e.bindings()
+        plans = {id(proj): head_path(self.g, b, proj, bindings) for b in blocks for proj in (b.k, b.v)}
         ext = list(dict.fromkeys(e for pl in plans.values() for e in pl.externals))
         first = blocks[0].k
         assert first.write is not None and first.cache_key is not None
@@ -284,13 +285,15 @@ class _Remat(CacheGraph):
             for name, proj, shape in (("k", b.k, at.k_shape), ("v", b.v, at.v_shape)):
                 lin = self.project(b, name, proj, sources[id(proj)])
                 hp, tables = self.remat[id(proj)]
-                h = self.call(aten.view.default, lin, [shape[0], at.length, shape[1], shape[3]])
-                h = self.call(aten.transpose.int, h, 1, 2)
-                env: dict[fx.Node, fx.Node] = {hp.heads: h}
+                env: dict[fx.Node, fx.Node] = {proj.lin: lin}
                 for i, (ext, t) in enumerate(zip(hp.externals, tables)):
                     env[ext] = self.state(f"xcache.rope_table.{b.index}.{name}.{i}", t)
-                self.copy_nodes(hp.nodes, env)
-                outs[name] = env[proj.src] if proj.src in env else h
+                for n in hp.nodes:  # the graph's own path, its one view resized to every cache position
+                    if n is hp.view:
+                        env[n] = self.call(aten.view.default, env[n.args[0]], [shape[0], at.length, shape[1], shape[3]])
+                    else:
+                        self.copy_nodes([n], env)
+                outs[name] = env[proj.src]
         self.replace_write(b.k, outs["k"])
         self.replace_write(b.v, outs["v"])
 

@@ -142,6 +142,8 @@ def _quantize(
         qspec = replace(qspec, norm=True, eps=norm.eps, valid=k if qspec.k != k else 0)
         pre, _ = rows(lw, lw.env(norm.x))
         wv = lw.env(norm.weight)
+        if norm.offset:  # a (1 + w) norm: the kernel multiplies by w + offset
+            wv = bb.emit(relax.op.add(wv, relax.const(norm.offset, "float32")))
         if qspec.k != k:
             pre = bb.emit(relax.op.nn.pad(pre, [0, 0, 0, qspec.k - k]))
             wv = bb.emit(relax.op.nn.pad(wv, [0, qspec.k - k]))
