@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.fx as fx
 
 from qcompile.errors import PassError, PlanError
 from qcompile.ir.calib import calib_batches, observe_linear_inputs
 from qcompile.ir.facts import Fact
-from qcompile.ir.patterns import ScaleGroup, find_scale_groups
+from qcompile.ir.patterns import ScaleGroup, find_linears, find_scale_groups
 from qcompile.ir.program import Program
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
 from qcompile.plan import Granularity, Plan, QuantSpec
@@ -96,6 +97,7 @@ class SmoothMigration(Pass):
             )
         groups = [g for g in found if not _all_skipped(ctx.plan, g)]
         kept = [(p, "kept in float by the plan (skip glob or rule)") for g in found if g not in groups for p in g.paths]
+        kept += _unmatched(program, ctx.plan, found)
         if not groups or self.alpha is AlphaMode.NONE:
             return PassResult(program, modified=False, skipped=kept, notes={"groups": len(groups), "alpha": "none"})
         batches = calib_batches(ctx.calib, who="smooth_migration", program=program, min_tokens=MIN_CALIB_TOKENS)
@@ -151,6 +153,21 @@ class SmoothMigration(Pass):
             if err < best[0]:
                 best = (err, f"{a:.2f}", s)
         return best[1], best[2]
+
+
+def _unmatched(program: Program, plan: Plan, found: list[ScaleGroup]) -> list[tuple[str, str]]:
+    """Linears the plan quantizes that no scale group covers, with what feeds them: their input keeps its
+    outliers (e.g. a block without a pre-norm, or an activation between two linears)."""
+    covered = {p for g in found for p in g.paths}
+    out: dict[str, str] = {}
+    for m in find_linears(program):
+        if m.path and m.path not in covered and not plan.resolve(m.path).skip:
+            src = m.node.args[0]
+            what = f"%{src.name} ({src.target})" if isinstance(src, fx.Node) else repr(src)
+            out.setdefault(
+                m.path, f"not smoothed: its input {what} is neither a norm's affine output nor another linear's output"
+            )
+    return sorted(out.items())
 
 
 def _all_skipped(plan: Plan, g: ScaleGroup) -> bool:
