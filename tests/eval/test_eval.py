@@ -88,7 +88,8 @@ def test_perplexity_equals_transformers_loss_and_is_reproducible(tiny_llama, tin
 def test_unknown_zoo_name_and_bad_folders(tmp_path):
     with pytest.raises(
         ModelNotFoundError,
-        match=r"unknown model 'smollm9'; zoo models: \['efficientnet-lite0', 'fmnist-vgg', 'smollm2-135m'\]",
+        match=r"unknown model 'smollm9'; zoo models: "
+        r"\['efficientnet-lite0', 'fmnist-vgg', 'gemma3-270m', 'smollm2-135m'\]",
     ):
         load_model("smollm9")
     fake = tmp_path / "fake"
