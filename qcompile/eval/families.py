@@ -12,8 +12,9 @@ A cell (family × plan × backend) is one of:
 
 * ``ok``: fp32 matches transformers within 1e-4 (TVM: the torch reference backend within 1e-3); a
   quantized plan runs, every pass did its work, its output is finite, and on TVM it matches the
-  reference backend of the same plan within 1e-3 (the integer parts are exact; accumulation order
-  differs); prefill + decode equals forward everywhere.
+  reference backend of the same plan (the integer parts are exact, accumulation order differs: every
+  position within 1e-3 except at most one in ten where an activation code rounded the other way,
+  :func:`_disagreement`); prefill + decode equals forward in the same sense.
 * ``reported``: a pass said what it could not match and why — a PassError naming the structure it
   needed, or layers listed as skipped in the report (shown in ``detail``) while the rest of the plan ran.
 * ``failed``: anything else (a traceback from inside a pass, a silent no-op, a mismatch).
@@ -36,6 +37,7 @@ SEQ = 20
 PROMPT = 12  # prefill length: past Gemma's and Mistral's 8-token sliding window
 FP32_TOL = 1e-4
 BACKEND_TOL = 1e-3
+FLIP_TOL = 5e-2  # one activation code rounded the other way (see _disagreement)
 
 _COMMON: dict[str, Any] = {
     "vocab_size": VOCAB,
@@ -155,6 +157,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def _mismatch(a: torch.Tensor, b: torch.Tensor, exact: bool) -> str | None:
+    if not exact:
+        return _disagreement(a, b)
+    return f"{_rel(a, b):.2g}" if _rel(a, b) > BACKEND_TOL else None
+
+
+def _disagreement(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why two runs of one quantized plan disagree, or None. Two computations of the same integer parts
+    agree to float rounding at every position, except where a 1-ulp difference upstream rounds an
+    activation code the other way: that moves one position's logits by about one quantization step.
+    Allowed: at most one position in ten beyond BACKEND_TOL, none beyond FLIP_TOL."""
+    per_pos = ((a - b).abs().amax(-1) / b.abs().max().clamp_min(1e-30)).flatten()
+    off = int((per_pos > BACKEND_TOL).sum())
+    if off * 10 > per_pos.numel() or float(per_pos.max()) > FLIP_TOL:
+        return f"{off}/{per_pos.numel()} positions differ by more than {BACKEND_TOL:g} (max {float(per_pos.max()):.2g})"
+    return None
+
+
 def _decoded(cm: Any, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     cm.reset_cache()
     outs = [cm.run_entry("prefill", ids[:, :prompt], torch.arange(prompt))]
@@ -195,15 +215,15 @@ def run_family_cell(s: FamilySubject, plan: str, backend: str) -> FamilyCell:
     if not torch.isfinite(out).all():
         return cell("failed", "non-finite output")
     err = _rel(out, s.reference)
-    gap = _rel(decoded, out)
-    if gap > BACKEND_TOL:
-        return cell("failed", f"prefill+decode differs from forward by {gap:.2g}", err)
-    if plan == "fp32" and backend == "torch" and err > FP32_TOL:
+    exact = plan == "fp32"  # float only: no code can round the other way
+    if why := _mismatch(decoded, out, exact):
+        return cell("failed", f"prefill+decode differs from forward: {why}", err)
+    if exact and backend == "torch" and err > FP32_TOL:
         return cell("failed", f"fp32 differs from transformers by {err:.2g}", err)
     if backend == "torch":
         s.refs[plan] = out
-    elif plan in s.refs and (d := _rel(out, s.refs[plan])) > BACKEND_TOL:
-        return cell("failed", f"differs from the reference backend by {d:.2g}", err)
+    elif plan in s.refs and (why := _mismatch(out, s.refs[plan], exact)):
+        return cell("failed", f"differs from the reference backend: {why}", err)
     reported = _reported_layers(cm.report)
     if reported:
         return cell("reported", f"{len(reported)} layers: " + "; ".join(reported[:3]), err)
