@@ -22,6 +22,7 @@ A cell (family × plan × backend) is one of:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from qcompile.errors import PassError, PlanError
+from qcompile.eval.composition import decoded_logits
 
 PLANS = ("fp32", "w8a8-rtn", "w8a8-smooth", "w6a8-flexq", "w4a16-rtn-g128", "w4a4-mergequant", "xcache-4bit")
 BACKENDS = ("torch", "tvm")
@@ -143,14 +145,7 @@ class FamilyCell:
     error: float | None = None  # vs transformers' fp32 logits
 
     def row(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "plan": self.plan,
-            "backend": self.backend,
-            "outcome": self.outcome,
-            "detail": self.detail,
-            "error": self.error,
-        }
+        return dataclasses.asdict(self)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,14 +170,6 @@ def _disagreement(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
-def _decoded(cm: Any, ids: torch.Tensor, prompt: int) -> torch.Tensor:
-    cm.reset_cache()
-    outs = [cm.run_entry("prefill", ids[:, :prompt], torch.arange(prompt))]
-    for t in range(prompt, ids.shape[1]):
-        outs.append(cm.run_entry("decode", ids[:, t : t + 1], torch.tensor([t])))
-    return torch.cat(outs, dim=1).detach()
-
-
 def _reported_layers(report: Any) -> list[str]:
     """Layers a pass listed as not handled, other than the ones the plan itself keeps in float."""
     out = []
@@ -204,7 +191,7 @@ def run_family_cell(s: FamilySubject, plan: str, backend: str) -> FamilyCell:
         cm = qcompile.compile(s.program.copy(), plan=plan, calib=s.calib, backend=backend)
         with torch.no_grad():
             out = cm(s.ids).detach()
-            decoded = _decoded(cm, s.ids, PROMPT)
+            decoded = decoded_logits(cm, s.ids, PROMPT)
     except (PassError, PlanError) as e:
         return cell("reported", " ".join(str(e).split())[:400])
     except Exception as e:  # a crash is the failure this matrix exists to find
