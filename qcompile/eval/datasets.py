@@ -11,7 +11,7 @@ Gutenberg boilerplate (anything outside ``*** START OF`` / ``*** END OF`` marker
 naming Project Gutenberg) is stripped. Texts are tokenized once as a whole, without special
 tokens, so every plan sees the same token stream; a BOS prefix, where the tokenizer asks for one,
 is added per evaluation window by :mod:`qcompile.eval.perplexity`. Calibration windows
-(:func:`calibration_tokens`) are plain text tokens, without BOS.
+(:func:`calibration_tokens`) are text tokens, with BOS in front when the tokenizer's rule asks for it.
 """
 
 from __future__ import annotations
@@ -104,16 +104,22 @@ def shakespeare_tokens(tokenizer: Any, split: str) -> torch.Tensor:
     return tokenize(tokenizer, shakespeare_text(split))
 
 
-def calibration_tokens(tokenizer: Any, windows: int = 8, seq: int = 512) -> torch.Tensor:
-    """``[windows, seq]`` token ids from the calibration split (never the evaluation plays).
+def calibration_tokens(tokenizer: Any, windows: int = 8, seq: int = 512, bos: bool | None = None) -> torch.Tensor:
+    """``[windows, seq]`` token ids from the calibration split (never the evaluation plays), each window
+    prefixed with BOS (``[windows, seq + 1]``) when the tokenizer's rule asks for it — or ``bos`` says so
+    (:func:`qcompile.eval.perplexity.resolve_bos`) — so that calibration sees what evaluation and
+    generation feed the model, BOS position included.
 
     Windows are consecutive, non-overlapping and start at token 0, so the same tokenizer always
     gives the same calibration set.
     """
+    from qcompile.eval.perplexity import model_inputs, resolve_bos
+
     if windows < 1 or seq < 2:
         raise DataError(f"calibration needs windows >= 1 and seq >= 2, got windows={windows}, seq={seq}")
     stream = shakespeare_tokens(tokenizer, "calibration")
     need = windows * seq
     if stream.numel() < need:
         raise DataError(f"the calibration split has {stream.numel()} tokens; {windows}x{seq} = {need} were asked for")
-    return stream[:need].clone().view(windows, seq)
+    choice = resolve_bos(tokenizer, bos)
+    return model_inputs(stream[:need].clone().view(windows, seq), choice.token_id if choice.used else None)

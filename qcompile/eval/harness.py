@@ -101,7 +101,8 @@ def evaluate(
     ``bos``: None follows the tokenizer's rule, True/False prefixes every evaluation window with
     BOS or not (True on a tokenizer without a BOS id is a DataError). Passes that calibrate get
     ``calib_windows`` x ``calib_seq`` tokens of the calibration split
-    (:func:`qcompile.eval.datasets.calibration_tokens`, no BOS); the evaluation text is never used for it.
+    (:func:`qcompile.eval.datasets.calibration_tokens`, BOS as in the evaluation); the evaluation text
+    is never used for it.
     """
     import qcompile
     from qcompile.api import check_compile_args
@@ -182,7 +183,7 @@ def _eval_lm(
     else:
         from qcompile.eval.datasets import calibration_tokens
 
-        ctoks = calibration_tokens(zm.tokenizer, calib.windows, calib.seq)
+        ctoks = calibration_tokens(zm.tokenizer, calib.windows, calib.seq, bos=choice.used)
         check_token_ids(ctoks, zm, "the calibration text")
         cm = qcompile.compile(
             zm.model,

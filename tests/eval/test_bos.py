@@ -191,3 +191,13 @@ def test_cli_no_bos_is_recorded_and_bos_without_a_bos_token_exits_2(hf_folder, w
     assert json.loads(out.read_text())["bos"] == {"used": False, "source": "flag", "token_id": None}
     assert main([*args, "--bos"]) == 2
     assert "has no BOS token" in capsys.readouterr().err
+
+
+def test_calibration_windows_follow_the_same_bos_rule():
+    from qcompile.eval.datasets import calibration_tokens
+
+    plain = calibration_tokens(WordTokenizer(1, add_bos=False), 2, 16)
+    with_bos = calibration_tokens(WordTokenizer(1, add_bos=True), 2, 16)
+    assert plain.shape == (2, 16) and with_bos.shape == (2, 17)
+    assert torch.equal(with_bos[:, 0], torch.ones(2, dtype=with_bos.dtype)) and torch.equal(with_bos[:, 1:], plain)
+    assert torch.equal(calibration_tokens(WordTokenizer(1, add_bos=True), 2, 16, bos=False), plain)
