@@ -10,7 +10,8 @@ head setting (``Plan.lm_head``: fp32, int8, plan):
 * perplexity: ``qcompile.eval.harness.evaluate`` on the evaluation split, 16 windows x 512 tokens,
   torch reference backend (the TVM backend computes the same integer parts; tests/codegen check that);
 * weight bytes as stored and the head's own code bytes (the compile report's ``lm_head`` notes);
-* decode tokens/s: greedy generation after a 64-token prompt, 32 new tokens, TVM backend, best of 2.
+* decode tokens/s: greedy generation after a 64-token prompt, 32 new tokens, TVM backend, best of 2
+  (``run --speed-only`` measures it again for the records present, keeping their perplexity).
 
 A head setting that resolves to the same head as another setting of the same plan (fp32 plan: ``plan``
 is fp32; w8a8-rtn: ``plan`` is W8 per-channel, i.e. ``int8``) is not run twice: its row says which
@@ -108,6 +109,16 @@ def cmd_run(a: argparse.Namespace) -> None:
         for plan_name in _names(a.plans):
             for head in _names(a.heads):
                 key = f"{model}/{plan_name}/{head}"
+                if a.speed_only:  # decode speed again (e.g. on an idle machine), perplexity kept
+                    data = _load()
+                    if "ppl" in data["records"].get(key, {}):
+                        speed = _speed(zm, get_plan(plan_name).with_lm_head(head), a)
+                        data = _load()
+                        data["records"][key]["speed"] = speed
+                        data["commands"] = sorted(set(data["commands"]) | {f"{command} --speed-only"})
+                        _save(data)
+                        print(f"{key}: decode {speed['decode_tokens_per_s']} tok/s", flush=True)
+                    continue
                 if key in _load()["records"] and not a.force:
                     print(f"{key}: have it, skipping (--force to redo)", flush=True)
                     continue
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-cache-len", type=int, default=256)
     r.add_argument("--repeat", type=int, default=2)
     r.add_argument("--force", action="store_true")
+    r.add_argument("--speed-only", action="store_true", help="re-measure decode speed of existing records only")
     t = sub.add_parser("table")
     t.add_argument("--results", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
