@@ -1,6 +1,7 @@
 """The ``qcompile`` command line.
 
     qcompile compile --model smollm2-135m --plan w8a8-rtn --target cpu -o out/
+    qcompile compile --model smollm2-135m --plan w4a16-rtn-g128 --lm-head int8 -o out/   (quantized head)
     qcompile run out/ --prompt "To be, or not to be" --max-new-tokens 32
     qcompile report out/ --plot sensitivity.png     (assign_precision's per-layer sensitivity)
     qcompile eval --model smollm2-135m --plan w8a8-rtn --windows 16 --seq 512 --json out/eval.json
@@ -63,6 +64,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", default=None, help="GGUF file inside the --model folder")
 
 
+def _add_lm_head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lm-head",
+        default=None,
+        metavar="{fp32,int8,plan}",
+        help="the language-model head: fp32 (kept in float), int8 (int8 weights per output channel, weight-only) or "
+        "plan (the plan's weight format, weight-only); default: the plan's own lm_head setting",
+    )
+
+
+def _plan_of(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The plan named by ``--plan``, with ``--lm-head`` applied (a PlanError for a bad value)."""
+    from qcompile.plan import get_plan
+
+    plan = get_plan(a.plan)
+    return plan if a.lm_head is None else plan.with_lm_head(a.lm_head)
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-windows",
@@ -102,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="capture, run the plan's passes, build, save an artifact")
     _add_model_args(c)
     c.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
+    _add_lm_head_arg(c)
     c.add_argument("--target", default="cpu")
     c.add_argument("--backend", default=None, help="tvm (default for cpu) or torch (the reference)")
     c.add_argument(
@@ -145,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity / top-1 of a model under a plan")
     _add_model_args(e)
     e.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
+    _add_lm_head_arg(e)
     e.add_argument("--source", action="store_true", help="evaluate the unmodified model instead of a compiled one")
     e.add_argument("--target", default="cpu")
     e.add_argument("--backend", default=None, help="tvm (default for cpu) or torch (the reference)")
@@ -199,9 +220,8 @@ def _holding_output(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpa
 def cmd_compile(a: argparse.Namespace) -> int:
     import qcompile
     from qcompile.eval.zoo import load_model
-    from qcompile.plan import get_plan
 
-    plan = get_plan(a.plan)  # fail fast on a bad plan, before loading a model
+    plan = _plan_of(a)  # fail fast on a bad plan or --lm-head, before loading a model
     _check_before_loading(a, plan)  # and on its passes' options, --target, --backend, --dump-dir
     t0 = time.perf_counter()
     zm = load_model(a.model, a.gguf_file)
@@ -283,11 +303,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from qcompile.eval.harness import TextSource, evaluate
     from qcompile.plan import get_plan
 
-    _check_before_loading(a, get_plan("fp32" if a.source else a.plan))
+    if a.source and a.lm_head is not None:
+        raise QCompileError("--lm-head applies to compiled models; --source evaluates the unmodified model")
+    plan = get_plan("fp32") if a.source else _plan_of(a)
+    _check_before_loading(a, plan)
     text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)
     rec = evaluate(
         a.model,
-        a.plan,
+        plan,
         target=a.target,
         text=text,
         windows=a.windows,

@@ -61,6 +61,24 @@ class WeightMethod(str, enum.Enum):
     GPTQ = "gptq"  # needs calibration data; see qcompile.quant.gptq
 
 
+class LmHead(str, enum.Enum):
+    """What the plan does with the language-model head (the linears matching :data:`LM_HEAD_GLOB`).
+
+    Every setting leaves the head's activations in float (weight-only): the head reads the final normed
+    hidden state, whose few outlier channels would set every token's int8 step, and its error lands on
+    every one of the 49k-262k logits; decode is bound by reading the head's weight, which weight-only
+    quantization shrinks.
+    """
+
+    FP32 = "fp32"  # today's behaviour: the head follows ``skip`` (whose default glob keeps it in float)
+    INT8 = "int8"  # int8 codes, symmetric, one scale per output channel (vocab row); float activations
+    PLAN = "plan"  # the plan's own weight spec (``weight``), float activations
+
+
+# the module paths the lm_head setting selects, and the default ``skip`` glob
+LM_HEAD_GLOB = "*lm_head*"
+
+
 class NonFinite(str, enum.Enum):
     """What compile does with NaN/±Inf values in the model's weights and buffers (Program state)."""
 
@@ -105,6 +123,7 @@ class LayerQuant:
     activation: QuantSpec | None
     skip: bool
     rules: tuple[int, ...]  # indices of the rules that matched, in order
+    lm_head: LmHead | None = None  # the plan's lm_head setting when the layer is the head (LM_HEAD_GLOB), else None
 
 
 @dataclass(frozen=True)
@@ -118,13 +137,16 @@ class Plan:
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
     weight_method: WeightMethod = WeightMethod.RTN
-    skip: tuple[str, ...] = ("*lm_head*",)  # globs kept in float by default
+    skip: tuple[str, ...] = (LM_HEAD_GLOB,)  # globs kept in float by default
     rules: tuple[LayerRule, ...] = ()
     fallback: str | None = None  # "torch": nodes the backend cannot lower run with torch (reported)
     arch: str | None = None  # CUDA arch for target "cuda" ("sm_80", "sm_86", "sm_89", "sm_90")
     nonfinite: NonFinite = NonFinite.ERROR  # NaN/±Inf weights: "error", or "zero" (replaced by 0, reported)
+    lm_head: LmHead = LmHead.FP32  # the head (LM_HEAD_GLOB): "fp32" (follows skip), "int8" or "plan" (weight-only)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.lm_head, LmHead):
+            object.__setattr__(self, "lm_head", lm_head_setting(self.lm_head))
         if not isinstance(self.nonfinite, NonFinite):
             try:
                 object.__setattr__(self, "nonfinite", NonFinite(self.nonfinite))
@@ -146,9 +168,15 @@ class Plan:
 
     # ---- layer selection -------------------------------------------------------------------
     def resolve(self, path: str) -> LayerQuant:
-        """Quantization settings for the layer at module path ``path``."""
+        """Quantization settings for the layer at module path ``path``: the defaults, the ``skip``
+        globs, then (for the head, :data:`LM_HEAD_GLOB`) the ``lm_head`` setting, then the rules."""
         weight, activation = self.weight, self.activation
         skip = any(fnmatch.fnmatchcase(path, g) for g in self.skip)
+        head = self.lm_head if fnmatch.fnmatchcase(path, LM_HEAD_GLOB) else None
+        if head is LmHead.INT8:
+            weight, activation, skip = W8_PER_CHANNEL, None, False
+        elif head is LmHead.PLAN:
+            activation, skip = None, False
         matched: list[int] = []
         for i, rule in enumerate(self.rules):
             if not rule.matches(path):
@@ -160,7 +188,7 @@ class Plan:
                 activation = rule.activation
             if rule.skip is not None:
                 skip = rule.skip
-        return LayerQuant(weight, activation, skip, tuple(matched))
+        return LayerQuant(weight, activation, skip, tuple(matched), head)
 
     # ---- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -211,9 +239,27 @@ class Plan:
         except PlanError as e:
             raise PlanError(f"plan file {p}: {e}") from None
 
+    def with_lm_head(self, setting: LmHead | str) -> Plan:
+        """A copy whose head is ``setting`` ("fp32", "int8" or "plan"); the name says so when it changes
+        (``w8a8-rtn+lm_head-int8``). PlanError listing the settings for any other value."""
+        value = lm_head_setting(setting)
+        if value is self.lm_head:
+            return self
+        return dataclasses.replace(self, lm_head=value, name=f"{self.name}+lm_head-{value.value}")
+
     def with_rules(self, *rules: LayerRule) -> Plan:
         """A copy with ``rules`` appended (they override the existing ones)."""
         return dataclasses.replace(self, rules=self.rules + tuple(rules))
+
+
+def lm_head_setting(value: Any) -> LmHead:
+    """``value`` as an :class:`LmHead`; PlanError listing the settings otherwise."""
+    if isinstance(value, LmHead):
+        return value
+    try:
+        return LmHead(value)
+    except (ValueError, TypeError):
+        raise PlanError(f"lm_head must be one of {[m.value for m in LmHead]}, got {_short(value)}") from None
 
 
 # ---- presets ---------------------------------------------------------------------------------
@@ -887,6 +933,8 @@ __all__ = [
     "Granularity",
     "WeightMethod",
     "NonFinite",
+    "LmHead",
+    "LM_HEAD_GLOB",
     "QuantSpec",
     "LayerRule",
     "PassConfig",

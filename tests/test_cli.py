@@ -71,3 +71,30 @@ def test_compile_calibrates_on_a_text_file(hf_folder, tmp_path, capsys):
     short.write_text("w1 w2 w3")
     assert main([*args, "--calib-text", str(short), "-o", str(tmp_path / "y")]) == 2
     assert "has 3 tokens; one calibration window needs 64 (--calib-seq)" in capsys.readouterr().err
+
+
+def test_lm_head_flag_on_compile_and_eval(hf_folder, tmp_path, capsys):
+    from qcompile.cli import _parser
+
+    for cmd in ("compile", "eval"):
+        extra = ["-o", "x"] if cmd == "compile" else []
+        a = _parser().parse_args([cmd, "--model", "m", "--lm-head", "int8", *extra])
+        assert a.lm_head == "int8"
+        assert _parser().parse_args([cmd, "--model", "m", *extra]).lm_head is None  # the plan's own setting
+    out = tmp_path / "art"
+    args = ["compile", "--model", str(hf_folder), "--plan", "w4a16-rtn-g128", "--max-cache-len", "64"]
+    assert main([*args, "--lm-head", "int8", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "compiled with plan 'w4a16-rtn-g128+lm_head-int8'" in text
+    assert "lm_head 'lm_head' (plan lm_head: int8): quantized: 8-bit symmetric per output channel" in text
+    assert main(["report", str(out)]) == 0
+    assert "layers changed 15" in capsys.readouterr().out  # the head too
+    # a bad value is a PlanError naming the settings, exit 2, before the model loads
+    assert main([*args, "--lm-head", "int4", "-o", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "lm_head must be one of ['fp32', 'int8', 'plan'], got 'int4'" in err and "Traceback" not in err
+    assert main(["eval", "--model", "no-such-model", "--lm-head", "int4"]) == 2
+    assert "lm_head must be one of" in capsys.readouterr().err
+    assert main(["eval", "--model", str(hf_folder), "--source", "--lm-head", "int8"]) == 2
+    assert "--lm-head applies to compiled models" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompile import PRESETS, LayerRule, Plan, PlanError, QuantSpec
-from qcompile.plan import Granularity, PassConfig, get_plan
+from qcompile.plan import W8_PER_CHANNEL, Granularity, LmHead, PassConfig, get_plan
 
 
 def quant_specs():
@@ -44,6 +44,7 @@ plans = st.builds(
     weight=st.none() | quant_specs(),
     activation=st.none() | quant_specs(),
     skip=st.lists(globs, max_size=2).map(tuple),
+    lm_head=st.sampled_from(list(LmHead)),
     rules=st.lists(
         st.builds(LayerRule, globs, st.none() | quant_specs(), st.none() | quant_specs(), st.none() | st.booleans()),
         max_size=3,
@@ -154,3 +155,48 @@ def test_every_preset_that_quantizes_weights_says_how():
     for name, plan in PRESETS.items():
         if {p.name for p in plan.passes} & {"quantize_weights", "fold_quant_steps"}:
             assert plan.weight is not None or any(r.weight is not None for r in plan.rules), name
+
+
+# ---- the lm_head option (issue 17) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["fp32", "int8", "plan"])
+def test_lm_head_round_trips_and_is_typed(setting):
+    plan = get_plan("w4a16-rtn-g128").with_lm_head(setting)
+    assert plan.lm_head is LmHead(setting)
+    assert plan.to_dict()["lm_head"] == setting
+    assert Plan.from_yaml(plan.to_yaml()) == plan and Plan.from_json(plan.to_json()) == plan
+    assert Plan(lm_head=setting).lm_head is LmHead(setting)  # a string is read as the enum
+
+
+def test_lm_head_bad_value_is_a_plan_error_listing_the_settings():
+    for bad in ("int4", "", None, 8):
+        with pytest.raises(PlanError, match=r"lm_head.*\['fp32', 'int8', 'plan'\]"):
+            Plan(lm_head=bad)
+        with pytest.raises(PlanError, match=r"fp32.*int8.*plan"):
+            get_plan("w8a8-rtn").with_lm_head(bad)
+    with pytest.raises(PlanError, match=r"plan.lm_head: 'int4' is not allowed; allowed: \['fp32', 'int8', 'plan'\]"):
+        Plan.from_yaml("name: x\nlm_head: int4\n")
+
+
+def test_lm_head_settings_resolve_the_head_weight_only():
+    w4 = get_plan("w4a16-rtn-g128")
+    w8a8 = get_plan("w8a8-rtn")
+    for plan in (w4, w8a8):
+        fp32 = plan.resolve("lm_head")
+        assert fp32.skip and fp32.lm_head is LmHead.FP32  # today's behaviour: the default skip glob
+        int8 = plan.with_lm_head("int8").resolve("lm_head")
+        assert not int8.skip and int8.weight == W8_PER_CHANNEL and int8.activation is None
+        own = plan.with_lm_head("plan").resolve("lm_head")
+        assert not own.skip and own.weight == plan.weight and own.activation is None
+        # other layers are untouched by the setting
+        assert plan.with_lm_head("int8").resolve("model.layers.0.mlp.up_proj") == plan.resolve(
+            "model.layers.0.mlp.up_proj"
+        )
+    assert get_plan("fp32").with_lm_head("plan").resolve("lm_head").weight is None  # nothing to quantize
+    # rules still override the head setting, field by field
+    kept = w4.with_lm_head("int8").with_rules(LayerRule("lm_head", skip=True))
+    assert kept.resolve("lm_head").skip
+    # the name says what changed; the same setting is the same plan
+    assert w4.with_lm_head("int8").name == "w4a16-rtn-g128+lm_head-int8"
+    assert w4.with_lm_head("fp32") is w4

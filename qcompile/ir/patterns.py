@@ -62,6 +62,23 @@ def find_linears(program: Program) -> Iterator[LinearMatch]:
             yield LinearMatch(entry, node, wkey, bkey)
 
 
+def non_linear_uses(program: Program, key: str) -> list[str]:
+    """Module paths (else node names) of the nodes, in any entry, that read state tensor ``key`` other
+    than as an ``aten.linear`` weight: e.g. the embedding gather of a head weight tied to the embedding."""
+    out: list[str] = []
+    for entry in program.entries.values():
+        for ph, slot in entry.bindings().items():
+            if slot.kind is not SlotKind.STATE or slot.name != key:
+                continue
+            for u in ph.users:
+                if u.op == "call_function" and u.target == aten.linear.default and u.args[1] is ph:
+                    continue
+                where = str(u.meta.get(PATH_KEY, "")) or u.name
+                if where not in out:
+                    out.append(where)
+    return out
+
+
 # ---- linear-like ops: float aten.linear and qcompile's quantized linears -------------------------
 
 

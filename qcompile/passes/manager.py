@@ -21,7 +21,7 @@ from qcompile.ir.printer import format_program
 from qcompile.ir.program import PATH_KEY, Program
 from qcompile.ir.verify import verify
 from qcompile.passes.base import Pass, PassContext, make_pass
-from qcompile.plan import Plan
+from qcompile.plan import LM_HEAD_GLOB, LmHead, Plan
 from qcompile.report import CompileReport, PassReport
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,18 @@ class PassManager:
     def rule_warnings(self, program: Program) -> list[str]:
         """A warning for each ``skip`` glob and rule ``match`` that selects no module path of
         ``program`` (a typo there would otherwise quantize what was meant to stay in float). The
-        default skip glob (``*lm_head*``) is exempt: models without an lm_head are common."""
+        default skip glob (``*lm_head*``) is exempt: models without an lm_head are common; an ``lm_head``
+        setting other than fp32 that selects no layer is not (it would quantize nothing)."""
         paths = program.module_paths()
         out = []
         for glob in self.plan.skip:
             if glob not in _DEFAULT_SKIP and not any(fnmatch.fnmatchcase(p, glob) for p in paths):
                 out.append(f"skip glob {glob!r} matches no layer of this model, so it keeps nothing in float")
+        if self.plan.lm_head is not LmHead.FP32 and not any(fnmatch.fnmatchcase(p, LM_HEAD_GLOB) for p in paths):
+            out.append(
+                f"lm_head: {self.plan.lm_head.value} selects no layer of this model (no module path matches "
+                f"{LM_HEAD_GLOB!r}), so no head is quantized"
+            )
         for i, rule in enumerate(self.plan.rules):
             if not any(fnmatch.fnmatchcase(p, rule.match) for p in paths):
                 out.append(f"rule {i} (match {rule.match!r}) matches no layer of this model")

@@ -41,6 +41,16 @@ Anything else is a PlanError naming the layer. Convolution weights are always ro
 (an earlier ``winograd_conv``) are listed in ``skipped``: Winograd transforms leave the integer
 domain (the transformed weights and tiles are not integer grids), so they stay in float.
 
+The language-model head (the linears matching ``LM_HEAD_GLOB``, ``*lm_head*``) follows the plan's
+``lm_head`` setting (:class:`qcompile.plan.LmHead`): ``fp32`` keeps today's behaviour (the default skip
+glob keeps it in float), ``int8`` gives it int8 symmetric per-output-channel codes and ``plan`` the
+plan's weight spec, both weight-only (``qcompile::quant_linear`` with float activations). A head whose
+weight is tied to the embedding (one state tensor read by the embedding gather and the head) gets its
+own codes, named after the head's path (``lm_head.qweight``); the gather keeps reading the fp32 table,
+so the embedding lookup is unchanged and the codes are extra bytes. The report's notes
+(``lm_head``) and summary say, for every head, whether it was quantized (to what, and the bytes its
+codes take) or kept (why), and what its weight is tied to.
+
 Requires: float linears (so it runs after passes that rewrite float linears, such as
 ``smooth_migration`` and ``assign_precision``, and at most once). Provides: quantized linears;
 invalidates: float linears and float convolutions (``winograd_conv`` runs before it, never
@@ -63,11 +73,11 @@ from qcompile.errors import PlanError
 from qcompile.ir.calib import calib_batches, calibration_batches, observe_linear_inputs, run_observed
 from qcompile.ir.convs import ConvMatch, find_convs
 from qcompile.ir.facts import Fact
-from qcompile.ir.patterns import find_linears
+from qcompile.ir.patterns import find_linears, non_linear_uses
 from qcompile.ir.program import PATH_KEY, Program
 from qcompile.ops.packed import pack_codes
 from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
-from qcompile.plan import LayerQuant, WeightMethod
+from qcompile.plan import LayerQuant, LmHead, WeightMethod
 from qcompile.quant.finite import check_scale, naming
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
@@ -153,10 +163,13 @@ class QuantizeWeights(Pass):
         changed: list[str] = []
         skipped: dict[str, str] = {}
         touched = set()
+        heads: dict[str, dict[str, Any]] = {}  # lm_head path -> what became of it (report notes)
         for m in list(find_linears(program)):
             ctx.at(m.entry, m.node)
             lq: LayerQuant = ctx.plan.resolve(m.path)
             reason = self._skip_reason(lq)
+            if lq.lm_head is not None and m.path not in heads:
+                heads[m.path] = self._head_note(program, m.weight_key, lq, reason)
             if reason:
                 skipped[m.path] = reason
                 continue
@@ -170,9 +183,11 @@ class QuantizeWeights(Pass):
                     changed.append(m.path)
                 continue
             if m.weight_key not in done:
+                # a head tied to the embedding names its codes after itself: the embedding is not quantized
+                base = m.path if heads.get(m.path, {}).get("tied_to") else None
                 with naming(f"layer {m.path!r} (weight {m.weight_key!r})"):
                     done[m.weight_key] = self._quantize(
-                        program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key)
+                        program, m.weight_key, lq.weight, lq.activation, m.path, pre.get(m.weight_key), base
                     )
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
@@ -186,6 +201,12 @@ class QuantizeWeights(Pass):
             if m.path not in changed:
                 changed.append(m.path)
         notes = self._convs(program, ctx, conv_schemes, steps, changed, skipped, touched)
+        for h in heads.values():  # the bytes the quantized head stores (codes, scales, offsets)
+            if h["quantized"] and h["weight"] in done:
+                t = [program.state[k] for k in done[h["weight"]][0] if k]
+                h["code_bytes"] = sum(x.numel() * x.element_size() for x in t)
+        if heads:
+            notes["lm_head"] = heads
         for _, node in program.nodes():
             if node.op == "call_function" and node.target == torch.ops.qcompile.winograd_conv2d.default:
                 skipped[str(node.meta.get(PATH_KEY, node.name))] = WINOGRAD_REASON
@@ -198,6 +219,14 @@ class QuantizeWeights(Pass):
     @classmethod
     def summarize(cls, notes: dict[str, Any]) -> list[str]:
         lines = []
+        for path, h in (notes.get("lm_head") or {}).items():
+            tied = (
+                f"; its weight is tied to {', '.join(h['tied_to'])}, which keeps the fp32 table for the gather "
+                f"(+{h['code_bytes']:,} B of head codes and scales)"
+                if h.get("tied_to") and h["quantized"]
+                else (f"; weight tied to {', '.join(h['tied_to'])}" if h.get("tied_to") else "")
+            )
+            lines.append(f"lm_head {path!r} (plan lm_head: {h['setting']}): {h['result']}{tied}")
         if notes.get("conv_per_group_as_per_channel"):
             lines.append(
                 "per_group weight spec applied per output channel in convolution(s): "
@@ -465,12 +494,19 @@ class QuantizeWeights(Pass):
 
     @staticmethod
     def _quantize(
-        program: Program, wkey: str, w: QuantSpec, a: QuantSpec | None, path: str, pre: Codes | None = None
+        program: Program,
+        wkey: str,
+        w: QuantSpec,
+        a: QuantSpec | None,
+        path: str,
+        pre: Codes | None = None,
+        base: str | None = None,
     ) -> tuple[list[str | None], Any, tuple[int, ...]]:
-        """Quantize weight ``wkey`` once; returns (state keys, op, extra op args)."""
+        """Quantize weight ``wkey`` once; returns (state keys, op, extra op args). New state keys start
+        with ``base`` (default: ``wkey`` without ``.weight``)."""
         weight = program.state[wkey]
         k = weight.shape[1]
-        base = wkey.removesuffix(".weight")
+        base = base or wkey.removesuffix(".weight")
         if _is_w8_per_channel(w) and _is_a8_per_token(a):
             q, scale = (pre[0], pre[1][:, 0]) if pre is not None else quantize_weight_per_channel(weight, 8)
             qkey = program.add_state(f"{base}.qweight", q)
@@ -509,7 +545,34 @@ class QuantizeWeights(Pass):
     @staticmethod
     def _skip_reason(lq: LayerQuant) -> str:
         if lq.skip:
+            if lq.lm_head is LmHead.FP32:
+                return "lm_head kept in float (plan lm_head: fp32; int8 or plan quantizes it)"
             return "kept in float by the plan (skip glob or rule)"
         if lq.weight is None:
+            if lq.lm_head is LmHead.PLAN:
+                return "lm_head kept in float (plan lm_head: plan, and the plan quantizes no weights)"
             return "the plan quantizes no weights for this layer"
         return ""
+
+    @staticmethod
+    def _head_note(program: Program, wkey: str, lq: LayerQuant, reason: str) -> dict[str, Any]:
+        """What becomes of an lm_head: quantized (to which spec) or kept (why), and the embedding
+        gathers its weight is tied to (they keep reading the fp32 table, so the codes are extra bytes)."""
+        assert lq.lm_head is not None
+        note: dict[str, Any] = {
+            "setting": lq.lm_head.value,
+            "quantized": not reason,
+            "tied_to": non_linear_uses(program, wkey),
+            "weight": wkey,
+        }
+        if reason:
+            note["result"] = reason
+            return note
+        assert lq.weight is not None
+        spec = lq.weight
+        grid = f"group {spec.group_size}" if spec.granularity is Granularity.PER_GROUP else "per output channel"
+        note["result"] = (
+            f"quantized: {spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'} {grid}, weight-only "
+            f"(float activations){'' if lq.activation is None else f', activations {lq.activation}'}"
+        )
+        return note
