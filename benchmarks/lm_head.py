@@ -160,7 +160,9 @@ def table() -> list[str]:
         "",
         f"- commands: {'; '.join(f'`{c}`' for c in data['commands'])}; `python benchmarks/lm_head.py table`",
         f"- date: {min(r['date'] for r in real)[:10]}; machine: {real[0]['machine']}",
-        "- perplexity: evaluation split, 16 windows x 512 tokens, torch reference backend (SmolLM2's weights are "
+        "- perplexity: evaluation split, windows x tokens as in the table's column (16 x 512 unless a model's "
+        "evaluation is too slow on 2 cores: Gemma 3's 262k-vocabulary head), BOS per the tokenizer's rule, torch "
+        "reference backend (SmolLM2's weights are "
         "the Q4_1 GGUF dequantized to fp32: 'fp32' is that model). Decode: tokens/s after a "
         f"{sp.get('prompt', '?')}-token prompt, {sp.get('new_tokens', '?')} new tokens, best of "
         f"{sp.get('repeat', '?')}, TVM backend (llvm, this CPU). Baseline of each Δ and ratio: the same plan with "
@@ -173,14 +175,14 @@ def table() -> list[str]:
             lines.append(f"- {model}: not measured, this tree cannot load it ({why.splitlines()[0][:160]})")
     lines += [
         "",
-        "| model | plan | lm_head | head | perplexity | Δ vs fp32 head | weight MB | head MB | decode tok/s | "
-        "× fp32 head |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | plan | lm_head | head | windows | perplexity | Δ vs fp32 head | weight MB | head MB | "
+        "decode tok/s | × fp32 head |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in recs.items():
         model, plan, head = key.split("/")
         if "same_as" in r:
-            lines.append(f"| {model} | {plan} | {head} | same head as `{r['same_as']}` | | | | | | |")
+            lines.append(f"| {model} | {plan} | {head} | same head as `{r['same_as']}` | | | | | | | |")
             continue
         base = recs.get(f"{model}/{plan}/fp32", {})
         note = r.get("lm_head") or {}
@@ -193,7 +195,7 @@ def table() -> list[str]:
         ratio = f"{tps / btps:.2f}" if btps else "—"
         head_mb = f"{note['code_bytes'] / 1e6:.1f}" if note.get("code_bytes") else "—"
         lines.append(
-            f"| {model} | {plan} | {head} | {stored} | {r['ppl']:.4f} | {dppl} | "
+            f"| {model} | {plan} | {head} | {stored} | {r['windows']}x{r['seq']} | {r['ppl']:.4f} | {dppl} | "
             f"{r['weight_bytes_packed'] / 1e6:.1f} | {head_mb} | {tps} | {ratio} |"
         )
     return lines

@@ -170,12 +170,12 @@ def _disagreement(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
-def _reported_layers(report: Any) -> list[str]:
+def _reported_layers(cm: Any) -> list[str]:
     """Layers a pass listed as not handled, other than the ones the plan itself keeps in float."""
     out = []
-    for pr in report.passes:
+    for pr in cm.report.passes:
         for path, why in pr.skipped:
-            if "kept in float by the plan" not in why and "not quantized by the plan" not in why:
+            if not cm.plan.resolve(path).skip:
                 out.append(f"{pr.name}: {path}: {why}")
     return out
 
@@ -211,7 +211,7 @@ def run_family_cell(s: FamilySubject, plan: str, backend: str) -> FamilyCell:
         s.refs[plan] = out
     elif plan in s.refs and (why := _mismatch(out, s.refs[plan], exact)):
         return cell("failed", f"differs from the reference backend: {why}", err)
-    reported = _reported_layers(cm.report)
+    reported = _reported_layers(cm)
     if reported:
         return cell("reported", f"{len(reported)} layers: " + "; ".join(reported[:3]), err)
     return cell("ok", "", err)
