@@ -109,6 +109,9 @@ def cmd_run(a: argparse.Namespace) -> None:
         for plan_name in _names(a.plans):
             for head in _names(a.heads):
                 key = f"{model}/{plan_name}/{head}"
+                if head != "fp32" and "quantize_weights" not in {pc.name for pc in get_plan(plan_name).passes}:
+                    print(f"{key}: not run, {plan_name} has no quantize_weights pass (a PlanError)", flush=True)
+                    continue
                 if a.speed_only:  # decode speed again (e.g. on an idle machine), perplexity kept
                     data = _load()
                     if "ppl" in data["records"].get(key, {}):

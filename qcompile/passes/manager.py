@@ -46,6 +46,12 @@ class PassManager:
             check_writable_dir(self.dump_dir, "dump_dir (--dump-dir)")
         self.verify_deep = verify_deep
         self.passes: list[Pass] = [make_pass(pc.name, pc.options) for pc in plan.passes]
+        if plan.lm_head is not LmHead.FP32 and "quantize_weights" not in {pc.name for pc in plan.passes}:
+            raise PlanError(
+                f"lm_head: {plan.lm_head.value} would have no effect: plan {plan.name!r} has no quantize_weights "
+                f"pass (passes: {[pc.name for pc in plan.passes] or 'none'}), and only quantize_weights quantizes "
+                "the head; add one, or use a plan that has it (e.g. w8a8-rtn)"
+            )
         self.check_order(CAPTURED_FACTS)
 
     def check_order(self, start: frozenset[Fact], what: str = "capture") -> frozenset[Fact]:

@@ -143,3 +143,11 @@ def test_head_setting_that_selects_no_layer_warns():
     )
     cm = qcompile.compile(model, plan=plan, example_inputs=(torch.randn(2, 8),))
     assert any("lm_head: int8 selects no layer" in w for w in cm.report.warnings)
+
+
+@pytest.mark.parametrize("base", ["fp32", "w4a4-mergequant"])
+def test_a_quantized_head_on_a_plan_without_quantize_weights_is_a_plan_error(base):
+    from qcompile.passes.manager import PassManager
+
+    with pytest.raises(qcompile.PlanError, match="would have no effect: plan .* has no quantize_weights pass"):
+        PassManager(get_plan(base).with_lm_head("int8"))
