@@ -55,6 +55,8 @@ def converters(lw: Lowering) -> dict[str, Converter]:
         "cumsum.default": cumsum,
         "scaled_dot_product_attention.default": sdpa,
         "to.device": lambda lw, node: lw.env(node.args[0]),
+        "where.ScalarOther": where_scalar,
+        "where.ScalarSelf": where_scalar,
     }
     return {name: functools.partial(f, lw) for name, f in table.items()}
 
@@ -236,6 +238,18 @@ def diff(lw: Lowering, node: fx.Node) -> relax.Var:
         lo = bb.emit(relax.op.strided_slice(x, [ax], [0], [shape[ax] - 1], assume_inbound=True))
         x = bb.emit(relax.op.subtract(hi, lo))
     return x
+
+
+def where_scalar(lw: Lowering, node: fx.Node) -> relax.Var:
+    """``where(cond, x, scalar)`` / ``where(cond, scalar, x)`` (Gemma 2's soft-capped attention mask): the
+    scalar as a constant of the output's dtype; a non-boolean condition means non-zero, as in torch."""
+    dt = lw.imp._convert_data_type(node.meta["val"].dtype)
+    cond = lw.env(node.args[0])
+    cdt = str(cond.ty.dtype)  # what the importer made of it (a bool mask may arrive as int64)
+    if cdt != "bool":
+        cond = lw.bb.emit(relax.op.not_equal(cond, relax.const(0, cdt)))
+    a, b = (lw.env(x) if isinstance(x, fx.Node) else relax.const(x, dt) for x in node.args[1:3])
+    return lw.bb.emit(relax.op.where(cond, a, b))
 
 
 def cumsum(lw: Lowering, node: fx.Node) -> relax.Var:
