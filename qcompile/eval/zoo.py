@@ -504,9 +504,10 @@ def load_efficientnet_lite0() -> ZooModel:
     )
 
 
-def tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0) -> torch.nn.Module:
-    """A tiny random Llama (hidden 64, 4 query / 2 KV heads of 16, seeded): the model tests and the
-    equivalence benchmark compile in seconds. Random weights: a harness for behaviour, not accuracy."""
+def tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0, tied: bool = False) -> torch.nn.Module:
+    """A tiny random Llama (hidden 64, 4 query / 2 KV heads of 16, seeded; ``tied``: the head shares the
+    embedding table): the model tests and the equivalence benchmark compile in seconds. Random weights: a
+    harness for behaviour, not accuracy."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -520,6 +521,7 @@ def tiny_llama(vocab: int = 256, layers: int = 2, seed: int = 0) -> torch.nn.Mod
         max_position_embeddings=256,
         eos_token_id=None,
         bos_token_id=1,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg).eval()
 

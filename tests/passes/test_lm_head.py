@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile.eval.zoo import tiny_llama as zoo_tiny_llama
 from qcompile.ir.patterns import find_linears
 from qcompile.plan import W8_PER_CHANNEL, LmHead, Plan, get_plan
 from qcompile.quant.quantizer import quantize_weight_groups, quantize_weight_per_channel
@@ -17,22 +18,7 @@ PLAN = "w4a16-rtn-g128"
 
 def tied_llama(vocab: int = 256, seed: int = 0) -> torch.nn.Module:
     """The zoo's tiny Llama with its head tied to the embedding table (SmolLM2 / Gemma 3 style)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=None,
-        bos_token_id=1,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = zoo_tiny_llama(vocab, seed=seed, tied=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
