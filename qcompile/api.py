@@ -12,6 +12,7 @@ import torch
 from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import QCompileError
 from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
+from qcompile.ir.onnx_import import capture_onnx, is_onnx_path
 from qcompile.ir.program import Program
 from qcompile.ir.verify import verify
 from qcompile.passes.base import PassContext
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def compile(
-    model: torch.nn.Module | Program,
+    model: torch.nn.Module | Program | str | Path,
     target: str = "cpu",
     plan: Plan | str | Path = "fp32",
     *,
@@ -40,8 +41,10 @@ def compile(
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` under ``plan`` (a Plan, a preset name, or a YAML/JSON path).
 
-    ``model`` is an ``nn.Module`` (a causal LM needs no ``example_inputs``), an ``fx.GraphModule``
-    or an already captured :class:`Program` (which is rewritten in place). ``lm_entries`` picks
+    ``model`` is an ``nn.Module`` (a causal LM needs no ``example_inputs``), an ``fx.GraphModule``,
+    the path of an ``.onnx`` file (:func:`qcompile.ir.onnx_import.capture_onnx`: its named dims stay
+    dynamic; ``example_inputs`` optional) or an already captured :class:`Program` (which is rewritten
+    in place). ``lm_entries`` picks
     which of a causal LM's entries to capture (``forward``, ``prefill``, ``decode``).
     """
     # the plan, its passes' options, the target, the backend and dump_dir are checked before capture
@@ -50,6 +53,11 @@ def compile(
     t0 = time.perf_counter()
     if isinstance(model, Program):
         program = model
+    elif is_onnx_path(model):
+        if dynamic_shapes is not None:
+            raise QCompileError("an ONNX model's dynamic dims come from the file; dynamic_shapes applies to nn.Modules")
+        log.info("importing %s", model)
+        program = capture_onnx(model, example_inputs)
     elif isinstance(model, torch.nn.Module):
         log.info("capturing %s", type(model).__name__)
         program = capture(
@@ -61,7 +69,10 @@ def compile(
             progress=progress,
         )
     else:
-        raise QCompileError(f"compile() takes an nn.Module or a Program, not {type(model).__name__}")
+        raise QCompileError(
+            f"compile() takes an nn.Module, a Program or the path of an .onnx file, not {type(model).__name__}"
+            + (f" ({model!r})" if isinstance(model, str | Path) else "")
+        )
     verify(program)
     report.capture_seconds = round(time.perf_counter() - t0, 3)
     ctx = PassContext(plan=the_plan, calib=calib, progress=progress)

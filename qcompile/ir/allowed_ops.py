@@ -8,7 +8,7 @@ out here, not computed, so a reviewer can read it and a torch upgrade cannot wid
   (1) the overloads torch 2.13 tags ``torch.Tag.core`` (core ATen, 189),
   (2) the overloads TVM 0.27's PyTorch importer converts (the table qcompile lowers through) and
   qcompile's own converters (``qcompile/codegen/tvm/converters.py``: ``to.device``, ``diff``,
-  ``index_copy_``),
+  ``index_copy_``, ``clip``),
   (3) ``torch.export``'s bookkeeping (``sym_size``, ``sym_numel``, ``_assert_scalar``,
   ``_assert_tensor_metadata``, ``sym_constrain_range*``),
   minus the sparse-layout ops (``to_sparse``, ``_sparse_mm``, ``_sparse_addmm``: sparse tensors
@@ -35,7 +35,7 @@ _fft_c2r.default _fft_r2c.default _local_scalar_dense.default _log_softmax.defau
 _native_batch_norm_legit.no_stats _native_batch_norm_legit_functional.default
 _native_batch_norm_legit_no_training.default _pdist_forward.default _softmax.default _to_copy.default
 _upsample_bilinear2d_aa.default abs.default acos.default acosh.default adaptive_avg_pool1d.default
-adaptive_avg_pool2d.default adaptive_avg_pool3d.default add.Scalar add.Tensor add_.Tensor addmm.default
+adaptive_avg_pool2d.default adaptive_avg_pool3d.default add.Scalar clip.default add.Tensor add_.Tensor addmm.default
 affine_grid_generator.default alias.default amax.default amin.default any.default any.dim any.dims arange.default
 arange.start arange.start_step argmax.default argmin.default argsort.default as_strided.default asin.default
 asinh.default atan.default atan2.default atan2.out atanh.default avg_pool1d.default avg_pool2d.default

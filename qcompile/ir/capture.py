@@ -62,7 +62,7 @@ def is_causal_lm(model: Any) -> bool:
 
 
 def capture(
-    model: torch.nn.Module,
+    model: torch.nn.Module | str | os.PathLike[str],
     example_inputs: Any = None,
     *,
     dynamic_shapes: Any = None,
@@ -74,8 +74,15 @@ def capture(
 
     A causal LM needs no example inputs (entries ``forward``, ``prefill``, ``decode``); any other
     module needs ``example_inputs`` (a tensor or a tuple of tensors) and gets one ``forward``
-    entry, static unless ``dynamic_shapes`` (as for ``torch.export.export``) says otherwise.
+    entry, static unless ``dynamic_shapes`` (as for ``torch.export.export``) says otherwise. The path
+    of an ``.onnx`` file is imported (:func:`qcompile.ir.onnx_import.capture_onnx`).
     """
+    from qcompile.ir.onnx_import import capture_onnx, is_onnx_path
+
+    if is_onnx_path(model):
+        if dynamic_shapes is not None:
+            raise CaptureError("an ONNX model's dynamic dims come from the file; dynamic_shapes applies to nn.Modules")
+        return capture_onnx(model, example_inputs)  # type: ignore[arg-type]
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs an nn.Module or fx.GraphModule, got {type(model).__name__}")
     if is_causal_lm(model) and example_inputs is None:
@@ -393,10 +400,17 @@ def _tensor_spec(node: fx.Node, ep: ExportedProgram, dims: dict[str, DimRange]) 
             expr = d.node.expr
             name = str(expr)
             vr = ep.range_constraints.get(expr)
-            lo = int(vr.lower) if vr is not None else 0
-            hi = int(vr.upper) if vr is not None and vr.upper.is_finite else 2**31 - 1
+            lo = _finite_int(vr.lower, 0) if vr is not None else 0
+            hi = _finite_int(vr.upper, 2**31 - 1) if vr is not None else 2**31 - 1
             dims[name] = DimRange(lo, hi)
             shape.append(name)
         else:
             shape.append(int(d))
     return TensorSpec(tuple(shape), dtype_name(val.dtype))
+
+
+def _finite_int(v: Any, default: int) -> int:
+    """A sympy range bound as an int; ``default`` for torch's and sympy's infinities."""
+    import sympy
+
+    return int(v) if isinstance(v, sympy.Integer) else default

@@ -57,6 +57,9 @@ def converters(lw: Lowering) -> dict[str, Converter]:
         "to.device": lambda lw, node: lw.env(node.args[0]),
         "where.ScalarOther": where_scalar,
         "where.ScalarSelf": where_scalar,
+        "clip.default": clip,
+        "batch_norm.default": batch_norm,
+        "upsample_nearest2d.vec": upsample_nearest2d,
     }
     return {name: functools.partial(f, lw) for name, f in table.items()}
 
@@ -250,6 +253,66 @@ def where_scalar(lw: Lowering, node: fx.Node) -> relax.Var:
         cond = lw.bb.emit(relax.op.not_equal(cond, relax.const(0, cdt)))
     a, b = (lw.env(x) if isinstance(x, fx.Node) else relax.const(x, dt) for x in node.args[1:3])
     return lw.bb.emit(relax.op.where(cond, a, b))
+
+
+def batch_norm(lw: Lowering, node: fx.Node) -> relax.Var:
+    """``aten.batch_norm(x, weight, bias, mean, var, training, momentum, eps, cudnn)`` in inference mode.
+    TVM 0.27's importer maps this op to its ``_native_batch_norm_legit`` reader, which takes momentum
+    from ``training`` and eps from ``momentum`` and normalizes with the batch's statistics: a BatchNorm
+    in eval mode came out 20 % off."""
+    if _arg(node, 5, "training", False):
+        raise NotImplementedError("batch_norm in training mode")
+    x = lw.env(node.args[0])
+    val = node.args[0].meta["val"]
+    c, dt = int(val.shape[1]), lw.imp._convert_data_type(val.dtype)
+
+    def param(i: int, fill: float) -> relax.Expr:
+        a = node.args[i] if len(node.args) > i else None
+        return lw.env(a) if isinstance(a, fx.Node) else relax.const(torch.full((c,), fill).numpy(), dt)
+
+    eps = float(_arg(node, 7, "eps", 1e-5))
+    bn = relax.op.nn.batch_norm(
+        x, param(1, 1.0), param(2, 0.0), param(3, 0.0), param(4, 1.0), axis=1, epsilon=eps, training=False
+    )
+    return lw.bb.emit(relax.TupleGetItem(lw.bb.emit(bn), 0))
+
+
+def upsample_nearest2d(lw: Lowering, node: fx.Node) -> relax.Var:
+    """``aten.upsample_nearest2d.vec`` on a tensor of symbolic height/width with integer scale factors
+    (TVM 0.27's importer asks each dim for a ``.value``, which a symbolic dim does not have)."""
+    x = lw.env(node.args[0])
+    size = _arg(node, 1, "output_size", None)
+    scales = _arg(node, 2, "scale_factors", None)
+    shape = lw.imp.shape_of(x)
+    if size is None:
+        if scales is None or any(float(f) != int(f) or f < 1 for f in scales):
+            raise NotImplementedError(f"upsample_nearest2d with scale factors {scales} (integers >= 1 only)")
+        size = [shape[2] * int(scales[0]), shape[3] * int(scales[1])]
+    elif any(isinstance(d, fx.Node) for d in size):
+        raise NotImplementedError("upsample_nearest2d to a computed size")
+    return lw.bb.emit(
+        relax.op.image.resize2d(
+            x,
+            size,
+            layout="NCHW",
+            method="nearest_neighbor",
+            coordinate_transformation_mode="asymmetric",
+            rounding_method="floor",
+        )
+    )
+
+
+def clip(lw: Lowering, node: fx.Node) -> relax.Var:
+    """``aten.clip(x, min, max)`` with scalar bounds (onnx2torch's Clip, HardSigmoid): an unset bound is
+    no bound."""
+    x = lw.env(node.args[0])
+    lo = _arg(node, 1, "min", None)
+    hi = _arg(node, 2, "max", None)
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        raise NotImplementedError("clip with tensor bounds")
+    return lw.bb.emit(
+        relax.op.clip(x, float("-inf") if lo is None else float(lo), float("inf") if hi is None else float(hi))
+    )
 
 
 def cumsum(lw: Lowering, node: fx.Node) -> relax.Var:

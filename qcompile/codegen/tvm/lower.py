@@ -144,7 +144,11 @@ class Lowering:
         attrs: dict[str, Any] = {}
         if entry.dims:
             attrs["tir_var_lower_bound"] = {k: r.min for k, r in entry.dims.items()}
-            attrs["tir_var_upper_bound"] = {k: r.max for k, r in entry.dims.items()}
+            # an unbounded dim (2**31 - 1, torch.export's infinity) gets no bound: TVM multiplies the bounds of
+            # several dims into int64 sizes (two of them overflow), and plans memory from them
+            bounded = {k: r.max for k, r in entry.dims.items() if r.max < 2**31 - 1}
+            if bounded:
+                attrs["tir_var_upper_bound"] = bounded
         # parameters: slots in order, then the repacked tensors (known only after conversion,
         # so the function is built with a placeholder list that is extended in place)
         with self.bb.function(entry.name, attrs=attrs, pure=True):

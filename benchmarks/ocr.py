@@ -1,0 +1,143 @@
+"""PP-OCRv5 imported from ONNX: qcompile against onnxruntime on the original files, per plan and backend.
+
+    .venv/bin/python benchmarks/ocr.py            # every cell, table into benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/ocr.py --cells det:fp32:torch,rec:w8a8-rtn:tvm
+
+A cell compiles one model (``det`` or ``rec``) under one plan for one backend; the other model of the
+pipeline is onnxruntime's, so every difference in the strings comes from the compiled model. Images:
+scikit-image's ``text`` and ``page`` and a rendered page (qcompile.eval.ocr.ocr_images), plus three
+rendered lines recognized alone. Errors are max |y − ref| / max |ref| of the model's output (det:
+probability map; rec: per-step class probabilities on the reference's crops).
+
+det is captured for one 512×512 canvas (each image scaled into it and padded with white) on both
+backends: with its dims dynamic it runs on the torch backend (tests/ir/test_onnx_import.py), but
+the graph constrains height and width in ways TVM's shape arithmetic cannot prove (RESULTS.md). rec
+is captured with its batch and width dynamic on both backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from accuracy import write_section  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.eval import ocr  # noqa: E402
+from qcompile.eval.harness import machine  # noqa: E402
+
+CANVAS = 512
+CELLS = [
+    "det:fp32:torch",
+    "det:fp32:tvm",
+    "det:winograd-f4:torch",
+    "det:winograd-f4:tvm",
+    "det:winograd-f6:torch",
+    "det:winograd-f6:tvm",
+    "rec:fp32:torch",
+    "rec:fp32:tvm",
+    "rec:w8a8-rtn:torch",
+    "rec:w8a8-rtn:tvm",
+]
+
+
+def run_cell(cell: str) -> dict[str, Any]:
+    role, plan, backend = cell.split(":")
+    ref = {r: ocr.onnxruntime_runner(ocr.ocr_file(r)) for r in ("det", "rec")}
+    path = ocr.ocr_file(role)
+    examples = None
+    if role == "det":  # one canvas for both backends (see the module docstring)
+        examples = (ocr.det_input(ocr.ocr_images()["page"], canvas=CANVAS)[0],)
+    t0 = time.perf_counter()
+    program = qcompile.capture(path, examples) if examples is None else _static(path, examples)
+    cm = qcompile.compile(program, plan=plan, backend=backend)
+    seconds = time.perf_counter() - t0
+    runners = {**ref, role: cm}
+    exact = (ocr.float64_runner(ocr.ocr_file("det")), ocr.float64_runner(ocr.ocr_file("rec")))
+    res = ocr.compare_with_reference(
+        runners["det"], runners["rec"], ref["det"], ref["rec"], ocr.ocr_images(), CANVAS, exact
+    )
+    layers = [layer for p in cm.report.passes for layer in p.layers_changed]
+    skipped = [list(s) for p in cm.report.passes for s in p.skipped]
+    return {
+        "cell": cell,
+        "compile_seconds": round(seconds, 1),
+        "layers_changed": layers,
+        "skipped": skipped,
+        "dims": {k: [v.min, v.max] for k, v in cm.program.entries["forward"].dims.items()},
+        **res,
+    }
+
+
+def _static(path: Path, examples: tuple) -> qcompile.Program:
+    from qcompile.ir.onnx_import import capture_onnx
+
+    return capture_onnx(path, examples, dynamic=False)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| model | plan | backend | output rel. error vs onnxruntime | vs float64: qcompile | vs float64: onnxruntime "
+        "| strings identical | layers changed | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        role, plan, backend = r["cell"].split(":")
+        im = r["images"]
+        keys = ("text", "page", "rendered") if role == "det" else ("page", "rendered")
+
+        def cells(field: str) -> str:
+            return " / ".join("–" if im[k][field] is None else f"{im[k][field]:.1e}" for k in keys)
+
+        err = cells(f"{role}_rel_error")
+        mine, theirs = cells(f"{role}_rel_error_vs_float64"), cells(f"reference_{role}_rel_error_vs_float64")
+        ident = sum(v["identical"] for v in im.values())
+        lines = r["rendered_lines"]
+        same = sum(a == b for a, b in zip(lines["expected"], lines["recognized"]))
+        out.append(
+            f"| {role} | {plan} | {backend} | {err} | {mine} | {theirs} "
+            f"| {ident}/{len(im)} images, rendered lines {same}/3 | {len(r['layers_changed'])} "
+            f"| {r['compile_seconds']} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default=",".join(CELLS))
+    ap.add_argument("--json", default=str(HERE / "results" / "ocr.json"))
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    a = ap.parse_args(argv)
+    rows = []
+    for cell in a.cells.split(","):
+        print(f"== {cell}", flush=True)
+        r = run_cell(cell)
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "images"}, ensure_ascii=False)[:600], flush=True)
+    body = table(rows)
+    print(body)
+    if a.no_write:
+        return 0
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1, ensure_ascii=False))
+    head = (
+        "## PP-OCRv5 imported from ONNX (issue 18)\n\n"
+        f"`python benchmarks/ocr.py` — {dt.date.today()}, {machine()}. Baseline: onnxruntime "
+        f"{__import__('onnxruntime').__version__} (CPU) on the original files, same inputs, same run. det canvas "
+        f"{CANVAS}×{CANVAS}.\n\n"
+    )
+    write_section(Path(a.results), "ocr:issue-18", head + body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
