@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/ocr.py --cells det:fp32:torch,rec:w8a8-rtn:tvm
 
 A cell compiles one model (``det`` or ``rec``) under one plan for one backend; the other model of the
-pipeline is onnxruntime's, so every difference in the strings comes from the compiled model. Images:
+pipeline is onnxruntime's, so every difference in the strings comes from the compiled model (``cls``,
+the orientation classifier, is compared on its own: output error and the predicted class). Images:
 scikit-image's ``text`` and ``page`` and a rendered page (qcompile.eval.ocr.ocr_images), plus three
 rendered lines recognized alone. Errors are max |y − ref| / max |ref| of the model's output (det:
 probability map; rec: per-step class probabilities on the reference's crops).
@@ -36,6 +37,8 @@ from qcompile.eval.harness import machine  # noqa: E402
 
 CANVAS = 512
 CELLS = [
+    "cls:fp32:torch",
+    "cls:fp32:tvm",
     "det:fp32:torch",
     "det:fp32:tvm",
     "det:winograd-f4:torch",
@@ -60,6 +63,8 @@ def run_cell(cell: str) -> dict[str, Any]:
     program = qcompile.capture(path, examples) if examples is None else _static(path, examples)
     cm = qcompile.compile(program, plan=plan, backend=backend)
     seconds = time.perf_counter() - t0
+    if role == "cls":
+        return {"cell": cell, "compile_seconds": round(seconds, 1), "layers_changed": [], "skipped": [], **_cls(cm)}
     runners = {**ref, role: cm}
     exact = (ocr.float64_runner(ocr.ocr_file("det")), ocr.float64_runner(ocr.ocr_file("rec")))
     res = ocr.compare_with_reference(
@@ -77,6 +82,27 @@ def run_cell(cell: str) -> dict[str, Any]:
     }
 
 
+def _cls(cm: Any) -> dict[str, Any]:
+    """The text-line orientation classifier on each image scaled to its 80×160 input: output errors and
+    whether the predicted orientation equals onnxruntime's."""
+    import torch
+
+    ref = ocr.onnxruntime_runner(ocr.ocr_file("cls"))
+    exact = ocr.float64_runner(ocr.ocr_file("cls"))
+    images = {}
+    for name, img in ocr.ocr_images().items():
+        x = torch.nn.functional.interpolate(ocr.det_input(img)[0], size=(80, 160), mode="bilinear")
+        y, r, e = cm(x), ref(x), exact(x)
+        y = y[0] if isinstance(y, tuple | list) else y
+        images[name] = {
+            "cls_rel_error": ocr.relative_error(y, r),
+            "cls_rel_error_vs_float64": ocr.relative_error(y.double(), e),
+            "reference_cls_rel_error_vs_float64": ocr.relative_error(r.double(), e),
+            "identical": bool((y.argmax(-1) == r.argmax(-1)).all()),
+        }
+    return {"images": images, "rendered_lines": None}
+
+
 def _static(path: Path, examples: tuple) -> qcompile.Program:
     from qcompile.ir.onnx_import import capture_onnx
 
@@ -92,7 +118,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         role, plan, backend = r["cell"].split(":")
         im = r["images"]
-        keys = ("text", "page", "rendered") if role == "det" else ("page", "rendered")
+        keys = ("page", "rendered") if role == "rec" else ("text", "page", "rendered")
 
         def cells(field: str) -> str:
             return " / ".join("–" if im[k][field] is None else f"{im[k][field]:.1e}" for k in keys)
@@ -101,7 +127,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         mine, theirs = cells(f"{role}_rel_error_vs_float64"), cells(f"reference_{role}_rel_error_vs_float64")
         ident = sum(v["identical"] for v in im.values())
         lines = r["rendered_lines"]
-        same = sum(a == b for a, b in zip(lines["expected"], lines["recognized"]))
+        same = "–" if lines is None else sum(a == b for a, b in zip(lines["expected"], lines["recognized"]))
         out.append(
             f"| {role} | {plan} | {backend} | {err} | {mine} | {theirs} "
             f"| {ident}/{len(im)} images, rendered lines {same}/3 | {len(r['layers_changed'])} "

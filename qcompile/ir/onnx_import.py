@@ -190,9 +190,44 @@ def unsupported_nodes(model: Any) -> list[str]:
     return bad
 
 
+def constants_as_initializers(model: Any) -> Any:
+    """A copy of ``model`` whose ``Constant`` nodes (tensor, float(s) or int(s) values) are initializers:
+    onnx2torch's converters look weights up among the initializers only (PP-OCRv5's cls model feeds
+    its convolutions from Constant nodes)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = []
+    for node in out.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(attrs) != 1:
+            keep.append(node)
+            continue
+        ((key, attr),) = attrs.items()
+        value = onnx.helper.get_attribute_value(attr)
+        if key == "value":
+            tensor = value
+        elif key in ("value_float", "value_floats"):
+            tensor = numpy_helper.from_array(np.asarray(value, dtype=np.float32))
+        elif key in ("value_int", "value_ints"):
+            tensor = numpy_helper.from_array(np.asarray(value, dtype=np.int64))
+        else:  # sparse or string constants stay nodes
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
+
+
 def onnx_to_module(model: Any, where: str = "<model>") -> torch.fx.GraphModule:
     """The model as an ``fx.GraphModule`` (onnx2torch), in eval mode; CaptureError on what it cannot convert."""
     o2t = _onnx2torch()
+    model = constants_as_initializers(model)
     from qcompile.ir.onnx_converters import SHAPE_OPS, shape_value_users
 
     bad = unsupported_nodes(model)

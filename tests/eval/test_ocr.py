@@ -119,3 +119,14 @@ def test_pipeline_on_tvm_and_under_plans_matches_onnxruntime(rec_reference):
     w8 = qcompile.compile(ocr.ocr_file("rec"), plan="w8a8-rtn", backend="torch")
     lines = [ocr.render_text(t) for t in ocr.RENDERED_LINES]
     assert ocr.recognize(lines, w8) == list(ocr.RENDERED_LINES)
+
+
+def test_real_orientation_classifier_with_constant_weights_matches_onnxruntime():
+    """cls (opset 14) feeds its convolutions from Constant nodes, which the importer turns into initializers."""
+    path = ocr.ocr_file("cls")
+    ref = ocr.onnxruntime_runner(path)
+    cm = qcompile.compile(path, plan="fp32", backend="torch")
+    for batch in (1, 3):
+        x = ocr.det_input(ocr.ocr_images()["rendered"])[0]
+        x = torch.nn.functional.interpolate(x, size=(80, 160), mode="bilinear").repeat(batch, 1, 1, 1)
+        assert ocr.relative_error(cm(x), ref(x)) < 1e-5
