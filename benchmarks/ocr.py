@@ -35,7 +35,7 @@ import qcompile  # noqa: E402
 from qcompile.eval import ocr  # noqa: E402
 from qcompile.eval.harness import machine  # noqa: E402
 
-CANVAS = 512
+CANVAS = ocr.DET_CANVAS
 CELLS = [
     "cls:fp32:torch",
     "cls:fp32:tvm",
@@ -54,59 +54,17 @@ CELLS = [
 
 def run_cell(cell: str) -> dict[str, Any]:
     role, plan, backend = cell.split(":")
-    ref = {r: ocr.onnxruntime_runner(ocr.ocr_file(r)) for r in ("det", "rec")}
-    path = ocr.ocr_file(role)
-    examples = None
-    if role == "det":  # one canvas for both backends (see the module docstring)
-        examples = (ocr.det_input(ocr.ocr_images()["page"], canvas=CANVAS)[0],)
     t0 = time.perf_counter()
-    program = qcompile.capture(path, examples) if examples is None else _static(path, examples)
-    cm = qcompile.compile(program, plan=plan, backend=backend)
+    cm = qcompile.compile(ocr.capture_model(role), plan=plan, backend=backend)
     seconds = time.perf_counter() - t0
-    if role == "cls":
-        return {"cell": cell, "compile_seconds": round(seconds, 1), "layers_changed": [], "skipped": [], **_cls(cm)}
-    runners = {**ref, role: cm}
-    exact = (ocr.float64_runner(ocr.ocr_file("det")), ocr.float64_runner(ocr.ocr_file("rec")))
-    res = ocr.compare_with_reference(
-        runners["det"], runners["rec"], ref["det"], ref["rec"], ocr.ocr_images(), CANVAS, exact
-    )
-    layers = [layer for p in cm.report.passes for layer in p.layers_changed]
-    skipped = [list(s) for p in cm.report.passes for s in p.skipped]
     return {
         "cell": cell,
         "compile_seconds": round(seconds, 1),
-        "layers_changed": layers,
-        "skipped": skipped,
+        "layers_changed": [layer for p in cm.report.passes for layer in p.layers_changed],
+        "skipped": [list(s) for p in cm.report.passes for s in p.skipped],
         "dims": {k: [v.min, v.max] for k, v in cm.program.entries["forward"].dims.items()},
-        **res,
+        **ocr.agreement(role, cm),
     }
-
-
-def _cls(cm: Any) -> dict[str, Any]:
-    """The text-line orientation classifier on each image scaled to its 80×160 input: output errors and
-    whether the predicted orientation equals onnxruntime's."""
-    import torch
-
-    ref = ocr.onnxruntime_runner(ocr.ocr_file("cls"))
-    exact = ocr.float64_runner(ocr.ocr_file("cls"))
-    images = {}
-    for name, img in ocr.ocr_images().items():
-        x = torch.nn.functional.interpolate(ocr.det_input(img)[0], size=(80, 160), mode="bilinear")
-        y, r, e = cm(x), ref(x), exact(x)
-        y = y[0] if isinstance(y, tuple | list) else y
-        images[name] = {
-            "cls_rel_error": ocr.relative_error(y, r),
-            "cls_rel_error_vs_float64": ocr.relative_error(y.double(), e),
-            "reference_cls_rel_error_vs_float64": ocr.relative_error(r.double(), e),
-            "identical": bool((y.argmax(-1) == r.argmax(-1)).all()),
-        }
-    return {"images": images, "rendered_lines": None}
-
-
-def _static(path: Path, examples: tuple) -> qcompile.Program:
-    from qcompile.ir.onnx_import import capture_onnx
-
-    return capture_onnx(path, examples, dynamic=False)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -142,13 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(HERE / "results" / "ocr.json"))
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--append", action="store_true", help="keep the other cells of the JSON file (same machine)")
     a = ap.parse_args(argv)
     rows = []
+    if a.append and Path(a.json).exists():
+        old = json.loads(Path(a.json).read_text())
+        if old["machine"] != machine():
+            raise SystemExit(f"--append: {a.json} was measured on another machine ({old['machine']})")
+        rows = [r for r in old["rows"] if r["cell"] not in a.cells.split(",")]
     for cell in a.cells.split(","):
         print(f"== {cell}", flush=True)
         r = run_cell(cell)
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "images"}, ensure_ascii=False)[:600], flush=True)
+    rows.sort(key=lambda r: CELLS.index(r["cell"]) if r["cell"] in CELLS else len(CELLS))
     body = table(rows)
     print(body)
     if a.no_write:

@@ -333,6 +333,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"{rec['model']} / {rec['plan_name']}: perplexity {rec['ppl']:.4f} over {rec['windows']} x {rec['seq']} "
             f"tokens ({how}, from the {b['source']})"
         )
+    elif "max_rel_error" in rec:
+        same = rec.get("all_identical")
+        print(
+            f"{rec['model']} / {rec['plan_name']} ({rec['backend']}): max relative output error vs {rec['reference']} "
+            f"{rec['max_rel_error']:.2e}" + ("" if same is None else f"; recognized strings identical: {same}")
+        )
     elif "top1" in rec:
         print(f"{rec['model']} / {rec['plan_name']}: top-1 {rec['top1'] * 100:.2f} % on {rec['images']} images")
     else:

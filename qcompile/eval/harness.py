@@ -127,7 +127,9 @@ def evaluate(
             _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend, bos)
         )
     elif bos is not None:
-        raise DataError(f"--bos/--no-bos apply to language models; {zm.name} is an image classifier")
+        raise DataError(f"--bos/--no-bos apply to language models; {zm.name} is not one")
+    elif zm.kind == "onnx":
+        record.update(_eval_onnx(zm, the_plan, target, source, backend))
     elif zm.name == "fmnist-vgg":
         record.update(_eval_fmnist(zm, the_plan, target, source, backend))
     elif zm.name == "efficientnet-lite0":
@@ -136,6 +138,38 @@ def evaluate(
         raise QCompileError(f"no evaluation defined for {zm.name!r}")
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)
     return record
+
+
+def _eval_onnx(zm: ZooModel, plan: Any, target: str, source: bool, backend: str | None) -> dict[str, Any]:
+    """An imported ONNX model against onnxruntime on the original file: PP-OCRv5 through its pipeline
+    (:func:`qcompile.eval.ocr.agreement`), any other file on its example inputs (relative output error)."""
+    import qcompile
+    from qcompile.eval import ocr
+    from qcompile.ir.onnx_import import capture_onnx
+
+    if source:
+        raise DataError(f"--source: {zm.name} is an ONNX file; its reference is onnxruntime, which eval compares with")
+    assert zm.onnx is not None
+    role = (zm.info or {}).get("role")
+    program = ocr.capture_model(role) if role else capture_onnx(zm.onnx)
+    cm = qcompile.compile(program, target=target, plan=plan, backend=backend)
+    out: dict[str, Any] = {"backend": cm.backend, "reference": f"onnxruntime {_version('onnxruntime')} (CPU)"}
+    if role:
+        res = ocr.agreement(role, cm)
+        errs = [v[f"{role}_rel_error"] for v in res["images"].values() if v[f"{role}_rel_error"] is not None]
+        return {**out, **res, "max_rel_error": max(errs), "images": len(res["images"]), "ocr": res["images"]}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(zm.onnx), providers=["CPUExecutionProvider"])
+    xs = cm.program.entries["forward"].examples
+    ref = torch.from_numpy(sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})[0])
+    return {**out, "max_rel_error": ocr.relative_error(cm(*xs), ref), "inputs": [list(x.shape) for x in xs]}
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
 
 
 def _weights(cm: Any, model: torch.nn.Module, source: bool) -> dict[str, Any]:

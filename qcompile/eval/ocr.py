@@ -355,3 +355,44 @@ def compare_with_reference(
         "rendered_lines": {"expected": list(RENDERED_LINES), "recognized": rendered},
         "all_identical": all(v["identical"] for v in per_image.values()),
     }
+
+
+DET_CANVAS = 512
+
+
+def capture_model(role: str, canvas: int = DET_CANVAS) -> Any:
+    """The Program of PP-OCRv5 ``role``: det for one ``canvas × canvas`` input (see README, "ONNX in"),
+    rec and cls with their dims dynamic."""
+    from qcompile.ir.onnx_import import capture_onnx
+
+    if role == "det":
+        x = det_input(ocr_images()["page"], canvas=canvas)[0]
+        return capture_onnx(ocr_file("det"), (x,), dynamic=False)
+    return capture_onnx(ocr_file(role))
+
+
+def agreement(role: str, model: Runner, canvas: int = DET_CANVAS) -> dict[str, Any]:
+    """``model`` (PP-OCRv5 ``role`` compiled by qcompile) against onnxruntime on the original file, both
+    also against the float64 evaluation: det and rec inside the pipeline (the other model is
+    onnxruntime's, :func:`compare_with_reference`); cls on each image scaled to 80×160 (output errors
+    and whether the predicted orientation is onnxruntime's)."""
+    ref = {r: onnxruntime_runner(ocr_file(r)) for r in ("det", "rec", "cls")}
+    exact = {r: float64_runner(ocr_file(r)) for r in (("det", "rec") if role != "cls" else ("cls",))}
+    if role in ("det", "rec"):
+        runners = {**ref, role: model}
+        return compare_with_reference(
+            runners["det"], runners["rec"], ref["det"], ref["rec"], ocr_images(), canvas, (exact["det"], exact["rec"])
+        )
+    if role != "cls":
+        raise DataError(f"unknown PP-OCRv5 model {role!r}; det, rec or cls")
+    images = {}
+    for name, img in ocr_images().items():
+        x = torch.nn.functional.interpolate(det_input(img)[0], size=(80, 160), mode="bilinear")
+        y, r, e = _first(model(x)), ref["cls"](x), exact["cls"](x)
+        images[name] = {
+            "cls_rel_error": relative_error(y, r),
+            "cls_rel_error_vs_float64": relative_error(y.double(), e),
+            "reference_cls_rel_error_vs_float64": relative_error(r.double(), e),
+            "identical": bool((y.argmax(-1) == r.argmax(-1)).all()),
+        }
+    return {"images": images, "rendered_lines": None, "all_identical": all(v["identical"] for v in images.values())}

@@ -223,3 +223,12 @@ def test_resize_modes_torch_computes_differently_are_refused(tmp_path):
     onnx.save(_graph(resize_attrs={"nearest_mode": "round_prefer_floor"}), p)
     with pytest.raises(CaptureError, match="nearest_mode=floor"):
         capture_onnx(p)
+
+
+def test_eval_compares_an_onnx_file_with_onnxruntime(tiny_onnx, capsys):
+    assert main(["eval", "--model", tiny_onnx, "--plan", "fp32", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "max relative output error vs onnxruntime" in out
+    err = float(out.split("onnxruntime")[1].split("(CPU)")[1].split()[0])
+    assert 0 <= err < 1e-5
+    assert main(["eval", "--model", tiny_onnx, "--source"]) == 2
