@@ -32,6 +32,7 @@ The converters qcompile replaces in onnx2torch's registry, and why, are in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -343,6 +344,9 @@ def capture_onnx(
     with fx_config.patch(backed_size_oblivious=True):
         program = capture(module, examples, dynamic_shapes=shapes)
     entry = program.entries["forward"]
+    for name, rng in list(entry.dims.items()):  # size-oblivious capture allows 0; an empty batch or image is refused
+        if rng.min < 1:
+            entry.dims[name] = dataclasses.replace(rng, min=1)
     specialized = [
         f"{s['name']}[{i}] ({d!r}) = {spec.shape[i]}"
         for s, spec in zip(sig, entry.user_inputs)

@@ -232,3 +232,9 @@ def test_eval_compares_an_onnx_file_with_onnxruntime(tiny_onnx, capsys):
     err = float(out.split("onnxruntime")[1].split("(CPU)")[1].split()[0])
     assert 0 <= err < 1e-5
     assert main(["eval", "--model", tiny_onnx, "--source"]) == 2
+
+
+def test_an_empty_batch_is_refused(tiny_onnx):
+    cm = qcompile.compile(tiny_onnx, backend="torch")
+    with pytest.raises(InputError, match="out of range"):
+        cm(torch.randn(0, 3, 4, 4))
