@@ -300,6 +300,20 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
+def char_error_rate(text: str, reference: str) -> float:
+    """Levenshtein distance from ``text`` to ``reference`` over the reference's length (0 when both are
+    empty)."""
+    if not reference:
+        return 0.0 if not text else 1.0
+    prev = list(range(len(reference) + 1))
+    for i, a in enumerate(text, 1):
+        cur = [i]
+        for j, b in enumerate(reference, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
+        prev = cur
+    return prev[-1] / len(reference)
+
+
 def relative_error(y: Any, ref: torch.Tensor) -> float:
     """max |y − ref| / max |ref| (inf when y holds NaN/Inf)."""
     y = _first(y).detach()
@@ -357,21 +371,14 @@ def compare_with_reference(
     }
 
 
-DET_CANVAS = 512
-
-
-def capture_model(role: str, canvas: int = DET_CANVAS) -> Any:
-    """The Program of PP-OCRv5 ``role``: det for one ``canvas × canvas`` input (see README, "ONNX in"),
-    rec and cls with their dims dynamic."""
+def capture_model(role: str) -> Any:
+    """The Program of PP-OCRv5 ``role`` (det, rec or cls), its named dims dynamic."""
     from qcompile.ir.onnx_import import capture_onnx
 
-    if role == "det":
-        x = det_input(ocr_images()["page"], canvas=canvas)[0]
-        return capture_onnx(ocr_file("det"), (x,), dynamic=False)
     return capture_onnx(ocr_file(role))
 
 
-def agreement(role: str, model: Runner, canvas: int = DET_CANVAS) -> dict[str, Any]:
+def agreement(role: str, model: Runner, canvas: int | None = None) -> dict[str, Any]:
     """``model`` (PP-OCRv5 ``role`` compiled by qcompile) against onnxruntime on the original file, both
     also against the float64 evaluation: det and rec inside the pipeline (the other model is
     onnxruntime's, :func:`compare_with_reference`); cls on each image scaled to 80×160 (output errors

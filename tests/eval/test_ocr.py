@@ -22,6 +22,13 @@ def _probs(indices: list[int], classes: int = 5) -> torch.Tensor:
     return p
 
 
+def test_char_error_rate():
+    assert ocr.char_error_rate("abc", "abc") == 0.0
+    assert ocr.char_error_rate("abd", "abc") == pytest.approx(1 / 3)
+    assert ocr.char_error_rate("abcd", "abc") == pytest.approx(1 / 3)
+    assert ocr.char_error_rate("", "abc") == 1.0 and ocr.char_error_rate("", "") == 0.0
+
+
 def test_ctc_greedy_merges_repeats_and_drops_blanks():
     chars = ["<blank>", "a", "b", "c", " "]
     assert ocr.ctc_greedy(_probs([0, 1, 1, 0, 1, 2, 2, 4, 3, 0]), chars) == [("aab c", pytest.approx(0.9))]
@@ -101,20 +108,17 @@ def test_real_recognizer_fp32_on_the_torch_backend_matches_onnxruntime(rec_refer
 @pytest.mark.slow
 def test_pipeline_on_tvm_and_under_plans_matches_onnxruntime(rec_reference):
     det_ref = ocr.onnxruntime_runner(ocr.ocr_file("det"))
-    canvas = 512
-    examples = (ocr.det_input(ocr.ocr_images()["page"], canvas=canvas)[0],)
-    from qcompile.ir.onnx_import import capture_onnx
-
-    det = qcompile.compile(capture_onnx(ocr.ocr_file("det"), examples, dynamic=False), backend="tvm")
+    det = qcompile.compile(ocr.ocr_file("det"), backend="tvm")  # height and width dynamic
     rec = qcompile.compile(ocr.ocr_file("rec"), backend="tvm")
-    res = ocr.compare_with_reference(det, rec, det_ref, rec_reference, ocr.ocr_images(), canvas)
+    res = ocr.compare_with_reference(det, rec, det_ref, rec_reference, ocr.ocr_images())
     assert res["all_identical"], res
     assert res["rendered_lines"]["recognized"] == list(ocr.RENDERED_LINES)
-    for name in ("page", "rendered"):
-        assert res["images"][name]["rec_rel_error"] < 1e-4
-    det4 = qcompile.compile(capture_onnx(ocr.ocr_file("det"), examples, dynamic=False), plan="winograd-f4")
+    assert res["images"]["rendered"]["rec_rel_error"] < 1e-4
+    with pytest.raises(RuntimeError, match="match_cast"):  # a size the graph cannot take: checked, not read past
+        det(torch.rand(1, 3, 70, 100))
+    det4 = qcompile.compile(ocr.ocr_file("det"), plan="winograd-f4")
     assert len(det4.report.passes[0].layers_changed) > 0
-    res = ocr.compare_with_reference(det4, rec_reference, det_ref, rec_reference, ocr.ocr_images(), canvas)
+    res = ocr.compare_with_reference(det4, rec_reference, det_ref, rec_reference, ocr.ocr_images())
     assert res["all_identical"], res
     w8 = qcompile.compile(ocr.ocr_file("rec"), plan="w8a8-rtn", backend="torch")
     lines = [ocr.render_text(t) for t in ocr.RENDERED_LINES]

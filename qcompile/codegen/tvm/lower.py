@@ -22,6 +22,7 @@ Failures:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,7 +162,8 @@ class Lowering:
     def _guard(self, fn: Callable[[fx.Node], relax.Var]) -> Callable[..., relax.Var]:
         def convert(node: fx.Node, _imp: Any = None) -> relax.Var:
             try:
-                return fn(node)
+                self._align_operands(node)
+                return self._known_shape(node, fn(node))
             except NoRule as e:
                 self._refuse(node, str(e), e)
                 return self.fallback(node)
@@ -202,6 +204,65 @@ class Lowering:
         self.fallbacks.append(f"{self.entry.name}:{node.name} ({node.target})")
         return self.bb.emit(relax.call_dps_packed(name, args, outs if isinstance(val, (tuple, list)) else outs[0]))
 
+    def _known_shape(self, node: fx.Node, v: Any) -> Any:
+        """``v`` with the shape torch computed for ``node`` when TVM lost it: two sizes torch knows equal
+        (it guards them, e.g. a detector's upsampled feature and its skip connection, both functions of
+        a dynamic height) can be expressions TVM cannot prove equal, and TVM then gives the sum an
+        unknown shape. A match_cast restores torch's shape and checks it when the module runs."""
+        ty = getattr(v, "ty", None)
+        val = node.meta.get("val")
+        if not isinstance(ty, relax.TensorType) or ty.shape is not None or not isinstance(val, torch.Tensor):
+            return v
+        try:
+            shape = [self._dim_expr(d) for d in val.shape]
+        except NotImplementedError:
+            return v
+        return self.bb.match_cast(v, relax.TensorType(shape, ty.dtype))
+
+    def _align_operands(self, node: fx.Node) -> None:
+        """Before an elementwise op or a concatenation: an operand whose size torch knows equals the
+        output's, but spelled differently (an expression TVM cannot prove equal, so it would leave the
+        op unlowered), is match_cast to the output's size: TVM sees equal shapes and checks them when
+        the module runs. Broadcast dims (size 1) and the concatenated dim keep their own size."""
+        val = node.meta.get("val")
+        name = getattr(node.target, "__name__", "")
+        if (
+            node.op != "call_function"
+            or name not in _ELEMENTWISE | {"cat.default"}
+            or not isinstance(val, torch.Tensor)
+            or not any(isinstance(d, torch.SymInt) for d in val.shape)
+        ):
+            return
+        if name == "cat.default":
+            args = list(node.args[0]) if node.args else []
+            axis = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % val.dim()
+        else:
+            args, axis = list(node.args), None
+        for arg in args:
+            av = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if not isinstance(av, torch.Tensor) or av.dim() != val.dim() or arg not in self.imp.env:
+                continue
+            want = [a if i == axis else b for i, (a, b) in enumerate(zip(av.shape, val.shape))]
+            if any(not isinstance(a, torch.SymInt) and int(a) == 1 and str(b) != "1" for a, b in zip(av.shape, want)):
+                continue  # a broadcast operand
+            if all(str(a) == str(b) for a, b in zip(av.shape, want)):
+                continue
+            var = self.imp.env[arg]
+            ty = getattr(var, "ty", None)
+            if not isinstance(ty, relax.TensorType):
+                continue
+            try:
+                shape = [self._dim_expr(d) for d in want]
+            except NotImplementedError:
+                continue
+            self.imp.env[arg] = self.bb.match_cast(var, relax.TensorType(shape, ty.dtype))
+
+    def _dim_expr(self, d: Any) -> Any:
+        """A torch size (int, or SymInt over the input dims) as a TIR expression over the same variables."""
+        if not isinstance(d, torch.SymInt):
+            return tvm.tirx.IntImm("int64", int(d))
+        return _sympy_to_tir(d.node.expr, self.symvars)
+
     def _dim(self, d: Any) -> Any:
         if not isinstance(d, torch.SymInt):
             return int(d)
@@ -209,6 +270,35 @@ class Lowering:
         if key not in self.symvars:
             raise LoweringError(f"entry {self.entry.name!r}: output dimension {key} is not an input dimension")
         return self.symvars[key]
+
+
+_ELEMENTWISE = frozenset(
+    f"{op}.Tensor" for op in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge", "pow")
+) | frozenset({"maximum.default", "minimum.default", "where.self"})
+
+
+def _sympy_to_tir(e: Any, symvars: dict[str, Any]) -> Any:
+    """Integer sympy expressions of torch's symbolic shapes (+, *, floor division, mod) as TIR; anything
+    else is NotImplementedError."""
+    import sympy
+
+    name = type(e).__name__
+    if isinstance(e, sympy.Integer):
+        return tvm.tirx.IntImm("int64", int(e))
+    if isinstance(e, sympy.Symbol):
+        if str(e) not in symvars:
+            raise NotImplementedError(str(e))
+        return symvars[str(e)]
+    args = [_sympy_to_tir(a, symvars) for a in e.args]
+    if isinstance(e, sympy.Add):
+        return functools.reduce(lambda a, b: a + b, args)
+    if isinstance(e, sympy.Mul):
+        return functools.reduce(lambda a, b: a * b, args)
+    if name == "FloorDiv":
+        return tvm.tirx.floordiv(args[0], args[1])
+    if name in ("Mod", "PythonMod"):
+        return tvm.tirx.floormod(args[0], args[1])
+    raise NotImplementedError(name)
 
 
 def _ensure_fake_values(entry: Entry, program: Program) -> None:
