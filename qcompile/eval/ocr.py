@@ -371,10 +371,13 @@ def compare_with_reference(
     }
 
 
-def capture_model(role: str) -> Any:
-    """The Program of PP-OCRv5 ``role`` (det, rec or cls), its named dims dynamic."""
+def capture_model(role: str, canvas: int | None = None) -> Any:
+    """The Program of PP-OCRv5 ``role`` (det, rec or cls), its named dims dynamic; det with ``canvas``:
+    static, for one ``canvas × canvas`` input (images scaled into it and padded with white)."""
     from qcompile.ir.onnx_import import capture_onnx
 
+    if role == "det" and canvas is not None:
+        return capture_onnx(ocr_file("det"), (det_input(ocr_images()["page"], canvas=canvas)[0],), dynamic=False)
     return capture_onnx(ocr_file(role))
 
 

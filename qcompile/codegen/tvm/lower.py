@@ -245,8 +245,6 @@ class Lowering:
             want = [a if i == axis else b for i, (a, b) in enumerate(zip(av.shape, val.shape))]
             if any(not isinstance(a, torch.SymInt) and int(a) == 1 and str(b) != "1" for a, b in zip(av.shape, want)):
                 continue  # a broadcast operand
-            if all(str(a) == str(b) for a, b in zip(av.shape, want)):
-                continue
             var = self.imp.env[arg]
             ty = getattr(var, "ty", None)
             if not isinstance(ty, relax.TensorType):
@@ -255,7 +253,15 @@ class Lowering:
                 shape = [self._dim_expr(d) for d in want]
             except NotImplementedError:
                 continue
+            have = getattr(ty.shape, "values", None)  # TVM's own spelling, which may differ from torch's
+            if have is not None and len(have) == len(shape) and all(self._equal(a, b) for a, b in zip(have, shape)):
+                continue
             self.imp.env[arg] = self.bb.match_cast(var, relax.TensorType(shape, ty.dtype))
+
+    def _equal(self, a: Any, b: Any) -> bool:
+        analyzer = getattr(self, "_analyzer", None) or tvm.sym.analyzer.Analyzer()
+        self._analyzer = analyzer
+        return bool(analyzer.can_prove_equal(a, b))
 
     def _dim_expr(self, d: Any) -> Any:
         """A torch size (int, or SymInt over the input dims) as a TIR expression over the same variables."""
@@ -267,9 +273,14 @@ class Lowering:
         if not isinstance(d, torch.SymInt):
             return int(d)
         key = str(d)
-        if key not in self.symvars:
-            raise LoweringError(f"entry {self.entry.name!r}: output dimension {key} is not an input dimension")
-        return self.symvars[key]
+        if key in self.symvars:
+            return self.symvars[key]
+        try:  # an expression of the input dims (a strided conv's output size)
+            return _sympy_to_tir(d.node.expr, self.symvars)
+        except NotImplementedError:
+            raise LoweringError(
+                f"entry {self.entry.name!r}: output dimension {key} is not an expression of the input dimensions"
+            ) from None
 
 
 _ELEMENTWISE = frozenset(
