@@ -240,7 +240,12 @@ class CompiledModule:
         return save_artifact(self, Path(path))
 
     def export_onnx(
-        self, path: str | Path, format: str = "qdq", *, entry: str | None = None, external_data: bool | None = None
+        self,
+        path: str | Path,
+        format: str = "qdq",
+        *,
+        entry: str | None = None,
+        external_data: bool | None = None,
     ) -> Any:
         """Write entry ``entry`` (default: ``prefill`` for a causal LM, with its KV cache as explicit
         past/present inputs and outputs; else ``forward``) as an ONNX model at ``path``, in format ``qdq``

@@ -1,0 +1,227 @@
+"""ONNX export (issue 18): onnxruntime on the exported model against qcompile's torch reference.
+
+Tolerance. On the tiny Llama every plan and format measured a largest logit difference of at most
+4e-7 of the largest logit (fp32 summation order: ONNX MatMul over dequantized values against the
+reference's exact integer products rescaled in fp32). The tests allow 2e-6. A wrong rounding mode,
+scale formula or code layout changes at least one activation or weight code by a step, which is
+1/127 of a row's range for 8 bits and 1/7 for 4 bits: orders of magnitude above that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qcompile
+from qcompile.eval.zoo import tiny_cnn, tiny_llama
+from qcompile.plan import get_plan
+from qcompile.runtime.onnx_export import InexpressibleOpError, OnnxExportError, ort_session
+
+TOL = 2e-6
+QUANT_PLANS = ("w8a8-rtn", "w4a16-rtn-g128", "w4a16-rtn-g32-asym", "w8a8-smooth", "w6a8")
+GEN = torch.Generator().manual_seed(0)
+CALIB = torch.randint(0, 256, (2, 64), generator=GEN)
+IDS = torch.randint(0, 256, (1, 40), generator=GEN)
+PROMPT = torch.randint(0, 256, (1, 6), generator=GEN)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _nll(logits: np.ndarray, ids: torch.Tensor) -> float:
+    lg = torch.from_numpy(np.asarray(logits, dtype=np.float64))[0, :-1]
+    return float(torch.nn.functional.cross_entropy(lg, ids[0, 1:]))
+
+
+def _w6a8_g32():
+    """w6a8 with groups of 32: several K groups per linear on the tiny model (its K is 64 or 128), so
+    the grouped integer products and the blocked activation scales are exercised."""
+    p = get_plan("w6a8")
+    return dataclasses.replace(
+        p,
+        name="w6a8-g32",
+        weight=dataclasses.replace(p.weight, group_size=32),
+        activation=dataclasses.replace(p.activation, group_size=32),
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cache: dict[str, qcompile.CompiledModule] = {}
+
+    def get(plan: str) -> qcompile.CompiledModule:
+        if plan not in cache:
+            p = _w6a8_g32() if plan == "w6a8-g32" else plan
+            cache[plan] = qcompile.compile(
+                tiny_llama(), plan=p, max_cache_len=64, backend="torch", calib=CALIB, lm_entries=("forward",)
+            )
+        return cache[plan]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+@pytest.mark.parametrize("plan", [*QUANT_PLANS, "w6a8-g32"])
+def test_onnxruntime_logits_match_the_reference(compiled, plan, fmt, tmp_path):
+    cm = compiled(plan)
+    res = cm.export_onnx(tmp_path / "m.onnx", fmt)
+    assert res.entry == "forward" and res.inputs == ("input_ids",) and res.outputs == ("logits",)
+    model = onnx.load(str(res.path))
+    ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
+    if fmt == "qdq":
+        assert all(d == "ai.onnx" for d, _ in ops) and ("ai.onnx", "DequantizeLinear") in ops
+    elif plan.startswith("w4a16"):
+        assert ("com.microsoft", "MatMulNBits") in ops
+    else:
+        assert ("ai.onnx", "MatMulInteger") in ops
+    sess = ort_session(res.path)
+    for ids in (IDS, IDS[:, :7], IDS[:, :1]):
+        got = sess.run(None, {"input_ids": ids.numpy()})[0]
+        ref = cm(ids).numpy()
+        err = _rel(got, ref)
+        print(f"{plan} {fmt} T={ids.shape[1]}: max relative logit error {err:.2e}")
+        assert err < TOL
+    nll_onnx, nll_ref = _nll(sess.run(None, {"input_ids": IDS.numpy()})[0], IDS), _nll(cm(IDS).numpy(), IDS)
+    assert abs(np.exp(nll_onnx) / np.exp(nll_ref) - 1) < 1e-5  # perplexity; the issue asks for 1e-3
+
+
+def _onnx_generate(sess, res, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy generation in onnxruntime alone: prefill, then one token per call, present fed back as past."""
+    past = {c.input: np.zeros(c.shape, dtype=np.float32) for c in res.cache}
+    tokens, step, pos = prompt.clone(), prompt, torch.arange(prompt.shape[1])
+    for _ in range(n):
+        outs = sess.run(None, {"input_ids": step.numpy(), "cache_position": pos.numpy(), **past})
+        past = {c.input: o for c, o in zip(res.cache, outs[1:])}
+        nxt = torch.tensor([[int(np.argmax(outs[0][0, -1]))]])
+        tokens = torch.cat([tokens, nxt], dim=1)
+        step, pos = nxt, torch.tensor([tokens.shape[1] - 1])
+    return tokens
+
+
+@pytest.mark.parametrize(("plan", "fmt"), [("fp32", "qdq"), ("w4a16-rtn-g128", "ort")])
+def test_greedy_generate_in_onnxruntime_reproduces_qcompile(plan, fmt, tmp_path):
+    cm = qcompile.compile(tiny_llama(), plan=plan, max_cache_len=64, backend="torch", lm_entries=("prefill", "decode"))
+    res = cm.export_onnx(tmp_path / "lm.onnx", fmt)
+    assert res.entry == "prefill"
+    assert res.inputs == (
+        "input_ids",
+        "cache_position",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    )
+    assert res.outputs == ("logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value")
+    assert all(c.shape == (1, 2, 64, 16) for c in res.cache)  # [batch, kv heads, max_cache_len, head dim]
+    sess = ort_session(res.path)
+    # prefill over an empty cache: the logits of the whole sequence (fp32: the issue's 1e-4 bound holds with room)
+    zeros = {c.input: np.zeros(c.shape, dtype=np.float32) for c in res.cache}
+    pos = torch.arange(IDS.shape[1])
+    got = sess.run(None, {"input_ids": IDS.numpy(), "cache_position": pos.numpy(), **zeros})
+    cm.reset_cache()
+    err = _rel(got[0], cm.run_entry("prefill", IDS, pos).numpy())
+    print(f"{plan} {fmt} prefill: max relative logit error {err:.2e}")
+    assert err < TOL
+    # present = past with the prompt's rows written, the rest untouched (zeros)
+    assert all(
+        np.abs(p[:, :, IDS.shape[1] :]).max() == 0 and np.abs(p[:, :, : IDS.shape[1]]).max() > 0 for p in got[1:]
+    )
+    want = cm.generate(PROMPT, 32, eos_token_id=[])
+    assert torch.equal(_onnx_generate(sess, res, PROMPT, 32), want)
+
+
+CNN_X = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+CNN_CALIB = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+@pytest.mark.parametrize("plan", ["cnn-w8a8", "cnn-w4a16"])
+def test_cnn_export_matches_the_reference(plan, fmt, tmp_path):
+    cm = qcompile.compile(tiny_cnn(), plan=plan, example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch")
+    res = cm.export_onnx(tmp_path / "cnn.onnx", fmt)
+    ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
+    if plan == "cnn-w8a8":
+        assert ("ConvInteger" if fmt == "ort" else "QuantizeLinear") in ops
+    got = ort_session(res.path).run(None, {res.inputs[0]: CNN_X.numpy()})[0]
+    err = _rel(got, cm(CNN_X).numpy())
+    print(f"{plan} {fmt}: max relative error {err:.2e}")
+    assert err < TOL
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cnn_fp32():
+    return qcompile.compile(tiny_cnn(), plan="fp32", example_inputs=(CNN_X,), backend="torch")
+
+
+def test_a_directory_as_the_output_path_is_refused(cnn_fp32, tmp_path):
+    d = tmp_path / "out.onnx"
+    d.mkdir()
+    with pytest.raises(OnnxExportError, match="is a directory"):
+        cnn_fp32.export_onnx(d)
+    with pytest.raises(OnnxExportError, match="does not exist"):
+        cnn_fp32.export_onnx(tmp_path / "missing" / "m.onnx")
+    assert list(d.iterdir()) == []
+
+
+def test_an_unknown_format_or_entry_is_refused(cnn_fp32, tmp_path):
+    with pytest.raises(OnnxExportError, match=r"unknown ONNX export format 'onnx'; formats: qdq, ort"):
+        cnn_fp32.export_onnx(tmp_path / "m.onnx", "onnx")
+    with pytest.raises(OnnxExportError, match=r"no entry 'decode'; entries: \['forward'\]"):
+        cnn_fp32.export_onnx(tmp_path / "m.onnx", entry="decode")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_winograd_convolutions_are_listed_as_inexpressible(tmp_path):
+    cm = qcompile.compile(tiny_cnn(), plan="winograd-f4", example_inputs=(CNN_X,), backend="torch")
+    with pytest.raises(
+        InexpressibleOpError,
+        match=r"node\(s\) use qcompile ops without an ONNX form: .*qcompile::winograd_conv2d at 0\)",
+    ):
+        cm.export_onnx(tmp_path / "w.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_xquant_caches_are_listed_as_inexpressible(tmp_path):
+    cm = qcompile.compile(tiny_llama(), plan="xcache-4bit", max_cache_len=16, backend="torch", lm_entries=("prefill",))
+    with pytest.raises(InexpressibleOpError, match=r"qcompile::cache_quantize at model\.layers\.0\."):
+        cm.export_onnx(tmp_path / "x.onnx", "ort")
+    assert os.listdir(tmp_path) == []
+
+
+def test_external_data_and_overwrite(cnn_fp32, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    res = cnn_fp32.export_onnx(out, external_data=True)
+    assert res.data_path is not None and res.data_path.parent == tmp_path and res.data_path.stat().st_size > 1000
+    proto = onnx.load(str(out), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {
+        res.data_path.name
+    }
+    onnx.checker.check_model(str(out), full_check=True)
+    got = ort_session(out).run(None, {res.inputs[0]: CNN_X.numpy()})[0]
+    assert _rel(got, cnn_fp32(CNN_X).numpy()) < TOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, res.data_path.name])  # no temp files
+
+
+def test_cli_export(tmp_path, capsys):
+    from qcompile.cli import main
+
+    cm = qcompile.compile(tiny_cnn(), plan="cnn-w8a8", example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch")
+    art = cm.save(tmp_path / "art")
+    out = tmp_path / "cnn.onnx"
+    assert main(["export", str(art), "--onnx", str(out), "--format", "ort"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    got = ort_session(out).run(None, {"input": CNN_X.numpy()})[0]
+    assert _rel(got, cm(CNN_X).numpy()) < TOL
+    assert main(["export", str(art), "--onnx", str(out), "--format", "tflite"]) == 2
+    assert "unknown ONNX export format 'tflite'" in capsys.readouterr().err
+    assert main(["export", str(art), "--onnx", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
