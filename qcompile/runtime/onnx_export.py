@@ -203,7 +203,7 @@ def export_onnx(
     with output_lock(out):
         data = _write(onnx_program, out, external_data)
     log.info("wrote %s (entry %s, format %s)", out, name, fmt.value)
-    return OnnxExport(out, data, name, fmt, tuple(inputs), tuple(outputs), tuple(cache), tuple(tr.notes))
+    return OnnxExport(out, data, name, fmt, tuple(inputs), tuple(outputs), tuple(cache), tuple(sorted(tr.notes)))
 
 
 def check_expressible(entry: Entry) -> None:
@@ -430,7 +430,7 @@ class _Translator:
         self.program = program
         self.consts = consts
         self.fmt = fmt
-        self.notes: list[str] = []
+        self.notes: set[str] = set()  # a set: the exporter may call a translation more than once per node
 
     def table(self) -> dict[Any, Callable[..., Any]]:
         q = torch.ops.qcompile
@@ -565,7 +565,7 @@ class _Translator:
             why = _nbits_obstacle(w)
             if why is None:
                 return _matmul_nbits(x2, w)
-            self.notes.append(f"a {w.bits}-bit weight-only linear [{w.n}x{w.k}] kept the qdq form: {why}")
+            self.notes.add(f"{w.bits}-bit weight-only linears [{w.n}x{w.k}] kept the qdq form: {why}")
         return op.MatMul(x2, self._qdq_weight(w))
 
     def _qdq_weight(self, w: _Weights):  # type: ignore[no-untyped-def]

@@ -1,10 +1,17 @@
 """ONNX export (issue 18): onnxruntime on the exported model against qcompile's torch reference.
 
-Tolerance. On the tiny Llama every plan and format measured a largest logit difference of at most
-4e-7 of the largest logit (fp32 summation order: ONNX MatMul over dequantized values against the
-reference's exact integer products rescaled in fp32). The tests allow 2e-6. A wrong rounding mode,
-scale formula or code layout changes at least one activation or weight code by a step, which is
-1/127 of a row's range for 8 bits and 1/7 for 4 bits: orders of magnitude above that.
+Tolerances, measured on this machine:
+
+* one quantized linear fed the same input (nothing upstream to differ): every plan and format agrees to
+  at most 3e-7 of the largest output (fp32 summation order: ONNX MatMul over dequantized values against
+  the reference's exact integer products rescaled in fp32; MatMulInteger's int32 products are exact).
+  ``TOL`` = 2e-6. A wrong rounding mode, scale formula or code layout moves codes by a step, 1/127 of a
+  row's range at 8 bits and 1/7 at 4 bits: orders of magnitude more.
+* a whole model (tiny Llama): the same 4e-7, except where an activation lands within fp32 noise of a
+  rounding boundary (x/s = 13.500009 in the reference, 13.49999 in onnxruntime, whose attention differs in
+  the last bits): that one code differs by 1 and the logits by up to 1.1e-3 of the largest (w8a8-rtn, ort,
+  one layer). ``TOL_MODEL`` = 5e-3 allows a few such flips; perplexity must agree to 1e-4 relative (the
+  issue asks for 1e-3).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from qcompile.eval.zoo import tiny_cnn, tiny_llama
 from qcompile.plan import get_plan
 from qcompile.runtime.onnx_export import InexpressibleOpError, OnnxExportError, ort_session
 
-TOL = 2e-6
+TOL = 2e-6  # one linear, same input
+TOL_MODEL = 5e-3  # a model: a few activation codes may round the other way (see above)
 QUANT_PLANS = ("w8a8-rtn", "w4a16-rtn-g128", "w4a16-rtn-g32-asym", "w8a8-smooth", "w6a8")
 GEN = torch.Generator().manual_seed(0)
 CALIB = torch.randint(0, 256, (2, 64), generator=GEN)
@@ -39,38 +47,30 @@ def _nll(logits: np.ndarray, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(lg, ids[0, 1:]))
 
 
-def _w6a8_g32():
-    """w6a8 with groups of 32: several K groups per linear on the tiny model (its K is 64 or 128), so
-    the grouped integer products and the blocked activation scales are exercised."""
-    p = get_plan("w6a8")
-    return dataclasses.replace(
-        p,
-        name="w6a8-g32",
-        weight=dataclasses.replace(p.weight, group_size=32),
-        activation=dataclasses.replace(p.activation, group_size=32),
-    )
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    cache: dict[str, qcompile.CompiledModule] = {}
+    """Compiled tiny Llamas by (plan, layers), one capture per depth (each compile copies the tensors)."""
+    programs: dict[int, qcompile.Program] = {}
+    cache: dict[tuple[str, int], qcompile.CompiledModule] = {}
 
-    def get(plan: str) -> qcompile.CompiledModule:
-        if plan not in cache:
-            p = _w6a8_g32() if plan == "w6a8-g32" else plan
-            cache[plan] = qcompile.compile(
-                tiny_llama(), plan=p, max_cache_len=64, backend="torch", calib=CALIB, lm_entries=("forward",)
-            )
-        return cache[plan]
+    def get(plan: str, layers: int = 2) -> qcompile.CompiledModule:
+        if (plan, layers) not in cache:
+            if layers not in programs:
+                programs[layers] = qcompile.capture(tiny_llama(layers=layers), max_cache_len=64)
+            prog = programs[layers].copy()
+            prog.state = {k: v.clone() for k, v in prog.state.items()}
+            cache[plan, layers] = qcompile.compile(prog, plan=plan, backend="torch", calib=CALIB)
+        return cache[plan, layers]
 
     return get
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "ort"])
-@pytest.mark.parametrize("plan", [*QUANT_PLANS, "w6a8-g32"])
+@pytest.mark.parametrize("plan", QUANT_PLANS)
 def test_onnxruntime_logits_match_the_reference(compiled, plan, fmt, tmp_path):
-    cm = compiled(plan)
-    res = cm.export_onnx(tmp_path / "m.onnx", fmt)
+    """The plans of the issue on a one-layer tiny Llama (the export time grows with the graph)."""
+    cm = compiled(plan, layers=1)
+    res = cm.export_onnx(tmp_path / "m.onnx", fmt, entry="forward")
     assert res.entry == "forward" and res.inputs == ("input_ids",) and res.outputs == ("logits",)
     model = onnx.load(str(res.path))
     ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
@@ -86,9 +86,56 @@ def test_onnxruntime_logits_match_the_reference(compiled, plan, fmt, tmp_path):
         ref = cm(ids).numpy()
         err = _rel(got, ref)
         print(f"{plan} {fmt} T={ids.shape[1]}: max relative logit error {err:.2e}")
-        assert err < TOL
+        assert err < TOL_MODEL
     nll_onnx, nll_ref = _nll(sess.run(None, {"input_ids": IDS.numpy()})[0], IDS), _nll(cm(IDS).numpy(), IDS)
-    assert abs(np.exp(nll_onnx) / np.exp(nll_ref) - 1) < 1e-5  # perplexity; the issue asks for 1e-3
+    ppl = abs(np.exp(nll_onnx) / np.exp(nll_ref) - 1)
+    print(f"{plan} {fmt}: perplexity relative difference {ppl:.1e}")
+    assert ppl < 1e-4
+
+
+def _linear_plan(name: str, group: int):
+    """Preset ``name`` with weight (and grouped activation) groups of ``group``."""
+    p = get_plan(name)
+    act = p.activation
+    if act is not None and act.group_size is not None:
+        act = dataclasses.replace(act, group_size=group)
+    return dataclasses.replace(
+        p, name=f"{name}-g{group}", weight=dataclasses.replace(p.weight, group_size=group), activation=act
+    )
+
+
+LIN_X = torch.randn(3, 5, 80, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+@pytest.mark.parametrize(
+    ("plan", "group"),
+    [
+        ("w8a8-rtn", 0),
+        ("w6a8", 128),
+        ("w6a8", 32),
+        ("w4a16-rtn-g128", 128),
+        ("w4a16-rtn-g32-asym", 32),
+        ("w4a4-rtn", 16),
+        ("w4a16-rtn-g128", 24),
+    ],
+)
+def test_one_linear_matches_the_reference_tightly(plan, group, fmt, tmp_path):
+    """One linear, K = 80: per channel, one partial group of 128, groups of 32 (two whole, one of 16) or
+    16, so the blocked scales, the grouped integer products and MatMulNBits' padded last block are used; a
+    group of 24 (not a power of two) is no MatMulNBits block size, so the linear keeps the qdq form in
+    the ort format, and the export says so."""
+    model = torch.nn.Sequential(torch.nn.Linear(80, 48)).eval()
+    p = _linear_plan(plan, group) if group else plan
+    cm = qcompile.compile(model, plan=p, example_inputs=(LIN_X,), backend="torch")
+    res = cm.export_onnx(tmp_path / "lin.onnx", fmt)
+    fallback = fmt == "ort" and group == 24
+    assert len(res.notes) == (1 if fallback else 0)
+    assert all("group size 24 is not a power of two >= 16" in n for n in res.notes)
+    got = ort_session(res.path).run(None, {res.inputs[0]: LIN_X.numpy()})[0]
+    err = _rel(got, cm(LIN_X).numpy())
+    print(f"{plan} g{group} {fmt}: max relative error {err:.2e}")
+    assert err < TOL
 
 
 def _onnx_generate(sess, res, prompt: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,8 +152,8 @@ def _onnx_generate(sess, res, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("plan", "fmt"), [("fp32", "qdq"), ("w4a16-rtn-g128", "ort")])
-def test_greedy_generate_in_onnxruntime_reproduces_qcompile(plan, fmt, tmp_path):
-    cm = qcompile.compile(tiny_llama(), plan=plan, max_cache_len=64, backend="torch", lm_entries=("prefill", "decode"))
+def test_greedy_generate_in_onnxruntime_reproduces_qcompile(compiled, plan, fmt, tmp_path):
+    cm = compiled(plan)
     res = cm.export_onnx(tmp_path / "lm.onnx", fmt)
     assert res.entry == "prefill"
     assert res.inputs == (
@@ -140,10 +187,24 @@ CNN_X = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 CNN_CALIB = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
 
 
+@pytest.fixture(scope="module")
+def cnn():
+    cache: dict[str, qcompile.CompiledModule] = {}
+
+    def get(plan: str) -> qcompile.CompiledModule:
+        if plan not in cache:
+            cache[plan] = qcompile.compile(
+                tiny_cnn(), plan=plan, example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch"
+            )
+        return cache[plan]
+
+    return get
+
+
 @pytest.mark.parametrize("fmt", ["qdq", "ort"])
 @pytest.mark.parametrize("plan", ["cnn-w8a8", "cnn-w4a16"])
-def test_cnn_export_matches_the_reference(plan, fmt, tmp_path):
-    cm = qcompile.compile(tiny_cnn(), plan=plan, example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch")
+def test_cnn_export_matches_the_reference(cnn, plan, fmt, tmp_path):
+    cm = cnn(plan)
     res = cm.export_onnx(tmp_path / "cnn.onnx", fmt)
     ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
     if plan == "cnn-w8a8":
@@ -156,8 +217,8 @@ def test_cnn_export_matches_the_reference(plan, fmt, tmp_path):
 
 # ---- bad input ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cnn_fp32():
-    return qcompile.compile(tiny_cnn(), plan="fp32", example_inputs=(CNN_X,), backend="torch")
+def cnn_fp32(cnn):
+    return cnn("fp32")
 
 
 def test_a_directory_as_the_output_path_is_refused(cnn_fp32, tmp_path):
@@ -211,10 +272,10 @@ def test_external_data_and_overwrite(cnn_fp32, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, res.data_path.name])  # no temp files
 
 
-def test_cli_export(tmp_path, capsys):
+def test_cli_export(cnn, tmp_path, capsys):
     from qcompile.cli import main
 
-    cm = qcompile.compile(tiny_cnn(), plan="cnn-w8a8", example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch")
+    cm = cnn("cnn-w8a8")
     art = cm.save(tmp_path / "art")
     out = tmp_path / "cnn.onnx"
     assert main(["export", str(art), "--onnx", str(out), "--format", "ort"]) == 0
