@@ -196,7 +196,9 @@ def export_onnx(
         except Exception as e:  # the exporter wraps translation errors in its own types
             inner = _qcompile_cause(e)
             if inner is not None:
-                raise inner from e
+                node = re.search(r"Error when translating node %(\S+)", _messages(e))
+                where = f" (node {node.group(1)} of entry {name!r})" if node else f" (entry {name!r})"
+                raise type(inner)(f"{inner}{where}") from e
             raise OnnxExportError(f"torch.onnx.export failed on entry {name!r}: {_first(e)}") from e
     if onnx_program is None:  # pragma: no cover - dynamo=True always returns one
         raise OnnxExportError("torch.onnx.export returned no program")
@@ -226,6 +228,15 @@ def check_expressible(entry: Entry) -> None:
 
 def _first(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:400]}"
+
+
+def _messages(e: BaseException | None) -> str:
+    """The messages of ``e`` and the exceptions it was raised from."""
+    out = []
+    while e is not None and len(out) < 20:
+        out.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(out)
 
 
 def _qcompile_cause(e: BaseException | None) -> QCompileError | None:

@@ -26,7 +26,8 @@ import torch
 
 import qcompile
 from qcompile.eval.zoo import tiny_cnn, tiny_llama
-from qcompile.plan import get_plan
+from qcompile.plan import PassConfig, Plan, get_plan
+from qcompile.quant.spec import Granularity, QuantSpec
 from qcompile.runtime.onnx_export import InexpressibleOpError, OnnxExportError, ort_session
 
 TOL = 2e-6  # one linear, same input
@@ -118,6 +119,7 @@ LIN_X = torch.randn(3, 5, 80, generator=torch.Generator().manual_seed(3))
         ("w4a16-rtn-g32-asym", 32),
         ("w4a4-rtn", 16),
         ("w4a16-rtn-g128", 24),
+        ("w8a16", 0),
     ],
 )
 def test_one_linear_matches_the_reference_tightly(plan, group, fmt, tmp_path):
@@ -126,12 +128,21 @@ def test_one_linear_matches_the_reference_tightly(plan, group, fmt, tmp_path):
     group of 24 (not a power of two) is no MatMulNBits block size, so the linear keeps the qdq form in
     the ort format, and the export says so."""
     model = torch.nn.Sequential(torch.nn.Linear(80, 48)).eval()
-    p = _linear_plan(plan, group) if group else plan
+    if plan == "w8a16":  # int8 weight-only (the lm_head int8 setting): MatMulNBits with 8-bit codes
+        p = dataclasses.replace(get_plan("w4a16-rtn-g128"), name="w8a16", weight=QuantSpec(8, Granularity.PER_CHANNEL))
+    else:
+        p = _linear_plan(plan, group) if group else plan
     cm = qcompile.compile(model, plan=p, example_inputs=(LIN_X,), backend="torch")
     res = cm.export_onnx(tmp_path / "lin.onnx", fmt)
     fallback = fmt == "ort" and group == 24
     assert len(res.notes) == (1 if fallback else 0)
     assert all("group size 24 is not a power of two >= 16" in n for n in res.notes)
+    ops = {(n.domain or "ai.onnx", n.op_type) for n in onnx.load(str(res.path)).graph.node}
+    weight_only = cm.plan.activation is None
+    if fmt == "qdq" or fallback:
+        assert all(d == "ai.onnx" for d, _ in ops) and ("ai.onnx", "DequantizeLinear") in ops
+    else:
+        assert (("com.microsoft", "MatMulNBits") if weight_only else ("ai.onnx", "MatMulInteger")) in ops
     got = ort_session(res.path).run(None, {res.inputs[0]: LIN_X.numpy()})[0]
     err = _rel(got, cm(LIN_X).numpy())
     print(f"{plan} g{group} {fmt}: max relative error {err:.2e}")
@@ -183,8 +194,46 @@ def test_greedy_generate_in_onnxruntime_reproduces_qcompile(compiled, plan, fmt,
     assert torch.equal(_onnx_generate(sess, res, PROMPT, 32), want)
 
 
+def test_the_decode_entry_exports_with_the_same_cache_layout(compiled, tmp_path):
+    cm = compiled("w4a16-rtn-g128")
+    res = cm.export_onnx(tmp_path / "decode.onnx", "qdq", entry="decode")
+    assert res.entry == "decode" and [c.input for c in res.cache] == [
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
+    cm.reset_cache()
+    cm.run_entry("prefill", PROMPT, torch.arange(PROMPT.shape[1]))
+    past = {c.input: cm._cache[c.key].numpy().copy() for c in res.cache}
+    step, pos = PROMPT[:, :1], torch.tensor([PROMPT.shape[1]])
+    ref = cm.run_entry("decode", step, pos).numpy()  # writes row pos of qcompile's cache
+    out = ort_session(res.path).run(None, {"input_ids": step.numpy(), "cache_position": pos.numpy(), **past})
+    assert _rel(out[0], ref) < TOL_MODEL
+    for c, present in zip(res.cache, out[1:]):
+        assert _rel(present, cm._cache[c.key].numpy()) < TOL_MODEL
+
+
+def test_a_translation_error_names_the_node(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(80, 48)).eval()
+    cm = qcompile.compile(model, plan="w4a16-rtn-g128", example_inputs=(LIN_X,), backend="torch")
+    cm.program.weight_bits.clear()  # an inconsistent Program: codes of unknown width
+    with pytest.raises(OnnxExportError, match=r"records no bit width for weight codes .*\(node quant_linear of entry"):
+        cm.export_onnx(tmp_path / "lin.onnx", "ort")
+    assert os.listdir(tmp_path) == []
+
+
 CNN_X = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 CNN_CALIB = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+
+
+# dynamic per-pixel int8 activations (simulated quantization in the reference, spelled out in ONNX)
+CNN_PIXEL = Plan(
+    name="cnn-w8a8-pixel",
+    passes=(PassConfig("quantize_weights"),),
+    weight=QuantSpec(8, Granularity.PER_CHANNEL),
+    activation=QuantSpec(8, Granularity.PER_TOKEN),
+)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +242,9 @@ def cnn():
 
     def get(plan: str) -> qcompile.CompiledModule:
         if plan not in cache:
+            p = CNN_PIXEL if plan == CNN_PIXEL.name else plan
             cache[plan] = qcompile.compile(
-                tiny_cnn(), plan=plan, example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch"
+                tiny_cnn(), plan=p, example_inputs=(CNN_X,), calib=CNN_CALIB, backend="torch"
             )
         return cache[plan]
 
@@ -202,7 +252,7 @@ def cnn():
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "ort"])
-@pytest.mark.parametrize("plan", ["cnn-w8a8", "cnn-w4a16"])
+@pytest.mark.parametrize("plan", ["cnn-w8a8", "cnn-w4a16", CNN_PIXEL.name])
 def test_cnn_export_matches_the_reference(cnn, plan, fmt, tmp_path):
     cm = cnn(plan)
     res = cm.export_onnx(tmp_path / "cnn.onnx", fmt)
