@@ -27,12 +27,14 @@ of the initializer the exporter bound them to) and emit ONNX constants in the la
   grid) keeps the ``qdq`` form; :attr:`OnnxExport.notes` lists them.
 
 Both formats round half to even (ONNX ``Round`` and ``QuantizeLinear``, like ``torch.round``) and
-compute scales with the reference's formula (``absmax / qmax``, 1 for an all-zero row). Static
-activation codes (``quantize_static``, ``quant_conv2d`` with a calibrated scale) are clamped to
-``±qmax`` after ``QuantizeLinear`` (whose int8 saturation alone would allow -128). Differences to the
-reference kernels are fp32 summation order (float matmuls over dequantized values) and, for the
-NaN-propagation terms of ``quant_conv2d``, nothing: a non-finite input is not made to poison its
-whole sample as the reference does.
+compute scales with the reference's formula (``absmax / qmax``, 1 for an all-zero row). Codes from
+calibrated steps (``quantize_static``, ``linear_static``, ``quant_conv2d`` with a calibrated scale) are
+clamped to ``±qmax`` as the reference does (``Clip`` after ``Round``, or after ``QuantizeLinear`` in the
+``qdq`` convolution, whose int8 saturation alone would allow -128); dynamic codes need no clamp, as
+``|x| / (absmax / qmax)`` rounds to at most ``qmax``. What differs from the reference kernels: fp32
+summation order (float matmuls over dequantized values; ``MatMulInteger`` and ``ConvInteger`` products
+are exact), and ``quant_conv2d``'s NaN propagation (the reference makes a sample holding NaN/Inf all
+NaN; the export does not add that term).
 
 **Causal LMs**: the default entry is ``prefill`` (dynamic number of new tokens, so the same model
 serves decode with one token). Its static KV cache becomes explicit graph inputs and outputs,
