@@ -5,6 +5,7 @@
     qcompile run out/ --prompt "To be, or not to be" --max-new-tokens 32
     qcompile report out/ --plot sensitivity.png     (assign_precision's per-layer sensitivity)
     qcompile eval --model smollm2-135m --plan w8a8-rtn --windows 16 --seq 512 --json out/eval.json
+    qcompile export out/ --onnx out.onnx --format ort
 
 User errors exit with status 2 and a one-paragraph message; ``--debug`` shows the traceback.
 """
@@ -198,6 +199,24 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PNG",
         help="write the per-layer sensitivity plot (assign_precision) to this PNG",
+    )
+    x = sub.add_parser("export", help="export an artifact as an ONNX model")
+    x.add_argument("artifact")
+    x.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    x.add_argument(
+        "--format",
+        default="qdq",
+        help="qdq (standard QuantizeLinear/DequantizeLinear, any runtime; default) or ort (onnxruntime contrib "
+        "ops: MatMulNBits, MatMulInteger)",
+    )
+    x.add_argument(
+        "--entry", default=None, help="entry to export (default: prefill with the KV cache for LMs, else forward)"
+    )
+    x.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the tensors to OUT.onnx.data beside the model (default: only when they pass 2 GB)",
     )
     return ap
 
@@ -398,6 +417,25 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    import qcompile
+    from qcompile.runtime.onnx_export import check_output_path, parse_format
+
+    fmt = parse_format(a.format)  # a bad format or output path fails before the artifact loads
+    check_output_path(a.onnx)
+    cm = qcompile.load(a.artifact, backend="torch")
+    t0 = time.perf_counter()
+    res = cm.export_onnx(a.onnx, fmt.value, entry=a.entry, external_data=a.external_data)
+    print(f"wrote {res.path} (entry {res.entry}, format {res.format.value}) in {time.perf_counter() - t0:.1f}s")
+    if res.data_path is not None:
+        print(f"tensors in {res.data_path}")
+    print(f"inputs: {', '.join(res.inputs)}")
+    print(f"outputs: {', '.join(res.outputs)}")
+    for note in res.notes:
+        print(f"note: {note}")
+    return 0
+
+
 # OSErrors that a user's files and disks cause (a missing, unreadable or misplaced file, a full or
 # read-only disk): exit 2 with the message. Any other exception is a bug and keeps its traceback.
 _USER_ERRNOS = frozenset(
@@ -416,7 +454,7 @@ _USER_ERRNOS = frozenset(
     }
 )
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

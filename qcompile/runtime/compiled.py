@@ -239,6 +239,22 @@ class CompiledModule:
 
         return save_artifact(self, Path(path))
 
+    def export_onnx(
+        self,
+        path: str | Path,
+        format: str = "qdq",
+        *,
+        entry: str | None = None,
+        external_data: bool | None = None,
+    ) -> Any:
+        """Write entry ``entry`` (default: ``prefill`` for a causal LM, with its KV cache as explicit
+        past/present inputs and outputs; else ``forward``) as an ONNX model at ``path``, in format ``qdq``
+        (standard QuantizeLinear/DequantizeLinear) or ``ort`` (onnxruntime contrib ops); returns an
+        :class:`~qcompile.runtime.onnx_export.OnnxExport`. See :mod:`qcompile.runtime.onnx_export`."""
+        from qcompile.runtime.onnx_export import export_onnx
+
+        return export_onnx(self, path, format, entry=entry, external_data=external_data)
+
     def __repr__(self) -> str:
         return (
             f"CompiledModule(plan={self.plan.name!r}, target={self.target!r}, backend={self.backend!r}, "
