@@ -1,8 +1,8 @@
 """ONNX export (issue 18): decode speed in onnxruntime against qcompile's TVM build, and perplexity of
 the exported models against the torch reference backend.
 
-    .venv/bin/python benchmarks/onnx.py --model tiny                  # a quick run on the tiny Llama
-    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/onnx.py --write     # SmolLM2-135M, table into RESULTS.md
+    .venv/bin/python benchmarks/onnx_export.py --model tiny                  # a quick run on the tiny Llama
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/onnx_export.py --write     # SmolLM2-135M, table into RESULTS.md
 
 Speed rows (greedy, batch 1, a ``--prompt``-token prompt, ``--new`` new tokens, best of ``--repeat``;
 decode tokens/s counts the steps after the first new token, which prefill produces):
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# this file is named onnx.py (and benchmarks/ holds kernels.py): with its folder first on sys.path they
-# would shadow the onnx package and the one transformers probes as "kernels"; import from the repo root
+# benchmarks/ holds kernels.py: with its folder first on sys.path it would shadow the package transformers
+# probes as "kernels"; import from the repo root
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = speed_rows(model, prompt, a, Path(d))
         ppl = ppl_rows(model, tokenizer, vocab, a, Path(d))
     data = {
-        "command": "python benchmarks/onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/onnx_export.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.date.today().isoformat(),
         "machine": machine(),
         "onnxruntime": onnxruntime.__version__,
