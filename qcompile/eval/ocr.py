@@ -361,6 +361,9 @@ def compare_with_reference(
                 "strings": [ln.text for ln in lines],
                 "reference_strings": [ln.text for ln in ref_lines],
                 "identical": [ln.text for ln in lines] == [ln.text for ln in ref_lines],
+                "char_error_rate": char_error_rate(
+                    "\n".join(ln.text for ln in lines), "\n".join(ln.text for ln in ref_lines)
+                ),
             }
         )
     rendered = recognize([render_text(t) for t in RENDERED_LINES], rec)
