@@ -5,6 +5,8 @@ passes, and both are rewritten here, exactly (the same products, summed the same
 
 * **Conv1D** (GPT-2): ``view(addmm(b, view(x, [-1, K]), W), [*lead, N])`` with ``W`` stored as
   ``[K, N]`` becomes ``linear(x, Wᵀ, b)`` (the transposed weight is a new state tensor).
+* **A matmul by a stored matrix** (ONNX ``MatMul`` with a weight initializer, as onnx2torch imports
+  it): ``matmul(x, W)`` with ``W`` a 2-D state ``[K, N]`` becomes ``linear(x, Wᵀ)``, the same products.
 * **Fused projections** (Phi-3's ``qkv_proj`` / ``gate_up_proj``, GPT-2's ``c_attn``, GPT-NeoX's
   ``query_key_value``): a linear whose output is used only to be cut into pieces along its output
   channels — ``slice``, ``split`` or ``chunk`` on the last dim, directly or after a ``view`` to
@@ -40,6 +42,7 @@ def canonicalize(program: Program) -> list[str]:
     pieces: dict[tuple[str, tuple[int, ...]], str] = {}  # (weight key, rows) -> piece key
     for entry in program.entries.values():
         changed = _addmm_to_linear(program, entry, transposed, notes)
+        changed |= _matmul_to_linear(program, entry, transposed, notes)
         changed |= _split_fused(program, entry, pieces, notes)
         if changed:
             entry.remove_unused_placeholders()
@@ -99,6 +102,32 @@ def _addmm_to_linear(program: Program, entry: Entry, transposed: dict[str, str],
         out[0].replace_all_uses_with(lin)
         _erase(graph, [out[0], mm, flat])
         notes.append(f"{lin.meta[PATH_KEY] or lin.name}: Conv1D (addmm with a [in, out] weight) as a linear")
+        changed = True
+    return changed
+
+
+def _matmul_to_linear(program: Program, entry: Entry, transposed: dict[str, str], notes: list[str]) -> bool:
+    bindings = entry.bindings()
+    graph = entry.graph.graph
+    changed = False
+    for mm in list(graph.nodes):
+        if mm.op != "call_function" or mm.target != aten.matmul.default or len(mm.args) != 2 or mm.kwargs:
+            continue
+        x, weight = mm.args
+        wkey, xv = _state(bindings, weight), _val(x)
+        if wkey is None or program.state[wkey].dim() != 2 or xv is None or xv.dim() < 2:
+            continue
+        if int(xv.shape[-1]) != int(program.state[wkey].shape[0]) or not program.state[wkey].is_floating_point():
+            continue
+        if wkey not in transposed:
+            transposed[wkey] = program.add_state(f"{wkey}.t", program.state[wkey].t().contiguous())
+        wt = entry.state_input(transposed[wkey])
+        with graph.inserting_before(mm):
+            lin = graph.call_function(aten.linear.default, (x, wt))
+        lin.meta.update({key: v for key, v in mm.meta.items() if key in ("val", "stack_trace", PATH_KEY)})
+        mm.replace_all_uses_with(lin)
+        graph.erase_node(mm)
+        notes.append(f"{lin.meta.get(PATH_KEY) or lin.name}: matmul by a stored [in, out] matrix as a linear")
         changed = True
     return changed
 

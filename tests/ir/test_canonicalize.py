@@ -93,6 +93,31 @@ def test_conv1d_becomes_a_linear_with_the_transposed_weight():
     torch.testing.assert_close(out, m(X), rtol=1e-6, atol=1e-6)
 
 
+class StoredMatmul(nn.Module):
+    """ONNX MatMul as onnx2torch imports it: x @ W with W a stored [in, out] matrix, then a bias add;
+    x @ x.T (no stored matrix) stays a matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(8, 6, generator=torch.Generator().manual_seed(3)))
+        self.register_buffer("b", torch.randn(6, generator=torch.Generator().manual_seed(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.w) + self.b
+        return torch.matmul(y, y.transpose(-1, -2))
+
+
+def test_matmul_by_a_stored_matrix_becomes_a_linear_and_is_quantized():
+    m = StoredMatmul().eval()
+    prog = qcompile.capture(m, (X,))
+    assert len(_linears(prog)) == 1
+    assert sum(n.target == aten.matmul.default for _, n in prog.nodes()) == 1  # the activation product stays
+    assert any("matmul by a stored" in note for note in prog.meta["canonicalized"])
+    torch.testing.assert_close(qcompile.compile(prog, plan="fp32", backend="torch")(X), m(X), rtol=1e-5, atol=1e-5)
+    cm = qcompile.compile(qcompile.capture(m, (X,)), plan="w8a8-rtn", backend="torch")
+    assert len(cm.report.passes[0].layers_changed) == 1
+
+
 class OnePlusNorm(nn.Module):
     """Gemma's RMSNorm: h * (1 + w), computed in float, cast back, feeding two linears."""
 
