@@ -127,7 +127,8 @@ def evaluate(
             _eval_lm(zm, the_plan, target, text or TextSource(), windows, seq, source, progress, calib, backend, bos)
         )
     elif bos is not None:
-        raise DataError(f"--bos/--no-bos apply to language models; {zm.name} is not one")
+        what = "an image classifier" if zm.kind == "image_classifier" else "an ONNX model"
+        raise DataError(f"--bos/--no-bos apply to language models; {zm.name} is {what}")
     elif zm.kind == "onnx":
         record.update(_eval_onnx(zm, the_plan, target, source, backend))
     elif zm.name == "fmnist-vgg":

@@ -89,7 +89,8 @@ def test_unknown_zoo_name_and_bad_folders(tmp_path):
     with pytest.raises(
         ModelNotFoundError,
         match=r"unknown model 'smollm9'; zoo models: "
-        r"\['efficientnet-lite0', 'fmnist-vgg', 'gemma3-270m', 'smollm2-135m'\]",
+        r"\['efficientnet-lite0', 'fmnist-vgg', 'gemma3-270m', 'ppocrv5-cls', 'ppocrv5-det', 'ppocrv5-rec', "
+        r"'smollm2-135m'\]",
     ):
         load_model("smollm9")
     fake = tmp_path / "fake"
