@@ -16,11 +16,14 @@ What the file may be (it comes from people we do not know):
   node and the opset, listed for the whole graph before anything is converted; so are converter
   settings that torch cannot compute the same way (a Resize ``nearest_mode`` other than floor, ...).
 
-Dynamic dimensions named in the graph's inputs (``dim_param``) stay dynamic: they become
-``torch.export`` dims with the same names (``Program.meta["onnx"]["inputs"]`` keeps the ONNX
-names and shapes). Example inputs may be given; otherwise a dynamic dimension takes the value
-:data:`DEFAULT_DYNAMIC_SIZE` (a multiple of 32, so strided CNNs such as detectors accept it),
-the first dimension 2 (a size-1 example would make torch.export specialize the batch).
+Dynamic dimensions named in the graph's inputs (``dim_param``) stay dynamic: they are captured
+with ``Dim.AUTO`` (torch.export derives the constraints the graph implies and names the symbols
+itself; ``Program.meta["onnx"]["inputs"]`` keeps the ONNX names and shapes, ``["specialized"]``
+lists any dim the graph fixed) and size-obliviously (an example size of 1 does not by itself fix a
+dim to 1), with the minimum raised to 1. Example inputs may be given; otherwise a dynamic
+dimension takes the value :data:`DEFAULT_DYNAMIC_SIZE` (a multiple of 32, so strided CNNs such as
+detectors accept it), the first dimension 2 (a batch of 1 can still be specialized by an op that
+guards on it, as the matmul decomposition in PP-OCRv5's recognizer does).
 
 onnx2torch declares torchvision but needs it only for ``NonMaxSuppression`` and ``RoiAlign``;
 PyPI's torchvision is a CUDA build that fails to import beside the CPU torch this project pins,
