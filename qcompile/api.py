@@ -12,7 +12,7 @@ import torch
 from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import QCompileError
 from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
-from qcompile.ir.onnx_import import capture_onnx, is_onnx_path
+from qcompile.ir.onnx_import import is_onnx_path
 from qcompile.ir.program import Program
 from qcompile.ir.verify import verify
 from qcompile.passes.base import PassContext
@@ -53,13 +53,8 @@ def compile(
     t0 = time.perf_counter()
     if isinstance(model, Program):
         program = model
-    elif is_onnx_path(model):
-        if dynamic_shapes is not None:
-            raise QCompileError("an ONNX model's dynamic dims come from the file; dynamic_shapes applies to nn.Modules")
-        log.info("importing %s", model)
-        program = capture_onnx(model, example_inputs)
-    elif isinstance(model, torch.nn.Module):
-        log.info("capturing %s", type(model).__name__)
+    elif isinstance(model, torch.nn.Module) or is_onnx_path(model):  # capture imports an .onnx path
+        log.info("capturing %s", model if is_onnx_path(model) else type(model).__name__)
         program = capture(
             model,
             example_inputs,

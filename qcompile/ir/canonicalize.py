@@ -92,9 +92,7 @@ def _addmm_to_linear(program: Program, entry: Entry, transposed: dict[str, str],
             continue
         if any(not _same_dim(a, b) for a, b in zip(ov.shape[:-1], xv.shape[:-1])):
             continue
-        if wkey not in transposed:
-            transposed[wkey] = program.add_state(f"{wkey}.t", program.state[wkey].t().contiguous())
-        wt = entry.state_input(transposed[wkey])
+        wt = _transposed_input(program, entry, transposed, wkey)
         with graph.inserting_before(out[0]):
             lin = graph.call_function(aten.linear.default, (x, wt, bias))
         lin.meta.update({key: v for key, v in out[0].meta.items() if key in ("val", "stack_trace")})
@@ -119,9 +117,7 @@ def _matmul_to_linear(program: Program, entry: Entry, transposed: dict[str, str]
             continue
         if int(xv.shape[-1]) != int(program.state[wkey].shape[0]) or not program.state[wkey].is_floating_point():
             continue
-        if wkey not in transposed:
-            transposed[wkey] = program.add_state(f"{wkey}.t", program.state[wkey].t().contiguous())
-        wt = entry.state_input(transposed[wkey])
+        wt = _transposed_input(program, entry, transposed, wkey)
         with graph.inserting_before(mm):
             lin = graph.call_function(aten.linear.default, (x, wt))
         lin.meta.update({key: v for key, v in mm.meta.items() if key in ("val", "stack_trace", PATH_KEY)})
@@ -130,6 +126,13 @@ def _matmul_to_linear(program: Program, entry: Entry, transposed: dict[str, str]
         notes.append(f"{lin.meta.get(PATH_KEY) or lin.name}: matmul by a stored [in, out] matrix as a linear")
         changed = True
     return changed
+
+
+def _transposed_input(program: Program, entry: Entry, transposed: dict[str, str], wkey: str) -> fx.Node:
+    """The entry's input for ``Wᵀ`` of the 2-D state ``wkey``, stored once (``<key>.t``) for all entries."""
+    if wkey not in transposed:
+        transposed[wkey] = program.add_state(f"{wkey}.t", program.state[wkey].t().contiguous())
+    return entry.state_input(transposed[wkey])
 
 
 def _same_dim(a: object, b: object) -> bool:

@@ -109,12 +109,12 @@ def _load_external_data(model: Any, path: Path) -> None:
             raise CaptureError(f"{where}, which resolves outside the model's folder ({file})")
         if not file.is_file():
             raise CaptureError(f"{where}, which does not exist beside the model (looked for {file})")
+        size = file.stat().st_size
         try:
             offset = int(info.get("offset", "0"))
-            length = int(info["length"]) if "length" in info else file.stat().st_size - offset
+            length = int(info["length"]) if "length" in info else size - offset
         except ValueError as e:
             raise CaptureError(f"{where}: offset/length are not integers ({e})") from e
-        size = file.stat().st_size
         if offset < 0 or length < 0 or offset + length > size:
             raise CaptureError(f"{where}: bytes [{offset}, {offset + length}) lie outside the file ({size} bytes)")
         with open(file, "rb") as f:

@@ -228,7 +228,7 @@ class Lowering:
         name = getattr(node.target, "__name__", "")
         if (
             node.op != "call_function"
-            or name not in _ELEMENTWISE | {"cat.default"}
+            or name not in _ALIGNED
             or not isinstance(val, torch.Tensor)
             or not any(isinstance(d, torch.SymInt) for d in val.shape)
         ):
@@ -258,10 +258,12 @@ class Lowering:
                 continue
             self.imp.env[arg] = self.bb.match_cast(var, relax.TensorType(shape, ty.dtype))
 
+    @functools.cached_property
+    def _analyzer(self) -> Any:
+        return tvm.sym.analyzer.Analyzer()
+
     def _equal(self, a: Any, b: Any) -> bool:
-        analyzer = getattr(self, "_analyzer", None) or tvm.sym.analyzer.Analyzer()
-        self._analyzer = analyzer
-        return bool(analyzer.can_prove_equal(a, b))
+        return bool(self._analyzer.can_prove_equal(a, b))
 
     def _dim_expr(self, d: Any) -> Any:
         """A torch size (int, or SymInt over the input dims) as a TIR expression over the same variables."""
@@ -272,20 +274,18 @@ class Lowering:
     def _dim(self, d: Any) -> Any:
         if not isinstance(d, torch.SymInt):
             return int(d)
-        key = str(d)
-        if key in self.symvars:
-            return self.symvars[key]
-        try:  # an expression of the input dims (a strided conv's output size)
-            return _sympy_to_tir(d.node.expr, self.symvars)
+        try:  # an input dim, or an expression of them (a strided conv's output size)
+            return self._dim_expr(d)
         except NotImplementedError:
             raise LoweringError(
-                f"entry {self.entry.name!r}: output dimension {key} is not an expression of the input dimensions"
+                f"entry {self.entry.name!r}: output dimension {d} is not an expression of the input dimensions"
             ) from None
 
 
 _ELEMENTWISE = frozenset(
     f"{op}.Tensor" for op in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge", "pow")
 ) | frozenset({"maximum.default", "minimum.default", "where.self"})
+_ALIGNED = _ELEMENTWISE | {"cat.default"}  # the ops whose operands _align_operands casts
 
 
 def _sympy_to_tir(e: Any, symvars: dict[str, Any]) -> Any:
