@@ -5,8 +5,11 @@ This module is the one place that defines them; plans, passes, ops and kernels a
 * :data:`BITS` — the widths qcompile quantizes to, for weights, activations and caches alike;
 * :func:`levels` — the integer grid of a width: symmetric ``[-(2^(b-1)-1), 2^(b-1)-1]`` (the most
   negative code is unused so the grid is symmetric around zero) or asymmetric ``[0, 2^b-1]``;
+* :class:`Grid` — the grid's kind: ``uniform`` (the grids above, absmax or min/max scales) or
+  ``quest`` (QuEST: a midrise grid with no zero level, clipped at ``α_b·σ`` with σ the block's RMS:
+  :mod:`qcompile.quant.quest`);
 * :class:`QuantSpec` — one tensor's quantization (bits, granularity, symmetry, group size,
-  static/dynamic), with :meth:`QuantSpec.block` resolving how many consecutive input channels
+  static/dynamic, grid), with :meth:`QuantSpec.block` resolving how many consecutive input channels
   share a scale, so there is one convention (an int, the full row for one scale per row);
 * :func:`check_group` — a group size that does not divide a layer's width is a PlanError naming the
   layer, unless the spec allows a shorter last group.
@@ -44,6 +47,13 @@ class Granularity(str, enum.Enum):
     PER_TOKEN = "per_token"  # activations: one scale per token (row)
 
 
+class Grid(str, enum.Enum):
+    """The kind of integer grid a tensor is quantized to."""
+
+    UNIFORM = "uniform"  # levels(bits, symmetric) with an absmax (or min/max) scale
+    QUEST = "quest"  # midrise, RMS-scaled, MSE-optimal Gaussian clip (qcompile.quant.quest)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Integer quantization of one tensor: ``q = clamp(round(x / s) + z)`` with ``bits`` bits."""
@@ -56,9 +66,15 @@ class QuantSpec:
     # per_group only: when group_size does not divide the channels, allow a shorter last group
     # (the same numbers as zero-padding K to a multiple). False: such a layer is a PlanError.
     partial_last_group: bool = False
+    grid: Grid = Grid.UNIFORM
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if self.grid is Grid.QUEST and (not self.symmetric or not self.dynamic):
+            raise PlanError(
+                "grid 'quest' is a symmetric midrise grid with scales from each block's RMS: it needs "
+                "symmetric: true and dynamic: true"
+            )
         if self.granularity is Granularity.PER_GROUP:
             if self.group_size is None or self.group_size <= 0:
                 raise PlanError("granularity 'per_group' needs a positive group_size (e.g. 128)")
@@ -90,4 +106,4 @@ def check_group(path: str, k: int, spec: QuantSpec) -> None:
     )
 
 
-__all__ = ["BITS", "Granularity", "QuantSpec", "check_bits", "check_group", "levels"]
+__all__ = ["BITS", "Granularity", "Grid", "QuantSpec", "check_bits", "check_group", "levels"]
