@@ -40,7 +40,7 @@ def _run(spec: LinearKernel, inputs: list[torch.Tensor], m: int) -> torch.Tensor
 def test_lane_layouts_hold_each_lane_in_its_documented_bits(wfmt):
     """Decode the packed arrays by the documented layout (plain Python indexing) and get the codes back."""
     bits = int(wfmt[1])
-    n, k = 2 * NB, 8
+    n, k = 2 * NB, 12  # u3: a partial last byte of the K-wise plane
     u = torch.randint(0, 2**bits, (n, k), generator=torch.Generator().manual_seed(bits))
     spec = LinearKernel(n, k, wfmt, k, 0, 0, True, False, 1)
     arrays = pack_weight(spec, u, 0)
@@ -51,7 +51,7 @@ def test_lane_layouts_hold_each_lane_in_its_documented_bits(wfmt):
         for col in range(k):
             v = (int(crumbs[blk, col, lane % (NB // 4)]) >> (2 * (lane // (NB // 4)))) & 3
             if wfmt == "u3":
-                v |= ((int(arrays[1][blk, col, lane % (NB // 8)]) >> (lane // (NB // 8))) & 1) << 2
+                v |= ((int(arrays[1][blk, col // 8, lane]) >> (col % 8)) & 1) << 2
             assert v == int(u[row, col]), (row, col)
     with pytest.raises(ValueError, match=f"{bits}-bit codes"):
         pack_weight(spec, torch.full((n, k), 2**bits), 0)

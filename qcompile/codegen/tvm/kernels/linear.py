@@ -13,9 +13,11 @@ a multiple of the block ``NB``, K to a multiple of the group, with zero weights)
   holding the top 2 bits of lanes j, j+NB/4, j+2·NB/4, j+3·NB/4 (exactly 6 bits per weight);
 * ``u2``   — ``W[N/NB, K, NB/4]`` uint8, byte j = the 2-bit ``u = code + zero`` of lanes j, j+NB/4,
   j+2·NB/4, j+3·NB/4 (bits 0–1, 2–3, 4–5, 6–7; W2: symmetric codes are stored ``+2``);
-* ``u3``   — the ``u2`` array for the low 2 bits of ``u = code + zero`` plus ``P[N/NB, K, NB/8]``,
-  a bit plane whose byte j holds bit 2 of lanes j, j+NB/8, …, j+7·NB/8 (exactly 3 bits per weight;
-  W3: symmetric codes are stored ``+4``).
+* ``u3``   — the ``u2`` array for the low 2 bits of ``u = code + zero`` plus ``P[N/NB, ⌈K/8⌉, NB]``,
+  a bit plane along K: bit ``k % 8`` of byte ``(k // 8, lane)`` is bit 2 of ``u[lane, k]`` (exactly
+  3 bits per weight; W3: symmetric codes are stored ``+4``). Along K rather than across lanes so that
+  a vector of 16 lanes reads 16 consecutive bytes of both arrays with one shift each (a plane across
+  lanes — 8 lanes per byte — gives 8-lane vectors and twice the decode work per weight).
 
 Lane-blocked layouts make every weight load a contiguous vector across NB output channels, so the
 inner loop is load → unpack (shift/mask, uniform per vector) → multiply-accumulate into NB
@@ -87,7 +89,7 @@ class LinearKernel:
             "u4": [((nb, self.k, NB // 2), "uint8")],
             "i6": [((nb, self.k, NB // 2), "uint8"), ((nb, self.k, NB // 4), "uint8")],
             "u2": [((nb, self.k, NB // 4), "uint8")],
-            "u3": [((nb, self.k, NB // 4), "uint8"), ((nb, self.k, NB // 8), "uint8")],
+            "u3": [((nb, self.k, NB // 4), "uint8"), ((nb, -(-self.k // 8), NB), "uint8")],
         }[self.wfmt]
 
 
@@ -100,12 +102,12 @@ def _decode(spec: LinearKernel, ws: list[te.Tensor], n: tirx.PrimExpr, k: tirx.P
     blk, lane = n // NB, n % NB
     if spec.wfmt in ("f32", "i8"):
         return ws[0][blk, k, lane]
-    half, quarter, eighth = NB // 2, NB // 4, NB // 8
+    half, quarter = NB // 2, NB // 4
     if spec.wfmt in ("u2", "u3"):
         lo2 = (ws[0][blk, k, lane % quarter] >> (lane // quarter * 2).astype("uint8")) & tirx.const(3, "uint8")
         if spec.wfmt == "u2":
             return lo2.astype("int32")
-        b2 = (ws[1][blk, k, lane % eighth] >> (lane // eighth).astype("uint8")) & tirx.const(1, "uint8")
+        b2 = (ws[1][blk, k // 8, lane] >> (k % 8).astype("uint8")) & tirx.const(1, "uint8")
         return lo2.astype("int32") + b2.astype("int32") * 4
     lo = (ws[0][blk, k, lane % half] >> (lane // half * 4).astype("uint8")) & tirx.const(15, "uint8")
     if spec.wfmt == "u4":
@@ -209,9 +211,10 @@ def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     sch.set_scope(acc, 0, "local")
     aj, ak = sch.get_loops(acc)[-2:]  # under r: the 64 lanes and the group's K (unit loops dropped)
     sch.reorder(ak, aj)
-    ako, aki = sch.split(ak, [None, 4])
+    # u3's plane shift is k % 8: unrolling 8 steps of K makes it a constant
+    ako, aki = sch.split(ak, [None, 8 if spec.wfmt == "u3" and spec.group % 8 == 0 else 4])
     # the innermost vector spans lanes that read consecutive bytes with one shift per array
-    inner = {"i6": [None, 2, NB // 4], "u2": [None, NB // 4], "u3": [None, 2, NB // 8]}.get(spec.wfmt, [None, NB // 2])
+    inner = {"i6": [None, 2, NB // 4], "u2": [None, NB // 4], "u3": [None, NB // 4]}.get(spec.wfmt, [None, NB // 2])
     parts = sch.split(aj, inner)
     for p in parts[:-1]:
         sch.unroll(p)
@@ -311,18 +314,17 @@ def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torc
         raise ValueError(f"{spec.wfmt} stores {width}-bit codes + zero, got values in [{int(u.min())}, {int(u.max())}]")
     # padded lanes hold u = 0; their scales are 0, so they contribute nothing
     u = _lanes(_pad(u, spec.n, spec.k))
-    half, quarter, eighth = NB // 2, NB // 4, NB // 8
+    half, quarter = NB // 2, NB // 4
     if spec.wfmt in ("u2", "u3"):
         lo2 = u & 3
         crumbs = lo2[..., :quarter]
         for i in range(1, 4):
             crumbs = crumbs | (lo2[..., i * quarter : (i + 1) * quarter] << (2 * i))
         out = [crumbs.to(torch.uint8).contiguous()]
-        if spec.wfmt == "u3":
+        if spec.wfmt == "u3":  # [nb, K, NB] -> [nb, ceil(K/8), 8, NB]: bit i of a byte from K row 8·j + i
             b2 = (u >> 2) & 1
-            plane = b2[..., :eighth]
-            for i in range(1, 8):
-                plane = plane | (b2[..., i * eighth : (i + 1) * eighth] << i)
+            b2 = torch.nn.functional.pad(b2, (0, 0, 0, -spec.k % 8)).view(b2.shape[0], -1, 8, NB)
+            plane = (b2 << torch.arange(8, dtype=b2.dtype).view(1, 1, 8, 1)).sum(2)
             out.append(plane.to(torch.uint8).contiguous())
         return out
     lo = u & 15
