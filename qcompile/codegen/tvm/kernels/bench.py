@@ -4,7 +4,7 @@
 repacks it, builds (once per shape) the kernel(s) the TVM backend would call, and returns
 ``run(x[M, K]) -> y[M, N]`` (fp32 in and out; the timed call includes the activation
 quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads
-(codes, scales, offsets) and, for the grouped code formats, ``run.dequantized`` = the fp32 weight
+(codes, scales, offsets) and, for the grouped code formats, ``run.dequantized()`` = the fp32 weight
 the kernel multiplies by (its own reference).
 """
 
@@ -82,8 +82,8 @@ def _prepare(
             return out[:, :n]
 
         run.weight_bytes = sum(t.numpy().nbytes for t in weights)  # type: ignore[attr-defined]
-        if fmt not in ("f32", "i8"):  # the weight the kernel multiplies by: its own reference
-            run.dequantized = dequantize_weight_groups(codes, scale, offset, g)  # type: ignore[attr-defined]
+        if fmt not in ("f32", "i8"):  # the weight the kernel multiplies by (its own reference), on demand
+            run.dequantized = lambda: dequantize_weight_groups(codes, scale, offset, g)  # type: ignore[attr-defined]
         return run
 
     return prepare
