@@ -13,11 +13,12 @@ of the same run. Perplexity is checked separately (``--ppl``: tvm vs torch backe
 evaluation split, the 1e-3 relative bar of issue 7). JSON: benchmarks/results/e2e-smollm2-135m.json
 (``--json``). A row's plan may be a preset name or a plan file (``tvm:benchmarks/plans/w2a16-rtn-g64.yaml``).
 
-Bytes per token (TVM rows): the bytes of the Program's state that the linear layers read once per decode
-step (codes, scales, offsets, biases, and the float head: SmolLM2's head is tied to the embedding, so the
-whole table); the KV cache and the one embedding row are left out. With ``--floor`` the read bandwidth is
-measured in the same run (benchmarks/kernels.py's torch sum over 1 GiB) and each row gets the decode
-tokens/s the bandwidth would allow (bandwidth / bytes per token) and the fraction of it reached.
+Bytes per token (TVM rows): the bytes the linear layers read once per decode step, as the kernels store
+them (the backend's repacked codes, scales, zero/offset terms and biases; the float head: SmolLM2's head
+is tied to the embedding, so the whole table); the KV cache and the one embedding row are left out.
+With ``--floor`` the read bandwidth is measured in the same run (benchmarks/kernels.py's torch sum over
+1 GiB) and each row gets the decode tokens/s the bandwidth would allow (bandwidth / bytes per token)
+and the fraction of it reached.
 """
 
 from __future__ import annotations
@@ -80,22 +81,32 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
     if backend == "tvm":
         rec["build_s"] = cm.report.backend.get("build_seconds")
         rec["weights_mib"] = round(cm.report.packed_weight_bytes / 2**20, 1)
-        rec["bytes_per_token"] = linear_bytes(cm.program)
+        rec["bytes_per_token"] = linear_bytes(cm.program, getattr(cm._backend, "params", {}))
     return rec
 
 
-def linear_bytes(program: Any) -> int:
-    """Bytes of the state tensors that the Program's linear layers (float or quantized) read: what one
-    decode step streams from memory, besides the KV cache and one embedding row."""
+def linear_bytes(program: Any, params: dict[str, torch.Tensor]) -> int:
+    """Bytes the linear layers (float or quantized) read in one decode step, besides the KV cache and one
+    embedding row: for a layer whose weight the TVM backend repacked, its repacked tensors (named
+    ``<state key>@...``: codes, scales, zero/offset term, padded bias), as the kernel reads them; for
+    any other, the Program's state tensors it takes (SmolLM2's tied fp32 head: the whole table)."""
     from qcompile.ir.patterns import linear_form
 
-    keys: set[str] = set()
+    repacked = {k.split("@")[0] for k in params}
+    bases: set[str] = set()
+    raw: set[str] = set()
     for entry in program.entries.values():
         bound = {p: s.name for p, s in zip(entry.placeholders(), entry.slots) if s.name in program.state}
         for node in entry.graph.graph.nodes:
-            if linear_form(node) is not None:
-                keys.update(bound[a] for a in node.args if a in bound)
-    return sum(program.state[k].numel() * program.state[k].element_size() for k in keys)
+            if linear_form(node) is None:
+                continue
+            keys = {bound[a] for a in node.args if a in bound}
+            if bound.get(node.args[1]) in repacked:
+                bases.update(keys)
+            else:
+                raw.update(keys)
+    nbytes = sum(t.numel() * t.element_size() for k, t in params.items() if k.split("@")[0] in bases)
+    return nbytes + sum(program.state[k].numel() * program.state[k].element_size() for k in raw)
 
 
 def table(data: dict[str, Any]) -> str:
