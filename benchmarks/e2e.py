@@ -10,7 +10,15 @@ counts the steps after the first new token (which prefill produces). ``eager`` i
 transformers' ``model.generate`` with its static cache (decode = a full generate minus a one-token one); compile time is
 ``qcompile.compile`` wall time (capture + passes + TVM build). Ratios are against the eager row
 of the same run. Perplexity is checked separately (``--ppl``: tvm vs torch backend on the
-evaluation split, the 1e-3 relative bar of issue 7). JSON: benchmarks/results/e2e-smollm2-135m.json.
+evaluation split, the 1e-3 relative bar of issue 7). JSON: benchmarks/results/e2e-smollm2-135m.json
+(``--json``). A row's plan may be a preset name or a plan file (``tvm:benchmarks/plans/w2a16-rtn-g64.yaml``).
+
+Bytes per token (TVM rows): the bytes the linear layers read once per decode step, as the kernels store
+them (the backend's repacked codes, scales, zero/offset terms and biases; the float head: SmolLM2's head
+is tied to the embedding, so the whole table); the KV cache and the one embedding row are left out.
+With ``--floor`` the read bandwidth is measured in the same run (benchmarks/kernels.py's torch sum over
+1 GiB) and each row gets the decode tokens/s the bandwidth would allow (bandwidth / bytes per token)
+and the fraction of it reached.
 """
 
 from __future__ import annotations
@@ -73,7 +81,32 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
     if backend == "tvm":
         rec["build_s"] = cm.report.backend.get("build_seconds")
         rec["weights_mib"] = round(cm.report.packed_weight_bytes / 2**20, 1)
+        rec["bytes_per_token"] = linear_bytes(cm.program, getattr(cm._backend, "params", {}))
     return rec
+
+
+def linear_bytes(program: Any, params: dict[str, torch.Tensor]) -> int:
+    """Bytes the linear layers (float or quantized) read in one decode step, besides the KV cache and one
+    embedding row: for a layer whose weight the TVM backend repacked, its repacked tensors (named
+    ``<state key>@...``: codes, scales, zero/offset term, padded bias), as the kernel reads them; for
+    any other, the Program's state tensors it takes (SmolLM2's tied fp32 head: the whole table)."""
+    from qcompile.ir.patterns import linear_form
+
+    repacked = {k.split("@")[0] for k in params}
+    bases: set[str] = set()
+    raw: set[str] = set()
+    for entry in program.entries.values():
+        bound = {p: s.name for p, s in zip(entry.placeholders(), entry.slots) if s.name in program.state}
+        for node in entry.graph.graph.nodes:
+            if linear_form(node) is None:
+                continue
+            keys = {bound[a] for a in node.args if a in bound}
+            if bound.get(node.args[1]) in repacked:
+                bases.update(keys)
+            else:
+                raw.update(keys)
+    nbytes = sum(t.numel() * t.element_size() for k, t in params.items() if k.split("@")[0] in bases)
+    return nbytes + sum(program.state[k].numel() * program.state[k].element_size() for k in raw)
 
 
 def table(data: dict[str, Any]) -> str:
@@ -87,8 +120,12 @@ def table(data: dict[str, Any]) -> str:
         f"SmolLM2-135M, batch 1, {data['prompt']}-token prompt (calibration split), {data['new']} new tokens, greedy, "
         f"best of {data['repeat']}. Baseline: transformers eager fp32 in the same run.",
         "",
-        "| row | decode tok/s | × eager | prefill s | compile s (TVM build s) |",
-        "|---|---:|---:|---:|---:|",
+    ]
+    bw = data.get("read_bandwidth_gbps")
+    floor = " MiB read/token | floor tok/s | of floor |" if bw else ""
+    lines += [
+        "| row | decode tok/s | × eager | prefill s | compile s (TVM build s) |" + floor,
+        "|---|---:|---:|---:|---:|" + "---:|---:|---:|" * bool(bw),
     ]
     for r in recs:
         ratio = f"{r['decode_tok_s'] / eager:.2f}" if eager else "n/a"
@@ -97,7 +134,15 @@ def table(data: dict[str, Any]) -> str:
             if r["compile_s"] is None
             else f"{r['compile_s']:.1f}" + (f" ({r['build_s']:.1f})" if r.get("build_s") else "")
         )
-        lines.append(f"| {r['row']} | {r['decode_tok_s']:.2f} | {ratio} | {r['prefill_s']:.3f} | {comp} |")
+        extra = ""
+        if bw:
+            b = r.get("bytes_per_token")
+            extra = (
+                f" {b / 2**20:.1f} | {bw * 1e9 / b:.1f} | {r['decode_tok_s'] * b / (bw * 1e9):.2f} |" if b else " | | |"
+            )
+        lines.append(f"| {r['row']} | {r['decode_tok_s']:.2f} | {ratio} | {r['prefill_s']:.3f} | {comp} |" + extra)
+    if bw:
+        lines += ["", f"Read bandwidth measured in the same run: {bw:.1f} GB/s (torch sum over 1 GiB)."]
     if data.get("ppl"):
         lines += [
             "",
@@ -178,14 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         "embeddings perturbed by 1e-7 (relative): the spread fp32 rounding alone causes",
     )
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--json", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(HERE.parent)})")
+    ap.add_argument(
+        "--floor", action="store_true", help="measure the read bandwidth: bytes per token, the floor, its fraction"
+    )
     ap.add_argument("--from-json", action="store_true", help="only rewrite the RESULTS.md section from the JSON")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
+    out = a.json
     if a.from_json or a.sensitivity:
-        data = json.loads(OUT.read_text())
+        data = json.loads(out.read_text())
         if a.sensitivity:
             data["sensitivity"] = ppl_sensitivity(a.sensitivity.split(","), a.ppl_windows)
-            OUT.write_text(json.dumps(data, indent=1))
+            out.write_text(json.dumps(data, indent=1))
         write_section(Path(a.results), "e2e", table(data))
         return 0
     torch.set_num_threads(int(os.environ.get("TVM_NUM_THREADS", "2")))
@@ -203,18 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": a.repeat,
         "rows": [],
     }
+    if a.floor:
+        from benchmarks.kernels import read_bandwidth
+
+        data["read_bandwidth_gbps"] = read_bandwidth()[0]
     for row in a.rows.split(","):
         rec = run_row(row, zm.model, ids, a)
         print(json.dumps(rec), flush=True)
         data["rows"].append(rec)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=1))  # the speed rows survive a failure in the perplexity check
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))  # the speed rows survive a failure in the perplexity check
     if a.ppl:
         data["ppl"] = ppl_check(a.ppl.split(","), a.ppl_windows)
         data["ppl_windows"] = a.ppl_windows
     print(table(data))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=1))
+    out.write_text(json.dumps(data, indent=1))
     if not a.no_write:
         write_section(Path(a.results), "e2e", table(data))
     return 0

@@ -122,8 +122,9 @@ def _w_packed(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entr
     from qcompile.ops.packed import unpack_codes
     from qcompile.quant.quantizer import dequantize_weight_groups
 
-    codes = unpack_codes(_need(state, entry, args[1]), int(args[4]), int(args[5]))
-    return dequantize_weight_groups(codes, _need(state, entry, args[2]), None, int(args[6]))
+    offset = _need(state, entry, args[9]) if len(args) > 9 and args[9] is not None else None
+    codes = unpack_codes(_need(state, entry, args[1]), int(args[4]), int(args[5]), signed=offset is None)
+    return dequantize_weight_groups(codes, _need(state, entry, args[2]), offset, int(args[6]))
 
 
 def _w_static(state: dict[str, torch.Tensor], args: tuple[Any, ...], entry: Entry) -> torch.Tensor:
@@ -141,7 +142,7 @@ def _linear_forms() -> dict[object, LinearForm]:
         aten.linear.default: LinearForm(2, _w_float),
         q.linear_w8a8.default: LinearForm(3, _w_w8a8),  # (x, qweight, w_scale, bias)
         q.quant_linear.default: LinearForm(4, _w_groups),  # (x, codes, scale, offset, bias, group, ...)
-        q.packed_linear.default: LinearForm(3, _w_packed),  # (x, packed, scale, bias, in_features, bits, group, ...)
+        q.packed_linear.default: LinearForm(3, _w_packed),  # (x, packed, scale, bias, k, bits, group, ..., offset)
         q.linear_static.default: LinearForm(3, _w_static),  # (x, codes, scale, bias, group, act_bits)
     }
 

@@ -1,11 +1,15 @@
-"""Linear ops over densely packed low-bit weights (FlexQ's W6A6 / W6A8).
+"""Linear ops over densely packed low-bit weights (FlexQ's W6A6 / W6A8, 2- and 3-bit weights).
 
-``qcompile::packed_linear(x, packed, scale, bias, in_features, w_bits, group_size, act_bits, act_group)``:
+``qcompile::packed_linear(x, packed, scale, bias, in_features, w_bits, group_size, act_bits, act_group,
+offset=None)``:
 
-* weights: symmetric ``w_bits``-bit codes (6 for FlexQ), densely packed along K by
-  :func:`qcompile.quant.packing.pack` — 6-bit codes take 3 bytes per 4 codes — with one fp32
-  scale per (output channel, group of ``group_size`` input channels); the last group may be
+* weights: ``w_bits``-bit codes densely packed along K by :func:`qcompile.quant.packing.pack` —
+  6-bit codes take 3 bytes per 4 codes, 3-bit codes 3 bytes per 8, 2-bit codes 1 byte per 4 — with
+  one fp32 scale per (output channel, group of ``group_size`` input channels); the last group may be
   shorter when ``group_size`` does not divide K (SmolLM2's K = 576 = 4·128 + 64);
+* signedness follows ``offset``: without one the codes are symmetric, stored in two's complement
+  and ``w = code·scale``; with a float ``offset[N, G]`` they are unsigned ``[0, 2^b − 1]`` and
+  ``w = code·scale + offset`` (asymmetric RTN, GPTQ and decoupleQ codes);
 * activations: dynamic symmetric ``act_bits``-bit codes (6 or 8) per token (``act_group == 0``)
   or per token-group of ``act_group`` input channels (FlexQ: 128, equal to the weight group);
   ``act_bits == 0`` is weight-only (fp32 activations);
@@ -29,10 +33,11 @@ import torch
 from qcompile.quant.packing import pack, packed_size, unpack
 
 
-def unpack_codes(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
-    """Signed ``bits``-bit codes ``int8[N, k]`` from :func:`pack`'s bytes; 6-bit rows take a fast path."""
-    if bits != 6:
-        return unpack(packed, k, bits, signed=True)
+def unpack_codes(packed: torch.Tensor, k: int, bits: int, signed: bool = True) -> torch.Tensor:
+    """``bits``-bit codes ``int8[N, k]`` from :func:`pack`'s bytes (signed: two's complement;
+    unsigned: ``[0, 2^b − 1]``); signed 6-bit rows take a fast path."""
+    if bits != 6 or not signed:
+        return unpack(packed, k, bits, signed=signed)
     if packed.dtype != torch.uint8 or packed.shape[-1] != packed_size(k, 6):
         raise ValueError(
             f"{k} codes of 6 bits need uint8 rows of {packed_size(k, 6)} bytes, got {packed.dtype}{list(packed.shape)}"
@@ -47,9 +52,10 @@ def unpack_codes(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     return codes.to(torch.int8)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Dense packing of signed codes ``[N, K]`` (the storage :func:`packed_linear` reads)."""
-    return pack(codes, bits, signed=True)
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """Dense packing of codes ``[N, K]`` (the storage :func:`packed_linear` reads: signed without an
+    offset, unsigned with one)."""
+    return pack(codes, bits, signed=signed)
 
 
 @torch.library.custom_op("qcompile::packed_linear", mutates_args=())
@@ -63,13 +69,14 @@ def packed_linear(
     group_size: int,
     act_bits: int,
     act_group: int,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    codes = unpack_codes(packed, in_features, w_bits)
-    return torch.ops.qcompile.quant_linear.default(x, codes, scale, None, bias, group_size, act_bits, act_group)
+    codes = unpack_codes(packed, in_features, w_bits, signed=offset is None)
+    return torch.ops.qcompile.quant_linear.default(x, codes, scale, offset, bias, group_size, act_bits, act_group)
 
 
 @packed_linear.register_fake
-def _packed_linear_fake(x, packed, scale, bias, in_features, w_bits, group_size, act_bits, act_group):  # type: ignore[no-untyped-def]
+def _packed_linear_fake(x, packed, scale, bias, in_features, w_bits, group_size, act_bits, act_group, offset=None):  # type: ignore[no-untyped-def]
     torch._check(x.shape[-1] == in_features)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 

@@ -9,10 +9,11 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
 * any other weight spec (2, 3, 4, 6 or 8 bits, per-channel or per-group, symmetric or asymmetric) with no
   activation quantization, or with dynamic symmetric per-token / per-group activations →
   ``qcompile::quant_linear`` (weight codes stored one per int8; the report also gives the
-  packed size); symmetric 6-bit weights (FlexQ's W6) are stored densely packed, 4 codes in 3 bytes,
-  and run by ``qcompile::packed_linear``. A group size that does not divide K is a PlanError naming
-  the layer, unless the spec sets ``partial_last_group`` (then the last group is shorter, as if K
-  were zero-padded).
+  packed size); 2- and 3-bit weights (symmetric, or asymmetric with a float offset: unsigned codes)
+  and symmetric 6-bit weights (FlexQ's W6) are stored densely packed (4 codes per byte, 8 codes in
+  3 bytes, 4 codes in 3 bytes) and run by ``qcompile::packed_linear``. A group size that does not
+  divide K is a PlanError naming the layer, unless the spec sets ``partial_last_group`` (then the
+  last group is shorter, as if K were zero-padded).
 
 Weight methods (``plan.weight_method``): ``rtn`` (round to nearest; with the option
 ``clip_search`` the per-group clip ratio is grid-searched on calibration inputs to minimize the
@@ -93,8 +94,10 @@ from qcompile.quant.spec import Granularity, QuantSpec, check_group, levels
 
 Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
-# symmetric weights of these widths are stored densely packed and run by qcompile::packed_linear
-PACKED_BITS = (6,)
+# weights of these widths are stored densely packed and run by qcompile::packed_linear: symmetric
+# codes in two's complement, asymmetric ones (PACKED_ASYM_BITS) unsigned with their float offset
+PACKED_BITS = (2, 3, 6)
+PACKED_ASYM_BITS = (2, 3)
 
 SUPPORTED = (
     "weights: 2, 3, 4, 6 or 8 bits, per_channel or per_group, symmetric or not; activations: none, or those widths "
@@ -192,8 +195,10 @@ class QuantizeWeights(Pass):
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
-            if op in (torch.ops.qcompile.linear_w8a8.default, torch.ops.qcompile.packed_linear.default):
+            if op is torch.ops.qcompile.linear_w8a8.default:
                 args = (m.node.args[0], inputs[0], inputs[1], bias, *extra)
+            elif op is torch.ops.qcompile.packed_linear.default:  # the offset (asymmetric codes) comes last
+                args = (m.node.args[0], inputs[0], inputs[1], bias, *extra, *([inputs[2]] if inputs[2] else []))
             else:
                 args = (m.node.args[0], inputs[0], inputs[1], inputs[2], bias, *extra)
             m.entry.replace_call(m.node, op, args)
@@ -532,10 +537,11 @@ class QuantizeWeights(Pass):
                         "(or use per_channel weights)"
                     )
         codes, scale, offset = pre if pre is not None else quantize_weight_groups(weight, w.bits, group, w.symmetric)
-        if w.bits in PACKED_BITS and w.symmetric:  # stored densely packed (6-bit: 4 codes in 3 bytes)
-            pkey = program.add_state(f"{base}.qweight_packed", pack_codes(codes, w.bits))
+        if w.bits in PACKED_BITS and (w.symmetric or w.bits in PACKED_ASYM_BITS):  # stored densely packed
+            pkey = program.add_state(f"{base}.qweight_packed", pack_codes(codes, w.bits, signed=offset is None))
             skey = program.add_state(f"{base}.w_scale", scale)
-            return [pkey, skey], torch.ops.qcompile.packed_linear.default, (k, w.bits, group, act_bits, act_group)
+            okey = program.add_state(f"{base}.w_offset", offset) if offset is not None else None
+            return [pkey, skey, okey], torch.ops.qcompile.packed_linear.default, (k, w.bits, group, act_bits, act_group)
         qkey = program.add_state(f"{base}.qweight", codes)
         program.weight_bits[qkey] = w.bits
         okey = program.add_state(f"{base}.w_offset", offset) if offset is not None else None

@@ -483,13 +483,14 @@ class _Translator:
         w = _Weights(_np(c).astype(np.int64), s, o, k if s.shape[1] == 1 else int(group_size), bits, o is None)
         return self._linear(x, w, bias, act_bits=int(act_bits), act_group=int(act_group), prequantized=False)
 
-    def packed_linear(self, x, packed, scale, bias, in_features, w_bits, group_size, act_bits, act_group):  # type: ignore[no-untyped-def]
+    def packed_linear(self, x, packed, scale, bias, in_features, w_bits, group_size, act_bits, act_group, offset=None):  # type: ignore[no-untyped-def]
         from qcompile.ops.packed import unpack_codes
 
         p = self.const(packed, "packed_linear", "packed weight codes")
-        codes = _np(unpack_codes(p, int(in_features), int(w_bits))).astype(np.int64)
+        o = None if offset is None else _np(self.const(offset, "packed_linear", "weight offset")).astype(np.float32)
+        codes = _np(unpack_codes(p, int(in_features), int(w_bits), signed=o is None)).astype(np.int64)
         s = _np(self.const(scale, "packed_linear", "weight scale")).astype(np.float32)
-        w = _Weights(codes, s, None, codes.shape[1] if s.shape[1] == 1 else int(group_size), int(w_bits), True)
+        w = _Weights(codes, s, o, codes.shape[1] if s.shape[1] == 1 else int(group_size), int(w_bits), o is None)
         return self._linear(x, w, bias, act_bits=int(act_bits), act_group=int(act_group), prequantized=False)
 
     def linear_static(self, x, codes, scale, bias, group_size, act_bits):  # type: ignore[no-untyped-def]

@@ -72,3 +72,45 @@ def test_sign_plane_bit_31_and_errors():
         pack(torch.tensor([1.0]), 4)
     with pytest.raises(ValueError, match="need 3 bytes"):
         unpack(torch.zeros(1, 2, dtype=torch.uint8), 4, 6)
+
+
+def _bitstream_reference(codes: list[list[int]], bits: int) -> list[list[int]]:
+    """Plain Python dense packing: code j's two's-complement bits at stream positions j·b … j·b + b − 1."""
+    out = []
+    for row in codes:
+        stream = [(c >> i) & 1 for c in row for i in range(bits)]  # Python ints: >> sign-extends, & masks
+        stream += [0] * (-len(stream) % 8)
+        out.append([sum(stream[p + i] << i for i in range(8)) for p in range(0, len(stream), 8)])
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3]),
+    signed=st.booleans(),
+    n=st.integers(1, 6),
+    k=st.integers(1, 70).filter(lambda k: k % 8 != 0) | st.integers(1, 9).map(lambda j: 8 * j),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_two_and_three_bit_packing_round_trips_and_matches_a_plain_bitstream(bits, signed, n, k, seed):
+    """2-bit: 4 codes per byte; 3-bit: 8 codes in 3 bytes (a code straddles bytes 0/1 and 1/2); K not a
+    multiple of 8 leaves zero padding bits; signed (two's complement) and unsigned (asymmetric) codes."""
+    from qcompile.ops.packed import pack_codes, unpack_codes
+
+    lo, hi = code_range(bits, signed)
+    codes = torch.randint(lo, hi + 1, (n, k), generator=torch.Generator().manual_seed(seed))
+    codes[0, 0], codes[-1, -1] = lo, hi
+    packed = pack_codes(codes, bits, signed=signed)
+    assert packed.shape == (n, -(-k * bits // 8)) and packed.dtype == torch.uint8
+    assert packed.tolist() == _bitstream_reference(codes.tolist(), bits)
+    assert torch.equal(unpack_codes(packed, k, bits, signed=signed).to(torch.int64), codes)
+    if signed and int(codes.min()) < 0:  # the same bytes read unsigned are the two's complement patterns
+        assert torch.equal(unpack_codes(packed, k, bits, signed=False).to(torch.int64), codes % 2**bits)
+
+
+def test_three_bit_codes_take_three_bytes_per_eight():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]])
+    packed = pack(codes, 3, signed=False)
+    # stream (LSB first): 100 010 110 001 101 011 111 000 -> bytes 0b11_010_001 (code 2's low bits on top) ...
+    assert packed.tolist() == [[0b11010001, 0b01011000, 0b00011111]]
+    assert packed_size(8, 3) == 3 and packed_size(9, 3) == 4 and packed_size(5, 2) == 2

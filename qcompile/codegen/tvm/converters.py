@@ -125,11 +125,17 @@ def quant_linear(lw: Lowering, node: fx.Node) -> relax.Var:
 
 
 def packed_linear(lw: Lowering, node: fx.Node) -> relax.Var:
-    x, packed, scale, b, k, w_bits, group, act_bits, act_group = node.args  # packed codes carry their width
+    x, packed, scale, b, k, w_bits, group, act_bits, act_group = node.args[:9]  # packed codes carry their width
+    offset = _arg(node, 9, "offset", None)  # asymmetric: unsigned codes and a float offset
     pkey, skey = _state_key(lw, packed, "packed weight"), _state_key(lw, scale, "scale")
+    okey = _state_key(lw, offset, "offset") if offset is not None else None
     n = lw.program.state[pkey].shape[0]
-    recipe = _codes_recipe(n, k, w_bits, group, act_bits, act_group, False)
-    weights = LinearWeights(pkey, lambda st: unpack_codes(st[pkey], k, w_bits), lambda st: st[skey].float())
+    recipe = _codes_recipe(n, k, w_bits, group, act_bits, act_group, okey is not None)
+    signed = okey is None
+    off = (lambda st: st[okey].float()) if okey is not None else None
+    weights = LinearWeights(
+        pkey, lambda st: unpack_codes(st[pkey], k, w_bits, signed=signed), lambda st: st[skey].float(), off
+    )
     return _linear(lw, node, x, recipe, weights, _bias_key(lw, b))
 
 

@@ -1,6 +1,6 @@
 """``LinearRecipe``: how one linear layer's weight is stored for qcompile's kernels, written once.
 
-A recipe is the weight format (``f32``, ``i8``, ``u4``, ``i6``: see :mod:`.kernels.linear`), the
+A recipe is the weight format (``f32``, ``i8``, ``u2``, ``u3``, ``u4``, ``i6``: see :mod:`.kernels.linear`), the
 weight group along K, the activation bits and grouping, and the zero point / float offset, folded
 into one per-(output, group) term ``c = offset − zero·scale`` (weight-only formats add ``c·Σx``).
 The lowering (:mod:`.converters` and the target's rules), the kernel selection
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.codegen.tvm.kernels.bitserial import BitSerial, pack_plane_scales, pack_weight_planes
-from qcompile.codegen.tvm.kernels.linear import LinearKernel, pack_groups, pack_weight, padded
+from qcompile.codegen.tvm.kernels.linear import UNSIGNED, LinearKernel, pack_groups, pack_weight, padded
 
 
 class NoFormat(ValueError):
@@ -28,11 +28,11 @@ class LinearRecipe:
 
     n: int
     k: int
-    wfmt: str  # "f32" | "i8" | "u4" | "i6"
+    wfmt: str  # "f32" | "i8" | "u2" | "u3" | "u4" | "i6"
     group: int  # weight group along K; == k: one scale per output channel
     act_bits: int = 0  # 0: fp32 activations
     act_grouped: bool = False  # activation scales per group of ``group`` (else one per token)
-    zero: int = 0  # stored code = code + zero (symmetric u4: 8)
+    zero: int = 0  # stored code = code + zero (symmetric u2: 2, u3: 4, u4: 8)
     offset: bool = False  # asymmetric weights: a float offset per (output, group)
 
     @classmethod
@@ -50,8 +50,9 @@ class LinearRecipe:
         cls, n: int, k: int, bits: int, group: int, act_bits: int, act_grouped: bool, offset: bool
     ) -> LinearRecipe:
         """Integer codes of ``bits`` in groups of ``group`` (a float ``offset`` when asymmetric), with
-        ``act_bits``-bit activations (0: fp32): ``i6`` for 6 bits, ``u4`` for up to 4 bits with fp32
-        activations, ``i8`` otherwise. :class:`NoFormat` when no kernel stores them."""
+        ``act_bits``-bit activations (0: fp32): ``i6`` for 6 bits; with fp32 activations ``u2`` for
+        2 bits, ``u3`` for 3 bits and ``u4`` for 4 bits (and fewer); ``i8`` otherwise. :class:`NoFormat`
+        when no kernel stores them."""
         if act_bits and offset:
             raise NoFormat("integer activations with asymmetric weights have no kernel")
         if bits > 8:
@@ -61,8 +62,8 @@ class LinearRecipe:
         if act_bits:
             wfmt = "i6" if bits == 6 else "i8"
         else:
-            wfmt = "u4" if bits <= 4 else ("i6" if bits == 6 else "i8")
-        zero = 0 if (offset or wfmt != "u4") else 8
+            wfmt = {2: "u2", 3: "u3"}.get(bits, "u4") if bits <= 4 else ("i6" if bits == 6 else "i8")
+        zero = 0 if (offset or wfmt not in UNSIGNED) else {"u2": 2, "u3": 4, "u4": 8}[wfmt]
         return cls(n, k, wfmt, group, act_bits, act_grouped, zero, offset)
 
     @property

@@ -3,7 +3,9 @@
 ``BENCH_KERNELS[name](weight_fp32[N, K], M)`` quantizes the weight as the matching preset does,
 repacks it, builds (once per shape) the kernel(s) the TVM backend would call, and returns
 ``run(x[M, K]) -> y[M, N]`` (fp32 in and out; the timed call includes the activation
-quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads.
+quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads
+(codes, scales, offsets) and, for the grouped code formats, ``run.dequantized()`` = the fp32 weight
+the kernel multiplies by (its own reference).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tvm
 from qcompile.codegen.tvm.kernels.linear import QuantRows, linear_primfunc, quant_rows_primfunc
 from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.codegen.tvm.target import host_target
-from qcompile.quant.quantizer import quantize_weight_groups, quantize_weight_per_channel
+from qcompile.quant.quantizer import dequantize_weight_groups, quantize_weight_groups, quantize_weight_per_channel
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,6 +82,8 @@ def _prepare(
             return out[:, :n]
 
         run.weight_bytes = sum(t.numpy().nbytes for t in weights)  # type: ignore[attr-defined]
+        if fmt not in ("f32", "i8"):  # the weight the kernel multiplies by (its own reference), on demand
+            run.dequantized = lambda: dequantize_weight_groups(codes, scale, offset, g)  # type: ignore[attr-defined]
         return run
 
     return prepare
@@ -125,4 +129,7 @@ BENCH_KERNELS: dict[str, Callable[[torch.Tensor, int], Run]] = {
     "qc_w6a8_bitserial": _prepare_bitserial(8),
     "qc_w4a16_g32_asym": _prepare("u4", 4, 32, 0, False, False),
     "qc_w4a16_g128": _prepare("u4", 4, 128, 0, False, True),
+    "qc_w4a16_g64_asym": _prepare("u4", 4, 64, 0, False, False),
+    "qc_w3a16_g128_asym": _prepare("u3", 3, 128, 0, False, False),
+    "qc_w2a16_g64_asym": _prepare("u2", 2, 64, 0, False, False),
 }

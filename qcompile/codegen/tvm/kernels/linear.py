@@ -10,7 +10,14 @@ a multiple of the block ``NB``, K to a multiple of the group, with zero weights)
 * ``u4``   — ``W[N/NB, K, NB/2]`` uint8, byte j = lane j (low nibble) | lane j + NB/2 (high nibble),
   unsigned codes ``u = code + zero`` (W4: symmetric codes are stored ``+8``);
 * ``i6``   — the same nibble array for the low 4 bits of ``u = code + 32`` plus ``H[N/NB, K, NB/4]``
-  holding the top 2 bits of lanes j, j+NB/4, j+2·NB/4, j+3·NB/4 (exactly 6 bits per weight).
+  holding the top 2 bits of lanes j, j+NB/4, j+2·NB/4, j+3·NB/4 (exactly 6 bits per weight);
+* ``u2``   — ``W[N/NB, K, NB/4]`` uint8, byte j = the 2-bit ``u = code + zero`` of lanes j, j+NB/4,
+  j+2·NB/4, j+3·NB/4 (bits 0–1, 2–3, 4–5, 6–7; W2: symmetric codes are stored ``+2``);
+* ``u3``   — the ``u2`` array for the low 2 bits of ``u = code + zero`` plus ``P[N/NB, ⌈K/8⌉, NB]``,
+  a bit plane along K: bit ``k % 8`` of byte ``(k // 8, lane)`` is bit 2 of ``u[lane, k]`` (exactly
+  3 bits per weight; W3: symmetric codes are stored ``+4``). Along K rather than across lanes so that
+  a vector of 16 lanes reads 16 consecutive bytes of both arrays with one shift each (a plane across
+  lanes — 8 lanes per byte — gives 8-lane vectors and twice the decode work per weight).
 
 Lane-blocked layouts make every weight load a contiguous vector across NB output channels, so the
 inner loop is load → unpack (shift/mask, uniform per vector) → multiply-accumulate into NB
@@ -32,7 +39,8 @@ from tvm.s_tir import Schedule
 
 NB = 64  # output channels per block (lanes): 8 AVX2 / 4 AVX-512 float registers
 
-WFMTS = ("f32", "i8", "u4", "i6")
+WFMTS = ("f32", "i8", "u4", "i6", "u2", "u3")
+UNSIGNED = ("u4", "u2", "u3")  # formats storing ``code + zero`` (weight-only: fp32 activations)
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class LinearKernel:
             raise ValueError(f"groups of {self.group} input channels have no kernel (at least 4)")
         if self.n % NB or self.k % self.group:
             raise ValueError(f"kernel sizes must be padded: N={self.n} (block {NB}), K={self.k} (group {self.group})")
-        if self.act_bits and self.wfmt in ("f32", "u4"):
+        if self.act_bits and self.wfmt in ("f32", *UNSIGNED):
             raise ValueError(f"{self.wfmt} weights take fp32 activations")
         if self.act_bits and self.zero_term:
             raise ValueError("integer activations need symmetric weights (no zero term)")
@@ -80,6 +88,8 @@ class LinearKernel:
             "i8": [((nb, self.k, NB), "int8")],
             "u4": [((nb, self.k, NB // 2), "uint8")],
             "i6": [((nb, self.k, NB // 2), "uint8"), ((nb, self.k, NB // 4), "uint8")],
+            "u2": [((nb, self.k, NB // 4), "uint8")],
+            "u3": [((nb, self.k, NB // 4), "uint8"), ((nb, -(-self.k // 8), NB), "uint8")],
         }[self.wfmt]
 
 
@@ -88,11 +98,17 @@ def _rows(m: int | None) -> tvm.tirx.PrimExpr | int:
 
 
 def _decode(spec: LinearKernel, ws: list[te.Tensor], n: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The weight of output ``n``, input ``k`` as an integer (unsigned for u4, signed otherwise)."""
+    """The weight of output ``n``, input ``k`` as an integer (unsigned for u4/u2/u3, signed otherwise)."""
     blk, lane = n // NB, n % NB
     if spec.wfmt in ("f32", "i8"):
         return ws[0][blk, k, lane]
     half, quarter = NB // 2, NB // 4
+    if spec.wfmt in ("u2", "u3"):
+        lo2 = (ws[0][blk, k, lane % quarter] >> (lane // quarter * 2).astype("uint8")) & tirx.const(3, "uint8")
+        if spec.wfmt == "u2":
+            return lo2.astype("int32")
+        b2 = (ws[1][blk, k // 8, lane] >> (k % 8).astype("uint8")) & tirx.const(1, "uint8")
+        return lo2.astype("int32") + b2.astype("int32") * 4
     lo = (ws[0][blk, k, lane % half] >> (lane // half * 4).astype("uint8")) & tirx.const(15, "uint8")
     if spec.wfmt == "u4":
         return lo.astype("int32")
@@ -195,8 +211,11 @@ def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     sch.set_scope(acc, 0, "local")
     aj, ak = sch.get_loops(acc)[-2:]  # under r: the 64 lanes and the group's K (unit loops dropped)
     sch.reorder(ak, aj)
-    ako, aki = sch.split(ak, [None, 4])
-    parts = sch.split(aj, [None, 2, NB // 4]) if spec.wfmt == "i6" else sch.split(aj, [None, NB // 2])
+    # u3's plane shift is k % 8: unrolling 8 steps of K makes it a constant
+    ako, aki = sch.split(ak, [None, 8 if spec.wfmt == "u3" and spec.group % 8 == 0 else 4])
+    # the innermost vector spans lanes that read consecutive bytes with one shift per array
+    inner = {"i6": [None, 2, NB // 4], "u2": [None, NB // 4], "u3": [None, NB // 4]}.get(spec.wfmt, [None, NB // 2])
+    parts = sch.split(aj, inner)
     for p in parts[:-1]:
         sch.unroll(p)
     sch.vectorize(parts[-1])
@@ -283,16 +302,31 @@ def _lanes(t: torch.Tensor) -> torch.Tensor:
 
 def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torch.Tensor]:
     """The kernel's weight tensors from ``w[N, K]`` (float for f32, integer codes otherwise;
-    u4 stores ``code + zero``; i6 stores ``code + 32``)."""
+    u4/u2/u3 store ``code + zero``; i6 stores ``code + 32``)."""
     if spec.wfmt == "f32":
         return [_lanes(_pad(w.to(torch.float32), spec.n, spec.k))]
     codes = w.to(torch.int32)
     if spec.wfmt == "i8":
         return [_lanes(_pad(codes, spec.n, spec.k)).to(torch.int8)]
-    u = codes + (zero if spec.wfmt == "u4" else 32)
+    u = codes + (zero if spec.wfmt in UNSIGNED else 32)
+    width = {"u2": 2, "u3": 3, "u4": 4}.get(spec.wfmt, 6)
+    if int(u.min()) < 0 or int(u.max()) >= 2**width:
+        raise ValueError(f"{spec.wfmt} stores {width}-bit codes + zero, got values in [{int(u.min())}, {int(u.max())}]")
     # padded lanes hold u = 0; their scales are 0, so they contribute nothing
     u = _lanes(_pad(u, spec.n, spec.k))
     half, quarter = NB // 2, NB // 4
+    if spec.wfmt in ("u2", "u3"):
+        lo2 = u & 3
+        crumbs = lo2[..., :quarter]
+        for i in range(1, 4):
+            crumbs = crumbs | (lo2[..., i * quarter : (i + 1) * quarter] << (2 * i))
+        out = [crumbs.to(torch.uint8).contiguous()]
+        if spec.wfmt == "u3":  # [nb, K, NB] -> [nb, ceil(K/8), 8, NB]: bit i of a byte from K row 8·j + i
+            b2 = (u >> 2) & 1
+            b2 = torch.nn.functional.pad(b2, (0, 0, 0, -spec.k % 8)).view(b2.shape[0], -1, 8, NB)
+            plane = (b2 << torch.arange(8, dtype=b2.dtype).view(1, 1, 8, 1)).sum(2)
+            out.append(plane.to(torch.uint8).contiguous())
+        return out
     lo = u & 15
     nib = (lo[..., :half] | (lo[..., half:] << 4)).to(torch.uint8)
     if spec.wfmt == "u4":
