@@ -16,12 +16,22 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
 
 Weight methods (``plan.weight_method``): ``rtn`` (round to nearest; with the option
 ``clip_search`` the per-group clip ratio is grid-searched on calibration inputs to minimize the
-output error, :func:`qcompile.quant.quantizer.search_clip`), and ``gptq``
-(:mod:`qcompile.quant.gptq`, options ``damp`` and ``act_order``). GPTQ runs decoder block by block
-(blocks are the module-path prefixes up to the layer index): each block's Hessians are
-collected from a calibration run that stops after the block, the block's weights are quantized
-and written back dequantized, so later blocks calibrate on the quantized model's activations
-(the sequential GPTQ of the paper) and only one block's Hessians are held at a time.
+output error, :func:`qcompile.quant.quantizer.search_clip`), ``gptq``
+(:mod:`qcompile.quant.gptq`, options ``damp`` and ``act_order``) and ``decoupleq``
+(:mod:`qcompile.quant.decoupleq`, asymmetric weights only, a PlanError naming the layer otherwise;
+options ``damp``, ``dq_iterations``, ``dq_inner_steps``, ``dq_rounding``). GPTQ and decoupleQ run decoder
+block by block (blocks are the module-path prefixes up to the layer index): the calibration windows go
+through the model once, a block at a time (:class:`qcompile.ir.blocks.Stepper`); each block's Hessians
+are collected by running the block alone on its inputs, the block's weights are quantized and written
+back dequantized, and the quantized block produces the next block's inputs, so later blocks calibrate
+on the quantized model's activations (the sequential GPTQ of the paper) and only one block's Hessians
+are held at a time. (When the blocks' nodes do not form separate ranges of the forward graph, each
+block's Hessians come from a calibration run that stops after the block.) With ``blockwise_epochs > 0``
+each block's scales, offsets and norm weights are then trained, codes frozen, on the mean squared error
+to the float block's output on the same inputs (:mod:`qcompile.quant.blockwise`; Adam, ``blockwise_lr``).
+A Hessian singular even after damping is a PlanError naming the layer. The report's notes give, per
+layer, the solve time and (decoupleQ) the objective per iteration against RTN's and GPTQ's, and per
+block the block-wise loss before and after (and whether the trained values were kept).
 
 Static activations (``activation: {granularity: per_tensor, dynamic: false, symmetric: true}``):
 one step per layer input, ``absmax / qmax`` over the calibration data (token ids for a causal LM,

@@ -11,6 +11,9 @@ the already error-updated weights, as in the reference implementation.
 
 The output has the layout of :func:`qcompile.quant.quantizer.quantize_weight_groups`: codes ``[N, K]``,
 scales ``[N, G]``, offsets ``[N, G]`` or None; with H = identity it equals RTN exactly.
+With ``grid`` (fixed scales and offsets) only the codes are computed: decoupleQ's sequential-rounding
+step. A Hessian that is singular even after damping (rank-deficient inputs, ``damp`` 0) is a
+:class:`~qcompile.errors.PlanError` saying to raise ``damp``, never a raw LinAlgError.
 A weight or Hessian holding NaN/±Inf (NaN calibration activations accumulate into H), an inverse
 Hessian factor that is not finite, or a group scale that overflows is a
 :class:`~qcompile.errors.NonFiniteError`, never codes computed from NaN.
