@@ -180,7 +180,7 @@ def decoupleq_quantize(
     group_size: int,
     *,
     damp: float = 0.01,
-    iterations: int = 4,
+    iterations: int = 8,
     inner_steps: int = 20,
     rounding: Rounding = Rounding.GPTQ,
     tol: float = 0.01,
