@@ -234,7 +234,7 @@ class QuantizeWeights(Pass):
     dq_inner_steps: int = 20  # decoupleq, dq_rounding nearest: projected-gradient steps per iteration
     dq_rounding: Rounding = Rounding.GPTQ  # decoupleq integer step: "gptq" (sequential) or "nearest"
     blockwise_epochs: int = 0  # gptq/decoupleq: epochs of block-wise training of scales, offsets, norms (0: off)
-    blockwise_lr: float = 1e-4  # block-wise stage: Adam learning rate
+    blockwise_lr: float = 1e-3  # block-wise stage: Adam learning rate (relative changes of scales, norms)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.damp) or self.damp < 0:
