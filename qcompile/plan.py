@@ -59,6 +59,7 @@ class WeightMethod(str, enum.Enum):
 
     RTN = "rtn"
     GPTQ = "gptq"  # needs calibration data; see qcompile.quant.gptq
+    DECOUPLEQ = "decoupleq"  # needs calibration data and asymmetric weights; see qcompile.quant.decoupleq
 
 
 class LmHead(str, enum.Enum):
@@ -656,6 +657,34 @@ register_preset(
         fallback=TORCH_FALLBACK,
     )
 )
+
+
+# ---- decoupleQ presets (issue 19; qcompile/quant/decoupleq.py): 2- and 3-bit asymmetric weights ----------
+# decoupleQ solves a float offset per group, so the weights are asymmetric (code·scale + offset). The presets
+# run the layer-wise solver only (iterations 8, GPTQ-style rounding); the block-wise stage (pass option
+# blockwise_epochs) is measured separately with the plan files benchmarks/plans/*-decoupleq-*-bw.yaml.
+W2_G64_ASYM = QuantSpec(
+    bits=2, granularity=Granularity.PER_GROUP, symmetric=False, group_size=64, partial_last_group=True
+)
+W3_G128_ASYM = QuantSpec(
+    bits=3, granularity=Granularity.PER_GROUP, symmetric=False, group_size=128, partial_last_group=True
+)
+W2_PER_CHANNEL_ASYM = QuantSpec(bits=2, granularity=Granularity.PER_CHANNEL, symmetric=False)
+for _name, _spec, _what in (
+    ("w2a16-decoupleq-g64", W2_G64_ASYM, "2-bit asymmetric weights, group 64 along K"),
+    ("w3a16-decoupleq-g128", W3_G128_ASYM, "3-bit asymmetric weights, group 128 along K (a shorter last group)"),
+    ("w2a16-decoupleq", W2_PER_CHANNEL_ASYM, "2-bit asymmetric weights, one scale and offset per output channel"),
+):
+    register_preset(
+        Plan(
+            name=_name,
+            description=f"decoupleQ: {_what}; codes and (scale, offset) solved alternately on the layer's "
+            "GPTQ Hessian (GPTQ initialization, 8 iterations, block by block); fp32 activations.",
+            passes=(PassConfig("quantize_weights"),),
+            weight=_spec,
+            weight_method=WeightMethod.DECOUPLEQ,
+        )
+    )
 
 
 def get_plan(plan: Plan | str | Path) -> Plan:

@@ -17,12 +17,22 @@ uses it) and replaces the linear with the fused qcompile op for the (weight, act
 
 Weight methods (``plan.weight_method``): ``rtn`` (round to nearest; with the option
 ``clip_search`` the per-group clip ratio is grid-searched on calibration inputs to minimize the
-output error, :func:`qcompile.quant.quantizer.search_clip`), and ``gptq``
-(:mod:`qcompile.quant.gptq`, options ``damp`` and ``act_order``). GPTQ runs decoder block by block
-(blocks are the module-path prefixes up to the layer index): each block's Hessians are
-collected from a calibration run that stops after the block, the block's weights are quantized
-and written back dequantized, so later blocks calibrate on the quantized model's activations
-(the sequential GPTQ of the paper) and only one block's Hessians are held at a time.
+output error, :func:`qcompile.quant.quantizer.search_clip`), ``gptq``
+(:mod:`qcompile.quant.gptq`, options ``damp`` and ``act_order``) and ``decoupleq``
+(:mod:`qcompile.quant.decoupleq`, asymmetric weights only, a PlanError naming the layer otherwise;
+options ``damp``, ``dq_iterations``, ``dq_inner_steps``, ``dq_rounding``). GPTQ and decoupleQ run decoder
+block by block (blocks are the module-path prefixes up to the layer index): the calibration windows go
+through the model once, a block at a time (:class:`qcompile.ir.blocks.Stepper`); each block's Hessians
+are collected by running the block alone on its inputs, the block's weights are quantized and written
+back dequantized, and the quantized block produces the next block's inputs, so later blocks calibrate
+on the quantized model's activations (the sequential GPTQ of the paper) and only one block's Hessians
+are held at a time. (When the blocks' nodes do not form separate ranges of the forward graph, each
+block's Hessians come from a calibration run that stops after the block.) With ``blockwise_epochs > 0``
+each block's scales, offsets and norm weights are then trained, codes frozen, on the mean squared error
+to the float block's output on the same inputs (:mod:`qcompile.quant.blockwise`; Adam, ``blockwise_lr``).
+A Hessian singular even after damping is a PlanError naming the layer. The report's notes give, per
+layer, the solve time and (decoupleQ) the objective per iteration against RTN's and GPTQ's, and per
+block the block-wise loss before and after (and whether the trained values were kept).
 
 Static activations (``activation: {granularity: per_tensor, dynamic: false, symmetric: true}``):
 one step per layer input, ``absmax / qmax`` over the calibration data (token ids for a causal LM,
@@ -64,21 +74,34 @@ dropped from the state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.fx as fx
 
 from qcompile.errors import PlanError
-from qcompile.ir.calib import calib_batches, calibration_batches, observe_linear_inputs, run_observed
+from qcompile.ir.blocks import Block, BlockWindow, Stepper, find_block, run_block
+from qcompile.ir.calib import (
+    _finite_check,
+    calib_batches,
+    calibration_batches,
+    entry_args,
+    observe_linear_inputs,
+    run_observed,
+)
 from qcompile.ir.convs import ConvMatch, find_convs
 from qcompile.ir.facts import Fact
 from qcompile.ir.patterns import find_linears, non_linear_uses
 from qcompile.ir.program import PATH_KEY, Program
 from qcompile.ops.packed import pack_codes
-from qcompile.passes.base import Pass, PassContext, PassResult, register_pass
+from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
 from qcompile.plan import LayerQuant, LmHead, WeightMethod
+from qcompile.quant.blockwise import BlockTrainer
+from qcompile.quant.decoupleq import Rounding, decoupleq_quantize
 from qcompile.quant.finite import check_scale, naming
 from qcompile.quant.gptq import Hessian, gptq_quantize
 from qcompile.quant.observers import SampleObserver
@@ -130,6 +153,65 @@ def _is_a8_per_token(spec: QuantSpec | None) -> bool:
     )
 
 
+@contextmanager
+def _layer(path: str, what: str) -> Iterator[None]:
+    """Name the layer in a NonFiniteError or PlanError raised inside (e.g. a singular Hessian)."""
+    try:
+        with naming(f"layer {path!r} ({what})"):
+            yield
+    except PlanError as e:
+        if str(e).startswith("layer "):
+            raise
+        raise PlanError(f"layer {path!r} ({what}): {e}") from e
+
+
+def _block_ranges(
+    program: Program, blocks: dict[str, list[tuple[str, str, QuantSpec]]]
+) -> dict[str, tuple[Block, dict[str, fx.Node]]] | None:
+    """Per block: its node range in the forward entry and the first linear node of each of its weights;
+    None unless the ranges follow one another without overlap and hold every linear of their block."""
+    if "forward" not in program.entries:
+        return None
+    first: dict[str, fx.Node] = {}
+    for m in find_linears(program):
+        if m.entry.name == "forward":
+            first.setdefault(m.weight_key, m.node)
+    out: dict[str, tuple[Block, dict[str, fx.Node]]] = {}
+    order = {n: i for i, n in enumerate(program.entries["forward"].graph.graph.nodes)}
+    end = -1
+    for prefix, items in blocks.items():
+        try:
+            blk = find_block(program, prefix)
+        except ValueError:
+            return None
+        inside = set(blk.nodes)
+        if order[blk.nodes[0]] <= end or any(first.get(k) not in inside for k, _, _ in items):
+            return None
+        end = order[blk.nodes[-1]]
+        out[prefix] = (blk, {k: first[k] for k, _, _ in items})
+    return out
+
+
+def _block_hessians(
+    program: Program, stepper: Stepper, blk: Block, wins: list[BlockWindow], firsts: dict[str, fx.Node]
+) -> dict[str, list[Hessian]]:
+    """Hessians of the block's linears' inputs, the block run alone (float) on each window; the block's
+    float outputs are kept in each window (the block-wise stage's targets). A non-finite linear input is
+    refused as in :func:`qcompile.ir.calib.run_observed` (layer, window, first non-finite node)."""
+    hs = {k: [Hessian(program.state[k].shape[1])] for k in firsts}
+    with torch.no_grad():
+        for i, w in enumerate(wins):
+            run_args = entry_args(program, blk.entry, [stepper.batches[i]])
+            observe = {
+                node: _finite_check(
+                    lambda _n, args, key=k: hs[key][0].add(args[0]), program, blk.entry, i, w.label, run_args
+                )
+                for k, node in firsts.items()
+            }
+            w.outputs = dict(zip(blk.outputs, run_block(program, blk, w, observe=observe)))
+    return hs
+
+
 def _block_of(path: str) -> str:
     """The decoder block of a module path: the prefix up to its first numeric part (else the parent)."""
     parts = path.split(".")
@@ -151,16 +233,29 @@ class QuantizeWeights(Pass):
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal
     clip_search: bool = False  # rtn: grid-search clip ratios on calibration inputs
     samples: int = 512  # rtn clip search: calibration rows per layer
+    dq_iterations: int = 8  # decoupleq: iterations, the GPTQ/min-max initialization included (1: that only)
+    dq_inner_steps: int = 20  # decoupleq, dq_rounding nearest: projected-gradient steps per iteration
+    dq_rounding: Rounding = Rounding.GPTQ  # decoupleq integer step: "gptq" (sequential) or "nearest"
+    blockwise_epochs: int = 0  # gptq/decoupleq: epochs of block-wise training of scales, offsets, norms (0: off)
+    blockwise_lr: float = 1e-3  # block-wise stage: Adam learning rate (relative changes of scales, norms)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.damp) or self.damp < 0:
             raise PlanError(f"quantize_weights: damp must be a finite number >= 0, got {self.damp!r}")
         if self.samples < 1:
             raise PlanError(f"quantize_weights: samples must be >= 1 calibration rows, got {self.samples!r}")
+        for name, lo in (("dq_iterations", 1), ("dq_inner_steps", 0), ("blockwise_epochs", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise PlanError(f"quantize_weights: {name} must be an integer >= {lo}, got {v!r}")
+        if isinstance(self.blockwise_lr, bool) or not math.isfinite(self.blockwise_lr) or self.blockwise_lr <= 0:
+            raise PlanError(f"quantize_weights: blockwise_lr must be a finite number > 0, got {self.blockwise_lr!r}")
+        as_enum(self, "dq_rounding", Rounding)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         conv_schemes = self._conv_schemes(program, ctx)  # PlanErrors before any calibration
-        pre = self._calibrated_codes(program, ctx)
+        calib_notes: dict[str, Any] = {}
+        pre = self._calibrated_codes(program, ctx, calib_notes)
         steps = self._static_steps(program, ctx, conv_schemes)
         done: dict[str, tuple[str, str]] = {}  # weight key -> (qweight key, scale key)
         changed: list[str] = []
@@ -206,6 +301,7 @@ class QuantizeWeights(Pass):
             if m.path not in changed:
                 changed.append(m.path)
         notes = self._convs(program, ctx, conv_schemes, steps, changed, skipped, touched)
+        notes.update(calib_notes)
         for h in heads.values():  # the bytes the quantized head stores (codes, scales, offsets)
             if h["quantized"] and h["weight"] in done:
                 t = [program.state[k] for k in done[h["weight"]][0] if k]
@@ -394,7 +490,8 @@ class QuantizeWeights(Pass):
         if per_group:
             notes["conv_per_group_as_per_channel"] = per_group
         if done and (ctx.plan.weight_method is not WeightMethod.RTN or self.clip_search):
-            notes["conv_rtn"] = "gptq" if ctx.plan.weight_method is WeightMethod.GPTQ else "clip search"
+            method = ctx.plan.weight_method
+            notes["conv_rtn"] = method.value if method is not WeightMethod.RTN else "clip search"
         return notes
 
     @staticmethod
@@ -419,17 +516,29 @@ class QuantizeWeights(Pass):
             out.append((m.weight_key, m.path, lq.weight))
         return out
 
-    def _calibrated_codes(self, program: Program, ctx: PassContext) -> dict[str, Codes]:
+    def _calibrated_codes(self, program: Program, ctx: PassContext, notes: dict[str, Any]) -> dict[str, Codes]:
         method = ctx.plan.weight_method
+        if self.blockwise_epochs and method is WeightMethod.RTN:
+            raise PlanError(
+                "quantize_weights: blockwise_epochs trains the scales of gptq or decoupleq weights; set the plan's "
+                "weight_method to decoupleq (or gptq), or blockwise_epochs to 0"
+            )
         if method is WeightMethod.RTN and not self.clip_search:
             return {}
         targets = self._targets(program, ctx.plan)
         if not targets:
             return {}
-        who = f"quantize_weights ({'gptq' if method is WeightMethod.GPTQ else 'clip search'})"
+        if method is WeightMethod.DECOUPLEQ:
+            for _, path, spec in targets:
+                if spec.symmetric:
+                    raise PlanError(
+                        f"layer {path!r}: decoupleq solves a float offset per group (w = code·scale + offset), so it "
+                        f"needs asymmetric weights; set the weight spec's symmetric: false (got {spec})"
+                    )
+        who = f"quantize_weights ({method.value if method is not WeightMethod.RTN else 'clip search'})"
         batches = calib_batches(ctx.calib, who=who, program=program, min_tokens=64)
-        if method is WeightMethod.GPTQ:
-            return self._gptq(program, ctx, batches, targets)
+        if method in (WeightMethod.GPTQ, WeightMethod.DECOUPLEQ):
+            return self._sequential(program, ctx, batches, targets, notes)
         obs = observe_linear_inputs(
             program,
             batches,
@@ -462,40 +571,110 @@ class QuantizeWeights(Pass):
             )
         return out
 
-    def _gptq(
-        self, program: Program, ctx: PassContext, batches: list[torch.Tensor], targets: list[tuple[str, str, QuantSpec]]
+    def _sequential(
+        self,
+        program: Program,
+        ctx: PassContext,
+        batches: list[torch.Tensor],
+        targets: list[tuple[str, str, QuantSpec]],
+        notes: dict[str, Any],
     ) -> dict[str, Codes]:
+        """GPTQ or decoupleQ, decoder block by decoder block: each block's Hessians come from the model whose
+        earlier blocks are already quantized; its weights are written back dequantized (then, with
+        ``blockwise_epochs``, its scales, offsets and norm weights are trained on the block's output)."""
         from tqdm.auto import tqdm
 
+        method = ctx.plan.weight_method
         blocks: dict[str, list[tuple[str, str, QuantSpec]]] = {}
         for t in targets:
             blocks.setdefault(_block_of(t[1]), []).append(t)
         out: dict[str, Codes] = {}
-        for block, items in tqdm(blocks.items(), desc="quantize_weights: gptq", disable=not ctx.progress, unit="block"):
-            hs = observe_linear_inputs(
-                program,
-                batches,
-                [k for k, _, _ in items],
-                lambda key: [Hessian(program.state[key].shape[1])],
-                desc=f"gptq {block}",
-                stop_early=True,
+        layers: dict[str, dict[str, Any]] = {}
+        ranges = _block_ranges(program, blocks)
+        if ranges is None and self.blockwise_epochs:
+            raise PlanError(
+                "quantize_weights: the block-wise stage needs the quantized linears grouped in decoder blocks whose "
+                "nodes form separate ranges of the forward graph (module paths with a layer index); this model's do "
+                "not: set blockwise_epochs to 0"
             )
+        trainer = (
+            BlockTrainer(self.blockwise_epochs, self.blockwise_lr, ctx.progress) if self.blockwise_epochs else None
+        )
+        stepper = Stepper(program, batches) if ranges is not None else None
+        bar = tqdm(blocks.items(), desc=f"quantize_weights: {method.value}", disable=not ctx.progress, unit="block")
+        for block, items in bar:
+            if stepper is not None and ranges is not None:
+                blk, firsts = ranges[block]
+                wins = stepper.block_windows(blk)
+                hs = _block_hessians(program, stepper, blk, wins, firsts)
+            else:
+                hs = observe_linear_inputs(
+                    program,
+                    batches,
+                    [k for k, _, _ in items],
+                    lambda key: [Hessian(program.state[key].shape[1])],
+                    desc=f"{method.value} {block}",
+                    stop_early=True,
+                )
             for key, path, spec in items:
                 w = program.state[key]
                 gs = spec.block(w.shape[1])
-                with naming(f"layer {path!r} (weight {key!r})"):
-                    codes, scale, offset = gptq_quantize(
-                        w,
-                        hs[key][0].value(),
-                        spec.bits,
-                        gs,
-                        symmetric=spec.symmetric,
-                        damp=self.damp,
-                        act_order=self.act_order,
-                    )
+                t0 = time.perf_counter()
+                with _layer(path, f"weight {key!r}"):
+                    codes, scale, offset, note = self._solve(w, hs[key][0].value(), spec, gs, method)
+                note["seconds"] = round(time.perf_counter() - t0, 3)
+                layers[path] = note
                 out[key] = (codes, scale, offset)
                 program.state[key] = dequantize_weight_groups(codes, scale, offset, gs).to(w.dtype)
+            if stepper is not None and ranges is not None:
+                blk = ranges[block][0]
+                if trainer is not None:
+                    with _layer(block, "block-wise stage"):
+                        notes.setdefault("blockwise", {})[block] = trainer.train(program, blk, wins, items, out)
+                stepper.advance(stepper.index[blk.nodes[-1]] + 1)  # the quantized block's outputs
+        notes[method.value] = {
+            "layers": layers,
+            "seconds": round(sum(n["seconds"] for n in layers.values()), 3),
+            "options": {"damp": self.damp}
+            | (
+                {
+                    "iterations": self.dq_iterations,
+                    "inner_steps": self.dq_inner_steps,
+                    "rounding": Rounding(self.dq_rounding).value,
+                }
+                if method is WeightMethod.DECOUPLEQ
+                else {"act_order": self.act_order}
+            ),
+        }
         return out
+
+    def _solve(
+        self, w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, gs: int, method: WeightMethod
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """One layer's codes, scale, offset and report note (per-layer objective for decoupleq)."""
+        if method is WeightMethod.GPTQ:
+            codes, scale, offset = gptq_quantize(
+                w, h, spec.bits, gs, symmetric=spec.symmetric, damp=self.damp, act_order=self.act_order
+            )
+            return codes, scale, offset, {}
+        r = decoupleq_quantize(
+            w,
+            h,
+            spec.bits,
+            gs,
+            damp=self.damp,
+            iterations=self.dq_iterations,
+            inner_steps=self.dq_inner_steps,
+            rounding=Rounding(self.dq_rounding),
+        )
+        note = {
+            "objective_rtn": float(f"{r.rtn_objective:.6g}"),
+            "objective_gptq": float(f"{r.gptq_objective:.6g}"),
+            "objective": [float(f"{v:.6g}") for v in r.objective],
+            "improved_rows": list(r.improved),
+            "gptq_rows": r.gptq_rows,
+        }
+        return r.codes, r.scale, r.offset, note
 
     @staticmethod
     def _quantize(

@@ -11,6 +11,9 @@ the already error-updated weights, as in the reference implementation.
 
 The output has the layout of :func:`qcompile.quant.quantizer.quantize_weight_groups`: codes ``[N, K]``,
 scales ``[N, G]``, offsets ``[N, G]`` or None; with H = identity it equals RTN exactly.
+With ``grid`` (fixed scales and offsets) only the codes are computed: decoupleQ's sequential-rounding
+step. A Hessian that is singular even after damping (rank-deficient inputs, ``damp`` 0) is a
+:class:`~qcompile.errors.PlanError` saying to raise ``damp``, never a raw LinAlgError.
 A weight or Hessian holding NaN/±Inf (NaN calibration activations accumulate into H), an inverse
 Hessian factor that is not finite, or a group scale that overflows is a
 :class:`~qcompile.errors.NonFiniteError`, never codes computed from NaN.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.errors import PlanError
 from qcompile.quant.finite import check_finite
 from qcompile.quant.quantizer import code_dtype, num_groups, params_from_range
 from qcompile.quant.spec import levels
@@ -45,6 +49,29 @@ class Hessian:
         return (2.0 / self.n) * self.sum
 
 
+def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's damped Hessian in float64 and its dead columns: a zero diagonal entry (an input channel
+    that was always 0) becomes 1, then ``damp`` times the mean diagonal is added to the diagonal."""
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=torch.float64)
+    return h, dead
+
+
+def cholesky(h: torch.Tensor, damp: float, what: str = "gptq") -> torch.Tensor:
+    """The lower Cholesky factor of the damped Hessian ``h``; a PlanError when ``h`` is not positive
+    definite even after damping (rank-deficient calibration inputs with ``damp`` 0 or too small)."""
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise PlanError(
+            f"the Hessian of the layer's calibration inputs is singular even after damping (damp {damp}; "
+            f"{what}: Cholesky failed at column {int(info) - 1} of {h.shape[0]}); raise the quantize_weights "
+            "option damp (e.g. 0.01) or calibrate on more varied data"
+        )
+    return factor
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -55,9 +82,15 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     block: int = 128,
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ-quantize ``weight[N, K]`` with Hessian ``[K, K]`` in groups of ``group_size`` input channels
-    (K: one group per row) → (codes int8, scale [N, G], offset or None)."""
+    (K: one group per row) → (codes int8, scale [N, G], offset or None).
+
+    ``grid``: fixed group parameters ``(scale [N, G], offset [N, G] or None)``: only the codes are
+    computed (sequential rounding with error feedback on that grid; decoupleQ's integer step), the
+    returned scale and offset are the given ones. A Hessian that is singular even after damping is a
+    PlanError saying to raise ``damp``."""
     check_finite(weight, f"the weight {list(weight.shape)} being quantized (gptq)")
     check_finite(hessian, "the Hessian of the layer's calibration inputs (gptq)", "check the calibration data")
     n, k = weight.shape
@@ -65,18 +98,21 @@ def gptq_quantize(
     g = num_groups(k, gs)
     qmin, qmax = levels(bits, symmetric)
     w = weight.detach().to(torch.float64).clone()
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h, dead = damped_hessian(hessian, damp)
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = cholesky(torch.cholesky_inverse(cholesky(h, damp)), damp, "inverse Hessian").t()
     check_finite(hinv, "the inverse Hessian's Cholesky factor (gptq)", "raise the option damp")
 
     scale = torch.ones(n, g, dtype=torch.float64)
     offset = torch.zeros(n, g, dtype=torch.float64) if not symmetric else None
+    if grid is not None:
+        scale = grid[0].to(torch.float64).clone()
+        if offset is not None:
+            if grid[1] is None:
+                raise ValueError("an asymmetric fixed grid needs an offset")
+            offset = grid[1].to(torch.float64).clone()
 
     def set_group(gi: int, cols: torch.Tensor) -> None:
         s, m = params_from_range(cols.amin(dim=1), cols.amax(dim=1), bits, symmetric)
@@ -84,7 +120,7 @@ def gptq_quantize(
         if offset is not None and m is not None:
             offset[:, gi] = m
 
-    if act_order:  # static groups from the original weights, in original column order
+    if act_order and grid is None:  # static groups from the original weights, in original column order
         orig = weight.detach().to(torch.float64)
         for gi in range(g):
             set_group(gi, orig[:, gi * gs : (gi + 1) * gs])
@@ -97,7 +133,7 @@ def gptq_quantize(
             col = b0 + j
             orig_col = int(perm[col])
             gi = orig_col // gs
-            if not act_order and orig_col % gs == 0:
+            if not act_order and grid is None and orig_col % gs == 0:
                 set_group(gi, torch.cat([wb[:, j:], w[:, b1:]], dim=1)[:, :gs])
             s = scale[:, gi]
             m = offset[:, gi] if offset is not None else 0.0
