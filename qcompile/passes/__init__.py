@@ -4,6 +4,7 @@ from qcompile.passes import (  # noqa: F401  (registers the passes)
     assign_precision,
     fold_quant_steps,
     kv_to_xcache,
+    qat,
     quantize_weights,
     smooth_migration,
     winograd_conv,
