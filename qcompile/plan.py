@@ -37,7 +37,7 @@ from typing import Any, Union
 import yaml
 
 from qcompile.errors import PlanError
-from qcompile.quant.spec import BITS, Granularity, QuantSpec
+from qcompile.quant.spec import BITS, Granularity, Grid, QuantSpec
 
 PLAN_VERSION = 1
 ALLOWED_BITS = BITS  # the widths every spec and pass option accepts (qcompile.quant.spec)
@@ -654,6 +654,24 @@ register_preset(
         weight=W6_G128,
         activation=A6_G128,
         fallback=TORCH_FALLBACK,
+    )
+)
+
+
+# ---- QuEST presets (issue 19): Hadamard rotation + QuEST PTQ ----------------------------------
+
+W4_QUEST = QuantSpec(bits=4, granularity=Granularity.PER_CHANNEL, symmetric=True, grid=Grid.QUEST)
+A4_QUEST = QuantSpec(bits=4, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True, grid=Grid.QUEST)
+register_preset(
+    Plan(
+        name="w4a4-quest",
+        description="QuEST PTQ: linear inputs rotated by block Hadamards (128, folded into v_proj where the graph "
+        "allows, else an online Walsh-Hadamard op), then 4-bit QuEST weights per output channel and 4-bit QuEST "
+        "activations per token (RMS-scaled midrise grid clipped at the Gaussian-optimal alpha_4 sigma); integer "
+        "GEMM of odd codes.",
+        passes=(PassConfig("hadamard"), PassConfig("quantize_weights")),
+        weight=W4_QUEST,
+        activation=A4_QUEST,
     )
 )
 

@@ -3,6 +3,7 @@
 from qcompile.passes import (  # noqa: F401  (registers the passes)
     assign_precision,
     fold_quant_steps,
+    hadamard,
     kv_to_xcache,
     qat,
     quantize_weights,
