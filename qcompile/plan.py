@@ -676,6 +676,28 @@ register_preset(
 )
 
 
+# ---- QuEST QAT presets (issue 19): Hadamard rotation, trust-estimator QAT, QuEST quantization ---------
+# QAT is short on purpose (a few minutes on 2 CPU cores for a 135M model): 16 steps of one 512-token
+# calibration window, distilled from the float model (the qat pass's docstring says why).
+QAT_OPTIONS = (("steps", 16), ("lr", 1e-4), ("seq_len", 512))
+W3_QUEST = QuantSpec(bits=3, granularity=Granularity.PER_CHANNEL, symmetric=True, grid=Grid.QUEST)
+A3_QUEST = QuantSpec(bits=3, granularity=Granularity.PER_TOKEN, symmetric=True, dynamic=True, grid=Grid.QUEST)
+for _b, _w, _a in ((4, W4_QUEST, A4_QUEST), (3, W3_QUEST, A3_QUEST)):
+    register_preset(
+        Plan(
+            name=f"w{_b}a{_b}-quest-qat",
+            description=f"QuEST QAT: linear inputs rotated by block Hadamards (as w4a4-quest), then a short "
+            f"quantization-aware fine-tuning of the linears' weights through {_b}-bit QuEST fake quantization with "
+            "the trust estimator (gradients only where |q - x| <= T sigma), distilled from the float model on the "
+            f"calibration text, then {_b}-bit QuEST weights per output channel and {_b}-bit QuEST activations per "
+            "token.",
+            passes=(PassConfig("hadamard"), PassConfig("qat", QAT_OPTIONS), PassConfig("quantize_weights")),
+            weight=_w,
+            activation=_a,
+        )
+    )
+
+
 def get_plan(plan: Plan | str | Path) -> Plan:
     """A Plan from a Plan, a preset name, or a path to a YAML/JSON file."""
     if isinstance(plan, Plan):

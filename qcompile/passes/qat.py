@@ -339,9 +339,8 @@ class QAT(Pass):
             for what, spec in (("weight", lq.weight), ("activation", lq.activation)):
                 if spec is None:
                     continue
-                if spec.granularity is Granularity.PER_TENSOR or (
-                    spec.grid is Grid.QUEST and spec.granularity is Granularity.PER_GROUP and k % int(spec.group_size or k)
-                ):
+                groups = spec.grid is Grid.QUEST and spec.granularity is Granularity.PER_GROUP
+                if spec.granularity is Granularity.PER_TENSOR or (groups and k % int(spec.group_size or k)):
                     raise PlanError(
                         f"qat: layer {m.path!r}: {what} {spec} is not supported (QuEST blocks are whole rows or "
                         f"groups dividing the {k} input channels; activations per token or per group)"
@@ -530,7 +529,7 @@ class _Trainer:
         self._check_ours(ckpt)
         assert self.optimizer is not None
         tensors: dict[str, torch.Tensor] = {}
-        for i, key in enumerate(self.keys):
+        for key in self.keys:
             tensors[f"param/{key}"] = self.params[key].detach().clone().contiguous()
             st = self.optimizer.state.get(self.params[key], {})
             for name in ("exp_avg", "exp_avg_sq"):
@@ -576,7 +575,9 @@ class _Trainer:
         meta = self._meta(ckpt)
         assert meta is not None
         if meta.get("version") != CHECKPOINT_VERSION:
-            raise ArtifactError(f"qat: checkpoint {ckpt} has version {meta.get('version')}, expected {CHECKPOINT_VERSION}")
+            raise ArtifactError(
+                f"qat: checkpoint {ckpt} has version {meta.get('version')}, expected {CHECKPOINT_VERSION}"
+            )
         theirs = meta.get("fingerprint") or {}
         differ = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
         if differ:
@@ -595,7 +596,9 @@ class _Trainer:
                 p = self.params[key]
                 src = tensors[f"param/{key}"]
                 if src.shape != p.shape:
-                    raise ArtifactError(f"qat: checkpoint {ckpt}: {key} has shape {list(src.shape)}, not {list(p.shape)}")
+                    raise ArtifactError(
+                        f"qat: checkpoint {ckpt}: {key} has shape {list(src.shape)}, not {list(p.shape)}"
+                    )
                 p.copy_(src)
                 if f"step/{key}" in tensors:
                     sd["state"][i] = {
