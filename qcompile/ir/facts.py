@@ -25,6 +25,7 @@ class Fact(str, enum.Enum):
     FOLDED_STEPS = "folded_steps"  # static activation steps folded into producers (MergeQuant QSM)
     XCACHE = "xcache"  # K/V caches replaced by quantized X / latent / KV code caches
     WINOGRAD = "winograd"  # 3×3 convolutions are Winograd F(m, 3) ops
+    ROTATED = "rotated"  # linear inputs rotated by block Hadamards, weights rotated to match (hadamard)
 
     def __str__(self) -> str:
         return self.value
@@ -44,6 +45,7 @@ DESCRIPTIONS: dict[Fact, str] = {
     Fact.FOLDED_STEPS: "static activation steps folded into their producers",
     Fact.XCACHE: "K/V caches replaced by quantized X / latent caches",
     Fact.WINOGRAD: "3x3 convolutions rewritten to Winograd ops",
+    Fact.ROTATED: "linear inputs and weights rotated by block-diagonal Hadamards",
 }
 
 

@@ -333,6 +333,12 @@ def _attention_value_producer(x: fx.Node, bindings: dict[fx.Node, Slot]) -> tupl
     return v, wkey, head_dim
 
 
+def attention_value_output(x: fx.Node, bindings: dict[fx.Node, Slot]) -> tuple[fx.Node, str, int] | None:
+    """When ``x`` (a linear's input) is the attention output over a V projection's heads,
+    ``layout(SDPA(q, k, layout(V(...))))``: (the V linear node, its weight key, the head dim)."""
+    return _attention_value_producer(x, bindings)
+
+
 def find_scale_groups(
     program: Program, *, norms: bool = True, value_out: bool = False, up_down: bool = False
 ) -> list[ScaleGroup]:

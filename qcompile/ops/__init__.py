@@ -4,7 +4,16 @@ Importing this package registers them; ``import qcompile`` does so too, which is
 saved artifact's graph (which names ``qcompile::`` ops) load and run.
 """
 
-from qcompile.ops import cache, conv, linear, packed, static, winograd  # noqa: F401  (registers the ops)
+from qcompile.ops import (  # noqa: F401  (registers the ops)
+    cache,
+    conv,
+    hadamard,
+    linear,
+    packed,
+    quest,
+    static,
+    winograd,
+)
 
 QCOMPILE_OPS = (
     "linear_w8a8",
@@ -18,4 +27,6 @@ QCOMPILE_OPS = (
     "cache_quantize",
     "cache_quantize_static",
     "cache_dequantize",
+    "hadamard",
+    "quest_linear",
 )

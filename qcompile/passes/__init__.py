@@ -3,7 +3,9 @@
 from qcompile.passes import (  # noqa: F401  (registers the passes)
     assign_precision,
     fold_quant_steps,
+    hadamard,
     kv_to_xcache,
+    qat,
     quantize_weights,
     smooth_migration,
     winograd_conv,

@@ -62,6 +62,15 @@ so the embedding lookup is unchanged and the codes are extra bytes. The report's
 (``lm_head``) and summary say, for every head, whether it was quantized (to what, and the bytes its
 codes take) or kept (why), and what its weight is tied to.
 
+QuEST grids (``grid: quest`` in a weight / activation spec, :mod:`qcompile.quant.quest`): weights get
+σ = the RMS of each row (or group), a clip at ``α_b·σ`` and the midrise grid, stored as unsigned
+``b``-bit codes with one half step per row or group (:mod:`qcompile.quant.quest_linear`). Weight-only,
+they run through ``qcompile::quant_linear`` as the equal asymmetric grid; with quest activations
+(dynamic per token) through ``qcompile::quest_linear`` (:mod:`qcompile.ops.quest`: the exact integer
+product of odd codes). Quest activations with uniform weights, other activation granularities, GPTQ
+or the clip search on quest weights, and quest convolutions are PlanErrors naming the layer. Run
+after the ``hadamard`` pass, the rows are the rotated ones.
+
 Requires: float linears (so it runs after passes that rewrite float linears, such as
 ``smooth_migration`` and ``assign_precision``, and at most once). Provides: quantized linears;
 invalidates: float linears and float convolutions (``winograd_conv`` runs before it, never
@@ -113,7 +122,7 @@ from qcompile.quant.quantizer import (
     quantize_weight_per_channel,
     search_clip,
 )
-from qcompile.quant.spec import Granularity, QuantSpec, check_group, levels
+from qcompile.quant.spec import Granularity, Grid, QuantSpec, check_group, levels
 
 Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -254,6 +263,7 @@ class QuantizeWeights(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         conv_schemes = self._conv_schemes(program, ctx)  # PlanErrors before any calibration
+        _check_quest(program, ctx, self.clip_search)  # QuEST grids: PlanErrors before any calibration
         calib_notes: dict[str, Any] = {}
         pre = self._calibrated_codes(program, ctx, calib_notes)
         steps = self._static_steps(program, ctx, conv_schemes)
@@ -290,7 +300,7 @@ class QuantizeWeights(Pass):
             keys, op, extra = done[m.weight_key]
             inputs = [m.entry.state_input(key) if key else None for key in keys]
             bias = m.node.args[2] if len(m.node.args) > 2 else m.node.kwargs.get("bias")
-            if op is torch.ops.qcompile.linear_w8a8.default:
+            if op in (torch.ops.qcompile.linear_w8a8.default, torch.ops.qcompile.quest_linear.default):
                 args = (m.node.args[0], inputs[0], inputs[1], bias, *extra)
             elif op is torch.ops.qcompile.packed_linear.default:  # the offset (asymmetric codes) comes last
                 args = (m.node.args[0], inputs[0], inputs[1], bias, *extra, *([inputs[2]] if inputs[2] else []))
@@ -688,6 +698,8 @@ class QuantizeWeights(Pass):
     ) -> tuple[list[str | None], Any, tuple[int, ...]]:
         """Quantize weight ``wkey`` once; returns (state keys, op, extra op args). New state keys start
         with ``base`` (default: ``wkey`` without ``.weight``)."""
+        if _uses_quest(w, a):
+            return _quantize_quest(program, wkey, w, a, path, base)
         weight = program.state[wkey]
         k = weight.shape[1]
         base = base or wkey.removesuffix(".weight")
@@ -761,3 +773,70 @@ class QuantizeWeights(Pass):
             f"(float activations){'' if lq.activation is None else f', activations {lq.activation}'}"
         )
         return note
+
+
+# ---- QuEST grids (issue 19): weights and dynamic per-token activations on QuEST's midrise grid -------
+
+QUEST_SUPPORTED = (
+    "grid quest: linear weights per_channel or per_group (any width), weight-only or with quest activations "
+    "dynamic per_token; weight_method rtn without clip_search (QuEST's clip is the Gaussian-optimal α_b·RMS)"
+)
+
+
+def _uses_quest(w: QuantSpec | None, a: QuantSpec | None) -> bool:
+    return any(s is not None and s.grid is Grid.QUEST for s in (w, a))
+
+
+def _check_quest(program: Program, ctx: PassContext, clip_search: bool) -> None:
+    """PlanErrors, naming the layer, for QuEST grids this pass cannot honor (checked before calibration)."""
+    for c in find_convs(program):
+        lq = ctx.plan.resolve(c.path)
+        if not c.reason and not QuantizeWeights._skip_reason(lq) and _uses_quest(lq.weight, lq.activation):
+            raise PlanError(
+                f"convolution {c.path!r}: grid 'quest' is not supported for convolutions; {QUEST_SUPPORTED}"
+            )
+    for m in find_linears(program):
+        lq = ctx.plan.resolve(m.path)
+        if QuantizeWeights._skip_reason(lq) or not _uses_quest(lq.weight, lq.activation):
+            continue
+        w, a = lq.weight, lq.activation
+        assert w is not None
+        if w.grid is not Grid.QUEST:
+            raise PlanError(f"layer {m.path!r}: quest activations need quest weights (got {w}); {QUEST_SUPPORTED}")
+        if ctx.plan.weight_method is not WeightMethod.RTN or clip_search:
+            raise PlanError(
+                f"layer {m.path!r}: quest weights are rounded by QuEST's own quantizer, not weight_method "
+                f"{ctx.plan.weight_method.value!r}{' with clip_search' if clip_search else ''}; {QUEST_SUPPORTED}"
+            )
+        if w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+            raise PlanError(f"layer {m.path!r}: quest weights {w.granularity.value!r}; {QUEST_SUPPORTED}")
+        check_group(m.path, program.state[m.weight_key].shape[1], w)
+        if a is not None and (a.grid is not Grid.QUEST or a.granularity is not Granularity.PER_TOKEN):
+            raise PlanError(
+                f"layer {m.path!r}: quest weights with activation {a}: activations must be quest per_token (or "
+                f"none); {QUEST_SUPPORTED}"
+            )
+
+
+def _quantize_quest(
+    program: Program, wkey: str, w: QuantSpec, a: QuantSpec | None, path: str, base: str | None
+) -> tuple[list[str | None], Any, tuple[int, ...]]:
+    """QuEST weights (unsigned codes, one half step per row or group: :mod:`qcompile.quant.quest_linear`):
+    weight-only → ``qcompile::quant_linear`` with the equal asymmetric grid (scale Δ, float offset);
+    with quest activations → ``qcompile::quest_linear`` (exact integer products of odd codes)."""
+    from qcompile.quant.quest_linear import as_asymmetric, quest_weight_codes
+
+    weight = program.state[wkey]
+    k = weight.shape[1]
+    base = base or wkey.removesuffix(".weight")
+    group = w.block(k)
+    codes, half = quest_weight_codes(weight, w.bits, group)
+    check_scale(half, f"layer {path!r} (quest weights)")
+    qkey = program.add_state(f"{base}.qweight", codes)
+    program.weight_bits[qkey] = w.bits
+    if a is None:
+        scale, offset = as_asymmetric(half, w.bits)
+        keys = [qkey, program.add_state(f"{base}.w_scale", scale), program.add_state(f"{base}.w_offset", offset)]
+        return keys, torch.ops.qcompile.quant_linear.default, (group, 0, 0)
+    keys = [qkey, program.add_state(f"{base}.w_half_step", half)]
+    return keys, torch.ops.qcompile.quest_linear.default, (group, w.bits, a.bits)
