@@ -31,6 +31,7 @@ import torch.fx as fx
 import tvm
 from tvm import relax
 
+from qcompile.codegen.tvm import quest_converters
 from qcompile.codegen.tvm.recipe import LinearRecipe, NoFormat
 from qcompile.codegen.tvm.rules import AttentionCall, CacheWrite, LinearCall, LinearWeights, NoRule, apply_rules
 from qcompile.ir.program import SlotKind
@@ -60,6 +61,8 @@ def converters(lw: Lowering) -> dict[str, Converter]:
         "clip.default": clip,
         "batch_norm.default": batch_norm,
         "upsample_nearest2d.vec": upsample_nearest2d,
+        "hadamard.default": quest_converters.hadamard,  # QuEST (issue 19)
+        "quest_linear.default": quest_converters.quest_linear,
     }
     return {name: functools.partial(f, lw) for name, f in table.items()}
 
