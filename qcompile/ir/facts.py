@@ -26,6 +26,7 @@ class Fact(str, enum.Enum):
     XCACHE = "xcache"  # K/V caches replaced by quantized X / latent / KV code caches
     WINOGRAD = "winograd"  # 3×3 convolutions are Winograd F(m, 3) ops
     ROTATED = "rotated"  # linear inputs rotated by block Hadamards, weights rotated to match (hadamard)
+    QAT_TRAINED = "qat_trained"  # the plan's QuEST linears' float weights fine-tuned through their quantizers (qat)
 
     def __str__(self) -> str:
         return self.value
@@ -46,6 +47,7 @@ DESCRIPTIONS: dict[Fact, str] = {
     Fact.XCACHE: "K/V caches replaced by quantized X / latent caches",
     Fact.WINOGRAD: "3x3 convolutions rewritten to Winograd ops",
     Fact.ROTATED: "linear inputs and weights rotated by block-diagonal Hadamards",
+    Fact.QAT_TRAINED: "float weights fine-tuned through the plan's QuEST quantizers (QAT)",
 }
 
 

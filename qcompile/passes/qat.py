@@ -223,6 +223,7 @@ def _step_seed(seed: int, step: int) -> int:
 class QAT(Pass):
     name: ClassVar[str] = "qat"
     requires: ClassVar[frozenset[Fact]] = frozenset({Fact.CAPTURED, Fact.FLOAT_LINEARS, Fact.KV_ATTENTION})
+    provides: ClassVar[frozenset[Fact]] = frozenset({Fact.QAT_TRAINED})
 
     steps: int = 200
     lr: float = 1e-5

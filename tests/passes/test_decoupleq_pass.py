@@ -11,6 +11,7 @@ from qcompile.ir.blocks import Stepper, find_block, run_block
 from qcompile.passes.base import make_pass
 from qcompile.plan import PRESETS, Granularity, PassConfig, Plan, QuantSpec, WeightMethod
 from qcompile.quant.decoupleq import Rounding
+from qcompile.quant.packing import unpack
 from tests.conftest import make_tiny_llama
 
 CALIB = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
@@ -88,9 +89,13 @@ def test_decoupleq_pass_lowers_the_layer_objective_and_reports_it(program):
         assert obj[0] <= min(n["objective_gptq"], n["objective_rtn"]) * (1 + 1e-5) and n["seconds"] >= 0
     assert sum(n["objective"][-1] < n["objective"][0] for n in notes["layers"].values()) >= 10
     state = cm.program.state
-    codes = [v for k, v in state.items() if k.endswith(".qweight")]
+    # 2-bit asymmetric codes are stored densely packed (unsigned), with their float offsets
+    packed = [k for k in state if k.endswith(".qweight_packed")]
+    codes = [
+        unpack(state[k], state[k.replace(".qweight_packed", ".w_scale")].shape[1] * 32, 2, signed=False) for k in packed
+    ]
     assert len(codes) == 14 and all(int(c.min()) >= 0 and int(c.max()) <= 3 for c in codes)
-    assert all(k.replace(".qweight", ".w_offset") in state for k in state if k.endswith(".qweight"))
+    assert all(k.replace(".qweight_packed", ".w_offset") in state for k in packed)
     assert torch.isfinite(cm(IDS)).all()
 
 
@@ -114,7 +119,7 @@ def test_blockwise_stage_trains_scales_and_norms(program):
     assert changed == bw["model.layers.0"]["kept"]
     assert (not torch.equal(cm.program.state[norm], base.program.state[norm])) == bw["model.layers.0"]["kept"]
     # the integer codes stay frozen
-    q0 = "model.layers.0.self_attn.q_proj.qweight"
+    q0 = "model.layers.0.self_attn.q_proj.qweight_packed"
     assert torch.equal(cm.program.state[q0], base.program.state[q0])
 
 
