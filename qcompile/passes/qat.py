@@ -79,7 +79,7 @@ from qcompile.ir.program import Program, SlotKind
 from qcompile.passes.base import Pass, PassContext, PassResult, as_enum, register_pass
 from qcompile.plan import Plan, to_plain
 from qcompile.quant.quantizer import fake_quantize_activation
-from qcompile.quant.quest import optimal_alpha, rms
+from qcompile.quant.quest import optimal_alpha, quest_fake_quant
 from qcompile.quant.spec import Granularity, Grid, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -101,33 +101,10 @@ def default_trust(bits: int) -> float:
     return optimal_alpha(bits) / (2**bits - 1)
 
 
-class _QuestTrustSTE(torch.autograd.Function):
-    """:func:`qcompile.quant.quest.quest_fake_quant` in fewer passes over the tensor (σ computed once,
-    the grid arithmetic in place, no int16 round trip): the same values and the same mask, bit for bit
-    (tested); QAT runs it over every trained weight and linear input at every step."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bits: int, trust: float) -> torch.Tensor:  # type: ignore[override]
-        with torch.no_grad():
-            xf = x.to(torch.float32)
-            s = rms(xf, -1)
-            hs = s * (optimal_alpha(bits) / (2**bits - 1))
-            n = 2 ** (bits - 1)
-            q = torch.floor(xf / (2.0 * hs)).clamp_(-n, n - 1).mul_(2).add_(1).mul_(hs)
-            mask = (q - xf).abs_() <= trust * s
-        ctx.save_for_backward(mask)
-        return q.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
-
-
 def quest_trust_fake_quant(x: torch.Tensor, bits: int, trust: float) -> torch.Tensor:
     """QuEST fake quantization of ``x`` along its last axis with the trust-masked straight-through
     gradient (``|x̂ − x| ≤ trust·σ``): :func:`qcompile.quant.quest.quest_fake_quant` with ``dim=-1``."""
-    return _QuestTrustSTE.apply(x, bits, trust)  # type: ignore[no-any-return]
+    return quest_fake_quant(x, bits, trust, -1)
 
 
 def fake_quant(t: torch.Tensor, spec: QuantSpec, trust: float | None) -> torch.Tensor:

@@ -138,16 +138,26 @@ def trust_mask(x: torch.Tensor, xq: torch.Tensor, bits: int, trust: float, dim: 
 
 
 class _QuestSTE(torch.autograd.Function):
+    """:func:`quest_quantize` and :func:`trust_mask` in few passes over the tensor (σ computed once, the
+    grid arithmetic in place, no int16 round trip): the same values and mask, bit for bit. QAT runs it
+    over every trained weight and linear input at every step."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int, trust: float, dim: int) -> torch.Tensor:  # type: ignore[override]
-        xq = quest_quantize(x, bits, dim)
-        ctx.save_for_backward(trust_mask(x, xq, bits, trust, dim))
-        return xq
+        with torch.no_grad():
+            xf = x.to(torch.float32)
+            s = rms(xf, dim)
+            hs = s * (optimal_alpha(bits) / (2**bits - 1))
+            n = 2 ** (bits - 1)
+            q = torch.floor(xf / (2.0 * hs)).clamp_(-n, n - 1).mul_(2).add_(1).mul_(hs)
+            mask = (q - xf).abs_() <= trust * s
+        ctx.save_for_backward(mask)
+        return q.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None, None, None
+        return grad * mask, None, None, None
 
 
 def quest_fake_quant(x: torch.Tensor, bits: int, trust: float, dim: int = -1) -> torch.Tensor:
