@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qcompile  # noqa: F401  (registers ops)
@@ -21,6 +21,7 @@ from qcompile.quant.quest_linear import as_asymmetric, odd_from_unsigned, quest_
     gdiv=st.integers(1, 4),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(n=4, k=13, bits=8, gdiv=2, seed=2)  # CI found a 1.5e-6 cancellation error here
 def test_weight_codes_are_quest_per_row_or_group(n, k, bits, gdiv, seed):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3
     group = max(1, k // gdiv)
@@ -31,7 +32,9 @@ def test_weight_codes_are_quest_per_row_or_group(n, k, bits, gdiv, seed):
     c = odd_from_unsigned(u, bits)
     assert bool((c % 2 != 0).all()) and int(c.abs().max()) <= 2**bits - 1
     scale, offset = as_asymmetric(hs, bits)  # the equal asymmetric grid
-    torch.testing.assert_close(dequantize_weight_groups(u, scale, offset, group), want, atol=1e-6, rtol=1e-6)
+    # offset + scale·u cancels a term as large as the outermost level: allow a few float32 ulps of it
+    atol = 4 * torch.finfo(torch.float32).eps * float(offset.abs().max())
+    torch.testing.assert_close(dequantize_weight_groups(u, scale, offset, group), want, atol=atol, rtol=1e-6)
 
 
 def _oracle(x, u, hs, bits, group, act_bits, bias=None):
