@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         metric = rec.get("ppl", rec.get("top1", rec.get("top1_agreement")))
         print(f"{plan}: {metric:.4f} ({rec['wall_seconds']:.0f} s)", flush=True)
         records.append(rec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1))  # after every plan: a stopped run keeps what finished
     _write(a, argv, out, records, zm.name)
     return 0
 
