@@ -1,6 +1,7 @@
 # make demo  — set everything up (first time) and run the main job
 # make test  — set everything up (first time), lint (ruff) and run the test suite (without the real-model checks)
 # make test-slow — the real-model checks (tests marked slow: SmolLM2, Gemma 3, fmnist-vgg, EfficientNet-Lite0)
+# make llama-cpp-venv — opt-in: the llama.cpp peer for benchmarks/e2e.py --llama-cpp, in .venv-llamacpp (10-15 min)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -23,7 +24,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 DEMO_OUT := out/smollm2-135m-w8a8
 
-.PHONY: setup demo lint test test-slow clean
+.PHONY: setup demo lint test test-slow llama-cpp-venv clean
 
 setup: $(STAMP)
 
@@ -54,6 +55,9 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow --durations=10 tests
+
+llama-cpp-venv:
+	PYTHON=$(PYTHON) bash benchmarks/llama_cpp_venv.sh
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -11,7 +11,9 @@ transformers' ``model.generate`` with its static cache (decode = a full generate
 ``qcompile.compile`` wall time (capture + passes + TVM build). Ratios are against the eager row
 of the same run. Perplexity is checked separately (``--ppl``: tvm vs torch backend on the
 evaluation split, the 1e-3 relative bar of issue 7). JSON: benchmarks/results/e2e-smollm2-135m.json
-(``--json``). A row's plan may be a preset name or a plan file (``tvm:benchmarks/plans/w2a16-rtn-g64.yaml``).
+(``--json``). ``--llama-cpp`` (or the row ``llama.cpp``) adds the llama.cpp peer on the same GGUF
+(benchmarks/llama_cpp_peer.py; its venv comes from ``make llama-cpp-venv``). A row's plan may be a
+preset name or a plan file (``tvm:benchmarks/plans/w2a16-rtn-g64.yaml``).
 
 Bytes per token (TVM rows): the bytes the linear layers read once per decode step, as the kernels store
 them (the backend's repacked codes, scales, zero/offset terms and biases; the float head: SmolLM2's head
@@ -64,6 +66,12 @@ def _eager(model: torch.nn.Module, ids: torch.Tensor, new: int, cache_len: int) 
 
 def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     cache_len = ids.shape[1] + args.new
+    if row == "llama.cpp":  # the peer, in its own venv (benchmarks/llama_cpp_peer.py)
+        from benchmarks.llama_cpp_peer import llama_cpp_row
+        from qcompile.eval.zoo import smollm2_gguf
+
+        threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
+        return llama_cpp_row(smollm2_gguf(), ids[0].tolist(), args.new, args.repeat, threads)
     if row == "eager":
         best = max((_eager(model, ids, args.new, cache_len) for _ in range(args.repeat)), key=lambda r: r[1])
         return {"row": row, "prefill_s": best[0], "decode_tok_s": best[1], "compile_s": None}
@@ -227,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--floor", action="store_true", help="measure the read bandwidth: bytes per token, the floor, its fraction"
     )
+    ap.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="add the llama.cpp row (same GGUF, threads, prompt, new tokens; needs `make llama-cpp-venv`)",
+    )
     ap.add_argument("--from-json", action="store_true", help="only rewrite the RESULTS.md section from the JSON")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
@@ -257,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.kernels import read_bandwidth
 
         data["read_bandwidth_gbps"] = read_bandwidth()[0]
-    for row in a.rows.split(","):
+    rows = a.rows.split(",") + (["llama.cpp"] if a.llama_cpp and "llama.cpp" not in a.rows.split(",") else [])
+    for row in rows:
         rec = run_row(row, zm.model, ids, a)
         print(json.dumps(rec), flush=True)
         data["rows"].append(rec)

@@ -466,12 +466,16 @@ def load_gemma3() -> ZooModel:
     return zm
 
 
-def load_smollm2() -> ZooModel:
-    folder = package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP)
-    gguf = folder / SMOLLM2_GGUF
+def smollm2_gguf() -> Path:
+    """The installed SmolLM2-135M-Instruct Q4_1 GGUF (the file qcompile loads and llama.cpp runs)."""
+    gguf = package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise ModelNotFoundError(f"{gguf} is missing; reinstall with: {SMOLLM2_PIP}")
-    zm = _cached_gguf_lm("smollm2-135m", gguf)
+    return gguf
+
+
+def load_smollm2() -> ZooModel:
+    zm = _cached_gguf_lm("smollm2-135m", smollm2_gguf())
     zm.info = {
         **(zm.info or {}),
         "caveat": "released weights are Q4_1 (4-bit, group 32, scale+min), dequantized to fp32",
