@@ -1,11 +1,12 @@
 """Where the time of one call of a TVM-compiled entry goes (e.g. one decode step of a causal LM).
 
-:func:`profile_entry` times the same call three ways:
+:func:`profile_entry` times the same call three ways, each figure the fastest of several calls (on a
+shared machine, the least disturbed one):
 
 * ``call_ms``: :meth:`CompiledModule.run_entry` end to end (input checks, argument assembly, the VM
-  call, outputs back to torch), the median over ``steps`` calls; ``step_ms`` (``decode``): one step
-  of ``generate()``'s loop (:meth:`CompiledModule._decode_step`);
-* ``vm_ms``: the bare Relax VM function on prepared arguments (what the VM itself costs, kernels included);
+  call, outputs back to torch); ``step_ms`` (``decode``): one step of ``generate()``'s loop
+  (:meth:`CompiledModule._decode_step`);
+* ``vm_ms``: the bare Relax VM function on prepared arguments (the VM itself, kernels included);
 * ``kernel_ms``: a second VM on the same executable, with an instrument, records every kernel call of
   one step (function and arguments); the calls are then replayed in the step's order, each timed
   alone minus what calling a function with the same arguments costs from Python (the VM builtin
@@ -15,13 +16,13 @@
   builtins (allocation, shape checks) are counted per name.
 
 ``vm_overhead_ms`` = ``vm_ms`` − the kernels' sum: what the VM spends between kernels (argument
-checks, allocation, instruction dispatch); ``python_ms`` = ``step_ms`` (else ``call_ms``) − ``vm_ms``. Timings on a
-shared machine are noisy: compare figures of one run.
+checks, allocation, instruction dispatch); ``python_ms`` = ``step_ms`` (else ``call_ms``) − ``vm_ms``.
+Compare figures of one run: each kernel counts with its fastest of several replays, so the kernels'
+sum leans low and the VM overhead high.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,13 +84,14 @@ def _category(symbol: str, args: tuple, vocab: int | None) -> str:
     return "linear" if symbol.startswith("qc_") else "other"
 
 
-def _median_ms(fn: Any, steps: int) -> float:
+def _best_ms(fn: Any, steps: int) -> float:
+    """The fastest of ``steps`` calls, in ms: on a shared machine the least disturbed one."""
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return min(times) * 1e3
 
 
 def profile_entry(
@@ -106,15 +108,15 @@ def profile_entry(
         raise ValueError(f"{entry!r} is not a TVM entry on the CPU; profile_entry needs the tvm backend")
     for _ in range(2):  # warm up (pooled allocator, caches)
         cm.run_entry(entry, *inputs)
-    call_ms = _median_ms(lambda: cm.run_entry(entry, *inputs), steps)
+    call_ms = _best_ms(lambda: cm.run_entry(entry, *inputs), steps)
     step_ms = None
     if entry == "decode" and hasattr(cm, "_decode_step"):  # generate()'s own loop body
         step = cm._decode_step()
         token, position = inputs[0], int(inputs[1].reshape(-1)[0])
         step(token, position)
-        step_ms = _median_ms(lambda: step(token, position), steps)
+        step_ms = _best_ms(lambda: step(token, position), steps)
     fn, args = runner.prepare(cm._build_args(cm.program.entries[entry], inputs))
-    vm_ms = _median_ms(lambda: fn(*args), steps)
+    vm_ms = _best_ms(lambda: fn(*args), steps)
 
     vm = relax.VirtualMachine(backend.executable, tvm.cpu())
     ifn, iargs = runner.prepare(cm._build_args(cm.program.entries[entry], inputs), vm=vm)
@@ -135,22 +137,19 @@ def profile_entry(
     # arguments costs from Python (vm.builtin.make_tuple on the same arguments)
     probe = tvm.get_global_func("vm.builtin.make_tuple")
     cats = {sym: _category(sym, args, vocab) for sym, _, args in calls}
-    totals = [0.0] * len(calls)
-    reps = max(3, steps // 4)
-    for rnd in range(reps + 1):
+    best = [float("inf")] * len(calls)
+    for _ in range(max(3, steps // 2) + 1):  # the first round warms up
         for i, (_, func, cargs) in enumerate(calls):
             t0 = time.perf_counter()
             func(*cargs)
             t1 = time.perf_counter()
             probe(*cargs)
             t2 = time.perf_counter()
-            totals[i] += max((t1 - t0) - (t2 - t1), 0.0)
-        if rnd == 0:  # warm-up round
-            totals = [0.0] * len(calls)
+            best[i] = min(best[i], max((t1 - t0) - (t2 - t1), 0.0))
     kernel_ms = dict.fromkeys(CATEGORIES, 0.0)
     kernel_calls = dict.fromkeys(CATEGORIES, 0)
-    for (sym, _, _), t in zip(calls, totals):
-        kernel_ms[cats[sym]] += t / reps * 1e3
+    for (sym, _, _), t in zip(calls, best):
+        kernel_ms[cats[sym]] += t * 1e3
         kernel_calls[cats[sym]] += 1
     return EntryProfile(
         entry=entry,
