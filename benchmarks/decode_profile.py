@@ -94,6 +94,11 @@ def table(recs: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plans", default="w4a16-rtn-g128,w8a8-rtn")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a zoo language model, or tiny-llama-30 (random, hidden 64, 30 layers: a step almost all overhead)",
+    )
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
@@ -104,15 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("TVM_NUM_THREADS", "2")))
-    zm = load_model("smollm2-135m")
-    ids = calibration_tokens(zm.tokenizer, 1, a.prompt)[:, : a.prompt]
+    if a.model == "tiny-llama-30":  # SmolLM2's depth and per-layer graph, kernels too small to matter
+        from qcompile.eval.zoo import tiny_llama
+
+        model = tiny_llama(vocab=256, layers=30)
+        ids = torch.randint(0, 256, (1, a.prompt), generator=torch.Generator().manual_seed(0))
+    else:
+        zm = load_model(a.model)
+        model = zm.model
+        ids = calibration_tokens(zm.tokenizer, 1, a.prompt)[:, : a.prompt]
     load = os.getloadavg()[0]
     recs = []
     for plan in a.plans.split(","):
-        for rec in profile_plan(zm.model, plan, ids, a):
+        for rec in profile_plan(model, plan, ids, a):
             print(json.dumps({k: v for k, v in rec.items() if k != "tokens"}), flush=True)
             recs.append(rec)
     meta = {
+        "model": a.model,
         "command": "python benchmarks/decode_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
         "machine": machine(),
