@@ -34,14 +34,15 @@ from qcompile.eval.zoo import load_model  # noqa: E402
 
 def compile_plan(model: torch.nn.Module, plan: str, max_cache_len: int, before: bool) -> Any:
     """``plan`` compiled for the TVM CPU backend; ``before``: the way decode ran before issue 21 (every
-    weight a VM argument, every generate() step a checked run_entry call)."""
+    weight a VM argument, every generate() step a checked run_entry call, attention over every cache slot)."""
     import qcompile.codegen.tvm as tvm_backend
+    from qcompile.codegen.tvm.kernels import attention
 
-    tvm_backend.BIND_WEIGHTS = not before
+    tvm_backend.BIND_WEIGHTS = attention.PREFIX_KEYS = not before
     try:
         cm = qcompile.compile(model, plan=plan, backend="tvm", max_cache_len=max_cache_len)
     finally:
-        tvm_backend.BIND_WEIGHTS = True
+        tvm_backend.BIND_WEIGHTS = attention.PREFIX_KEYS = True
     cm._fast_decode = not before
     return cm
 

@@ -1,7 +1,8 @@
-"""The decode step on the TVM CPU backend (issue 21): weights bound as constants of the executable and
-generate()'s repeat-call fast path give the same logits and tokens as the old path (every weight a VM
-argument, every step a checked run_entry call); the per-step profile accounts for the step; artifacts
-with bound weights load and run the same."""
+"""The decode step on the TVM CPU backend (issue 21): weights bound as constants of the executable,
+generate()'s repeat-call fast path and attention over the filled prefix give the same logits, tokens
+and cache rows as the old path (every weight a VM argument, every step a checked run_entry call,
+attention over every slot); the per-step profile accounts for the step; artifacts with bound weights
+load and run the same."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ PLAN = "w4a16-rtn-g128"  # repacked weights (codes, scales, zeros) besides the f
 
 @pytest.fixture(scope="module")
 def pair(tiny_llama):
-    """(old, new): the same plan built with weights as arguments and as bound constants."""
-    tvm_backend.BIND_WEIGHTS = False
+    """(old, new): the same plan built the pre-issue-21 way (weights as arguments, attention over every
+    cache slot) and the new way (bound constants, attention over the filled prefix)."""
+    from qcompile.codegen.tvm.kernels import attention
+
+    tvm_backend.BIND_WEIGHTS = attention.PREFIX_KEYS = False
     try:
         old = qcompile.compile(tiny_llama, plan=PLAN, max_cache_len=48)
     finally:
-        tvm_backend.BIND_WEIGHTS = True
+        tvm_backend.BIND_WEIGHTS = attention.PREFIX_KEYS = True
     old._fast_decode = False
     new = qcompile.compile(tiny_llama, plan=PLAN, max_cache_len=48)
     return old, new

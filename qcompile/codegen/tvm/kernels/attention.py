@@ -23,6 +23,9 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 LANES = 8
+# Private switch for benchmarks (benchmarks/decode_profile.py --compare builds the pre-issue-21 path with
+# it off): False gives every bool-masked static-cache attention the full kernel.
+PREFIX_KEYS = True
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,12 @@ def unsupported(heads: int, kv_heads: int, dim: int) -> str | None:
 def attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
     """The kernel for ``spec``: with a bool mask over a static cache the one that stops at each row's
     last unmasked key (:func:`prefix_attention_primfunc`, the same result), else the full one."""
-    if spec.mask == "bool" and spec.keys is not None and unsupported(spec.heads, spec.kv_heads, spec.dim) is None:
+    if (
+        PREFIX_KEYS
+        and spec.mask == "bool"
+        and spec.keys is not None
+        and unsupported(spec.heads, spec.kv_heads, spec.dim) is None
+    ):
         return prefix_attention_primfunc(spec)
     return full_attention_primfunc(spec)
 
