@@ -18,6 +18,9 @@ preset name or a plan file (``tvm:benchmarks/plans/w2a16-rtn-g64.yaml``).
 Bytes per token (TVM rows): the bytes the linear layers read once per decode step, as the kernels store
 them (the backend's repacked codes, scales, zero/offset terms and biases; the float head: SmolLM2's head
 is tied to the embedding, so the whole table); the KV cache and the one embedding row are left out.
+With ``--profile`` each TVM row also records one decode step split into kernel time (linear, lm_head,
+attention, cache writes, other), VM overhead and Python overhead (benchmarks/decode_profile.py prints
+the same split as a table, with the pre-issue-21 path beside it).
 With ``--floor`` the read bandwidth is measured in the same run (benchmarks/kernels.py's torch sum over
 1 GiB) and each row gets the decode tokens/s the bandwidth would allow (bandwidth / bytes per token)
 and the fraction of it reached.
@@ -90,6 +93,12 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
         rec["build_s"] = cm.report.backend.get("build_seconds")
         rec["weights_mib"] = round(cm.report.packed_weight_bytes / 2**20, 1)
         rec["bytes_per_token"] = linear_bytes(cm.program, getattr(cm._backend, "params", {}))
+        if args.profile:  # one decode step split into kernels, VM and Python (qcompile.codegen.tvm.profile)
+            from qcompile.codegen.tvm.profile import profile_entry
+
+            vocab = int(cm.run_entry("prefill", ids, torch.arange(ids.shape[1])).shape[-1])
+            prof = profile_entry(cm, "decode", [ids[:, -1:], torch.tensor([ids.shape[1]])], vocab=vocab)
+            rec["profile"] = prof.to_dict()
     return rec
 
 
@@ -239,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         "--llama-cpp",
         action="store_true",
         help="add the llama.cpp row (same GGUF, threads, prompt, new tokens; needs `make llama-cpp-venv`)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="TVM rows: split one decode step into kernels, VM and Python overhead"
     )
     ap.add_argument("--from-json", action="store_true", help="only rewrite the RESULTS.md section from the JSON")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))

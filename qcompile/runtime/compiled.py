@@ -14,7 +14,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ class CompiledModule:
         self.last_generation: GenerationStats | None = None
         self.index_bounds: dict[str, EntryBounds] = self._derive_bounds()
         self._check_indices = True  # private switch: benchmarks/input_checks.py times calls without the check
+        self._fast_decode = True  # private switch: False makes every decode step a run_entry call (as before)
         limit = self.token_limit()
         size = _length(tokenizer)
         if limit is not None and size is not None and size > limit:
@@ -223,14 +224,41 @@ class CompiledModule:
         t1 = time.perf_counter()
         nxt = _pick(logits[0, -1], do_sample, temperature, top_k, top_p, gen)
         tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
+        step = self._decode_step()
         while tokens.shape[1] < prompt_len + max_new_tokens and int(nxt) not in eos:
-            pos = torch.tensor([tokens.shape[1] - 1])
-            logits = self.run_entry("decode", nxt.view(1, 1), pos)
+            logits = step(nxt.view(1, 1), tokens.shape[1] - 1)
             nxt = _pick(logits[0, -1], do_sample, temperature, top_k, top_p, gen)
             tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
         t2 = time.perf_counter()
         self.last_generation = GenerationStats(prompt_len, tokens.shape[1] - prompt_len, t1 - t0, t2 - t1)
         return tokens
+
+    def _decode_step(self) -> Callable[[torch.Tensor, int], Any]:
+        """``step(token[1, 1], position) -> logits`` for generate()'s loop. The first step is a checked
+        :meth:`run_entry` call; later ones, where the backend can repeat a call with new user inputs
+        (the TVM backend: the cache and weight arguments stay as they were), skip the per-slot argument
+        assembly and the generic input checks. Those checks are not lost: generate() has checked the
+        last position before the loop (positions only grow), and each token id is checked here against
+        the embedding's rows (one scalar compare) before it reaches a kernel."""
+        entry = self.program.entries["decode"]
+        built = self._built["decode"]
+        spec = self._out_specs["decode"]
+        repeat = getattr(built, "call_user", None) if self._fast_decode else None
+        limit = self.token_limit()
+        warm = [False]
+
+        def step(token: torch.Tensor, position: int) -> Any:
+            pos = torch.tensor([position])
+            if repeat is None or not warm[0]:
+                warm[0] = True
+                return self.run_entry("decode", token, pos)
+            tok = int(token)
+            if limit is not None and not 0 <= tok < limit:  # e.g. a head wider than the embedding
+                self._checked_inputs("decode", (token, pos), {})  # raises InputError naming the input
+            out = repeat(_bind(entry, (token, pos), {}))
+            return pytree.tree_unflatten(list(out), spec)
+
+        return step
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -2,12 +2,16 @@
 ``tvm.compile`` for the host CPU or a CUDA arch → Relax VM.
 
 One executable holds every entry (``forward``, ``prefill``, ``decode``) as a Relax function. The
-Program's state and the runtime's cache tensors are shared with the VM without copies (DLPack), so
-a decode step writes its rows into the same cache tensors that ``CompiledModule`` owns. Weights are
-repacked once into the kernels' layouts (extra function parameters). ``save`` writes the compiled
-library (``export_library``) and the repacked tensors; loading an artifact runs that library
-without rebuilding, after checking the TVM version and that this CPU has the instructions it was
-built for.
+runtime's cache tensors are shared with the VM without copies (DLPack), so a decode step writes its
+rows into the same cache tensors that ``CompiledModule`` owns. Weights are repacked once into the
+kernels' layouts. On the CPU every weight (the Program's state and the repacked tensors) is bound as
+a constant of the executable (:func:`bind_weights`): a call passes only the user inputs and the
+caches, so the VM checks no weight per call (SmolLM2's decode: 92 arguments instead of ~1200), and
+:meth:`_Runner.call_user` repeats a call with new user inputs without per-slot work (``generate()``'s
+decode loop). On a GPU the weights stay arguments (device copies made once). ``save`` writes the
+compiled library (``export_library``; on the CPU it holds the weights) and, on a GPU, the repacked
+tensors; loading an artifact runs that library without rebuilding, after checking the TVM version
+and that this CPU has the instructions it was built for.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ INFO = "tvm.json"
 FATBIN = "kernels.fatbin"  # CUDA: the nvcc build of the library's device code
 
 
+# Private switch for benchmarks (benchmarks/decode_profile.py --compare): False builds CPU modules the way
+# they were built before issue 21, with every weight passed as an argument on every call.
+BIND_WEIGHTS = True
+
+
 def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's CPU pipeline (dead code elimination first). The heavy ops (linear layers, attention,
     cache writes) are qcompile's scheduled kernels; the ordinary fused elementwise/norm kernels are
@@ -76,18 +85,56 @@ class _Runner:
     caches' rows are written in place on the device (the host cache tensors are not updated), user
     inputs are copied per call and outputs come back to the host."""
 
-    def __init__(self, fn: Any, kinds: list[SlotKind], extras: list[tvm.runtime.Tensor], device: str = "cpu") -> None:
+    def __init__(
+        self,
+        fn: Any,
+        kinds: list[SlotKind],
+        extras: list[tvm.runtime.Tensor],
+        device: str = "cpu",
+        name: str = "",
+        bound: bool = False,
+    ) -> None:
         self.fn = fn
+        self.name = name
+        self.weights_bound = bound  # the weights are constants of the executable: state slots are not passed
         self.kinds = kinds
         self.extras = extras
         self.device = device
         self.bound: dict[int, tuple[torch.Tensor, tvm.runtime.Tensor]] = {}
+        self._last: list[Any] | None = None  # the arguments of the last full call
+        passed = [k for k in kinds if not (k is SlotKind.STATE and bound)]
+        self._user_at = [i for i, k in enumerate(passed) if k is SlotKind.USER]
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        tv = self._tvm_args(args)
+        self._last = tv
+        out = self.fn(*tv, *self.extras)
+        return [torch.from_dlpack(o).to("cpu") for o in out]
+
+    def call_user(self, user: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Call again with new user inputs (in order) and the state and cache tensors of the last
+        :meth:`__call__` (the caller guarantees they are the same tensors): no per-slot work."""
+        if self._last is None:
+            raise RuntimeError("call_user() needs a full call first")
+        tv = list(self._last)
+        for i, a in zip(self._user_at, user, strict=True):
+            tv[i] = _share(a, self.device)
+        out = self.fn(*tv, *self.extras)
+        return [torch.from_dlpack(o).to("cpu") for o in out]
+
+    def prepare(self, args: Sequence[torch.Tensor], vm: Any = None) -> tuple[Any, list[Any]]:
+        """The VM function (of ``vm`` when given: another VM on the same executable) and the arguments
+        one call passes it: what :mod:`.profile` times without the runner around it."""
+        fn = self.fn if vm is None else vm[self.name]
+        return fn, [*self._tvm_args(args), *self.extras]
+
+    def _tvm_args(self, args: Sequence[torch.Tensor]) -> list[Any]:
         tv = []
         for i, (kind, a) in enumerate(zip(self.kinds, args)):
             if kind is SlotKind.USER:
                 tv.append(_share(a, self.device))
+                continue
+            if kind is SlotKind.STATE and self.weights_bound:
                 continue
             hit = self.bound.get(i)
             if hit is None or hit[0] is not a:  # state and cache tensors are stable: convert once
@@ -97,8 +144,31 @@ class _Runner:
                     )
                 hit = self.bound[i] = (a, _share(a, self.device))
             tv.append(hit[1])
-        out = self.fn(*tv, *self.extras)
-        return [torch.from_dlpack(o).to("cpu") for o in out]
+        return tv
+
+
+def bind_weights(
+    mod: tvm.IRModule, program: Program, extra_params: dict[str, list[str]], params: dict[str, torch.Tensor]
+) -> tvm.IRModule:
+    """``mod`` with every entry's weights (its state slots and repacked tensors) bound as constants
+    (shared with the torch tensors, not copied), so a call passes only the user inputs and the caches:
+    the VM checks no weight's shape per call and reads weights from its constant pool."""
+    shared: dict[str, tvm.runtime.Tensor] = {}
+
+    def tensor(key: str, t: torch.Tensor) -> tvm.runtime.Tensor:
+        if key not in shared:  # one tvm.runtime.Tensor per weight, whichever entries use it
+            shared[key] = _to_tvm(t)
+        return shared[key]
+
+    for name, entry in program.entries.items():
+        binding = {
+            node.name: tensor("state:" + slot.name, program.state[slot.name])
+            for node, slot in entry.bindings().items()
+            if slot.kind is SlotKind.STATE
+        }
+        binding.update({k: tensor("param:" + k, params[k]) for k in extra_params[name]})
+        mod = relax.transform.BindParams(name, binding)(mod)
+    return mod
 
 
 class _NoDevice:
@@ -151,9 +221,10 @@ class TVMBackend(Backend):
         else:
             vm = relax.VirtualMachine(self.executable, tvm.cpu())
         device = "cpu" if arch is None else "cuda"
+        bound = bool(self.info.get("bound_weights"))
         for name, entry in program.entries.items():
-            extras = [_share(self.params[k], device) for k in self.info["extra_params"][name]]
-            built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device)
+            extras = [] if bound else [_share(self.params[k], device) for k in self.info["extra_params"][name]]
+            built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device, name, bound)
         return built
 
     def _compile(self, program: Program, allow_fallback: bool, target: Target) -> None:
@@ -161,8 +232,12 @@ class TVMBackend(Backend):
         lowered: Lowered = lower_program(program, target, allow_fallback)
         t1 = time.perf_counter()
         gpu = target if isinstance(target, CudaTarget) else None
+        with torch.no_grad():
+            self.params = {k: f(program.state).contiguous() for k, f in lowered.repacks.items()}
+        bind = gpu is None and BIND_WEIGHTS
+        mod = bind_weights(lowered.mod, program, lowered.extra_params, self.params) if bind else lowered.mod
         pipeline = relax_pipeline(target.tvm) if gpu is None else cuda.relax_pipeline(target.tvm)
-        self.executable = tvm.compile(lowered.mod, target=target.tvm, relax_pipeline=pipeline)
+        self.executable = tvm.compile(mod, target=target.tvm, relax_pipeline=pipeline)
         t2 = time.perf_counter()
         extra: dict[str, Any] = {}
         if gpu is not None:  # ahead of time: nvcc now, the fatbin answers the load-time hook
@@ -174,13 +249,13 @@ class TVMBackend(Backend):
                 "generic_kernels": lowered.generic,
                 "nvcc_seconds": round(time.perf_counter() - t2, 3),
             }
-        with torch.no_grad():
-            self.params = {k: f(program.state).contiguous() for k, f in lowered.repacks.items()}
         self.info = {
             "target": target.to_dict(),
             "target_description": target.describe(),
             "tvm_version": tvm.__version__,
             "extra_params": lowered.extra_params,
+            # CPU: weights (state slots and repacked tensors) are constants of the executable, not arguments
+            "bound_weights": bind,
             "fallbacks": lowered.fallbacks,
             "kernels": lowered.kernels,
             "kernel_choices": lowered.choices,
@@ -195,7 +270,8 @@ class TVMBackend(Backend):
         directory.mkdir(parents=True, exist_ok=True)
         info = {k: v for k, v in self.info.items() if k != "loaded_prebuilt"}
         self.executable.export_library(str(directory / LIBRARY))
-        save_file(self.params, str(directory / PARAMS))
+        # bound weights are inside the library already; the file stays (empty) so that every artifact has it
+        save_file({} if info.get("bound_weights") else self.params, str(directory / PARAMS))
         (directory / INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
         written = [directory / LIBRARY, directory / PARAMS, directory / INFO]
         if self.fatbin is not None:

@@ -8,6 +8,10 @@ pattern and hands the un-repeated K and V to this kernel, which maps query head 
 ``h // g``. One (batch, head, query) row per parallel task: scores as ``D/8``-way vector partial dot
 products, a max-subtracted exponent (heads in parallel), and the value sum vectorized along the head dimension.
 A fully masked row gives NaN, as torch does.
+
+With a bool mask over a static cache (decode and prefill over the static KV cache) each row stops at
+its last unmasked key (:func:`prefix_attention_primfunc`): a decode step at position ``p`` of an
+``L``-slot cache reads ``p + 1`` keys instead of ``L``, with the full kernel's result bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 LANES = 8
+# Private switch for benchmarks (benchmarks/decode_profile.py --compare builds the pre-issue-21 path with
+# it off): False gives every bool-masked static-cache attention the full kernel.
+PREFIX_KEYS = True
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,20 @@ def unsupported(heads: int, kv_heads: int, dim: int) -> str | None:
 
 
 def attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
+    """The kernel for ``spec``: with a bool mask over a static cache the one that stops at each row's
+    last unmasked key (:func:`prefix_attention_primfunc`, the same result), else the full one."""
+    if (
+        PREFIX_KEYS
+        and spec.mask == "bool"
+        and spec.keys is not None
+        and unsupported(spec.heads, spec.kv_heads, spec.dim) is None
+    ):
+        return prefix_attention_primfunc(spec)
+    return full_attention_primfunc(spec)
+
+
+def full_attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
+    """Every key of every row (a te definition, scheduled by :func:`_schedule`)."""
     why = unsupported(spec.heads, spec.kv_heads, spec.dim)
     if why is not None:
         raise ValueError(f"the attention kernel does not cover {spec}: {why}")
@@ -130,3 +151,75 @@ def _schedule(func: tvm.tirx.PrimFunc, static_keys: bool) -> tvm.tirx.PrimFunc:
     sch.decompose_reduction(part, pdo)
     sch.decompose_reduction(acc, ar)
     return sch.mod["main"]
+
+
+def prefix_attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
+    """The bool-masked kernel over a static cache that visits, per (batch, head, query) row, only the
+    keys up to the row's last unmasked one: a decode step with ``p`` filled positions of an
+    ``L``-slot cache reads ``p`` keys, not ``L``. Keys past the last unmasked one contribute exactly
+    nothing to the softmax (``exp(-inf) = 0``, and adding 0 changes no sum), so the result is the
+    full kernel's: same sums in the same order (scores as ``D/8`` vector partial sums added lane by
+    lane, then the exponent sum and the value sum in key order). A fully masked row gives NaN."""
+    why = unsupported(spec.heads, spec.kv_heads, spec.dim)
+    if why is not None or spec.mask != "bool" or spec.keys is None:
+        raise ValueError(f"the prefix attention kernel does not cover {spec}: {why or 'bool mask, static keys only'}")
+    g, lanes, dv = spec.heads // spec.kv_heads, LANES, spec.dim // LANES
+    b_, h_, kv_, l_, d_ = spec.batch, spec.heads, spec.kv_heads, spec.keys, spec.dim
+    s_ = "s" if spec.queries is None else str(spec.queries)
+    decl = "s = T.int64()" if spec.queries is None else ""
+    mh = "h" if spec.mask_heads > 1 else "0"
+    j = f"do * {lanes} + di"  # the lane's channel
+    src = f"""
+@T.prim_func(private=True)
+def main(q_h: T.handle, K: T.Buffer(({b_}, {kv_}, {l_}, {d_}), "float32"),
+         V: T.Buffer(({b_}, {kv_}, {l_}, {d_}), "float32"), m_h: T.handle, o_h: T.handle):
+    T.func_attr({{"tir.noalias": True, "tir.is_scheduled": True, "tirx.is_scheduled": True}})
+    {decl}
+    Q = T.match_buffer(q_h, ({b_}, {h_}, {s_}, {d_}), "float32")
+    M = T.match_buffer(m_h, ({b_}, {spec.mask_heads}, {s_}, {l_}), "bool")
+    OUT = T.match_buffer(o_h, ({b_}, {h_}, {s_}, {d_}), "float32")
+    for h in T.parallel({h_}):
+        for b, s in T.grid({b_}, {s_}):
+            n = T.decl_buffer((1,), "int64", scope="local")
+            mx = T.decl_buffer((1,), "float32", scope="local")
+            z = T.decl_buffer((1,), "float32", scope="local")
+            sc = T.decl_buffer(({-(-l_ // lanes) * lanes},), "float32", scope="local")
+            part = T.decl_buffer(({l_ * lanes},), "float32", scope="local")
+            acc = T.decl_buffer(({d_},), "float32", scope="local")
+            raw = T.decl_buffer((1,), "float32", scope="local")
+            n[0] = T.int64({l_})
+            while n[0] > T.int64(0) and not M[b, {mh}, s, n[0] - T.int64(1)]:
+                n[0] = n[0] - T.int64(1)
+            mx[0] = T.float32("-inf")
+            nn: T.int64 = n[0]
+            for l in range(nn):
+                for di in T.vectorized({lanes}):
+                    part[l * {lanes} + di] = T.float32(0)
+                for do in range({dv}):
+                    for di in T.vectorized({lanes}):
+                        part[l * {lanes} + di] = part[l * {lanes} + di] + Q[b, h, s, {j}] * K[b, h // {g}, l, {j}]
+            for l in range(nn):
+                raw[0] = T.float32(0)
+                for di in range({lanes}):
+                    raw[0] = raw[0] + part[l * {lanes} + di]
+                sc[l] = T.Select(M[b, {mh}, s, l], raw[0] * T.float32({spec.scale!r}), T.float32("-inf"))
+            for l in range(nn):
+                mx[0] = T.max(mx[0], sc[l])
+            nv: T.int64 = (nn + {lanes - 1}) // {lanes}
+            for l in range(nn, nv * {lanes}):
+                sc[l] = T.float32("-inf")
+            for lo in range(nv):
+                for li in T.vectorized({lanes}):
+                    sc[lo * {lanes} + li] = T.exp(sc[lo * {lanes} + li] - mx[0])
+            z[0] = T.float32(0)
+            for l in range(nn):
+                z[0] = z[0] + sc[l]
+            for d in T.vectorized({d_}):
+                acc[d] = T.float32(0)
+            for l in range(nn):
+                for d in T.vectorized({d_}):
+                    acc[d] = acc[d] + sc[l] * V[b, h // {g}, l, d]
+            for d in T.vectorized({d_}):
+                OUT[b, h, s, d] = acc[d] / z[0]
+"""
+    return tvm.script.from_source(src)
