@@ -181,9 +181,8 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
     w0shape = wshapes[0][0]
     w1shape = wshapes[1][0] if i6 else (1,)
     gshape = spec.group_shape()
-    mdyn = spec.m is None
+    m_ = tvm.tirx.Var("m", "int64") if spec.m is None else spec.m
     sx_mul = 1 if spec.act_group else 0
-    m_static = 0 if mdyn else spec.m
 
     @T.macro
     def tile(QX, SX, W0, W1, S, CORR, B, Y, blk, row0, nrows):
@@ -235,14 +234,15 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
                             )
             for r in T.unroll(nrows):
                 for v in T.unroll(4):
+                    # (acc·sx)·sw, the template's order: the same fp32 result
                     if corrected:
                         accf[r, v * vl : v * vl + vl] = accf.vload([r, v * vl], f32v) + T.Cast(
                             f32v, acci.vload([r, v * vl], i32v) - CORR.vload([blk, g, v * vl], i32v)
-                        ) * (S.vload([blk, g, v * vl], f32v) * T.broadcast(SX[row0 + r, g * sx_mul], vl))
+                        ) * T.broadcast(SX[row0 + r, g * sx_mul], vl) * S.vload([blk, g, v * vl], f32v)
                     else:
                         accf[r, v * vl : v * vl + vl] = accf.vload([r, v * vl], f32v) + T.Cast(
                             f32v, acci.vload([r, v * vl], i32v)
-                        ) * (S.vload([blk, g, v * vl], f32v) * T.broadcast(SX[row0 + r, g * sx_mul], vl))
+                        ) * T.broadcast(SX[row0 + r, g * sx_mul], vl) * S.vload([blk, g, v * vl], f32v)
         for r in T.unroll(nrows):
             for v in T.unroll(4):
                 if bias:
@@ -257,20 +257,19 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
         qx: T.handle, sx: T.handle, w0: T.handle, w1: T.handle, s: T.handle, corr: T.handle, b: T.handle, y: T.handle
     ):
         T.func_attr({"tir.noalias": True})
-        m = T.int64() if mdyn else m_static
-        QX = T.match_buffer(qx, (m, k_), "int8")
-        SX = T.match_buffer(sx, (m, sxg), "float32")
+        QX = T.match_buffer(qx, (m_, k_), "int8")
+        SX = T.match_buffer(sx, (m_, sxg), "float32")
         W0 = T.match_buffer(w0, w0shape, wshapes[0][1])
         W1 = T.match_buffer(w1, w1shape, "uint8")
         S = T.match_buffer(s, gshape, "float32")
         CORR = T.match_buffer(corr, gshape, "int32")
         B = T.match_buffer(b, (n_,), "float32")
-        Y = T.match_buffer(y, (m, n_), "float32")
+        Y = T.match_buffer(y, (m_, n_), "float32")
         for blk in T.parallel(nblk):
-            for t in range(m // rt):
+            for t in range(m_ // rt):
                 tile(QX, SX, W0, W1, S, CORR, B, Y, blk, t * rt, rt)
-            for t in range(m % rt):
-                tile(QX, SX, W0, W1, S, CORR, B, Y, blk, (m // rt) * rt + t, 1)
+            for t in range(m_ % rt):
+                tile(QX, SX, W0, W1, S, CORR, B, Y, blk, (m_ // rt) * rt + t, 1)
 
     return main
 
