@@ -53,7 +53,8 @@ ISAS = ("vnni512", "vnni256", "avx2")
 # LLVM features each ISA's instructions need (CpuTarget.features names)
 NEEDS = {"vnni512": ("avx512f", "avx512bw", "avx512vnni"), "vnni256": ("avxvnni",), "avx2": ("avx2",)}
 LANES = {"vnni512": 16, "vnni256": 8, "avx2": 8}  # int32 lanes of a vector
-ROWS = {"vnni512": 3, "vnni256": 2, "avx2": 2}  # rows per register tile
+ROWS = {"vnni512": 6, "vnni256": 2, "avx2": 2}  # rows per register tile (at most 2·HALF)
+HALF = 3  # rows per accumulator array (3 × 64 int32 < 1 KiB: stack, hence registers)
 XFMTS = ("i8", "i6")
 MAX_GROUP = 2**31 // (255 * 128)  # int32 accumulator bound of the +128 form
 
@@ -185,72 +186,86 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
     sx_mul = 1 if spec.act_group else 0
 
     @T.macro
-    def tile(QX, SX, W0, W1, S, CORR, B, Y, blk, row0, nrows):
-        accf = T.alloc_buffer((nrows, nbx), "float32", scope="global", annotations=_STACK)
-        acci = T.alloc_buffer((nrows, nbx), "int32", scope="global", annotations=_STACK)
-        wv = T.alloc_buffer((4, vb), "int8", scope="global", annotations=_STACK)
-        for r in T.unroll(nrows):
+    def dot_row(QX, acc, wv, r, row, kq):
+        """Row ``row``'s 4 K at ``kq`` times the tile's 4 weight vectors, into ``acc[r]``."""
+        xw = T.meta_var(T.reinterpret("int32", QX.vload([row, kq * 4], "int8x4")))
+        if corrected:
+            xb = T.meta_var(T.reinterpret(i8v, T.broadcast(T.bitwise_xor(xw, T.int32(_FLIP)), vl)))
             for v in T.unroll(4):
-                accf[r, v * vl : v * vl + vl] = T.broadcast(T.float32(0), vl)
-        for g in range(ng):
-            for r in T.unroll(nrows):
-                for v in T.unroll(4):
-                    acci[r, v * vl : v * vl + vl] = T.broadcast(T.int32(0), vl)
-            for kk in range(kq_g):
-                for v in T.unroll(4):
-                    if i6:
-                        lo = T.meta_var(W0.vload([blk, g * kq_g + kk, (v // 2) * vb], u8v))
-                        h = T.meta_var(W1.vload([blk, g * kq_g + kk, 0], u8v))
-                        nib = T.meta_var((lo >> _u8(4 * (v % 2), vb)) & T.broadcast(T.uint8(15), vb))
-                        top = T.meta_var(
-                            T.if_then_else(
-                                v < 2,
-                                h >> T.broadcast(T.Cast("uint8", 2 * v), vb),
-                                h << T.broadcast(T.Cast("uint8", 8 - 2 * v), vb),
-                            )
-                            & T.broadcast(T.uint8(48), vb)
-                        )
-                        wv[v, 0:vb] = T.reinterpret(i8v, (nib | top) - T.broadcast(T.uint8(32), vb))
-                    else:
-                        wv[v, 0:vb] = W0.vload([blk, g * kq_g + kk, v * vb], i8v)
-                for r in T.unroll(nrows):
-                    xw = T.meta_var(T.reinterpret("int32", QX.vload([row0 + r, (g * kq_g + kk) * 4], "int8x4")))
-                    if corrected:
-                        xb = T.meta_var(T.reinterpret(i8v, T.broadcast(T.bitwise_xor(xw, T.int32(_FLIP)), vl)))
-                        for v in T.unroll(4):
-                            if vnni:
-                                acci[r, v * vl : v * vl + vl] = T.call_llvm_pure_intrin(
-                                    i32v, dot_name, acci.vload([r, v * vl], i32v), xb, wv.vload([v, 0], i8v)
-                                )
-                            else:
-                                acci[r, v * vl : v * vl + vl] = acci.vload([r, v * vl], i32v) + _madd(
-                                    xb, wv.vload([v, 0], i8v), vl
-                                )
-                    else:
-                        xs = T.meta_var(T.reinterpret(i8v, T.broadcast(xw, vl)))
-                        for v in T.unroll(4):
-                            acci[r, v * vl : v * vl + vl] = acci.vload([r, v * vl], i32v) + _madd_signed(
-                                xs, wv.vload([v, 0], i8v), vl
-                            )
-            for r in T.unroll(nrows):
-                for v in T.unroll(4):
-                    # (acc·sx)·sw, the template's order: the same fp32 result
-                    if corrected:
-                        accf[r, v * vl : v * vl + vl] = accf.vload([r, v * vl], f32v) + T.Cast(
-                            f32v, acci.vload([r, v * vl], i32v) - CORR.vload([blk, g, v * vl], i32v)
-                        ) * T.broadcast(SX[row0 + r, g * sx_mul], vl) * S.vload([blk, g, v * vl], f32v)
-                    else:
-                        accf[r, v * vl : v * vl + vl] = accf.vload([r, v * vl], f32v) + T.Cast(
-                            f32v, acci.vload([r, v * vl], i32v)
-                        ) * T.broadcast(SX[row0 + r, g * sx_mul], vl) * S.vload([blk, g, v * vl], f32v)
-        for r in T.unroll(nrows):
-            for v in T.unroll(4):
-                if bias:
-                    Y[row0 + r, blk * nbx + v * vl : blk * nbx + v * vl + vl] = accf.vload([r, v * vl], f32v) + B.vload(
-                        [blk * nbx + v * vl], f32v
+                if vnni:
+                    acc[r, v * vl : v * vl + vl] = T.call_llvm_pure_intrin(
+                        i32v, dot_name, acc.vload([r, v * vl], i32v), xb, wv.vload([v, 0], i8v)
                     )
                 else:
-                    Y[row0 + r, blk * nbx + v * vl : blk * nbx + v * vl + vl] = accf.vload([r, v * vl], f32v)
+                    acc[r, v * vl : v * vl + vl] = acc.vload([r, v * vl], i32v) + _madd(xb, wv.vload([v, 0], i8v), vl)
+        else:
+            xs = T.meta_var(T.reinterpret(i8v, T.broadcast(xw, vl)))
+            for v in T.unroll(4):
+                acc[r, v * vl : v * vl + vl] = acc.vload([r, v * vl], i32v) + _madd_signed(
+                    xs, wv.vload([v, 0], i8v), vl
+                )
+
+    @T.macro
+    def rescale_row(SX, S, CORR, Y, acc, r, row, blk, g):
+        """``Y[row] += (acc[r] − corr)·sx·sw`` for group ``g`` ((acc·sx)·sw: the template's order)."""
+        for v in T.unroll(4):
+            if corrected:
+                Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
+                    [row, blk * nbx + v * vl], f32v
+                ) + T.Cast(f32v, acc.vload([r, v * vl], i32v) - CORR.vload([blk, g, v * vl], i32v)) * T.broadcast(
+                    SX[row, g * sx_mul], vl
+                ) * S.vload([blk, g, v * vl], f32v)
+            else:
+                Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
+                    [row, blk * nbx + v * vl], f32v
+                ) + T.Cast(f32v, acc.vload([r, v * vl], i32v)) * T.broadcast(SX[row, g * sx_mul], vl) * S.vload(
+                    [blk, g, v * vl], f32v
+                )
+
+    @T.macro
+    def decode_group(W0, W1, WD, blk, g):
+        """The i6 weights of group ``g`` of block ``blk`` as int8 tiles ``WD[kq, 4·VB]``: 2-bit fields
+        shifted straight into bits 4–5, OR the nibble, minus 32."""
+        for kk in range(kq_g):
+            for v in T.unroll(4):
+                lo = T.meta_var(W0.vload([blk, g * kq_g + kk, (v // 2) * vb], u8v))
+                h = T.meta_var(W1.vload([blk, g * kq_g + kk, 0], u8v))
+                nib = T.meta_var((lo >> _u8(4 * (v % 2), vb)) & T.broadcast(T.uint8(15), vb))
+                top = T.meta_var(
+                    T.if_then_else(
+                        v < 2,
+                        h >> T.broadcast(T.Cast("uint8", 2 * v), vb),
+                        h << T.broadcast(T.Cast("uint8", 8 - 2 * v), vb),
+                    )
+                    & T.broadcast(T.uint8(48), vb)
+                )
+                WD[kk, v * vb : v * vb + vb] = T.reinterpret(i8v, (nib | top) - T.broadcast(T.uint8(32), vb))
+
+    @T.macro
+    def tile(QX, SX, W0, WD, S, CORR, Y, blk, g, row0, nrows):
+        # int32 accumulators of rows [0, HALF) and [HALF, nrows): each under 1 KiB, so on the stack
+        # (LLVM keeps them in registers)
+        acc0 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=_STACK)
+        acc1 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=_STACK)
+        wv = T.alloc_buffer((4, vb), "int8", scope="global", annotations=_STACK)
+        for r in T.unroll(HALF):
+            for v in T.unroll(4):
+                acc0[r, v * vl : v * vl + vl] = T.broadcast(T.int32(0), vl)
+                acc1[r, v * vl : v * vl + vl] = T.broadcast(T.int32(0), vl)
+        for kk in range(kq_g):
+            for v in T.unroll(4):
+                if i6:
+                    wv[v, 0:vb] = WD.vload([kk, v * vb], i8v)
+                else:
+                    wv[v, 0:vb] = W0.vload([blk, g * kq_g + kk, v * vb], i8v)
+            for r in T.unroll(min(nrows, HALF)):
+                dot_row(QX, acc0, wv, r, row0 + r, g * kq_g + kk)
+            for r in T.unroll(max(nrows - HALF, 0)):
+                dot_row(QX, acc1, wv, r, row0 + HALF + r, g * kq_g + kk)
+        for r in T.unroll(min(nrows, HALF)):
+            rescale_row(SX, S, CORR, Y, acc0, r, row0 + r, blk, g)
+        for r in T.unroll(max(nrows - HALF, 0)):
+            rescale_row(SX, S, CORR, Y, acc1, r, row0 + HALF + r, blk, g)
 
     @T.prim_func
     def main(
@@ -266,10 +281,24 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
         B = T.match_buffer(b, (n_,), "float32")
         Y = T.match_buffer(y, (m_, n_), "float32")
         for blk in T.parallel(nblk):
-            for t in range(m_ // rt):
-                tile(QX, SX, W0, W1, S, CORR, B, Y, blk, t * rt, rt)
-            for t in range(m_ % rt):
-                tile(QX, SX, W0, W1, S, CORR, B, Y, blk, (m_ // rt) * rt + t, 1)
+            # i6: a group's weights decoded once per block into L1, then read by every row tile
+            WD = T.alloc_buffer((kq_g if i6 else 1, 4 * vb), "int8", scope="global")
+            for row in range(m_):
+                for v in T.unroll(4):
+                    Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = T.broadcast(T.float32(0), vl)
+            for g in range(ng):
+                if i6:
+                    decode_group(W0, W1, WD, blk, g)
+                for t in range(m_ // rt):
+                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, t * rt, rt)
+                for t in range(m_ % rt):
+                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, (m_ // rt) * rt + t, 1)
+            if bias:
+                for row in range(m_):
+                    for v in T.unroll(4):
+                        Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
+                            [row, blk * nbx + v * vl], f32v
+                        ) + B.vload([blk * nbx + v * vl], f32v)
 
     return main
 
