@@ -221,3 +221,4 @@ def test_backend_dispatches_on_the_target_features(monkeypatch, mcpu, plan, isa)
         assert len(dot) == 2 and {c["chosen"] for c in dot} == {isa}
         assert all(set(c["features"]) == set(b["target"]["features"]) for c in dot)
         assert sum(name.startswith(f"qc_{isa}_") for name in b["kernels"]) == 2
+        assert f"dot-product kernels: {isa} for 2 linear kernels" in cm.report.summary()
