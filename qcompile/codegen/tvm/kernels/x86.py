@@ -54,6 +54,8 @@ ISAS = ("vnni512", "vnni256", "avx2")
 NEEDS = {"vnni512": ("avx512f", "avx512bw", "avx512vnni"), "vnni256": ("avxvnni",), "avx2": ("avx2",)}
 LANES = {"vnni512": 16, "vnni256": 8, "avx2": 8}  # int32 lanes of a vector
 ROWS = {"vnni512": 6, "vnni256": 2, "avx2": 2}  # rows per register tile (at most 2·HALF)
+CHUNK_ROWS = 24  # rows per parallel task when N has fewer than SPLIT_BELOW_BLOCKS blocks
+SPLIT_BELOW_BLOCKS = 32
 HALF = 3  # rows per accumulator array (3 × 64 int32 < 1 KiB: stack, hence registers)
 XFMTS = ("i8", "i6")
 MAX_GROUP = 2**31 // (255 * 128)  # int32 accumulator bound of the +128 form
@@ -183,6 +185,8 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
     w1shape = wshapes[1][0] if i6 else (1,)
     gshape = spec.group_shape()
     m_ = tvm.tirx.Var("m", "int64") if spec.m is None else spec.m
+    # rows per task: all of them, unless the blocks are too few to keep the threads busy
+    chunk = CHUNK_ROWS if nblk < SPLIT_BELOW_BLOCKS else (tvm.tirx.max(m_, 1) if spec.m is None else max(spec.m, 1))
     sx_mul = 1 if spec.act_group else 0
 
     @T.macro
@@ -280,24 +284,28 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
         CORR = T.match_buffer(corr, gshape, "int32")
         B = T.match_buffer(b, (n_,), "float32")
         Y = T.match_buffer(y, (m_, n_), "float32")
-        for blk in T.parallel(nblk):
-            # i6: a group's weights decoded once per block into L1, then read by every row tile
+        # tasks: (block, chunk of rows); few blocks (small N) are split by rows too, to fill the threads
+        for task in T.parallel(nblk * ((m_ + chunk - 1) // chunk)):
+            blk = T.meta_var(task % nblk)
+            r0 = T.meta_var(task // nblk * chunk)
+            nr = T.meta_var(T.min(m_ - r0, chunk))
+            # i6: a group's weights decoded once per task into L1, then read by every row tile
             WD = T.alloc_buffer((kq_g if i6 else 1, 4 * vb), "int8", scope="global")
-            for row in range(m_):
+            for row in range(nr):
                 for v in T.unroll(4):
-                    Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = T.broadcast(T.float32(0), vl)
+                    Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = T.broadcast(T.float32(0), vl)
             for g in range(ng):
                 if i6:
                     decode_group(W0, W1, WD, blk, g)
-                for t in range(m_ // rt):
-                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, t * rt, rt)
-                for t in range(m_ % rt):
-                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, (m_ // rt) * rt + t, 1)
+                for t in range(nr // rt):
+                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + t * rt, rt)
+                for t in range(nr % rt):
+                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
             if bias:
-                for row in range(m_):
+                for row in range(nr):
                     for v in T.unroll(4):
-                        Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
-                            [row, blk * nbx + v * vl], f32v
+                        Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
+                            [r0 + row, blk * nbx + v * vl], f32v
                         ) + B.vload([blk * nbx + v * vl], f32v)
 
     return main
