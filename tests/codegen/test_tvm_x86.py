@@ -20,7 +20,7 @@ from qcompile.codegen.target import CpuTarget
 from qcompile.codegen.tvm.kernels.linear import LinearKernel, linear_primfunc, padded
 from qcompile.codegen.tvm.kernels.linear import pack_groups as generic_groups
 from qcompile.codegen.tvm.kernels.linear import pack_weight as generic_weight
-from qcompile.codegen.tvm.kernels.x86 import ISAS, X86Linear, isa_for, pack, x86_primfunc
+from qcompile.codegen.tvm.kernels.x86 import ISAS, X86Linear, act_codes, isa_for, pack, x86_primfunc
 from qcompile.ops.linear import exact_block_products
 
 pytestmark = pytest.mark.tvm
@@ -75,7 +75,7 @@ def _codes(g: torch.Generator, shape: tuple[int, int], lo: int, hi: int, extreme
     return c
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     m=st.integers(1, 40),  # beyond 24: several row chunks per block (small N)
     n=st.integers(1, 150),
@@ -110,11 +110,11 @@ def test_dot_kernels_are_exact_on_every_isa_here(m, n, k, wfmt, act_bits, groupi
     assert runnable, "this machine runs none of the dot-product ISAs (the generic path is tested elsewhere)"
     for isa in runnable:
         spec = X86Linear(n_p, k_p, wfmt, group, act_bits, act_group, False, None if dynamic else m, isa)
-        y = _call(spec, [qxp.to(torch.int8), sx, *pack(spec, codes, torch.ones(n, groups))], m)
+        y = _call(spec, [act_codes(spec, qxp), sx, *pack(spec, codes, torch.ones(n, groups))], m)
         assert torch.equal(y[:, :n].to(torch.int64), want), f"{isa}: integer sums differ"
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     m=st.integers(1, 9),
     nblocks=st.integers(1, 3),
@@ -141,7 +141,7 @@ def test_rescale_and_bias_match_the_generic_template(m, nblocks, groups, wfmt, p
     want = _call(base, [qx, sx, *generic_weight(base, codes), generic_groups(base, sw), *extra], m)
     for isa in _runnable():
         spec = X86Linear(n, k, wfmt, group, 8, ag, bias, m, isa)
-        y = _call(spec, [qx, sx, *pack(spec, codes, sw), *extra], m)
+        y = _call(spec, [act_codes(spec, qx), sx, *pack(spec, codes, sw), *extra], m)
         torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6, msg=lambda s, isa=isa: f"{isa}: {s}")
 
 
@@ -156,7 +156,7 @@ def test_saturation_extremes_are_exact():
         qx = torch.full((m, k), x, dtype=torch.int8)
         for isa in _runnable():
             spec = X86Linear(n, k, wfmt, k, 8, 0, False, m, isa)
-            y = _call(spec, [qx, torch.ones(m, 1), *pack(spec, codes, torch.ones(n, 1))], m)
+            y = _call(spec, [act_codes(spec, qx), torch.ones(m, 1), *pack(spec, codes, torch.ones(n, 1))], m)
             assert torch.equal(y, torch.full((m, n), float(w * x * k))), f"{isa} {wfmt} w={w} x={x}"
 
 
@@ -222,3 +222,23 @@ def test_backend_dispatches_on_the_target_features(monkeypatch, mcpu, plan, isa)
         assert all(set(c["features"]) == set(b["target"]["features"]) for c in dot)
         assert sum(name.startswith(f"qc_{isa}_") for name in b["kernels"]) == 2
         assert f"dot-product kernels: {isa} for 2 linear kernels" in cm.report.summary()
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_flipped_activation_codes_are_the_quantizers_plus_128(bits):
+    """The quantization kernel the vpdpbusd paths read writes exactly ``code + 128`` (as bytes)."""
+    import tvm
+
+    from qcompile.codegen.tvm.kernels.linear import QuantRows, quant_rows_primfunc
+    from qcompile.quant.quantizer import quantize_activation_groups
+
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(bits)) * 3
+    spec = X86Linear(64, 128, "i8", 64, bits, 64, False, 3, "vnni512")
+    qr = spec.quant_rows()
+    assert qr == QuantRows(128, bits, 64, 3, flip=True) and qr.name != QuantRows(128, bits, 64, 3).name
+    lib = tvm.compile(quant_rows_primfunc(qr), target=CpuTarget().tvm)
+    q, s = tvm.runtime.tensor(np.zeros((3, 128), "int8")), tvm.runtime.tensor(np.zeros((3, 2), "float32"))
+    lib(tvm.runtime.tensor(x.numpy()), q, s)
+    codes = quantize_activation_groups(x, bits, 64)[0].reshape(3, 128)
+    got = torch.from_numpy(q.numpy()).view(torch.uint8).to(torch.int32)
+    assert torch.equal(got, codes.to(torch.int32) + 128)

@@ -76,6 +76,8 @@ def _prepare(
             weights = [_tv(t) for t in recipe.pack(spec, codes, scale, offset)]
             lib = _lib("linear", spec)
         qspec = QuantRows(k_p, act_bits, spec.act_group, m) if act_bits else None
+        if isa is not None:
+            qspec = xs.quant_rows()
         qlib = _lib("quant", qspec) if qspec else None
         y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))

@@ -15,7 +15,8 @@ Instruction sets (:data:`ISAS`), chosen by the target's features (:func:`isa_for
 Arithmetic (why it is exact):
 
 * ``vpdpbusd`` wants unsigned × signed bytes. The activation codes ``x`` are made unsigned by
-  flipping their top bit (``x ^ 0x80 = x + 128``, 0…255), so each lane sums
+  flipping their top bit (``x ^ 0x80 = x + 128``, 0…255: the quantization kernel writes them so,
+  :func:`act_codes`, and the kernel broadcasts them straight from memory), so each lane sums
   ``Σ (x + 128)·w = Σ x·w + 128·Σ w``; the second term is subtracted per (output, group) with
   ``corr[n, g] = 128·Σ_{k in g} w[n, k]``, computed when the weights are repacked. int32 cannot
   overflow for groups of fewer than 2^31 / (255·128) ≈ 65 000 inputs (checked).
@@ -48,6 +49,8 @@ from dataclasses import dataclass
 import torch
 import tvm
 from tvm.script import tirx as T
+
+from qcompile.codegen.tvm.kernels.linear import QuantRows
 
 ISAS = ("vnni512", "vnni256", "avx2")
 # LLVM features each ISA's instructions need (CpuTarget.features names)
@@ -122,6 +125,10 @@ class X86Linear:
         """Whether the kernel flips activations to ``x + 128`` and subtracts ``corr`` (all but avx2 i8)."""
         return not (self.isa == "avx2" and self.wfmt == "i8")
 
+    def quant_rows(self) -> QuantRows:
+        """The activation quantization kernel this kernel reads (flipped codes when :attr:`corrected`)."""
+        return QuantRows(self.k, self.act_bits, self.act_group, self.m, flip=self.corrected)
+
     @property
     def name(self) -> str:
         act = f"a{self.act_bits}{'g' if self.act_group else 't'}"
@@ -163,12 +170,11 @@ def _madd_signed(x: tvm.tirx.PrimExpr, w: tvm.tirx.PrimExpr, lanes: int) -> tvm.
     return _madd(aw, sx, lanes)
 
 
-_FLIP = -2139062144  # 0x80808080 as int32: + 128 on each of 4 bytes
 _STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promoted to registers), not the heap
 
 
 def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
-    """``(QX int8[M, K], SX f32[M, G|1], *weights, S f32[nb, G, NBX], [CORR int32[nb, G, NBX]],
+    """``(QX int8[M, K] (:func:`act_codes`), SX f32[M, G|1], *weights, S f32[nb, G, NBX], [CORR int32[nb, G, NBX]],
     [B f32[N]], Y f32[M, N])``, scheduled (a hand-written loop nest)."""
     isa, wfmt = spec.isa, spec.wfmt
     vl, vb, nbx, gs, ng = spec.lanes, spec.vbytes, spec.nbx, spec.group, spec.groups
@@ -193,8 +199,8 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
     def dot_row(QX, acc, wv, r, row, kq):
         """Row ``row``'s 4 K at ``kq`` times the tile's 4 weight vectors, into ``acc[r]``."""
         xw = T.meta_var(T.reinterpret("int32", QX.vload([row, kq * 4], "int8x4")))
-        if corrected:
-            xb = T.meta_var(T.reinterpret(i8v, T.broadcast(T.bitwise_xor(xw, T.int32(_FLIP)), vl)))
+        if corrected:  # QX holds x + 128 already (flipped by the quantization kernel)
+            xb = T.meta_var(T.reinterpret(i8v, T.broadcast(xw, vl)))
             for v in T.unroll(4):
                 if vnni:
                     acc[r, v * vl : v * vl + vl] = T.call_llvm_pure_intrin(
@@ -366,6 +372,12 @@ def pack_corr(spec: X86Linear, codes: torch.Tensor) -> torch.Tensor:
     c = _pad(codes.to(torch.int32), spec.n, spec.k)
     sums = c.reshape(spec.n, spec.groups, spec.group).sum(-1, dtype=torch.int32) * 128
     return pack_groups(spec, sums).to(torch.int32)
+
+
+def act_codes(spec: X86Linear, qx: torch.Tensor) -> torch.Tensor:
+    """int8 activation codes as the kernel reads them (what :meth:`X86Linear.quant_rows` writes)."""
+    q = qx.to(torch.int8)
+    return q ^ torch.tensor(-128, dtype=torch.int8) if spec.corrected else q
 
 
 def pack(spec: X86Linear, codes: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
