@@ -75,7 +75,7 @@ def _codes(g: torch.Generator, shape: tuple[int, int], lo: int, hi: int, extreme
     return c
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     m=st.integers(1, 40),  # beyond 24: several row chunks per block (small N)
     n=st.integers(1, 150),
@@ -114,7 +114,7 @@ def test_dot_kernels_are_exact_on_every_isa_here(m, n, k, wfmt, act_bits, groupi
         assert torch.equal(y[:, :n].to(torch.int64), want), f"{isa}: integer sums differ"
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     m=st.integers(1, 9),
     nblocks=st.integers(1, 3),

@@ -36,10 +36,14 @@ lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd
   2–3), exactly 6 bits per weight; decoded with shifts and masks that put each 2-bit field straight
   into bits 4–5.
 
-Schedule: blocks of NBX outputs across threads; rows in tiles of ``R`` (register tiling across
-rows: each weight vector loaded once serves R rows, a tile of R × NBX int32 accumulators stays in
-registers), then the remaining rows one at a time; per group, the integer sums are rescaled into
-fp32 accumulators.
+Schedule (a hand-written loop nest; small register tiles live in sub-1 KiB stack arrays, which
+TVM keeps off the heap and LLVM keeps in registers): parallel tasks over blocks of NBX outputs (and
+over chunks of :data:`CHUNK_ROWS` rows when N has fewer than :data:`SPLIT_BELOW_BLOCKS` blocks);
+per group, ``i6`` weights are decoded once into an L1 scratch tile read by every row tile; rows go
+in register tiles of :data:`ROWS` (each weight vector loaded once serves all of them: 6 rows × 64
+outputs = 24 zmm accumulators on ``vnni512``), then the leftover rows (a tile of HALF rows when
+there are that many, then one at a time); each group's integer sums are rescaled into the output
+rows ((acc·sx)·sw, the template's order) and the bias is added last. ``tirx.noalias``: the output aliases no input.
 """
 
 from __future__ import annotations
@@ -305,8 +309,14 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
                     decode_group(W0, W1, WD, blk, g)
                 for t in range(nr // rt):
                     tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + t * rt, rt)
-                for t in range(nr % rt):
-                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
+                if rt > HALF:  # leftover rows: a tile of HALF rows where they are that many, then single rows
+                    for _t in range(nr % rt // HALF):
+                        tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt, HALF)
+                    for t in range(nr % rt % HALF):
+                        tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt + nr % rt // HALF * HALF + t, 1)
+                else:
+                    for t in range(nr % rt):
+                        tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
             if bias:
                 for row in range(nr):
                     for v in T.unroll(4):
