@@ -10,7 +10,10 @@ consecutive calls rotate among them. Methods: torch_fp32 (F.linear), torch_int_m
 int32 GEMM on pre-quantized activations and [K, N] weights; no quantize/dequantize), ort_nbits_acc0/acc4
 (onnxruntime com.microsoft MatMulNBits, 4-bit asymmetric, block 32 along K, fp32 scales, packed zero
 points, accuracy_level 0 / 4), ort_int8_dynamic (quantize_dynamic QInt8 per-tensor, fused into
-DynamicQuantizeMatMul) and, when qcompile.codegen.tvm.kernels exports BENCH_KERNELS, each qcompile kernel.
+DynamicQuantizeMatMul) and, when qcompile.codegen.tvm.kernels exports BENCH_KERNELS, each qcompile kernel
+(integer activations on 8/6-bit weights run the dot-product kernel of this CPU's best ISA, as the backend
+dispatches: VNNI vpdpbusd or AVX2 vpmaddubsw; the *_generic rows force the lane-blocked template in the same run;
+the ISA and the LLVM features are recorded with the machine).
 Every output is checked once (set 0) before timing: max_rel_err against the method's own reference
 (dequantized W for MatMulNBits and the grouped qcompile code formats, the exact integer GEMM for _int_mm,
 x @ W^T otherwise), max_rel_err_fp32 against x @ W^T. For qcompile kernels a second table gives the weight
@@ -374,8 +377,19 @@ def machine_info(threads: int, bw: float, bw_bytes: int, others: float) -> dict[
         )
     except (OSError, StopIteration):
         pass
+    isa, features = "n/a", []
+    try:
+        from qcompile.codegen.tvm.kernels.x86 import isa_for
+        from qcompile.codegen.tvm.target import host_target
+
+        features = sorted(host_target().features)
+        isa = isa_for(host_target().features) or "generic"
+    except ImportError:
+        pass
     return {
         "cpu": cpu,
+        "llvm_features": features,
+        "qcompile_isa": isa,
         "cores": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -420,6 +434,20 @@ def report(rows: list[dict], names: list[str], bw: float, notes: list[str]) -> s
                 for q in qc
             ]
             out.append(f"| {shape} | {m} | " + " | ".join(cells) + " |")
+    for base, label in (("torch_fp32", "torch fp32"), ("ort_int8_dynamic", "ORT int8 dynamic MatMul")):
+        if qc and base in names:
+            out += [
+                f"\n{label} ms / qcompile kernel ms (> 1: qcompile faster)\n",
+                "| N×K | M | " + " | ".join(qc) + " |",
+                "|---|---:|" + "---:|" * len(qc),
+            ]
+            for shape, _, _, m in keys:
+                b = by.get((shape, m, base), {}).get("ms")
+                cells = [
+                    f"{b / by[(shape, m, q)]['ms']:.2f}" if b and by.get((shape, m, q), {}).get("ms") else "n/a"
+                    for q in qc
+                ]
+                out.append(f"| {shape} | {m} | " + " | ".join(cells) + " |")
     if qc:
         out += [
             "\nqcompile kernels: weight bytes read per call (codes + scales + offsets, as stored for the kernel), per "
@@ -516,8 +544,9 @@ def main() -> None:
 
         info = machine_info(args.threads, bw, bw_bytes, others)
         head = (
-            f"Command: `python {' '.join(sys.argv)}`  \nDate: {info['date']}. Machine: {info['cpu']}, {info['cores']} "
-            "cores, "
+            f"Command: `python {' '.join(sys.argv)}`  \nDate: {info['date']}. Machine: {info['cpu']} "
+            f"(LLVM features {', '.join(info['llvm_features'])}; qcompile dot-product ISA {info['qcompile_isa']}), "
+            f"{info['cores']} cores, "
             f"{args.threads} threads; torch {info['torch']}, onnxruntime {info['onnxruntime']}. Baselines in the same "
             "run: "
             "torch fp32 F.linear, torch._int_mm, onnxruntime MatMulNBits and int8 dynamic MatMul.\n\n"

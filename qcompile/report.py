@@ -91,6 +91,13 @@ class CompileReport:
                     f"    kernels: {len(b['kernels'])} distinct qcompile kernels, {sum(b['kernels'].values())} call "
                     "sites"
                 )
+            isas = [c["chosen"] for c in (b.get("kernel_choices") or {}).values() if "features" in c]
+            if isas:  # issue 21: dot-product kernels picked by the CPU's features
+                feats = next(c["features"] for c in b["kernel_choices"].values() if "features" in c)
+                lines.append(
+                    f"    dot-product kernels: {', '.join(sorted(set(isas)))} for {len(isas)} linear "
+                    f"kernels (CPU features: {', '.join(feats)})"
+                )
             for kname, c in (b.get("kernel_choices") or {}).items():
                 if "unpack_ms" in c:
                     lines.append(

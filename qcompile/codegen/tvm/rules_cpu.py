@@ -1,14 +1,18 @@
 """The CPU target's kernel rules, in the order they are tried.
 
-* linear layers: the bit-serial W6 kernel when measuring on this CPU finds it faster than
+* linear layers: with integer activations on ``i8``/``i6`` weights, the dot-product kernel of the
+  best instruction set the target's features have (:mod:`.kernels.x86`: ``vpdpbusd`` on AVX-512
+  VNNI or AVX-VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2; the choice and the features recorded in
+  the report's ``kernel_choices``); then the bit-serial W6 kernel when measuring on this CPU finds it faster than
   unpacking (:func:`.select.measure_w6`, recorded in the report), then the lane-blocked template
   (:mod:`.kernels.linear`, every format), then TVM's own dense lowering for float weights;
 * attention: qcompile's kernel over the un-repeated GQA heads when the shapes fit it, then TVM's
   matmul/softmax;
 * cache writes: the in-place index-copy kernel.
 
-Per-ISA kernels (AVX2, AVX-512/VNNI, AMX: ``lw.target.features`` says which the CPU has) go in
-front of the ones they beat, each returning None where its instructions are missing.
+Per-ISA kernels (``lw.target.features`` says which the CPU has) go in front of the ones they beat,
+each returning None where its instructions are missing; the lane-blocked template stays the generic
+path for every CPU (``CpuTarget(mcpu="x86-64")`` builds it everywhere).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from tvm import relax
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, unsupported
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
+from qcompile.codegen.tvm.kernels.linear import quant_rows_primfunc
+from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, pack_corr, x86_primfunc
+from qcompile.codegen.tvm.kernels.x86 import pack_groups as x86_groups
+from qcompile.codegen.tvm.kernels.x86 import pack_weight as x86_weight
 from qcompile.codegen.tvm.recipe import bitserial_spec
 from qcompile.codegen.tvm.rules import (
     AttentionCall,
@@ -30,7 +38,9 @@ from qcompile.codegen.tvm.rules import (
     KernelRules,
     LinearCall,
     emit_template,
+    finish,
     pad_k,
+    padded_bias,
     quantize_rows,
     rows,
     same_dim,
@@ -45,6 +55,59 @@ if TYPE_CHECKING:
 
 
 # ---- linear layers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class X86Dot:
+    """Integer activations × ``i8``/``i6`` weights on the target's dot-product instructions
+    (:mod:`.kernels.x86`), the same integer sums as the template's; None when the target has none
+    of them (the template then runs)."""
+
+    name: str = "x86_dot"
+
+    def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
+        recipe, w = call.recipe, call.weights
+        if not recipe.act_bits or recipe.wfmt not in ("i8", "i6"):
+            return None
+        features = getattr(lw.target, "features", frozenset())
+        isa = isa_for(features)
+        if isa is None:
+            return None
+        base = template_spec(lw, call)
+        if base is None:
+            return None
+        try:
+            spec = X86Linear(
+                base.n, base.k, base.wfmt, base.group, base.act_bits, base.act_group, base.bias, base.m, isa
+            )
+        except ValueError as e:
+            call.declines.append(str(e))
+            return None
+        lw.choices[spec.name] = {"chosen": isa, "generic": base.name, "features": sorted(features)}
+        scale = w.scale
+        assert scale is not None, f"{recipe.wfmt} codes need scales"
+        bb = lw.bb
+        flat, lead = rows(lw, call.x)
+        mdim = lw.imp.shape_of(flat)[0]
+        flat = pad_k(lw, flat, recipe.k, spec.k)
+        qr = spec.quant_rows()  # flipped codes (x + 128) for vpdpbusd / the +128 form
+        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
+        outs = [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
+        q = bb.emit(relax.call_tir(qf, [flat], outs))
+        args: list[relax.Expr] = [bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))]
+        tag = f"{isa}_{spec.wfmt}"
+        for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
+            packed = lambda st, i=i: x86_weight(spec, w.codes(st))[i]  # noqa: E731
+            args.append(lw.param(f"{w.key}@{tag}{i}", packed, wshape, wdt))
+        gshape = spec.group_shape()
+        args.append(lw.param(f"{w.key}@scale_x{spec.nbx}", lambda st: x86_groups(spec, scale(st)), gshape, "float32"))
+        if spec.corrected:
+            args.append(lw.param(f"{w.key}@corr_x{spec.nbx}", lambda st: pack_corr(spec, w.codes(st)), gshape, "int32"))
+        if call.bias is not None:
+            args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
+        f = lw.kernel(spec.name, lambda: x86_primfunc(spec))
+        y = bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
+        return finish(lw, y, call.x, lead, spec.n, recipe.n)
 
 
 @dataclass(frozen=True)
@@ -217,7 +280,7 @@ class InPlaceCopy:
 
 
 CPU_RULES = KernelRules(
-    linear=(BitSerialW6(), LaneBlocked(), TvmDense()),
+    linear=(X86Dot(), BitSerialW6(), LaneBlocked(), TvmDense()),
     attention=(GqaAttention(), ComposedAttention()),
     cache_write=(InPlaceCopy(),),
 )

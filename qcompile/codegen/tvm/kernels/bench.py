@@ -1,7 +1,9 @@
 """qcompile's linear kernels as stand-alone callables, for benchmarks/kernels.py.
 
 ``BENCH_KERNELS[name](weight_fp32[N, K], M)`` quantizes the weight as the matching preset does,
-repacks it, builds (once per shape) the kernel(s) the TVM backend would call, and returns
+repacks it, builds (once per shape) the kernel(s) the TVM backend would call on this CPU (for
+integer activations on i8/i6 weights, the dot-product kernel of the host's best ISA,
+:mod:`.x86`; the ``_generic`` names force the lane-blocked template), and returns
 ``run(x[M, K]) -> y[M, N]`` (fp32 in and out; the timed call includes the activation
 quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads
 (codes, scales, offsets) and, for the grouped code formats, ``run.dequantized()`` = the fp32 weight
@@ -18,6 +20,8 @@ import torch
 import tvm
 
 from qcompile.codegen.tvm.kernels.linear import QuantRows, linear_primfunc, quant_rows_primfunc
+from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, x86_primfunc
+from qcompile.codegen.tvm.kernels.x86 import pack as x86_pack
 from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.codegen.tvm.target import host_target
 from qcompile.quant.quantizer import dequantize_weight_groups, quantize_weight_groups, quantize_weight_per_channel
@@ -32,6 +36,7 @@ def _lib(kind: str, spec: object) -> tvm.runtime.Module:
 
     make = {
         "linear": linear_primfunc,
+        "x86": x86_primfunc,
         "quant": quant_rows_primfunc,
         "planes": act_planes_primfunc,
         "bitserial": bitserial_primfunc,
@@ -44,7 +49,7 @@ def _tv(t: torch.Tensor) -> tvm.runtime.Tensor:
 
 
 def _prepare(
-    fmt: str, bits: int, group: int | None, act_bits: int, act_group: bool, symmetric: bool
+    fmt: str, bits: int, group: int | None, act_bits: int, act_group: bool, symmetric: bool, dispatch: bool = True
 ) -> Callable[[torch.Tensor, int], Run]:
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
@@ -62,9 +67,17 @@ def _prepare(
         assert recipe.wfmt == fmt, f"{fmt} is stored as {recipe.wfmt}"
         spec = recipe.kernel(m)
         n_p, k_p = spec.n, spec.k
-        weights = [_tv(t) for t in recipe.pack(spec, codes, scale, offset)]
-        lib = _lib("linear", spec)
+        isa = isa_for(host_target().features) if dispatch and act_bits and fmt in ("i8", "i6") else None
+        if isa is not None:  # what the backend's X86Dot rule builds on this CPU
+            xs = X86Linear(n_p, k_p, fmt, spec.group, act_bits, spec.act_group, False, m, isa)
+            weights = [_tv(t) for t in x86_pack(xs, codes, scale)]
+            lib = _lib("x86", xs)
+        else:
+            weights = [_tv(t) for t in recipe.pack(spec, codes, scale, offset)]
+            lib = _lib("linear", spec)
         qspec = QuantRows(k_p, act_bits, spec.act_group, m) if act_bits else None
+        if isa is not None:
+            qspec = xs.quant_rows()
         qlib = _lib("quant", qspec) if qspec else None
         y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
@@ -124,7 +137,9 @@ def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
 BENCH_KERNELS: dict[str, Callable[[torch.Tensor, int], Run]] = {
     "qc_f32": _prepare("f32", 32, None, 0, False, True),
     "qc_w8a8": _prepare("i8", 8, None, 8, False, True),
+    "qc_w8a8_generic": _prepare("i8", 8, None, 8, False, True, dispatch=False),
     "qc_w6a8_g128": _prepare("i6", 6, 128, 8, True, True),
+    "qc_w6a8_g128_generic": _prepare("i6", 6, 128, 8, True, True, dispatch=False),
     "qc_w6a6_g128": _prepare("i6", 6, 128, 6, True, True),
     "qc_w6a8_bitserial": _prepare_bitserial(8),
     "qc_w4a16_g32_asym": _prepare("u4", 4, 32, 0, False, False),

@@ -245,10 +245,12 @@ class QuantRows:
     bits: int
     group: int  # 0: one scale per row
     m: int | None
+    flip: bool = False  # codes with the top bit flipped: the bytes of uint8 ``code + 128`` (x86 vpdpbusd)
 
     @property
     def name(self) -> str:
-        return f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}_{'mdyn' if self.m is None else f'm{self.m}'}"
+        u = "_u" if self.flip else ""
+        return f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}_{'mdyn' if self.m is None else f'm{self.m}'}"
 
     @property
     def groups(self) -> int:
@@ -258,7 +260,8 @@ class QuantRows:
 def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.PrimFunc:
     """``(x) -> (codes int8[M, K], scales f32[M, G])``: the same float operations as
     ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group; codes =
-    clamp(round-half-even(x / scale))), so the codes match the reference exactly."""
+    clamp(round-half-even(x / scale))), so the codes match the reference exactly (``flip``: with
+    their top bit flipped, i.e. the bytes of ``code + 128`` as uint8)."""
     m = _rows(spec.m)
     qmax = float(2 ** (spec.bits - 1) - 1)
     gs = spec.group or spec.k
@@ -270,11 +273,12 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.Prim
         lambda i, g: tirx.Select(amax[i, g] > 0, amax[i, g] / tirx.const(qmax, "float32"), tirx.const(1.0, "float32")),
         name="SCALE",
     )
-    q = te.compute(
-        (m, spec.k),
-        lambda i, k: tirx.max(tirx.min(tirx.nearbyint(x[i, k] / sc[i, k // gs]), qmax), -qmax).astype("int8"),
-        name="Q",
-    )
+
+    def code(i: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+        c = tirx.max(tirx.min(tirx.nearbyint(x[i, k] / sc[i, k // gs]), qmax), -qmax).astype("int8")
+        return tirx.bitwise_xor(c, tirx.const(-128, "int8")) if spec.flip else c
+
+    q = te.compute((m, spec.k), code, name="Q")
     func = te.create_prim_func([x, q, sc])
     if not schedule:
         return func
