@@ -106,10 +106,8 @@ class _Runner:
         self._user_at = [i for i, k in enumerate(passed) if k is SlotKind.USER]
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        tv = self._tvm_args(args)
-        self._last = tv
-        out = self.fn(*tv, *self.extras)
-        return [torch.from_dlpack(o).to("cpu") for o in out]
+        self._last = self._tvm_args(args)
+        return self._run(self._last)
 
     def call_user(self, user: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Call again with new user inputs (in order) and the state and cache tensors of the last
@@ -119,6 +117,9 @@ class _Runner:
         tv = list(self._last)
         for i, a in zip(self._user_at, user, strict=True):
             tv[i] = _share(a, self.device)
+        return self._run(tv)
+
+    def _run(self, tv: list[Any]) -> Sequence[torch.Tensor]:
         out = self.fn(*tv, *self.extras)
         return [torch.from_dlpack(o).to("cpu") for o in out]
 

@@ -167,16 +167,15 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
 
 
 def quantize_rows(
-    lw: Lowering, spec: LinearKernel, flat: relax.Var, mdim: Any, finalize: Finalize | None = None
+    lw: Lowering, qr: QuantRows, flat: relax.Var, mdim: Any, finalize: Finalize | None = None
 ) -> tuple[relax.Var, relax.Var]:
-    """Per-token / per-group int8 codes and scales of ``flat`` for ``spec`` (scheduled for the CPU,
-    or plain and passed through ``finalize``)."""
-    qr = QuantRows(spec.k, spec.act_bits, spec.act_group, spec.m)
+    """Per-token / per-group int8 codes and scales of ``flat`` by the kernel ``qr`` (a linear kernel's
+    ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``)."""
     if finalize is None:
         qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
     else:
         qf = lw.kernel(qr.name, lambda: finalize(quant_rows_primfunc(qr, schedule=False)))
-    outs = [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
+    outs = [relax.TensorType([mdim, qr.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
     q = lw.bb.emit(relax.call_tir(qf, [flat], outs))
     return lw.bb.emit(relax.TupleGetItem(q, 0)), lw.bb.emit(relax.TupleGetItem(q, 1))
 
@@ -198,7 +197,9 @@ def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: 
     flat, lead = rows(lw, call.x)
     mdim = lw.imp.shape_of(flat)[0]
     flat = pad_k(lw, flat, recipe.k, spec.k)
-    args: list[relax.Expr] = list(quantize_rows(lw, spec, flat, mdim, finalize)) if spec.act_bits else [flat]
+    args: list[relax.Expr] = (
+        list(quantize_rows(lw, spec.quant_rows(), flat, mdim, finalize)) if spec.act_bits else [flat]
+    )
     for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
         packed = lambda st, i=i: recipe.pack_weight(spec, w.codes(st))[i]  # noqa: E731
         args.append(lw.param(f"{w.key}@{spec.wfmt}{i}", packed, wshape, wdt))

@@ -27,7 +27,6 @@ from tvm import relax
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, unsupported
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
-from qcompile.codegen.tvm.kernels.linear import quant_rows_primfunc
 from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, pack_corr, x86_primfunc
 from qcompile.codegen.tvm.kernels.x86 import pack_groups as x86_groups
 from qcompile.codegen.tvm.kernels.x86 import pack_weight as x86_weight
@@ -90,11 +89,8 @@ class X86Dot:
         flat, lead = rows(lw, call.x)
         mdim = lw.imp.shape_of(flat)[0]
         flat = pad_k(lw, flat, recipe.k, spec.k)
-        qr = spec.quant_rows()  # flipped codes (x + 128) for vpdpbusd / the +128 form
-        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
-        outs = [relax.TensorType([mdim, spec.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
-        q = bb.emit(relax.call_tir(qf, [flat], outs))
-        args: list[relax.Expr] = [bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))]
+        # flipped codes (x + 128) for vpdpbusd / the +128 form
+        args: list[relax.Expr] = list(quantize_rows(lw, spec.quant_rows(), flat, mdim))
         tag = f"{isa}_{spec.wfmt}"
         for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
             packed = lambda st, i=i: x86_weight(spec, w.codes(st))[i]  # noqa: E731
@@ -139,7 +135,7 @@ class BitSerialW6:
         flat, lead = rows(lw, call.x)
         mdim = lw.imp.shape_of(flat)[0]
         flat = pad_k(lw, flat, recipe.k, spec.k)
-        qx, sx = quantize_rows(lw, spec, flat, mdim)
+        qx, sx = quantize_rows(lw, spec.quant_rows(), flat, mdim)
         pf = lw.kernel("qc_planes_" + bs.name, lambda: act_planes_primfunc(bs))
         planes = bb.emit(relax.call_tir(pf, [qx], relax.TensorType([bs.a_bits, mdim, bs.k // 32], "int32")))
         wp = lw.param(

@@ -73,6 +73,10 @@ class LinearKernel:
     def groups(self) -> int:
         return self.k // self.group
 
+    def quant_rows(self) -> QuantRows:
+        """The activation quantization kernel this kernel reads (integer activations only)."""
+        return QuantRows(self.k, self.act_bits, self.act_group, self.m)
+
     @property
     def name(self) -> str:
         act = f"a{self.act_bits}{'g' if self.act_group else 't'}" if self.act_bits else "af32"
@@ -294,7 +298,8 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.Prim
 # ---- weight repacking (torch, at build / load time) -----------------------------------------
 
 
-def _pad(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def pad2d(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``t[N0, K0]`` zero-padded at the end to ``[n, k]``."""
     return torch.nn.functional.pad(t, (0, k - t.shape[1], 0, n - t.shape[0]))
 
 
@@ -308,16 +313,16 @@ def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torc
     """The kernel's weight tensors from ``w[N, K]`` (float for f32, integer codes otherwise;
     u4/u2/u3 store ``code + zero``; i6 stores ``code + 32``)."""
     if spec.wfmt == "f32":
-        return [_lanes(_pad(w.to(torch.float32), spec.n, spec.k))]
+        return [_lanes(pad2d(w.to(torch.float32), spec.n, spec.k))]
     codes = w.to(torch.int32)
     if spec.wfmt == "i8":
-        return [_lanes(_pad(codes, spec.n, spec.k)).to(torch.int8)]
+        return [_lanes(pad2d(codes, spec.n, spec.k)).to(torch.int8)]
     u = codes + (zero if spec.wfmt in UNSIGNED else 32)
     width = {"u2": 2, "u3": 3, "u4": 4}.get(spec.wfmt, 6)
     if int(u.min()) < 0 or int(u.max()) >= 2**width:
         raise ValueError(f"{spec.wfmt} stores {width}-bit codes + zero, got values in [{int(u.min())}, {int(u.max())}]")
     # padded lanes hold u = 0; their scales are 0, so they contribute nothing
-    u = _lanes(_pad(u, spec.n, spec.k))
+    u = _lanes(pad2d(u, spec.n, spec.k))
     half, quarter = NB // 2, NB // 4
     if spec.wfmt in ("u2", "u3"):
         lo2 = u & 3
@@ -347,7 +352,7 @@ def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torc
 
 def pack_groups(spec: LinearKernel, t: torch.Tensor) -> torch.Tensor:
     """Per-(output, group) values ``[N, G]`` → ``[N/NB, G, NB]`` (padding 0)."""
-    return _lanes(_pad(t.to(torch.float32), spec.n, spec.groups))
+    return _lanes(pad2d(t.to(torch.float32), spec.n, spec.groups))
 
 
 def padded(n: int, k: int, group: int) -> tuple[int, int, int]:

@@ -54,7 +54,7 @@ import torch
 import tvm
 from tvm.script import tirx as T
 
-from qcompile.codegen.tvm.kernels.linear import QuantRows
+from qcompile.codegen.tvm.kernels.linear import QuantRows, pad2d
 
 ISAS = ("vnni512", "vnni256", "avx2")
 # LLVM features each ISA's instructions need (CpuTarget.features names)
@@ -348,14 +348,10 @@ def _tiles(spec: X86Linear, codes: torch.Tensor) -> torch.Tensor:
     return t.reshape(nb, spec.k // 4, nbx * 4).contiguous()
 
 
-def _pad(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, k - t.shape[1], 0, n - t.shape[0]))
-
-
 def pack_weight(spec: X86Linear, codes: torch.Tensor) -> list[torch.Tensor]:
     """The kernel's weight arrays from integer ``codes[N, K]`` (unpadded or padded; int8 range for
     ``i8``, ±31 for ``i6`` — ``-32`` too, stored as 0)."""
-    c = _pad(codes.to(torch.int32), spec.n, spec.k)
+    c = pad2d(codes.to(torch.int32), spec.n, spec.k)
     if spec.wfmt == "i8":
         if int(c.min()) < -128 or int(c.max()) > 127:
             raise ValueError(f"i8 codes must lie in [-128, 127], got [{int(c.min())}, {int(c.max())}]")
@@ -373,13 +369,13 @@ def pack_weight(spec: X86Linear, codes: torch.Tensor) -> list[torch.Tensor]:
 
 def pack_groups(spec: X86Linear, t: torch.Tensor) -> torch.Tensor:
     """Per-(output, group) values ``[N, G]`` → ``[N/NBX, G, NBX]`` (padding 0)."""
-    p = _pad(t, spec.n, spec.groups)
+    p = pad2d(t, spec.n, spec.groups)
     return p.reshape(spec.n // spec.nbx, spec.nbx, spec.groups).transpose(1, 2).contiguous()
 
 
 def pack_corr(spec: X86Linear, codes: torch.Tensor) -> torch.Tensor:
     """``corr[n, g] = 128·Σ_{k in g} w[n, k]`` in the kernel's layout (int32)."""
-    c = _pad(codes.to(torch.int32), spec.n, spec.k)
+    c = pad2d(codes.to(torch.int32), spec.n, spec.k)
     sums = c.reshape(spec.n, spec.groups, spec.group).sum(-1, dtype=torch.int32) * 128
     return pack_groups(spec, sums).to(torch.int32)
 
