@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from qcompile import ops as _ops  # noqa: E402,F401  (registers torch.ops.qcompile.*)
 from qcompile import passes as _passes  # noqa: E402,F401  (registers the passes)
-from qcompile.api import compile, load  # noqa: E402
+from qcompile.api import compile, load, tune  # noqa: E402
 from qcompile.errors import (  # noqa: E402
     ArtifactError,
     CaptureError,
@@ -21,6 +21,7 @@ from qcompile.errors import (  # noqa: E402
     PassError,
     PlanError,
     QCompileError,
+    TuneError,
     VerifyError,
 )
 from qcompile.ir.capture import capture  # noqa: E402
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "compile",
     "load",
+    "tune",
     "capture",
     "Program",
     "CompiledModule",
@@ -42,6 +44,7 @@ __all__ = [
     "Granularity",
     "PRESETS",
     "QCompileError",
+    "TuneError",
     "CaptureError",
     "PlanError",
     "PassError",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qcompile.codegen.target import Target, parse_target
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, TuneError
 from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
 from qcompile.ir.onnx_import import is_onnx_path
 from qcompile.ir.program import Program
@@ -20,6 +20,9 @@ from qcompile.passes.manager import PassManager
 from qcompile.plan import Plan, get_plan
 from qcompile.report import CompileReport
 from qcompile.runtime.compiled import CompiledModule
+
+if TYPE_CHECKING:
+    from qcompile.tuning.tuner import TuneReport
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ def compile(
     dump_dir: str | Path | None = None,
     tokenizer: Any = None,
     progress: bool = False,
+    tuning_db: str | Path | None = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` under ``plan`` (a Plan, a preset name, or a YAML/JSON path).
 
@@ -46,9 +50,18 @@ def compile(
     dynamic; ``example_inputs`` optional) or an already captured :class:`Program` (which is rewritten
     in place). ``lm_entries`` picks
     which of a causal LM's entries to capture (``forward``, ``prefill``, ``decode``).
+    ``tuning_db``: a directory ``qcompile tune`` wrote; each kernel gets its best schedule measured on
+    this target (records of other CPUs are reported and ignored; nothing is measured here).
     """
     # the plan, its passes' options, the target, the backend and dump_dir are checked before capture
     the_plan, manager, the_target = check_compile_args(plan, target, backend, dump_dir, max_cache_len)
+    tuning = None
+    if tuning_db is not None:
+        from qcompile.tuning.tuner import Applied
+
+        if check_backend(backend, the_target) != "tvm":
+            raise QCompileError("a tuning database applies to the tvm backend's kernels, not the torch backend")
+        tuning = Applied.open(tuning_db, the_target)
     report = CompileReport(the_plan.name)
     t0 = time.perf_counter()
     if isinstance(model, Program):
@@ -76,7 +89,55 @@ def compile(
     report.packed_weight_bytes = program.packed_weight_bytes()
     # passes may refine the plan (assign_precision writes per-layer rules): the refined plan is the
     # one the module carries, saves and reports
-    return CompiledModule(program, refined, target=the_target, backend=backend, report=report, tokenizer=tokenizer)
+    return CompiledModule(
+        program, refined, target=the_target, backend=backend, report=report, tokenizer=tokenizer, tuning=tuning
+    )
+
+
+def tune(
+    model: torch.nn.Module | Program | str | Path,
+    plan: Plan | str | Path = "fp32",
+    target: str = "cpu",
+    *,
+    db: str | Path,
+    trials: int = 16,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    calib: Any = None,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    lm_entries: tuple[str, ...] = LM_ENTRIES,
+    progress: bool = True,
+) -> TuneReport:
+    """Tune the kernels ``compile(model, target, plan)`` would build, into the database ``db``.
+
+    The model goes through the plan's passes (as ``compile`` would run them), its distinct kernels
+    are extracted, and up to ``trials`` candidate schedules of each (the default first) are built here
+    and measured here, or on the servers of ``rpc_tracker`` ("HOST:PORT") under ``rpc_key``. Every
+    measurement is appended to ``db`` as it is taken; a second call measures only what is missing.
+    ``compile(..., tuning_db=db)`` then uses the best of each kernel.
+    """
+    from qcompile.tuning.tuner import TuneOptions, tune_program
+
+    options = TuneOptions(trials=trials, rpc_tracker=rpc_tracker, rpc_key=rpc_key)
+    options.check()
+    the_plan, _, the_target = check_compile_args(plan, target, None, None, max_cache_len)
+    if the_target.kind != "cpu":
+        raise TuneError(f"tuning measures kernels where they run: target {target!r} is not a CPU target")
+    cm = compile(
+        model,
+        target,
+        the_plan,
+        example_inputs=example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        calib=calib,
+        backend="torch",  # the passes only: the kernels are lowered by the tuner
+        max_cache_len=max_cache_len,
+        lm_entries=lm_entries,
+        progress=progress,
+    )
+    return tune_program(cm.program, the_target, db, options, progress=progress)
 
 
 def check_compile_args(

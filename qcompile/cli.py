@@ -132,12 +132,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--dump-dir", default=None, help="write the graph after each pass here")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    c.add_argument(
+        "--tuning-db",
+        default=None,
+        help="a directory `qcompile tune` wrote: each kernel gets its best measured schedule",
+    )
     _add_calib_args(c)
     c.add_argument(
         "--calib-text",
         default=None,
         help="calibrate on this UTF-8 text file instead of the Shakespeare calibration split",
     )
+
+    t = sub.add_parser("tune", help="measure schedules of the kernels a compile would build, into a tuning database")
+    _add_model_args(t)
+    t.add_argument("--plan", default="fp32", help="preset name or a .yaml/.json plan file")
+    _add_lm_head_arg(t)
+    t.add_argument("--target", default="cpu")
+    t.add_argument(
+        "--max-cache-len", type=_int_at_least(2, " (cache positions)"), default=1024, help="cache length (default 1024)"
+    )
+    t.add_argument("--db", required=True, help="tuning database directory (created; records are only ever appended)")
+    t.add_argument(
+        "--trials", type=_int_at_least(1), default=16, help="candidates per kernel, the default included (default 16)"
+    )
+    t.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on this TVM RPC tracker's servers")
+    t.add_argument("--rpc-key", default=None, help="the key the tracker's servers registered with")
+    t.add_argument("--json", default=None, help="also write the tuning report here")
+    _add_calib_args(t)
+    t.add_argument("--calib-text", default=None, help="calibrate on this UTF-8 text file (as for compile)")
 
     r = sub.add_parser("run", help="generate a continuation with a saved artifact")
     r.add_argument("artifact")
@@ -259,11 +282,41 @@ def cmd_compile(a: argparse.Namespace) -> int:
         tokenizer=zm.tokenizer,
         progress=True,
         calib=_calibration(zm, a),
+        tuning_db=a.tuning_db,
     )
     print(f"compiled with plan {plan.name!r} for {a.target} in {time.perf_counter() - t0:.1f}s", flush=True)
     print(cm.report.summary())
     out = cm.save(a.output)
     print(f"saved artifact to {out}")
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    import json
+
+    import qcompile
+    from qcompile.eval.zoo import load_model
+    from qcompile.tuning.tuner import TuneOptions
+
+    plan = _plan_of(a)
+    _check_before_loading(a, plan)
+    TuneOptions(trials=a.trials, rpc_tracker=a.rpc_tracker, rpc_key=a.rpc_key).check()
+    zm = load_model(a.model, a.gguf_file)
+    report = qcompile.tune(
+        zm.source,
+        plan,
+        a.target,
+        db=a.db,
+        trials=a.trials,
+        rpc_tracker=a.rpc_tracker,
+        rpc_key=a.rpc_key,
+        calib=_calibration(zm, a),
+        max_cache_len=a.max_cache_len,
+        progress=True,
+    )
+    print(report.summary())
+    if a.json:
+        Path(a.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
     return 0
 
 
@@ -279,6 +332,10 @@ def _check_before_loading(a: argparse.Namespace, plan: object) -> None:
         getattr(a, "dump_dir", None),
         getattr(a, "max_cache_len", 1024),
     )
+    if getattr(a, "tuning_db", None) is not None:
+        from qcompile.tuning.db import TuningDB
+
+        TuningDB(a.tuning_db)  # exists and parses
     for flag, path in (("--calib-text", getattr(a, "calib_text", None)), ("--text", getattr(a, "text", None))):
         if path is not None and not Path(path).is_file():
             what = "does not exist" if not Path(path).exists() else "is not a regular file"
@@ -454,7 +511,14 @@ _USER_ERRNOS = frozenset(
     }
 )
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "report": cmd_report, "export": cmd_export}
+COMMANDS = {
+    "compile": cmd_compile,
+    "tune": cmd_tune,
+    "run": cmd_run,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "export": cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,10 @@ class ModelNotFoundError(QCompileError):
     """A zoo model or dataset is not installed (the message says which package to install)."""
 
 
+class TuneError(QCompileError):
+    """Tuning cannot start or go on: a bad tuning database, target, tracker or argument."""
+
+
 class DataError(QCompileError):
     """Evaluation or calibration data is unusable (too short, empty, undecodable, NaN)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,12 +24,19 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def build(
-        self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
+        self,
+        program: Program,
+        target: Target,
+        *,
+        allow_fallback: bool = False,
+        artifact: Path | None = None,
+        tuning: Any = None,
     ) -> dict[str, BuiltEntry]:
         """One callable per entry of ``program``, for ``target`` (parsed by
         :func:`qcompile.codegen.target.parse_target`). ``allow_fallback``: nodes the backend cannot lower
         run with torch (listed in ``info``). ``artifact``: a directory :meth:`save` wrote, to load
-        instead of building."""
+        instead of building. ``tuning``: a tuning database opened for this target
+        (:class:`qcompile.tuning.tuner.Applied`), for backends that build kernels."""
 
     def save(self, directory: Path) -> list[Path]:
         """Write what :meth:`build` needs to skip compiling (nothing for backends that build fast)."""

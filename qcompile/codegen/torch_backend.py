@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from qcompile.codegen.base import Backend, BuiltEntry
 from qcompile.codegen.target import Target
+from qcompile.errors import QCompileError
 from qcompile.ir.program import Program
 
 
@@ -22,8 +23,16 @@ class TorchBackend(Backend):
         self.info: dict[str, object] = {}
 
     def build(
-        self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
+        self,
+        program: Program,
+        target: Target,
+        *,
+        allow_fallback: bool = False,
+        artifact: Path | None = None,
+        tuning: object = None,
     ) -> dict[str, BuiltEntry]:
+        if tuning is not None:
+            raise QCompileError("the torch backend builds no kernels: a tuning database needs backend='tvm'")
         return {name: _runner(entry.graph) for name, entry in program.entries.items()}
 
 

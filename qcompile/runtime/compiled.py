@@ -62,6 +62,7 @@ class CompiledModule:
         report: CompileReport | None = None,
         tokenizer: Any = None,
         artifact: Path | None = None,
+        tuning: Any = None,
     ) -> None:
         self.program = program
         self.plan = plan
@@ -73,7 +74,7 @@ class CompiledModule:
         self.report = report or CompileReport(plan.name)
         self.tokenizer = tokenizer
         self._built: dict[str, BuiltEntry] = self._backend.build(
-            program, parsed, allow_fallback=plan.fallback == "torch", artifact=artifact
+            program, parsed, allow_fallback=plan.fallback == "torch", artifact=artifact, tuning=tuning
         )
         if self._backend.info:
             self.report.backend = {"name": self.backend, **self._backend.info}

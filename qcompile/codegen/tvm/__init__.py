@@ -197,10 +197,16 @@ class TVMBackend(Backend):
 
     # ---- build ------------------------------------------------------------------------------
     def build(
-        self, program: Program, target: Target, *, allow_fallback: bool = False, artifact: Path | None = None
+        self,
+        program: Program,
+        target: Target,
+        *,
+        allow_fallback: bool = False,
+        artifact: Path | None = None,
+        tuning: Any = None,
     ) -> dict[str, BuiltEntry]:
         if artifact is None:
-            self._compile(program, allow_fallback, target)
+            self._compile(program, allow_fallback, target, tuning)
             return self._entries(program)
         self._load(program, artifact)
         try:
@@ -228,9 +234,9 @@ class TVMBackend(Backend):
             built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device, name, bound)
         return built
 
-    def _compile(self, program: Program, allow_fallback: bool, target: Target) -> None:
+    def _compile(self, program: Program, allow_fallback: bool, target: Target, tuning: Any = None) -> None:
         t0 = time.perf_counter()
-        lowered: Lowered = lower_program(program, target, allow_fallback)
+        lowered: Lowered = lower_program(program, target, allow_fallback, tuning=tuning)
         t1 = time.perf_counter()
         gpu = target if isinstance(target, CudaTarget) else None
         with torch.no_grad():
@@ -260,6 +266,7 @@ class TVMBackend(Backend):
             "fallbacks": lowered.fallbacks,
             "kernels": lowered.kernels,
             "kernel_choices": lowered.choices,
+            **({"tuning": {**tuning.summary(), "kernels": tuning.used}} if tuning is not None else {}),
             "lower_seconds": round(t1 - t0, 3),
             "build_seconds": round(t2 - t1, 3),
             **extra,

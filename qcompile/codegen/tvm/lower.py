@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -39,6 +39,10 @@ from qcompile.codegen.tvm.fallback import fallback_name, register_fallback, tens
 from qcompile.codegen.tvm.rules import NoRule, Repack
 from qcompile.errors import QCompileError
 from qcompile.ir.program import PATH_KEY, Entry, Program, SlotKind
+
+if TYPE_CHECKING:
+    from qcompile.tuning.space import Tunable
+    from qcompile.tuning.tuner import Applied
 
 # What a converter bug raises (Python's, torch's and TVM's error types; TVM's derive from RuntimeError)
 # and qcompile's own errors raised inside a converter (e.g. a Program without a weight's bit width).
@@ -67,14 +71,19 @@ class Lowered:
     kernels: dict[str, int] = field(default_factory=dict)  # kernel name -> call sites
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # kernel -> measured alternatives
     generic: list[str] = field(default_factory=list)  # CUDA: linears on the generic kernel, and why
+    tunables: dict[str, Tunable] = field(default_factory=dict)  # kernels with a design space (qcompile.tuning)
 
 
 class Lowering:
     """One lowering of a Program for a target: the block builder, the kernels and repacked weights so
     far, and the entry being converted. Converters and rules emit through it."""
 
-    def __init__(self, program: Program, target: Target, allow_fallback: bool, select: bool) -> None:
+    def __init__(
+        self, program: Program, target: Target, allow_fallback: bool, select: bool, tuning: Applied | None = None
+    ) -> None:
         self.program = program
+        self.tuning = tuning  # a tuning database's best schedules (None: every kernel's default)
+        self.tunables: dict[str, Tunable] = {}
         self.target = target
         self.allow_fallback = allow_fallback
         self.select = select  # choose between alternative CPU kernels by timing them here
@@ -97,6 +106,15 @@ class Lowering:
             self.kernels[name] = self.bb.add_func(func, name)
         self.kernel_uses[name] = self.kernel_uses.get(name, 0) + 1
         return self.kernels[name]
+
+    def tuned_kernel(self, t: Tunable) -> tvm.ir.GlobalVar:
+        """A kernel with a design space: its best tuned schedule when a tuning database is applied,
+        else its default; recorded for ``qcompile tune``'s extraction."""
+        self.tunables.setdefault(t.name, t)
+        if self.tuning is None:
+            return self.kernel(t.name, lambda: t.build({}))
+        tuning = self.tuning
+        return self.kernel(t.name, lambda: tuning.build(t))
 
     def param(self, key: str, repack: Repack, shape: tuple[int, ...], dtype: str) -> relax.Var:
         """A repacked tensor as an extra parameter of the entry being lowered."""
@@ -337,13 +355,18 @@ def _ensure_fake_values(entry: Entry, program: Program) -> None:
         FakeTensorProp(entry.graph, mode).propagate_dont_convert_inputs(*fakes)
 
 
-def lower_program(program: Program, target: Target, allow_fallback: bool = False, select: bool = True) -> Lowered:
+def lower_program(
+    program: Program, target: Target, allow_fallback: bool = False, select: bool = True, tuning: Applied | None = None
+) -> Lowered:
     """Lower every entry of ``program`` for ``target`` into one IRModule (a Relax function per entry).
-    ``select``: let rules choose between alternative kernels by timing them here (see :mod:`.select`)."""
-    lw = Lowering(program, target, allow_fallback, select)
+    ``select``: let rules choose between alternative kernels by timing them here (see :mod:`.select`);
+    ``tuning``: schedules from a tuning database (:mod:`qcompile.tuning`)."""
+    lw = Lowering(program, target, allow_fallback, select, tuning)
     for entry in program.entries.values():
         lw.lower_entry(entry)
-    return Lowered(lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses), lw.choices, lw.generic)
+    return Lowered(
+        lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses), lw.choices, lw.generic, lw.tunables
+    )
 
 
 __all__ = [

@@ -20,8 +20,9 @@ import torch.fx as fx
 from tvm import relax
 
 from qcompile.codegen.target import CpuTarget
-from qcompile.codegen.tvm.kernels.linear import NB, linear_primfunc
+from qcompile.codegen.tvm.kernels.linear import NB
 from qcompile.codegen.tvm.kernels.quest import Hadamard, QuestRows, hadamard_primfunc, quest_rows_primfunc
+from qcompile.codegen.tvm.kernels.tunable import TemplateTunable
 from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.codegen.tvm.rules import (
     LinearCall,
@@ -103,6 +104,6 @@ def quest_linear(lw: Lowering, node: fx.Node) -> relax.Var:
     args.append(lw.param(f"{wkey}@quest_scale", scales, gshape, "float32"))
     if bkey is not None:
         args.append(padded_bias(lw, bkey, n, spec.n))
-    f = lw.kernel(spec.name, lambda: linear_primfunc(spec))
+    f = lw.tuned_kernel(TemplateTunable(spec))
     y = bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
     return finish(lw, y, xv, lead, spec.n, n)

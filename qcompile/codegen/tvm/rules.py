@@ -23,6 +23,7 @@ import tvm
 from tvm import relax
 
 from qcompile.codegen.tvm.kernels.linear import NB, LinearKernel, QuantRows, linear_primfunc, quant_rows_primfunc
+from qcompile.codegen.tvm.kernels.tunable import TemplateTunable
 from qcompile.codegen.tvm.recipe import LinearRecipe
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: 
     if call.bias is not None:
         args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
     if finalize is None:
-        f = lw.kernel(spec.name, lambda: linear_primfunc(spec))
+        f = lw.tuned_kernel(TemplateTunable(spec))
     else:
         f = lw.kernel(spec.name, lambda: finalize(linear_primfunc(spec, schedule=False)))
     y = lw.bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))

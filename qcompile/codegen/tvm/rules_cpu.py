@@ -27,7 +27,8 @@ from tvm import relax
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, unsupported
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
-from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, pack_corr, x86_primfunc
+from qcompile.codegen.tvm.kernels.tunable import X86Tunable
+from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, pack_corr
 from qcompile.codegen.tvm.kernels.x86 import pack_groups as x86_groups
 from qcompile.codegen.tvm.kernels.x86 import pack_weight as x86_weight
 from qcompile.codegen.tvm.recipe import bitserial_spec
@@ -101,7 +102,7 @@ class X86Dot:
             args.append(lw.param(f"{w.key}@corr_x{spec.nbx}", lambda st: pack_corr(spec, w.codes(st)), gshape, "int32"))
         if call.bias is not None:
             args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
-        f = lw.kernel(spec.name, lambda: x86_primfunc(spec))
+        f = lw.tuned_kernel(X86Tunable(spec))
         y = bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
         return finish(lw, y, call.x, lead, spec.n, recipe.n)
 

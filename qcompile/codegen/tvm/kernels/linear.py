@@ -120,9 +120,10 @@ def _decode(spec: LinearKernel, ws: list[te.Tensor], n: tirx.PrimExpr, k: tirx.P
     return lo.astype("int32") + hi.astype("int32") * 16 - 32
 
 
-def linear_primfunc(spec: LinearKernel, schedule: bool = True) -> tvm.tirx.PrimFunc:
-    """The PrimFunc of ``spec``, scheduled for the CPU (``schedule=False``: the plain compute, which
-    the CUDA pipeline schedules with dlight as the generic fallback); output last."""
+def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKnobs | None = None) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of ``spec``, scheduled for the CPU with ``knobs`` (None: :meth:`TemplateKnobs.default`;
+    ``schedule=False``: the plain compute, which the CUDA pipeline schedules with dlight as the
+    generic fallback and the autotuner's design space schedules); output last."""
     m = _rows(spec.m)
     n_, k_, g_, gs = spec.n, spec.k, spec.groups, spec.group
     nblk = n_ // NB
@@ -153,18 +154,27 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True) -> tvm.tirx.PrimF
         acc = xs = None
     else:
         kk = te.reduce_axis((0, gs), "kk")
+        if knobs is None:
+            knobs = TemplateKnobs.default(spec)
+        if schedule and knobs.staged:  # decoded once per group into a scratch tile every row of a tile reads
+            wd = te.compute(  # lane-blocked like the weights, so that a vector of lanes is contiguous
+                (nblk, k_, NB),
+                lambda b, k, lane: _decode(spec, ws, b * NB + lane, k).astype("int8" if spec.act_bits else "float32"),
+                name="WD",
+            )
+            wval = lambda j, k: wd[j // NB, k, j % NB].astype("int32") if spec.act_bits else wd[j // NB, k, j % NB]  # noqa: E731
+        else:
+            wval = lambda j, k: _decode(spec, ws, j, k)  # noqa: E731
         if spec.act_bits:
             acc = te.compute(
                 (m, n_, g_),
-                lambda i, j, g: te.sum(x[i, g * gs + kk].astype("int32") * _decode(spec, ws, j, g * gs + kk), axis=kk),
+                lambda i, j, g: te.sum(x[i, g * gs + kk].astype("int32") * wval(j, g * gs + kk), axis=kk),
                 name="ACC",
             )
         else:
             acc = te.compute(
                 (m, n_, g_),
-                lambda i, j, g: te.sum(
-                    x[i, g * gs + kk] * _decode(spec, ws, j, g * gs + kk).astype("float32"), axis=kk
-                ),
+                lambda i, j, g: te.sum(x[i, g * gs + kk] * wval(j, g * gs + kk).astype("float32"), axis=kk),
                 name="ACC",
             )
         xs = None
@@ -186,44 +196,115 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True) -> tvm.tirx.PrimF
     if spec.bias:
         out = te.compute((m, n_), lambda i, j: y[i, j] + b[j], name="YB")
     func = te.create_prim_func(args + [out])
-    return _schedule(spec, func).with_attr("tir.is_scheduled", True) if schedule else func
-
-
-def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    if not schedule:
+        return func
     sch = Schedule(func)
+    schedule_template(spec, sch, knobs or TemplateKnobs.default(spec))
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+@dataclass(frozen=True)
+class TemplateKnobs:
+    """The template's schedule knobs (the autotuner's design space, :mod:`qcompile.tuning.space`).
+
+    ``rows``: output rows per register tile (1 = no row tiling); ``k_unroll``: steps of K unrolled
+    inside a group; ``vec``: output lanes per vector instruction (a divisor of the lanes that share
+    one shift per byte array); ``staged``: each group's weights of a block decoded once into a
+    scratch tile that every row of the tile reads (without it each row decodes them again)."""
+
+    rows: int = 1
+    k_unroll: int = 4
+    vec: int = NB // 2
+    staged: bool = False  # decode a group's weights once into an L1 tile (fp32 / int8) instead of per row
+
+    @staticmethod
+    def default(spec: LinearKernel) -> TemplateKnobs:
+        """The hand-picked schedule (the untuned default and the tuner's first candidate)."""
+        # u3's plane shift is k % 8: unrolling 8 steps of K makes it a constant
+        k_unroll = 8 if spec.wfmt == "u3" and spec.group % 8 == 0 else 4
+        return TemplateKnobs(1, k_unroll, max_vec(spec))
+
+    def check(self, spec: LinearKernel) -> None:
+        if self.rows < 1 or self.k_unroll < 1 or self.vec < 1:
+            raise ValueError(f"knobs must be positive: {self}")
+        if self.staged and spec.wfmt == "f32":
+            raise ValueError("f32 weights have nothing to decode (staged)")
+        if max_vec(spec) % self.vec:
+            raise ValueError(f"vec {self.vec} must divide {max_vec(spec)} for {spec.wfmt}")
+        if spec.m is not None and self.rows > max(spec.m, 1):
+            raise ValueError(f"a tile of {self.rows} rows for a kernel of {spec.m}")
+
+
+def max_vec(spec: LinearKernel) -> int:
+    """The widest vector of lanes that read consecutive bytes with one shift per weight array."""
+    return {"i6": NB // 4, "u2": NB // 4, "u3": NB // 4, "f32": NB}.get(spec.wfmt, NB // 2)
+
+
+def schedule_template(spec: LinearKernel, sch: Schedule, knobs: TemplateKnobs) -> None:
+    """Schedule the plain compute of ``spec`` in ``sch`` (its ``main``) with ``knobs``: parallel over
+    blocks of NB outputs; per block, tiles of ``knobs.rows`` rows accumulate in registers over the
+    groups; per group, the integer (or fp32) sums over K in registers, NB lanes wide."""
+    knobs.check(spec)
     y = sch.get_sblock("Y")
     i, j, r = sch.get_loops(y)
     jo, ji = sch.split(j, [None, NB])
-    sch.reorder(jo, i, r, ji)
+    if knobs.rows > 1:
+        io, ii = sch.split(i, [None, knobs.rows])
+        sch.reorder(jo, io, r, ii, ji)
+        outer = io
+    else:
+        sch.reorder(jo, i, r, ji)
+        ii, outer = None, i
     if spec.bias:  # the bias epilogue writes the output from the register accumulator
         yl = sch.get_sblock("YB")
         sch.set_scope(y, 0, "local")
     else:
         yl = sch.cache_write(y, 0, "local")
-    sch.reverse_compute_at(yl, i)
+    sch.reverse_compute_at(yl, outer)
     sch.vectorize(sch.get_loops(yl)[-1])
     if spec.wfmt == "f32":
-        ro, ri = sch.split(r, [None, 4])
+        ro, ri = sch.split(r, [None, knobs.k_unroll])
+        if ii is not None:
+            sch.reorder(ri, ii)
+            sch.unroll(ii)
         sch.unroll(ri)
+        if knobs.vec < NB:
+            vo, ji = sch.split(ji, [None, knobs.vec])
+            sch.unroll(vo)
         sch.vectorize(ji)
         sch.parallel(jo)
         init = sch.decompose_reduction(y, ro)
         sch.vectorize(sch.get_loops(init)[-1])
-        return sch.mod["main"]
+        return
     acc = sch.get_sblock("ACC")
     sch.compute_at(acc, r)
     sch.set_scope(acc, 0, "local")
-    aj, ak = sch.get_loops(acc)[-2:]  # under r: the 64 lanes and the group's K (unit loops dropped)
-    sch.reorder(ak, aj)
-    # u3's plane shift is k % 8: unrolling 8 steps of K makes it a constant
-    ako, aki = sch.split(ak, [None, 8 if spec.wfmt == "u3" and spec.group % 8 == 0 else 4])
+    loops = sch.get_loops(acc)
+    aj, ak = loops[-2:]  # under r: the 64 lanes and the group's K (unit loops dropped)
+    ako, aki = sch.split(ak, [None, knobs.k_unroll])
+    if ii is not None:  # the tile's rows between K and the lanes: one decoded weight vector, every row
+        ai = loops[-3]
+        sch.reorder(ako, aki, ai, aj)
+        sch.unroll(ai)
+    else:
+        sch.reorder(ako, aki, aj)
     # the innermost vector spans lanes that read consecutive bytes with one shift per array
-    inner = {"i6": [None, 2, NB // 4], "u2": [None, NB // 4], "u3": [None, NB // 4]}.get(spec.wfmt, [None, NB // 2])
+    if knobs.vec == max_vec(spec):
+        inner = [None, 2, NB // 4] if spec.wfmt == "i6" else [None, knobs.vec]
+    else:
+        inner = [None, knobs.vec]
     parts = sch.split(aj, inner)
     for p in parts[:-1]:
         sch.unroll(p)
     sch.vectorize(parts[-1])
     sch.unroll(aki)
+    if knobs.staged:
+        wd = sch.get_sblock("WD")
+        sch.compute_at(wd, r)
+        sch.set_scope(wd, 0, "local")
+        wo, wi = sch.split(sch.get_loops(wd)[-1], [None, max_vec(spec)])
+        sch.unroll(wo)
+        sch.vectorize(wi)
     if spec.zero_term:
         xs = sch.get_sblock("XS")
         xi, xg, _ = sch.get_loops(xs)
@@ -235,7 +316,6 @@ def _schedule(spec: LinearKernel, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     sch.vectorize(sch.get_loops(ainit)[-1])
     yinit = sch.decompose_reduction(y, r)
     sch.vectorize(sch.get_loops(yinit)[-1])
-    return sch.mod["main"]
 
 
 # ---- activation quantization ----------------------------------------------------------------

@@ -150,6 +150,28 @@ class X86Linear:
         return (self.n // self.nbx, self.groups, self.nbx)
 
 
+@dataclass(frozen=True)
+class X86Knobs:
+    """The hand-written kernel's schedule knobs (the autotuner's design space,
+    :mod:`qcompile.tuning.space`): ``rows`` per register tile (at most 2·HALF), rows per parallel
+    task ``chunk`` when N has fewer than ``split_below`` blocks (0: never split rows)."""
+
+    rows: int
+    chunk: int = CHUNK_ROWS
+    split_below: int = SPLIT_BELOW_BLOCKS
+
+    @staticmethod
+    def default(spec: X86Linear) -> X86Knobs:
+        """The hand-picked schedule (the untuned default and the tuner's first candidate)."""
+        return X86Knobs(ROWS[spec.isa])
+
+    def check(self) -> None:
+        if not 1 <= self.rows <= 2 * HALF:
+            raise ValueError(f"register tiles of 1 to {2 * HALF} rows, not {self.rows}")
+        if self.chunk < 1 or self.split_below < 0:
+            raise ValueError(f"chunk must be positive and split_below non-negative: {self}")
+
+
 # ---- the kernel ---------------------------------------------------------------------------------
 
 
@@ -177,15 +199,17 @@ def _madd_signed(x: tvm.tirx.PrimExpr, w: tvm.tirx.PrimExpr, lanes: int) -> tvm.
 _STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promoted to registers), not the heap
 
 
-def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
+def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
     """``(QX int8[M, K] (:func:`act_codes`), SX f32[M, G|1], *weights, S f32[nb, G, NBX], [CORR int32[nb, G, NBX]],
-    [B f32[N]], Y f32[M, N])``, scheduled (a hand-written loop nest)."""
+    [B f32[N]], Y f32[M, N])``, scheduled (a hand-written loop nest with ``knobs``; None: the default)."""
+    knobs = knobs or X86Knobs.default(spec)
+    knobs.check()
     isa, wfmt = spec.isa, spec.wfmt
     vl, vb, nbx, gs, ng = spec.lanes, spec.vbytes, spec.nbx, spec.group, spec.groups
     nblk, n_, k_ = spec.n // nbx, spec.n, spec.k
     kq_g = gs // 4
     sxg = ng if spec.act_group else 1
-    rt = ROWS[isa]
+    rt = knobs.rows
     corrected, i6, bias = spec.corrected, wfmt == "i6", spec.bias
     i32v, f32v, i8v, u8v = f"int32x{vl}", f"float32x{vl}", f"int8x{vb}", f"uint8x{vb}"
     vnni = isa != "avx2"
@@ -196,7 +220,7 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
     gshape = spec.group_shape()
     m_ = tvm.tirx.Var("m", "int64") if spec.m is None else spec.m
     # rows per task: all of them, unless the blocks are too few to keep the threads busy
-    chunk = CHUNK_ROWS if nblk < SPLIT_BELOW_BLOCKS else (tvm.tirx.max(m_, 1) if spec.m is None else max(spec.m, 1))
+    chunk = knobs.chunk if nblk < knobs.split_below else (tvm.tirx.max(m_, 1) if spec.m is None else max(spec.m, 1))
     sx_mul = 1 if spec.act_group else 0
 
     @T.macro
@@ -327,10 +351,10 @@ def x86_linear_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
     return main
 
 
-def x86_primfunc(spec: X86Linear) -> tvm.tirx.PrimFunc:
+def x86_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
     """:func:`x86_linear_primfunc` with only the parameters ``spec`` uses, in order: ``QX, SX``, the
     weight arrays, ``S``, ``CORR`` (when :attr:`X86Linear.corrected`), ``B`` (with a bias), ``Y``."""
-    f = x86_linear_primfunc(spec)
+    f = x86_linear_primfunc(spec, knobs)
     names = ["qx", "sx", "w0", "w1", "s", "corr", "b", "y"]
     keep = {"w1": spec.wfmt == "i6", "corr": spec.corrected, "b": spec.bias}
     params = [p for p, nm in zip(f.params, names) if keep.get(nm, True)]

@@ -1,0 +1,97 @@
+"""The design spaces of qcompile's tunable CPU kernels (:mod:`qcompile.tuning.space` explains how
+the tuner searches them): the lane-blocked template and the hand-written x86 dot-product kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+
+from qcompile.codegen.tvm.kernels.linear import LinearKernel, TemplateKnobs, linear_primfunc, max_vec
+from qcompile.codegen.tvm.kernels.x86 import HALF, X86Knobs, X86Linear, x86_primfunc
+from qcompile.tuning.space import Knob, dedup
+
+
+@dataclass(frozen=True)
+class TemplateTunable:
+    """A lane-blocked template linear (:mod:`qcompile.codegen.tvm.kernels.linear`), scheduled by
+    :func:`~qcompile.codegen.tvm.kernels.linear.schedule_template` with :class:`TemplateKnobs`."""
+
+    spec: LinearKernel
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def rows(self) -> int | None:
+        return self.spec.m
+
+    def knobs(self) -> tuple[Knob, ...]:
+        d = TemplateKnobs.default(self.spec)
+        many_rows = self.spec.m is None or self.spec.m > 1
+        rows = dedup([d.rows, 2, 4, 8]) if many_rows else (d.rows,)
+        if self.spec.m is not None:
+            rows = tuple(r for r in rows if r <= self.spec.m)
+        out = [
+            Knob("rows", rows),
+            Knob("k_unroll", dedup([d.k_unroll, 2, 4, 8])),
+            Knob("vec", dedup([d.vec, max_vec(self.spec) // 2])),
+        ]
+        if self.spec.wfmt != "f32" and many_rows:
+            out.append(Knob("staged", (int(d.staged), int(not d.staged))))
+        return tuple(out)
+
+    def workload(self) -> tvm.tirx.PrimFunc:
+        return linear_primfunc(self.spec, schedule=False)
+
+    def build(self, choice: dict[str, int]) -> tvm.tirx.PrimFunc:
+        d = TemplateKnobs.default(self.spec)
+        knobs = TemplateKnobs(
+            choice.get("rows", d.rows),
+            choice.get("k_unroll", d.k_unroll),
+            choice.get("vec", d.vec),
+            bool(choice.get("staged", int(d.staged))),
+        )
+        return linear_primfunc(self.spec, knobs=knobs)
+
+
+@dataclass(frozen=True)
+class X86Tunable:
+    """A hand-written x86 dot-product linear (:mod:`qcompile.codegen.tvm.kernels.x86`) with
+    :class:`X86Knobs`."""
+
+    spec: X86Linear
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def rows(self) -> int | None:
+        return self.spec.m
+
+    def knobs(self) -> tuple[Knob, ...]:
+        d = X86Knobs.default(self.spec)
+        if self.spec.m == 1:  # one row: nothing to tile or split
+            return (Knob("rows", (d.rows,)),)
+        return (
+            Knob("rows", dedup([d.rows, *range(1, 2 * HALF + 1)])),
+            Knob("chunk", dedup([d.chunk, 8, 16, 48])),
+            Knob("split_below", dedup([d.split_below, 0, 64])),
+        )
+
+    def workload(self) -> tvm.tirx.PrimFunc:
+        return x86_primfunc(self.spec)
+
+    def build(self, choice: dict[str, int]) -> tvm.tirx.PrimFunc:
+        d = X86Knobs.default(self.spec)
+        return x86_primfunc(
+            self.spec,
+            X86Knobs(
+                choice.get("rows", d.rows), choice.get("chunk", d.chunk), choice.get("split_below", d.split_below)
+            ),
+        )
+
+
+__all__ = ["TemplateTunable", "X86Tunable"]
