@@ -63,7 +63,3 @@ class NonFiniteError(DataError, ValueError):
 
     def __str__(self) -> str:
         return self.message
-
-
-class TuneError(QCompileError):
-    """Tuning cannot proceed: a bad RPC tracker address, no server under the key, a lost cluster."""

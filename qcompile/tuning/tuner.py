@@ -48,6 +48,10 @@ class TuneOptions:
             raise TuneError(f"repeats must be >= 1 and min_repeat_ms >= 0, got {self.repeats}, {self.min_repeat_ms}")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise TuneError("--rpc-tracker and --rpc-key go together (the tracker, and the key its servers use)")
+        if self.rpc_tracker is not None:
+            from qcompile.tuning.rpc import parse_tracker
+
+            parse_tracker(self.rpc_tracker)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.support.tar import tar
 
 from qcompile.errors import QCompileError, TuneError
-from qcompile.tune.rpc import (
+from qcompile.tuning.rpc import (
     LocalCluster,
     is_lost_session,
     measure_with_retries,
