@@ -79,8 +79,11 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
         best = max((_eager(model, ids, args.new, cache_len) for _ in range(args.repeat)), key=lambda r: r[1])
         return {"row": row, "prefill_s": best[0], "decode_tok_s": best[1], "compile_s": None}
     backend, plan = row.split(":", 1)
+    tuning_db = None
+    if backend == "tvm-tuned":  # the same build with the tuning database's best schedules (--tuned)
+        backend, tuning_db = "tvm", args.tuned
     t0 = time.perf_counter()
-    cm = qcompile.compile(model, plan=plan, backend=backend, max_cache_len=cache_len)
+    cm = qcompile.compile(model, plan=plan, backend=backend, max_cache_len=cache_len, tuning_db=tuning_db)
     compile_s = time.perf_counter() - t0
     best, _ = best_generation(cm, ids, args.new, args.repeat)
     rec = {
@@ -93,6 +96,9 @@ def run_row(row: str, model: torch.nn.Module, ids: torch.Tensor, args: argparse.
         rec["build_s"] = cm.report.backend.get("build_seconds")
         rec["weights_mib"] = round(cm.report.packed_weight_bytes / 2**20, 1)
         rec["bytes_per_token"] = linear_bytes(cm.program, getattr(cm._backend, "params", {}))
+        if tuning_db is not None:
+            t = cm.report.backend["tuning"]
+            rec["tuning"] = {k: t[k] for k in ("applied", "untuned", "ignored")}
         if args.profile:  # one decode step split into kernels, VM and Python (qcompile.codegen.tvm.profile)
             from qcompile.codegen.tvm.profile import profile_entry
 
@@ -253,6 +259,19 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="TVM rows: split one decode step into kernels, VM and Python overhead"
     )
     ap.add_argument("--from-json", action="store_true", help="only rewrite the RESULTS.md section from the JSON")
+    ap.add_argument(
+        "--tuned",
+        type=Path,
+        default=None,
+        metavar="DB",
+        help="after each tvm:PLAN row, a tvm-tuned:PLAN row built with this tuning database",
+    )
+    ap.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="with --tuned: first tune each tvm plan into DB (candidates per kernel)",
+    )
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
     out = a.json
@@ -283,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
 
         data["read_bandwidth_gbps"] = read_bandwidth()[0]
     rows = a.rows.split(",") + (["llama.cpp"] if a.llama_cpp and "llama.cpp" not in a.rows.split(",") else [])
+    if a.tuned is not None:
+        rows = [r for row in rows for r in ([row, "tvm-tuned:" + row[4:]] if row.startswith("tvm:") else [row])]
+        data["tuning"] = []
+        for row in rows:
+            if a.tune_trials and row.startswith("tvm-tuned:"):
+                rep = qcompile.tune(
+                    zm.model, row.split(":", 1)[1], db=a.tuned, trials=a.tune_trials, max_cache_len=a.prompt + a.new
+                )
+                print(rep.summary(), flush=True)
+                data["tuning"].append({"plan": row.split(":", 1)[1], **rep.to_dict()})
     for row in rows:
         rec = run_row(row, zm.model, ids, a)
         print(json.dumps(rec), flush=True)

@@ -168,6 +168,19 @@ def quant4(w: np.ndarray, bs: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndar
     return packed, scale.reshape(-1), zpk.reshape(-1), deq
 
 
+def qcompile_kernel(
+    prepare: Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[[np.ndarray, int], WeightSet]:
+    def prep(w: np.ndarray, m: int) -> WeightSet:
+        run = prepare(torch.from_numpy(w), m)
+        nbytes = int(getattr(run, "weight_bytes", w.size))
+        own = getattr(run, "dequantized", None)  # checked against the weight it stores, when it says
+        check = ref_check(w) if own is None else lambda x, y: ref_check(own().numpy())(x, y)
+        return WeightSet(nbytes, torch_bind(run), check)
+
+    return prep
+
+
 def methods() -> list[Method]:
     def torch_fp32(w: np.ndarray, m: int) -> WeightSet:
         wt = torch.from_numpy(w)
@@ -237,18 +250,6 @@ def methods() -> list[Method]:
         nbytes = sum(numpy_helper.to_array(t).nbytes for t in qm.graph.initializer)
         return WeightSet(nbytes, ort_bind(ort_session(qm), n), ref_check(w))
 
-    def qcompile_kernel(
-        prepare: Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]],
-    ) -> Callable[[np.ndarray, int], WeightSet]:
-        def prep(w: np.ndarray, m: int) -> WeightSet:
-            run = prepare(torch.from_numpy(w), m)
-            nbytes = int(getattr(run, "weight_bytes", w.size))
-            own = getattr(run, "dequantized", None)  # checked against the weight it stores, when it says
-            check = ref_check(w) if own is None else lambda x, y: ref_check(own().numpy())(x, y)
-            return WeightSet(nbytes, torch_bind(run), check)
-
-        return prep
-
     return [
         Method("torch_fp32", torch_fp32, 1e-4),
         Method("torch_int_mm", torch_int_mm, 1e-6),
@@ -256,6 +257,33 @@ def methods() -> list[Method]:
         Method("ort_nbits_acc4", ort_nbits(4), 2e-2),
         Method("ort_int8_dynamic", ort_int8_dynamic, 5e-2),
     ] + [Method(name, qcompile_kernel(p), 0.25, strict=False, per_m=True) for name, p in BENCH_KERNELS.items()]
+
+
+def tuned_methods(
+    base: list[Method], shapes: list[tuple[int, int]], ms: list[int], args: argparse.Namespace
+) -> list[Method]:
+    """A ``*_tuned`` column for each tunable qcompile kernel, with its best record in ``args.tuned``
+    (tuned there first, every shape and M, when ``--tune-trials``)."""
+    from qcompile.codegen.tvm.kernels.bench import BENCH_FORMATS, tuned_prepare, use_tuning
+    from qcompile.codegen.tvm.target import host_target
+    from qcompile.tuning.tuner import Applied, TuneOptions, tune_tunables
+
+    names = [m.name for m in base if m.name in BENCH_FORMATS]
+    if args.kernels:
+        names = [n for n in names if n in args.kernels.split(",") or f"{n}_tuned" in args.kernels.split(",")]
+    if args.tune_trials:
+        ts = {}
+        for name in names:
+            for n, k in shapes:
+                for m in ms:
+                    t = BENCH_FORMATS[name].tunable(n, k, m)
+                    ts[t.name] = t
+        report = tune_tunables(list(ts.values()), host_target(), args.tuned, TuneOptions(trials=args.tune_trials))
+        print(report.summary(), file=sys.stderr)
+        args.tuning_report = report.to_dict()
+    use_tuning(Applied.open(args.tuned, host_target()))
+    q = {m.name: m for m in base}
+    return [Method(f"{n}_tuned", qcompile_kernel(tuned_prepare(n)), q[n].tol, strict=False, per_m=True) for n in names]
 
 
 def read_bandwidth(repeats: int = 5) -> tuple[float, int]:
@@ -480,6 +508,19 @@ def main() -> None:
     ap.add_argument("--kernels", help="comma list of method (column) names to run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--tuned",
+        type=Path,
+        default=None,
+        metavar="DB",
+        help="add a *_tuned column per qcompile kernel: its best schedule in this tuning database",
+    )
+    ap.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="with --tuned: first tune every benchmarked kernel (shape x M) into DB, up to this many candidates each",
+    )
+    ap.add_argument(
         "--results", type=Path, default=None, help="also write the table into this RESULTS.md (section kernels)"
     )
     args = ap.parse_args()
@@ -503,6 +544,8 @@ def main() -> None:
     # one ORT intra-op pool of --threads threads shared by all sessions (must precede the first session)
     ort.capi._pybind_state.set_global_thread_pool_sizes(args.threads, 1)
     all_methods = methods()
+    if args.tuned is not None:
+        all_methods += tuned_methods(all_methods, shapes, ms, args)
     if args.kernels:
         wanted = args.kernels.split(",")
         unknown = set(wanted) - {m.name for m in all_methods}
@@ -533,7 +576,13 @@ def main() -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(
         json.dumps(
-            {"machine": machine_info(args.threads, bw, bw_bytes, others), "notes": notes, "rows": rows}, indent=1
+            {
+                "machine": machine_info(args.threads, bw, bw_bytes, others),
+                "notes": notes,
+                "rows": rows,
+                "tuning": getattr(args, "tuning_report", None),
+            },
+            indent=1,
         )
     )
     table = report(rows, [m.name for m in all_methods], bw, notes)

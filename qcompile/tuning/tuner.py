@@ -208,10 +208,25 @@ def tune_program(
             f"tuning measures kernels where they run; target {target} is not a CPU (CUDA kernels have no "
             "design space in qcompile yet)"
         )
+    tunables, uses, rest = extract(program, target)
+    return tune_tunables(tunables, target, db_dir, options, progress, uses, rest)
+
+
+def tune_tunables(
+    tunables: list[Tunable],
+    target: CpuTarget,
+    db_dir: str | Path,
+    options: TuneOptions,
+    progress: bool = True,
+    uses: dict[str, int] | None = None,
+    not_tunable: list[str] | None = None,
+) -> TuneReport:
+    """Tune ``tunables`` (distinct kernels) for ``target`` into ``db_dir``."""
+    options.check()
     t0 = time.perf_counter()
     db = TuningDB(db_dir, create=True)
-    tunables, uses, rest = extract(program, target)
-    report = TuneReport(str(db_dir), str(tuning_target(target)), asdict(options), not_tunable=rest)
+    uses = uses or {t.name: 1 for t in tunables}
+    report = TuneReport(str(db_dir), str(tuning_target(target)), asdict(options), not_tunable=not_tunable or [])
     ignored: Counter[str] = Counter()
     plans: list[tuple[Tunable, KernelTuning, list[dict[str, int]]]] = []
     for t in tunables:
@@ -305,4 +320,4 @@ class Applied:
         }
 
 
-__all__ = ["Applied", "KernelTuning", "TuneOptions", "TuneReport", "extract", "tune_program"]
+__all__ = ["Applied", "KernelTuning", "TuneOptions", "TuneReport", "extract", "tune_program", "tune_tunables"]

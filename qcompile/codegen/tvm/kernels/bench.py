@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import tvm
 
-from qcompile.codegen.tvm.kernels.linear import QuantRows, linear_primfunc, quant_rows_primfunc
-from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, x86_primfunc
+from qcompile.codegen.tvm.kernels.linear import QuantRows, quant_rows_primfunc
+from qcompile.codegen.tvm.kernels.tunable import TemplateTunable, X86Tunable
+from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for
 from qcompile.codegen.tvm.kernels.x86 import pack as x86_pack
 from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.codegen.tvm.target import host_target
 from qcompile.quant.quantizer import dequantize_weight_groups, quantize_weight_groups, quantize_weight_per_channel
+
+if TYPE_CHECKING:
+    from qcompile.tuning.space import Tunable
+    from qcompile.tuning.tuner import Applied
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,8 +42,6 @@ def _lib(kind: str, spec: object) -> tvm.runtime.Module:
     from qcompile.codegen.tvm.kernels.bitserial import act_planes_primfunc, bitserial_primfunc
 
     make = {
-        "linear": linear_primfunc,
-        "x86": x86_primfunc,
         "quant": quant_rows_primfunc,
         "planes": act_planes_primfunc,
         "bitserial": bitserial_primfunc,
@@ -48,9 +53,65 @@ def _tv(t: torch.Tensor) -> tvm.runtime.Tensor:
     return tvm.runtime.from_dlpack(t.contiguous().clone())
 
 
-def _prepare(
-    fmt: str, bits: int, group: int | None, act_bits: int, act_group: bool, symmetric: bool, dispatch: bool = True
-) -> Callable[[torch.Tensor, int], Run]:
+@dataclass(frozen=True)
+class BenchFormat:
+    """A benchmarked weight/activation format (what ``_prepare`` quantizes to)."""
+
+    fmt: str
+    bits: int
+    group: int | None
+    act_bits: int
+    act_group: bool
+    symmetric: bool
+    dispatch: bool = True
+
+    def recipe(self, n: int, k: int) -> LinearRecipe:
+        if self.fmt == "f32":
+            return LinearRecipe.dense(n, k)
+        if self.fmt == "i8":
+            return LinearRecipe.w8a8(n, k)
+        g = self.group or k
+        return LinearRecipe.codes(n, k, self.bits, g, self.act_bits, self.act_group, not self.symmetric)
+
+    def tunable(self, n: int, k: int, m: int) -> Tunable:
+        """The kernel the backend would build for an N×K weight at ``m`` rows on this CPU."""
+        spec = self.recipe(n, k).kernel(m)
+        dot = self.dispatch and self.act_bits and self.fmt in ("i8", "i6")
+        isa = isa_for(host_target().features) if dot else None
+        if isa is None:
+            return TemplateTunable(spec)
+        return X86Tunable(X86Linear(spec.n, spec.k, self.fmt, spec.group, self.act_bits, spec.act_group, False, m, isa))
+
+
+_TUNING: list[Applied] = []  # a tuning database for the *_tuned kernels (use_tuning)
+
+
+def use_tuning(applied: Applied) -> None:
+    """Build the kernels of :func:`tuned_prepare` with the best schedules of ``applied``."""
+    _TUNING[:] = [applied]
+
+
+@functools.cache
+def _kernel_lib(t: Tunable, tuned: bool) -> tvm.runtime.Module:
+    func = _TUNING[0].build(t) if tuned else t.build({})
+    return tvm.compile(func, target=host_target().tvm)
+
+
+def tuned_prepare(name: str) -> Callable[[torch.Tensor, int], Run]:
+    """``BENCH_KERNELS[name]`` with the schedules of the database given to :func:`use_tuning`."""
+    return _prepare_format(BENCH_FORMATS[name], tuned=True)
+
+
+def _prepare_format(bf: BenchFormat, tuned: bool = False) -> Callable[[torch.Tensor, int], Run]:
+    fmt, bits, group, act_bits, act_group, symmetric = (
+        bf.fmt,
+        bf.bits,
+        bf.group,
+        bf.act_bits,
+        bf.act_group,
+        bf.symmetric,
+    )
+
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
         g = group or k
@@ -67,17 +128,15 @@ def _prepare(
         assert recipe.wfmt == fmt, f"{fmt} is stored as {recipe.wfmt}"
         spec = recipe.kernel(m)
         n_p, k_p = spec.n, spec.k
-        isa = isa_for(host_target().features) if dispatch and act_bits and fmt in ("i8", "i6") else None
-        if isa is not None:  # what the backend's X86Dot rule builds on this CPU
-            xs = X86Linear(n_p, k_p, fmt, spec.group, act_bits, spec.act_group, False, m, isa)
-            weights = [_tv(t) for t in x86_pack(xs, codes, scale)]
-            lib = _lib("x86", xs)
+        t = bf.tunable(n, k, m)  # what the backend's rules build on this CPU (X86Dot or the template)
+        lib = _kernel_lib(t, tuned)
+        if isinstance(t, X86Tunable):
+            weights = [_tv(x) for x in x86_pack(t.spec, codes, scale)]
         else:
-            weights = [_tv(t) for t in recipe.pack(spec, codes, scale, offset)]
-            lib = _lib("linear", spec)
+            weights = [_tv(x) for x in recipe.pack(spec, codes, scale, offset)]
         qspec = QuantRows(k_p, act_bits, spec.act_group, m) if act_bits else None
-        if isa is not None:
-            qspec = xs.quant_rows()
+        if isinstance(t, X86Tunable):
+            qspec = t.spec.quant_rows()
         qlib = _lib("quant", qspec) if qspec else None
         y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
@@ -134,17 +193,21 @@ def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
     return prepare
 
 
+# the formats of the tunable kernels (``tuned_prepare``; bit-serial has no design space)
+BENCH_FORMATS: dict[str, BenchFormat] = {
+    "qc_f32": BenchFormat("f32", 32, None, 0, False, True),
+    "qc_w8a8": BenchFormat("i8", 8, None, 8, False, True),
+    "qc_w8a8_generic": BenchFormat("i8", 8, None, 8, False, True, dispatch=False),
+    "qc_w6a8_g128": BenchFormat("i6", 6, 128, 8, True, True),
+    "qc_w6a8_g128_generic": BenchFormat("i6", 6, 128, 8, True, True, dispatch=False),
+    "qc_w6a6_g128": BenchFormat("i6", 6, 128, 6, True, True),
+    "qc_w4a16_g32_asym": BenchFormat("u4", 4, 32, 0, False, False),
+    "qc_w4a16_g128": BenchFormat("u4", 4, 128, 0, False, True),
+    "qc_w4a16_g64_asym": BenchFormat("u4", 4, 64, 0, False, False),
+    "qc_w3a16_g128_asym": BenchFormat("u3", 3, 128, 0, False, False),
+    "qc_w2a16_g64_asym": BenchFormat("u2", 2, 64, 0, False, False),
+}
 BENCH_KERNELS: dict[str, Callable[[torch.Tensor, int], Run]] = {
-    "qc_f32": _prepare("f32", 32, None, 0, False, True),
-    "qc_w8a8": _prepare("i8", 8, None, 8, False, True),
-    "qc_w8a8_generic": _prepare("i8", 8, None, 8, False, True, dispatch=False),
-    "qc_w6a8_g128": _prepare("i6", 6, 128, 8, True, True),
-    "qc_w6a8_g128_generic": _prepare("i6", 6, 128, 8, True, True, dispatch=False),
-    "qc_w6a6_g128": _prepare("i6", 6, 128, 6, True, True),
+    **{name: _prepare_format(bf) for name, bf in BENCH_FORMATS.items()},
     "qc_w6a8_bitserial": _prepare_bitserial(8),
-    "qc_w4a16_g32_asym": _prepare("u4", 4, 32, 0, False, False),
-    "qc_w4a16_g128": _prepare("u4", 4, 128, 0, False, True),
-    "qc_w4a16_g64_asym": _prepare("u4", 4, 64, 0, False, False),
-    "qc_w3a16_g128_asym": _prepare("u3", 3, 128, 0, False, False),
-    "qc_w2a16_g64_asym": _prepare("u2", 2, 64, 0, False, False),
 }
