@@ -21,6 +21,9 @@ is tied to the embedding, so the whole table); the KV cache and the one embeddin
 With ``--profile`` each TVM row also records one decode step split into kernel time (linear, lm_head,
 attention, cache writes, other), VM overhead and Python overhead (benchmarks/decode_profile.py prints
 the same split as a table, with the pre-issue-21 path beside it).
+With ``--tuned DB`` every ``tvm:PLAN`` row is followed by a ``tvm-tuned:PLAN`` row compiled with
+``tuning_db=DB`` (issue 20); ``--tune-trials N`` first runs ``qcompile.tune`` on each plan into DB (N
+candidates per kernel) and stores each tuning report (trials, seconds per kernel) in the JSON.
 With ``--floor`` the read bandwidth is measured in the same run (benchmarks/kernels.py's torch sum over
 1 GiB) and each row gets the decode tokens/s the bandwidth would allow (bandwidth / bytes per token)
 and the fraction of it reached.

@@ -22,6 +22,12 @@ bandwidth (torch sum over a 1 GiB fp32 array, best of 5), measured in the same r
 weight bytes / bandwidth. ORT uses one global intra-op pool of --threads threads
 shared by all sessions (not one spinning pool per weight set). Other processes on the cores ruin the
 timings: their CPU use during each row is recorded, and flagged above 15 %.
+
+``--tuned DB`` adds a ``<kernel>_tuned`` column per tunable qcompile kernel: the same kernel built with
+its best schedule in the tuning database DB (issue 20; the default where DB has no record for this CPU).
+``--tune-trials N`` first tunes every benchmarked kernel (each shape and M: static row counts) into DB,
+up to N candidates each, and stores the tuning report in the JSON. A tuned and an untuned column with
+the same schedule are separate builds timed separately: their difference is the run's noise.
 """
 
 from __future__ import annotations
@@ -551,7 +557,8 @@ def main() -> None:
         unknown = set(wanted) - {m.name for m in all_methods}
         if unknown:
             ap.error(f"unknown kernels {sorted(unknown)}; available: {[m.name for m in all_methods]}")
-        all_methods = [m for m in all_methods if m.name in wanted]
+        # a *_tuned column comes with its kernel (tuned_methods picks them from the same list)
+        all_methods = [m for m in all_methods if m.name in wanted or m.name.removesuffix("_tuned") in wanted]
 
     o0, t0 = others_cpu_s(), time.perf_counter()
     bw, bw_bytes = read_bandwidth()

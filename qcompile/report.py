@@ -104,6 +104,19 @@ class CompileReport:
                         f"    {kname}: unpack {c['unpack_ms']} ms vs bit-serial {c['bitserial_ms']} ms at {c['rows']} "
                         f"rows -> {c['chosen']}"
                     )
+            tuning = b.get("tuning")
+            if tuning:  # issue 20: schedules from a tuning database
+                lines.append(
+                    f"    tuning database {tuning['db']}: {tuning['applied']} kernels with a record for this target, "
+                    f"{len(tuning['untuned'])} without"
+                    + "".join(f"; ignored {n} records ({why})" for why, n in tuning["ignored"].items())
+                )
+                for kname, u in tuning.get("kernels", {}).items():
+                    if u.get("tuned"):
+                        lines.append(
+                            f"    {kname}: untuned {u['untuned_ms']} ms, tuned {u['tuned_ms']} ms -> {u['won']} "
+                            f"{u['schedule']}"
+                        )
             if b.get("build_seconds") is not None:
                 lines.append(f"    lowered in {b.get('lower_seconds')} s, built in {b.get('build_seconds')} s")
             for f in b.get("fallbacks", []):

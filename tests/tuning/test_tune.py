@@ -146,6 +146,7 @@ def test_compile_applies_the_best_record_per_kernel_with_the_same_outputs(tuned,
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(cm(ids), plain(ids), rtol=1e-5, atol=1e-5)
     assert (db / RECORDS).read_bytes() == before  # nothing measured or written by a compile
+    assert "tuning database" in cm.report.summary()
 
 
 def _retarget(line: str) -> str:
