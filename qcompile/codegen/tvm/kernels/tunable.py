@@ -12,12 +12,10 @@ from qcompile.codegen.tvm.kernels.x86 import HALF, X86Knobs, X86Linear, x86_prim
 from qcompile.tuning.space import Knob, dedup
 
 
-@dataclass(frozen=True)
-class TemplateTunable:
-    """A lane-blocked template linear (:mod:`qcompile.codegen.tvm.kernels.linear`), scheduled by
-    :func:`~qcompile.codegen.tvm.kernels.linear.schedule_template` with :class:`TemplateKnobs`."""
+class _OfSpec:
+    """A tunable named after its kernel spec, with the spec's row count."""
 
-    spec: LinearKernel
+    spec: LinearKernel | X86Linear
 
     @property
     def name(self) -> str:
@@ -26,6 +24,14 @@ class TemplateTunable:
     @property
     def rows(self) -> int | None:
         return self.spec.m
+
+
+@dataclass(frozen=True)
+class TemplateTunable(_OfSpec):
+    """A lane-blocked template linear (:mod:`qcompile.codegen.tvm.kernels.linear`), scheduled by
+    :func:`~qcompile.codegen.tvm.kernels.linear.schedule_template` with :class:`TemplateKnobs`."""
+
+    spec: LinearKernel
 
     def knobs(self) -> tuple[Knob, ...]:
         d = TemplateKnobs.default(self.spec)
@@ -57,19 +63,11 @@ class TemplateTunable:
 
 
 @dataclass(frozen=True)
-class X86Tunable:
+class X86Tunable(_OfSpec):
     """A hand-written x86 dot-product linear (:mod:`qcompile.codegen.tvm.kernels.x86`) with
     :class:`X86Knobs`."""
 
     spec: X86Linear
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def rows(self) -> int | None:
-        return self.spec.m
 
     def knobs(self) -> tuple[Knob, ...]:
         d = X86Knobs.default(self.spec)
