@@ -328,7 +328,7 @@ def _check_before_loading(a: argparse.Namespace, plan: object) -> None:
     check_compile_args(
         plan,  # type: ignore[arg-type]
         a.target,
-        a.backend,
+        getattr(a, "backend", None),
         getattr(a, "dump_dir", None),
         getattr(a, "max_cache_len", 1024),
     )

@@ -98,3 +98,22 @@ def test_lm_head_flag_on_compile_and_eval(hf_folder, tmp_path, capsys):
     assert main(["eval", "--model", str(hf_folder), "--source", "--lm-head", "int8"]) == 2
     assert "--lm-head applies to compiled models" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_tune_writes_a_database_that_compile_then_requires_to_exist(hf_folder, tmp_path, capsys):
+    import json
+
+    db, rep = tmp_path / "db", tmp_path / "tune.json"
+    args = ["tune", "--model", str(hf_folder), "--plan", "w4a16-rtn-g32-asym", "--max-cache-len", "64"]
+    assert main([*args, "--db", str(db), "--trials", "1", "--json", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["trials"] == len(report["kernels"]) > 0  # one candidate (the default) per kernel
+    assert "candidates measured" in capsys.readouterr().out
+    assert (db / "database_tuning_record.json").read_text().count("\n") == report["trials"]
+    # bad input: a usage error or a clear error, exit 2, before any model loads
+    assert main([*args, "--db", str(db), "--rpc-tracker", "localhost:notaport", "--rpc-key", "k"]) == 2
+    assert "port" in capsys.readouterr().err
+    out = tmp_path / "o"
+    missing = ["compile", "--model", "no-such-model", "--plan", "w8a8-rtn", "-o", str(out)]
+    assert main([*missing, "--tuning-db", str(tmp_path / "nodb")]) == 2
+    assert "does not exist" in capsys.readouterr().err
