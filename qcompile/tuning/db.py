@@ -105,6 +105,7 @@ class TuningDB:
             _check_file(self.dir / n)
         try:
             self.db = ms.database.JSONDatabase(work_dir=str(self.dir), allow_missing=True)
+            self._workloads: dict[Tunable, ms.database.Workload] = {}  # committed or found, per kernel
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a malformed record
             raise TuneError(
                 f"tuning database {self.dir} could not be read ({type(e).__name__}: {str(e).strip()[-300:]}); "
@@ -112,10 +113,13 @@ class TuningDB:
             ) from None
 
     def _workload(self, t: Tunable, commit: bool) -> ms.database.Workload | None:
-        mod = tvm.IRModule({"main": t.workload()})
-        if commit:
-            return self.db.commit_workload(mod)
-        return self.db.commit_workload(mod) if self.db.has_workload(mod) else None
+        """``t``'s workload in the database (committed first when ``commit``), built and hashed once."""
+        if t not in self._workloads:
+            mod = tvm.IRModule({"main": t.workload()})
+            if not commit and not self.db.has_workload(mod):
+                return None
+            self._workloads[t] = self.db.commit_workload(mod)
+        return self._workloads[t]
 
     def lookup(self, t: Tunable, target: CpuTarget) -> Lookup:
         """This target's measurements of ``t``, and what was ignored and why."""

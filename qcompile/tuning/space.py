@@ -57,6 +57,11 @@ def dedup(values: list[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def default_choice(t: Tunable) -> dict[str, int]:
+    """The hand-picked schedule: every knob's first value."""
+    return {k.name: k.values[0] for k in t.knobs()}
+
+
 def candidates(t: Tunable, seed: int = 0) -> list[dict[str, int]]:
     """Every choice of ``t``'s knobs: the default (every knob's first value) first, then the rest
     in a shuffle seeded by ``seed``."""
@@ -96,5 +101,6 @@ __all__ = [
     "candidates",
     "choice_of",
     "dedup",
+    "default_choice",
     "sample",
 ]

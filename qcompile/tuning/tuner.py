@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from qcompile.codegen.target import CpuTarget, Target
 from qcompile.errors import TuneError
 from qcompile.tuning.db import Lookup, Measured, TuningDB, tuning_target
-from qcompile.tuning.space import DYNAMIC_ROWS, Tunable, candidates
+from qcompile.tuning.rpc import parse_tracker, rpc_runner
+from qcompile.tuning.space import DYNAMIC_ROWS, Tunable, candidates, default_choice
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,6 @@ class TuneOptions:
     rpc_tracker: str | None = None
     rpc_key: str | None = None
     seed: int = 0
-    build_timeout_s: float = 300.0
 
     def check(self) -> None:
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
@@ -49,8 +49,6 @@ class TuneOptions:
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise TuneError("--rpc-tracker and --rpc-key go together (the tracker, and the key its servers use)")
         if self.rpc_tracker is not None:
-            from qcompile.tuning.rpc import parse_tracker
-
             parse_tracker(self.rpc_tracker)
 
 
@@ -155,8 +153,6 @@ class _Engine:
         if options.rpc_tracker is None:
             self.runner, self.workers = ms.runner.LocalRunner(evaluator_config=evaluator), 1
         else:
-            from qcompile.tuning.rpc import rpc_runner
-
             self.runner = rpc_runner(options.rpc_tracker, str(options.rpc_key), evaluator)
             self.workers = max(1, int(getattr(self.runner, "max_workers", 1) or 1))
         self.count = 0
@@ -228,22 +224,20 @@ def tune_tunables(
     uses = uses or {t.name: 1 for t in tunables}
     report = TuneReport(str(db_dir), str(tuning_target(target)), asdict(options), not_tunable=not_tunable or [])
     ignored: Counter[str] = Counter()
-    plans: list[tuple[Tunable, KernelTuning, list[dict[str, int]]]] = []
+    plans: list[tuple[Tunable, KernelTuning, Lookup, list[dict[str, int]]]] = []
     for t in tunables:
         look = db.lookup(t, target)
         ignored.update(look.ignored)
         space = candidates(t, options.seed)
         done = [m.choice for m in look.measured]
         todo = [c for c in space if c not in done][: max(0, options.trials - len(done))]
-        plans.append((t, KernelTuning(t.name, uses[t.name], len(space), len(done)), todo))
+        plans.append((t, KernelTuning(t.name, uses[t.name], len(space), len(done)), look, todo))
     engine = _Engine(target, options) if any(todo for *_, todo in plans) else None
     total = sum(len(todo) for *_, todo in plans)
     bar = tqdm(total=total, desc="tuning", unit="trial", disable=not progress or total == 0)
     try:
-        for t, kt, todo in plans:
+        for t, kt, look, todo in plans:
             k0 = time.perf_counter()
-            look = db.lookup(t, target)
-            best = look.best()
             for start in range(0, len(todo), engine.workers if engine else 1):
                 assert engine is not None
                 batch = todo[start : start + engine.workers]
@@ -254,14 +248,14 @@ def tune_tunables(
                         continue
                     db.commit(t, choice, res, target)
                     kt.measured_now += 1
-                    m = Measured(choice, sum(res) / len(res))
-                    best = m if best is None or m.seconds < best.seconds else best
+                    look.measured.append(Measured(choice, sum(res) / len(res)))
+                best = look.best()
                 bar.set_postfix_str(
                     f"{t.name} {kt.measured_before + kt.measured_now}/{min(options.trials, kt.space)}"
                     + (f" best {best.seconds * 1e3:.3f} ms" if best else "")
                 )
             kt.seconds = round(time.perf_counter() - k0, 2)
-            kt.finish(db.lookup(t, target), candidates(t)[0])
+            kt.finish(look, default_choice(t))
             report.kernels.append(kt)
     finally:
         bar.close()
@@ -295,16 +289,16 @@ class Applied:
         """``t`` with the schedule of its best record on this target (the default without one)."""
         look = self.db.lookup(t, self.target)
         self.ignored.update(look.ignored)
-        default_choice = candidates(t)[0]
-        best, default = look.best(), look.default(default_choice)
+        default = default_choice(t)
+        best, measured_default = look.best(), look.default(default)
         if best is None:
             self.used[t.name] = {"tuned": False, "why": "no record for this target"}
-            return t.build(default_choice)
+            return t.build(default)
         self.used[t.name] = {
             "tuned": True,
-            "untuned_ms": round(default.seconds * 1e3, 5) if default else None,
+            "untuned_ms": round(measured_default.seconds * 1e3, 5) if measured_default else None,
             "tuned_ms": round(best.seconds * 1e3, 5),
-            "won": "default" if best.choice == default_choice else "tuned",
+            "won": "default" if best.choice == default else "tuned",
             "schedule": best.choice,
             "records": len(look.measured),
         }

@@ -103,29 +103,18 @@ def tuned_prepare(name: str) -> Callable[[torch.Tensor, int], Run]:
 
 
 def _prepare_format(bf: BenchFormat, tuned: bool = False) -> Callable[[torch.Tensor, int], Run]:
-    fmt, bits, group, act_bits, act_group, symmetric = (
-        bf.fmt,
-        bf.bits,
-        bf.group,
-        bf.act_bits,
-        bf.act_group,
-        bf.symmetric,
-    )
-
     def prepare(w: torch.Tensor, m: int) -> Run:
         n, k = w.shape
-        g = group or k
-        if fmt == "f32":
-            recipe = LinearRecipe.dense(n, k)
+        g = bf.group or k
+        recipe = bf.recipe(n, k)
+        if bf.fmt == "f32":
             codes, scale, offset = w, None, None
-        elif fmt == "i8":
-            recipe = LinearRecipe.w8a8(n, k)
+        elif bf.fmt == "i8":
             codes, s = quantize_weight_per_channel(w, 8)
             scale, offset = s[:, None], None
         else:
-            codes, scale, offset = quantize_weight_groups(w, bits, g, symmetric)
-            recipe = LinearRecipe.codes(n, k, bits, g, act_bits, act_group, offset is not None)
-        assert recipe.wfmt == fmt, f"{fmt} is stored as {recipe.wfmt}"
+            codes, scale, offset = quantize_weight_groups(w, bf.bits, g, bf.symmetric)
+        assert recipe.wfmt == bf.fmt, f"{bf.fmt} is stored as {recipe.wfmt}"
         spec = recipe.kernel(m)
         n_p, k_p = spec.n, spec.k
         t = bf.tunable(n, k, m)  # what the backend's rules build on this CPU (X86Dot or the template)
@@ -134,9 +123,7 @@ def _prepare_format(bf: BenchFormat, tuned: bool = False) -> Callable[[torch.Ten
             weights = [_tv(x) for x in x86_pack(t.spec, codes, scale)]
         else:
             weights = [_tv(x) for x in recipe.pack(spec, codes, scale, offset)]
-        qspec = QuantRows(k_p, act_bits, spec.act_group, m) if act_bits else None
-        if isinstance(t, X86Tunable):
-            qspec = t.spec.quant_rows()
+        qspec = t.spec.quant_rows() if bf.act_bits else None  # flipped codes for an x86 kernel
         qlib = _lib("quant", qspec) if qspec else None
         y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
@@ -154,7 +141,7 @@ def _prepare_format(bf: BenchFormat, tuned: bool = False) -> Callable[[torch.Ten
             return out[:, :n]
 
         run.weight_bytes = sum(t.numpy().nbytes for t in weights)  # type: ignore[attr-defined]
-        if fmt not in ("f32", "i8"):  # the weight the kernel multiplies by (its own reference), on demand
+        if bf.fmt not in ("f32", "i8"):  # the weight the kernel multiplies by (its own reference), on demand
             run.dequantized = lambda: dequantize_weight_groups(codes, scale, offset, g)  # type: ignore[attr-defined]
         return run
 

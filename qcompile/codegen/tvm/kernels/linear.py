@@ -124,6 +124,7 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
     """The PrimFunc of ``spec``, scheduled for the CPU with ``knobs`` (None: :meth:`TemplateKnobs.default`;
     ``schedule=False``: the plain compute, which the CUDA pipeline schedules with dlight as the
     generic fallback and the autotuner's design space schedules); output last."""
+    knobs = knobs or TemplateKnobs.default(spec)
     m = _rows(spec.m)
     n_, k_, g_, gs = spec.n, spec.k, spec.groups, spec.group
     nblk = n_ // NB
@@ -154,8 +155,6 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
         acc = xs = None
     else:
         kk = te.reduce_axis((0, gs), "kk")
-        if knobs is None:
-            knobs = TemplateKnobs.default(spec)
         if schedule and knobs.staged:  # decoded once per group into a scratch tile every row of a tile reads
             wd = te.compute(  # lane-blocked like the weights, so that a vector of lanes is contiguous
                 (nblk, k_, NB),
@@ -199,7 +198,7 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
     if not schedule:
         return func
     sch = Schedule(func)
-    schedule_template(spec, sch, knobs or TemplateKnobs.default(spec))
+    schedule_template(spec, sch, knobs)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
@@ -289,10 +288,8 @@ def schedule_template(spec: LinearKernel, sch: Schedule, knobs: TemplateKnobs) -
     else:
         sch.reorder(ako, aki, aj)
     # the innermost vector spans lanes that read consecutive bytes with one shift per array
-    if knobs.vec == max_vec(spec):
-        inner = [None, 2, NB // 4] if spec.wfmt == "i6" else [None, knobs.vec]
-    else:
-        inner = [None, knobs.vec]
+    full_i6 = spec.wfmt == "i6" and knobs.vec == max_vec(spec)
+    inner = [None, 2, NB // 4] if full_i6 else [None, knobs.vec]
     parts = sch.split(aj, inner)
     for p in parts[:-1]:
         sch.unroll(p)
