@@ -68,6 +68,7 @@ def _tunables() -> list[object]:
         TemplateTunable(LinearKernel(128, 256, "u4", 64, 0, 0, True, True, None)),
         TemplateTunable(LinearKernel(128, 256, "i8", 256, 8, 0, False, False, None)),
         TemplateTunable(LinearKernel(64, 128, "f32", 128, 0, 0, False, False, 1)),
+        TemplateTunable(LinearKernel(128, 256, "i6", 128, 8, 128, False, True, 6)),  # 6 rows: tiles of 4 pad
     ]
     isa = isa_for(CpuTarget().features)
     if isa is not None:
@@ -85,7 +86,9 @@ def test_every_candidate_computes_what_the_default_computes(t) -> None:
     inputs = _inputs(default, rows, seed=1)
     want = _run(default, inputs, rows)
     assert np.abs(want).max() > 0
-    for choice in space[1:5]:
+    # a few candidates, and one per row-tile size (tiles that do not divide the rows pad them)
+    tried = space[1:5] + [next(c for c in space if c.get("rows") == r) for r in {c.get("rows") for c in space}]
+    for choice in tried:
         got = _run(t.build(choice), inputs, rows)
         if t.name.startswith("qc_linear_f32") or "_af32_" in t.name:
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(choice))

@@ -36,7 +36,7 @@ class TemplateTunable(_OfSpec):
     def knobs(self) -> tuple[Knob, ...]:
         d = TemplateKnobs.default(self.spec)
         many_rows = self.spec.m is None or self.spec.m > 1
-        rows = dedup([d.rows, 2, 4, 8]) if many_rows else (d.rows,)
+        rows = dedup([d.rows, 1, 2, 4, 8]) if many_rows else (d.rows,)
         if self.spec.m is not None:
             rows = tuple(r for r in rows if r <= self.spec.m)
         out = [
