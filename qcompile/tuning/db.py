@@ -45,6 +45,11 @@ def tuning_target(target: CpuTarget) -> tvm.target.Target:
     )
 
 
+def to_ms(seconds: float) -> float:
+    """Milliseconds to 4 significant digits (an ordinary op can take a few nanoseconds)."""
+    return float(f"{seconds * 1e3:.4g}")
+
+
 @dataclass(frozen=True)
 class Measured:
     """One measured candidate of a kernel on this target."""
@@ -66,6 +71,32 @@ class Lookup:
 
     def default(self, default_choice: dict[str, int]) -> Measured | None:
         return next((m for m in self.measured if m.choice == default_choice), None)
+
+
+@dataclass
+class TraceLookup:
+    """An ordinary op's records on this target: (trace, mean seconds); :func:`default_trace` marks
+    TVM's own unscheduled lowering, the untuned default."""
+
+    measured: list[tuple[tvm.s_tir.schedule.Trace, float]] = field(default_factory=list)
+    ignored: Counter[str] = field(default_factory=Counter)
+
+    def best(self) -> tuple[tvm.s_tir.schedule.Trace, float] | None:
+        return min(self.measured, key=lambda m: m[1], default=None)
+
+    def default(self) -> float | None:
+        return next((s for tr, s in self.measured if is_default(tr)), None)
+
+
+def default_trace(sch: Schedule) -> tvm.s_tir.schedule.Trace:
+    """The trace an ordinary op's untuned default is recorded with: one decision with one choice,
+    which changes nothing (MetaSchedule's databases drop a record whose trace is empty)."""
+    sch.sample_categorical([0], [1.0], 0)
+    return sch.trace
+
+
+def is_default(trace: tvm.s_tir.schedule.Trace) -> bool:
+    return len(trace.insts) == 1 and trace.insts[0].kind.name == "SampleCategorical"
 
 
 def _check_file(path: Path) -> None:
@@ -121,28 +152,43 @@ class TuningDB:
             self._workloads[t] = self.db.commit_workload(mod)
         return self._workloads[t]
 
-    def lookup(self, t: Tunable, target: CpuTarget) -> Lookup:
-        """This target's measurements of ``t``, and what was ignored and why."""
-        out = Lookup()
+    def _records(
+        self, t: Tunable, target: CpuTarget, ignored: Counter[str]
+    ) -> list[tuple[ms.database.TuningRecord, float]]:
+        """This target's measured records of ``t`` with their mean seconds; the rest counted in ``ignored``."""
         wl = self._workload(t, commit=False)
         if wl is None:
-            return out
+            return []
         want = str(tuning_target(target))
-        knobs = t.knobs()
+        out = []
         for rec in self.db.get_top_k(wl, 1 << 30):
             got = str(rec.target) if rec.target is not None else "(no target)"
             if got != want:
-                out.ignored[f"measured for another target: {got}"] += 1
+                ignored[f"measured for another target: {got}"] += 1
                 continue
+            secs = [float(s) for s in (rec.run_secs or [])]
+            if not secs or not all(0 < s < 1e9 for s in secs):
+                ignored["a failed measurement"] += 1
+                continue
+            out.append((rec, mean(secs)))
+        return out
+
+    def lookup(self, t: Tunable, target: CpuTarget) -> Lookup:
+        """This target's measurements of ``t``, and what was ignored and why."""
+        out = Lookup()
+        knobs = t.knobs()
+        for rec, secs in self._records(t, target, out.ignored):
             choice = choice_of(rec.trace, knobs)
             if choice is None:
                 out.ignored["knobs of another version of this kernel's design space"] += 1
                 continue
-            secs = [float(s) for s in (rec.run_secs or [])]
-            if not secs or not all(0 < s < 1e9 for s in secs):
-                out.ignored["a failed measurement"] += 1
-                continue
-            out.measured.append(Measured(choice, mean(secs)))
+            out.measured.append(Measured(choice, secs))
+        return out
+
+    def traces(self, t: Tunable, target: CpuTarget) -> TraceLookup:
+        """This target's measured schedules of an ordinary op ``t`` (:mod:`.ordinary`): whole traces."""
+        out = TraceLookup()
+        out.measured = [(rec.trace, secs) for rec, secs in self._records(t, target, out.ignored)]
         return out
 
     def commit(self, t: Tunable, choice: dict[str, int], run_secs: list[float], target: CpuTarget) -> None:
@@ -151,7 +197,25 @@ class TuningDB:
         assert wl is not None
         sch = Schedule(wl.mod)
         sample(sch, t.knobs(), choice)
-        self.db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, run_secs, tuning_target(target), None))
+        self.commit_trace(t, sch.trace, run_secs, target)
+
+    def commit_trace(
+        self, t: Tunable, trace: tvm.s_tir.schedule.Trace, run_secs: list[float], target: CpuTarget
+    ) -> None:
+        """Append one measured schedule of ``t`` (written to disk before this returns)."""
+        wl = self._workload(t, commit=True)
+        assert wl is not None
+        self.db.commit_tuning_record(ms.database.TuningRecord(trace, wl, run_secs, tuning_target(target), None))
 
 
-__all__ = ["FILES", "Lookup", "Measured", "TuneError", "TuningDB", "tuning_target"]
+__all__ = [
+    "FILES",
+    "Lookup",
+    "Measured",
+    "TraceLookup",
+    "TuneError",
+    "TuningDB",
+    "default_trace",
+    "is_default",
+    "tuning_target",
+]

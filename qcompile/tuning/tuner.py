@@ -13,6 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,21 @@ from typing import Any
 import tvm
 import tvm.s_tir.meta_schedule as ms
 from tqdm.auto import tqdm
+from tvm.s_tir import Schedule
 
 from qcompile.codegen.target import CpuTarget, Target
 from qcompile.errors import TuneError
-from qcompile.tuning.db import Lookup, Measured, TuningDB, tuning_target
+from qcompile.tuning.db import (
+    Lookup,
+    Measured,
+    TraceLookup,
+    TuningDB,
+    default_trace,
+    is_default,
+    to_ms,
+    tuning_target,
+)
+from qcompile.tuning.ordinary import OrdinaryOp, apply_pass, ordinary_ops, sampled
 from qcompile.tuning.rpc import parse_tracker, rpc_runner
 from qcompile.tuning.space import DYNAMIC_ROWS, Tunable, candidates, default_choice
 
@@ -58,20 +70,23 @@ class KernelTuning:
 
     name: str
     uses: int  # call sites in the Program
-    space: int  # candidates in its design space
+    space: int  # candidates in its design space (0: MetaSchedule's sampled space, no fixed size)
     measured_before: int  # this target's records found in the database at the start
     measured_now: int = 0
     failed: list[str] = field(default_factory=list)  # "choice: error"
     default_ms: float | None = None
     best_ms: float | None = None
-    best: dict[str, int] | None = None
+    best: dict[str, int] | None = None  # the winning knobs (qcompile's design spaces)
     seconds: float = 0.0
+    kind: str = "qcompile"  # "qcompile": knobs of :mod:`.space`; "metaschedule": an ordinary op (:mod:`.ordinary`)
+    won: str | None = None  # "default" or "tuned"
 
     def finish(self, look: Lookup, default_choice: dict[str, int]) -> None:
         d, b = look.default(default_choice), look.best()
-        self.default_ms = round(d.seconds * 1e3, 5) if d else None
-        self.best_ms = round(b.seconds * 1e3, 5) if b else None
+        self.default_ms = to_ms(d.seconds) if d else None
+        self.best_ms = to_ms(b.seconds) if b else None
         self.best = b.choice if b else None
+        self.won = None if b is None else "default" if b.choice == default_choice else "tuned"
 
 
 @dataclass
@@ -98,9 +113,11 @@ class TuneReport:
         ]
         for k in self.kernels:
             gain = f"{k.default_ms / k.best_ms:.2f}x" if k.default_ms and k.best_ms else "-"
+            space = k.space or "sampled"
             lines.append(
-                f"  {k.name}: {k.measured_before}+{k.measured_now}/{k.space} measured, default {k.default_ms} ms, "
-                f"best {k.best_ms} ms ({gain}) {k.best or ''}" + (f", {len(k.failed)} failed" if k.failed else "")
+                f"  {k.name}: {k.measured_before}+{k.measured_now}/{space} measured, default {k.default_ms} ms, "
+                f"best {k.best_ms} ms ({gain}) {k.best or k.won or ''}"
+                + (f", {len(k.failed)} failed" if k.failed else "")
             )
         for reason, n in self.ignored.items():
             lines.append(f"  ignored {n} records: {reason}")
@@ -112,16 +129,28 @@ class TuneReport:
 # ---- extraction ---------------------------------------------------------------------------------
 
 
-def extract(program: Any, target: CpuTarget) -> tuple[list[Tunable], dict[str, int], list[str]]:
-    """The distinct tunable kernels lowering ``program`` for ``target`` emits (in order of first
-    use), their call sites, and the names of the kernels that have no design space."""
+@dataclass
+class Extracted:
+    """The distinct kernels of a lowered Program: qcompile's tunable kernels (in order of first use)
+    with their call sites, the ordinary ops MetaSchedule can tune, and the rest ("name" or
+    "name: why")."""
+
+    tunables: list[Tunable]
+    uses: dict[str, int]
+    ordinary: list[OrdinaryOp]
+    not_tunable: list[str]
+
+
+def extract(program: Any, target: CpuTarget) -> Extracted:
+    """The kernels lowering ``program`` for ``target`` emits (:class:`Extracted`)."""
     from qcompile.codegen.tvm.lower import lower_program
 
     lowered = lower_program(program, target)
     tunables = list(lowered.tunables.values())
     names = {t.name for t in tunables}
     rest = sorted(k for k in lowered.kernels if k not in names)
-    return tunables, {t.name: lowered.kernels.get(t.name, 0) for t in tunables}, rest
+    ordinary, dynamic = ordinary_ops(lowered.mod, target)
+    return Extracted(tunables, {t.name: lowered.kernels.get(t.name, 0) for t in tunables}, ordinary, rest + dynamic)
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -168,16 +197,21 @@ class _Engine:
 
     def measure(self, t: Tunable, choices: list[dict[str, int]]) -> list[list[float] | str]:
         """Run seconds per repeat for each choice, or the error that stopped it."""
-        out: list[list[float] | str] = ["" for _ in choices]
+        return self.measure_builds([lambda c=c: t.build(c) for c in choices], t.rows or DYNAMIC_ROWS)
+
+    def measure_builds(self, builds: list[Callable[[], tvm.tirx.PrimFunc]], rows: int) -> list[list[float] | str]:
+        """Run seconds per repeat for each candidate kernel ``builds`` makes (a dynamic row count
+        set to ``rows``), or the error that stopped it."""
+        out: list[list[float] | str] = ["" for _ in builds]
         inputs, where = [], []
-        for i, c in enumerate(choices):
+        for i, make in enumerate(builds):
             try:
-                func = t.build(c)
+                func = make()
                 path = self._build(func)
             except Exception as e:  # noqa: BLE001 - a candidate that does not build is reported, not fatal
                 out[i] = f"build failed: {type(e).__name__}: {str(e).strip()[-300:]}"
                 continue
-            inputs.append(ms.runner.RunnerInput(path, "cpu", args_info(func, t.rows or DYNAMIC_ROWS)))
+            inputs.append(ms.runner.RunnerInput(path, "cpu", args_info(func, rows)))
             where.append(i)
         if inputs:
             if self.options.rpc_tracker is None:
@@ -204,8 +238,10 @@ def tune_program(
             f"tuning measures kernels where they run; target {target} is not a CPU (CUDA kernels have no "
             "design space in qcompile yet)"
         )
-    tunables, uses, rest = extract(program, target)
-    return tune_tunables(tunables, target, db_dir, options, progress, uses, rest)
+    found = extract(program, target)
+    return tune_tunables(
+        found.tunables, target, db_dir, options, progress, found.uses, found.not_tunable, found.ordinary
+    )
 
 
 def tune_tunables(
@@ -216,8 +252,9 @@ def tune_tunables(
     progress: bool = True,
     uses: dict[str, int] | None = None,
     not_tunable: list[str] | None = None,
+    ordinary: list[OrdinaryOp] | None = None,
 ) -> TuneReport:
-    """Tune ``tunables`` (distinct kernels) for ``target`` into ``db_dir``."""
+    """Tune ``tunables`` (distinct kernels) and the ``ordinary`` ops for ``target`` into ``db_dir``."""
     options.check()
     t0 = time.perf_counter()
     db = TuningDB(db_dir, create=True)
@@ -232,8 +269,11 @@ def tune_tunables(
         done = [m.choice for m in look.measured]
         todo = [c for c in space if c not in done][: max(0, options.trials - len(done))]
         plans.append((t, KernelTuning(t.name, uses[t.name], len(space), len(done)), look, todo))
-    engine = _Engine(target, options) if any(todo for *_, todo in plans) else None
-    total = sum(len(todo) for *_, todo in plans)
+    ops = [(op, db.traces(op, target)) for op in ordinary or []]
+    for _, tl in ops:
+        ignored.update(tl.ignored)
+    total = sum(len(todo) for *_, todo in plans) + sum(max(0, options.trials - len(tl.measured)) for _, tl in ops)
+    engine = _Engine(target, options) if total else None
     bar = tqdm(total=total, desc="tuning", unit="trial", disable=not progress or total == 0)
     try:
         for t, kt, look, todo in plans:
@@ -257,6 +297,8 @@ def tune_tunables(
             kt.seconds = round(time.perf_counter() - k0, 2)
             kt.finish(look, default_choice(t))
             report.kernels.append(kt)
+        for op, tl in ops:
+            report.kernels.append(_tune_op(op, tl, target, db, options, engine, bar))
     finally:
         bar.close()
         if engine is not None:
@@ -264,6 +306,51 @@ def tune_tunables(
     report.ignored = dict(ignored)
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _tune_op(
+    op: OrdinaryOp,
+    look: TraceLookup,
+    target: CpuTarget,
+    db: TuningDB,
+    options: TuneOptions,
+    engine: _Engine | None,
+    bar: Any,
+) -> KernelTuning:
+    """Measure up to ``options.trials`` schedules of an ordinary op (its default first, then samples
+    of MetaSchedule's design space) into ``db``; ``look`` gets the new measurements."""
+    k0 = time.perf_counter()
+    kt = KernelTuning(op.name, op.uses, 0, len(look.measured), kind="metaschedule")
+    need = options.trials - len(look.measured)
+    if need > 0:
+        assert engine is not None
+        plain = Schedule(tvm.IRModule({"main": op.func}))  # TVM's own lowering
+        default_trace(plain)
+        todo = [plain] if look.default() is None else []
+        try:
+            seen = {str(tr) for tr, _ in look.measured}
+            todo += sampled(op, target, need - len(todo), options.seed + len(look.measured), seen)
+        except Exception as e:  # noqa: BLE001 - a design space MetaSchedule cannot generate is reported
+            kt.failed.append(f"design space: {type(e).__name__}: {str(e).strip()[-300:]}")
+        bar.total -= need - len(todo)  # a small space can have fewer distinct schedules than trials
+        for start in range(0, len(todo), engine.workers):
+            batch = todo[start : start + engine.workers]
+            builds = [lambda s=s: s.mod["main"] for s in batch]
+            for sch, res in zip(batch, engine.measure_builds(builds, DYNAMIC_ROWS)):
+                bar.update(1)
+                if isinstance(res, str):
+                    kt.failed.append(f"{'default' if sch is plain else 'sample'}: {res}")
+                    continue
+                db.commit_trace(op, sch.trace, res, target)
+                kt.measured_now += 1
+                look.measured.append((sch.trace, sum(res) / len(res)))
+            bar.set_postfix_str(f"{op.name} {kt.measured_before + kt.measured_now}/{options.trials}")
+    best, default = look.best(), look.default()
+    kt.default_ms = to_ms(default) if default is not None else None
+    kt.best_ms = to_ms(best[1]) if best else None
+    kt.won = None if best is None else "default" if is_default(best[0]) else "tuned"
+    kt.seconds = round(time.perf_counter() - k0, 2)
+    return kt
 
 
 # ---- applying -----------------------------------------------------------------------------------
@@ -296,13 +383,17 @@ class Applied:
             return t.build(default)
         self.used[t.name] = {
             "tuned": True,
-            "untuned_ms": round(measured_default.seconds * 1e3, 5) if measured_default else None,
-            "tuned_ms": round(best.seconds * 1e3, 5),
+            "untuned_ms": to_ms(measured_default.seconds) if measured_default else None,
+            "tuned_ms": to_ms(best.seconds),
             "won": "default" if best.choice == default else "tuned",
             "schedule": best.choice,
             "records": len(look.measured),
         }
         return t.build(best.choice)
+
+    def ordinary_pass(self) -> tvm.transform.Pass:
+        """The pipeline pass that gives the ordinary ops their best records (:mod:`.ordinary`)."""
+        return apply_pass(self.db, self.target, self.used, self.ignored)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -53,16 +53,18 @@ FATBIN = "kernels.fatbin"  # CUDA: the nvcc build of the library's device code
 BIND_WEIGHTS = True
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
     """TVM's CPU pipeline (dead code elimination first). The heavy ops (linear layers, attention,
     cache writes) are qcompile's scheduled kernels; the ordinary fused elementwise/norm kernels are
     left as TVM lowers them (serial loops, vectorized by LLVM). dlight's CPU ``Reduction`` rule is
     deliberately not applied: on a one-row RMSNorm (decode) it parallelizes over the output
     elements while every iteration re-runs the row's reduction into one shared buffer (576× the
-    work, and a data race), measured at 0.15 ms per norm on SmolLM2."""
+    work, and a data race), measured at 0.15 ms per norm on SmolLM2. ``tuned``: a pass that gives
+    the ordinary kernels the schedules of a tuning database, right after legalization
+    (:func:`qcompile.tuning.ordinary.apply_pass`)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    return cuda.backend_pipeline(target, cpu_generic)
+    return cuda.backend_pipeline(target, cpu_generic, () if tuned is None else (tuned,))
 
 
 def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
@@ -243,7 +245,10 @@ class TVMBackend(Backend):
             self.params = {k: f(program.state).contiguous() for k, f in lowered.repacks.items()}
         bind = gpu is None and BIND_WEIGHTS
         mod = bind_weights(lowered.mod, program, lowered.extra_params, self.params) if bind else lowered.mod
-        pipeline = relax_pipeline(target.tvm) if gpu is None else cuda.relax_pipeline(target.tvm)
+        if gpu is None:
+            pipeline = relax_pipeline(target.tvm, None if tuning is None else tuning.ordinary_pass())
+        else:
+            pipeline = cuda.relax_pipeline(target.tvm)
         self.executable = tvm.compile(mod, target=target.tvm, relax_pipeline=pipeline)
         t2 = time.perf_counter()
         extra: dict[str, Any] = {}

@@ -138,17 +138,30 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return backend_pipeline(target, cuda_passes)
 
 
-def backend_pipeline(target: tvm.target.Target, passes: Any) -> tvm.transform.Pass:
-    """Dead-code elimination, then a TVM backend module's four pass lists, under ``target``."""
+def front_passes(target: tvm.target.Target, passes: Any) -> list[tvm.transform.Pass]:
+    """Dead-code elimination, library dispatch and legalization (Relax ops to fused TIR functions)
+    of a TVM backend module's pass lists: what runs before the TIR functions are scheduled."""
     from tvm import relax
+
+    return (
+        [relax.transform.DeadCodeElimination()]  # e.g. the KV repeats the attention kernel reads around
+        + passes.library_dispatch_passes(target)
+        + passes.legalize_passes(target)
+    )
+
+
+def backend_pipeline(
+    target: tvm.target.Target, passes: Any, after_legalize: tuple[tvm.transform.Pass, ...] = ()
+) -> tvm.transform.Pass:
+    """:func:`front_passes`, then ``after_legalize`` (e.g. tuned schedules), then the backend
+    module's dataflow-lowering and finalization pass lists, under ``target``."""
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                [relax.transform.DeadCodeElimination()]  # e.g. the KV repeats the attention kernel reads around
-                + passes.library_dispatch_passes(target)
-                + passes.legalize_passes(target)
+                front_passes(target, passes)
+                + list(after_legalize)
                 + passes.dataflow_lower_passes(target)
                 + passes.finalize_passes(target)
             )
