@@ -26,8 +26,8 @@ tvm = pytest.importorskip("tvm")
 import qcompile  # noqa: E402
 import qcompile.tuning.tuner  # noqa: E402
 from qcompile.codegen.target import CpuTarget  # noqa: E402
-from qcompile.codegen.tvm.kernels.linear import LinearKernel  # noqa: E402
-from qcompile.codegen.tvm.kernels.tunable import TemplateTunable, X86Tunable  # noqa: E402
+from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows  # noqa: E402
+from qcompile.codegen.tvm.kernels.tunable import QuantRowsTunable, TemplateTunable, X86Tunable  # noqa: E402
 from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for  # noqa: E402
 from qcompile.errors import TuneError  # noqa: E402
 from qcompile.eval.zoo import tiny_llama  # noqa: E402
@@ -40,20 +40,22 @@ ENTRIES = ("forward",)  # one entry: its linears run with a dynamic number of ro
 RECORDS = "database_tuning_record.json"
 
 
-def _run(func, inputs: list[np.ndarray], rows: int) -> np.ndarray:
+def _shape(ty, rows: int) -> list[int]:
+    return [rows if isinstance(d, tvm.tirx.Var) else int(d) for d in ty.shape]
+
+
+def _run(func, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
     lib = tvm.compile(func, target=CpuTarget().tvm)
-    out_ty = func.params[-1].ty
-    shape = [rows if isinstance(d, tvm.tirx.Var) else int(d) for d in out_ty.shape]
-    y = tvm.runtime.tensor(np.zeros(shape, str(out_ty.dtype)))
-    lib(*[tvm.runtime.tensor(a) for a in inputs], y)
-    return y.numpy()
+    outs = [tvm.runtime.tensor(np.zeros(_shape(p.ty, rows), str(p.ty.dtype))) for p in func.params[len(inputs) :]]
+    lib(*[tvm.runtime.tensor(a) for a in inputs], *outs)
+    return [y.numpy() for y in outs]
 
 
-def _inputs(func, rows: int, seed: int) -> list[np.ndarray]:
+def _inputs(func, rows: int, seed: int, outputs: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
-    for p in func.params[:-1]:
-        shape = [rows if isinstance(d, tvm.tirx.Var) else int(d) for d in p.ty.shape]
+    for p in func.params[:-outputs]:
+        shape = _shape(p.ty, rows)
         dt = str(p.ty.dtype)
         if dt.startswith("float"):
             out.append(rng.standard_normal(shape).astype(dt))
@@ -70,6 +72,8 @@ def _tunables() -> list[object]:
         TemplateTunable(LinearKernel(128, 256, "i8", 256, 8, 0, False, False, None)),
         TemplateTunable(LinearKernel(64, 128, "f32", 128, 0, 0, False, False, 1)),
         TemplateTunable(LinearKernel(128, 256, "i6", 128, 8, 128, False, True, 6)),  # 6 rows: tiles of 4 pad
+        QuantRowsTunable(QuantRows(256, 8, 128, None, flip=True)),
+        QuantRowsTunable(QuantRows(192, 6, 0, 1)),
     ]
     isa = isa_for(CpuTarget().features)
     if isa is not None:
@@ -84,17 +88,20 @@ def test_every_candidate_computes_what_the_default_computes(t) -> None:
     assert len({tuple(sorted(c.items())) for c in space}) == len(space)
     rows = t.rows or 13  # a row count no tile divides
     default = t.build(space[0])
-    inputs = _inputs(default, rows, seed=1)
+    inputs = _inputs(default, rows, seed=1, outputs=2 if isinstance(t, QuantRowsTunable) else 1)
     want = _run(default, inputs, rows)
-    assert np.abs(want).max() > 0
-    # a few candidates, and one per row-tile size (tiles that do not divide the rows pad them)
+    assert all(np.abs(w).max() > 0 for w in want)
+    # every candidate of a small space; else a few, and one per row-tile size (tiles that do not
+    # divide the rows pad them)
     tried = space[1:5] + [next(c for c in space if c.get("rows") == r) for r in {c.get("rows") for c in space}]
+    tried = space[1:] if len(space) <= 16 else tried
     for choice in tried:
         got = _run(t.build(choice), inputs, rows)
-        if t.name.startswith("qc_linear_f32") or "_af32_" in t.name:
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(choice))
-        else:  # integer sums, then the same fp32 rescale in the same order
-            np.testing.assert_array_equal(got, want, err_msg=str(choice))
+        for g, w in zip(got, want):
+            if t.name.startswith("qc_linear_f32") or "_af32_" in t.name:
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=str(choice))
+            else:  # integer sums then the same fp32 rescale in the same order; the same quantization
+                np.testing.assert_array_equal(g, w, err_msg=str(choice))
 
 
 def test_a_trace_holds_the_knob_decisions() -> None:

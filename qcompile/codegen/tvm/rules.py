@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from qcompile.codegen.tvm.kernels.linear import NB, LinearKernel, QuantRows, linear_primfunc, quant_rows_primfunc
-from qcompile.codegen.tvm.kernels.tunable import TemplateTunable
+from qcompile.codegen.tvm.kernels.tunable import QuantRowsTunable, TemplateTunable
 from qcompile.codegen.tvm.recipe import LinearRecipe
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def quantize_rows(
     """Per-token / per-group int8 codes and scales of ``flat`` by the kernel ``qr`` (a linear kernel's
     ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``)."""
     if finalize is None:
-        qf = lw.kernel(qr.name, lambda: quant_rows_primfunc(qr))
+        qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:
         qf = lw.kernel(qr.name, lambda: finalize(quant_rows_primfunc(qr, schedule=False)))
     outs = [relax.TensorType([mdim, qr.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]

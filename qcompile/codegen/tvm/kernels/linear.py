@@ -354,11 +354,29 @@ class QuantRows:
         return self.k // self.group if self.group else 1
 
 
-def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.PrimFunc:
+@dataclass(frozen=True)
+class QuantKnobs:
+    """The activation quantization's schedule knobs (its autotuning design space): ``vec`` inputs
+    per vector instruction; ``parallel``: rows split across threads; ``fused``: each row's absmax
+    and scales computed inside the row loop, just before its codes (one pass while the row is in
+    cache; with ``parallel``, the absmax runs on the threads too)."""
+
+    vec: int = 16
+    parallel: bool = False
+    fused: bool = False
+
+    @staticmethod
+    def default(spec: QuantRows) -> QuantKnobs:
+        """The hand-picked schedule: rows in parallel when their count is dynamic (prefill)."""
+        return QuantKnobs(16, spec.m is None, False)
+
+
+def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnobs | None = None) -> tvm.tirx.PrimFunc:
     """``(x) -> (codes int8[M, K], scales f32[M, G])``: the same float operations as
     ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group; codes =
     clamp(round-half-even(x / scale))), so the codes match the reference exactly (``flip``: with
-    their top bit flipped, i.e. the bytes of ``code + 128`` as uint8)."""
+    their top bit flipped, i.e. the bytes of ``code + 128`` as uint8). Scheduled with ``knobs``
+    (None: :meth:`QuantKnobs.default`)."""
     m = _rows(spec.m)
     qmax = float(2 ** (spec.bits - 1) - 1)
     gs = spec.group or spec.k
@@ -379,11 +397,20 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True) -> tvm.tirx.Prim
     func = te.create_prim_func([x, q, sc])
     if not schedule:
         return func
+    knobs = knobs or QuantKnobs.default(spec)
+    if spec.k % knobs.vec:
+        raise ValueError(f"vec {knobs.vec} must divide K={spec.k}")
     sch = Schedule(func)
-    qi, qk = sch.get_loops(sch.get_sblock("Q"))
-    ko, ki = sch.split(qk, [None, 16])
+    q = sch.get_sblock("Q")
+    if knobs.fused:  # per row of the scales: its absmax, its scales, then its codes
+        row = sch.get_loops(sch.get_sblock("SCALE"))[0]
+        sch.compute_at(sch.get_sblock("AMAX"), row)
+        sch.reverse_compute_at(q, row)
+    loops = sch.get_loops(q)
+    qi, qk = loops[0], loops[-1]
+    ko, ki = sch.split(qk, [None, knobs.vec])
     sch.vectorize(ki)
-    if spec.m is None:
+    if knobs.parallel:
         sch.parallel(qi)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 

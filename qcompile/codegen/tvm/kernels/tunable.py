@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import tvm
 
-from qcompile.codegen.tvm.kernels.linear import LinearKernel, TemplateKnobs, linear_primfunc, max_vec
+from qcompile.codegen.tvm.kernels.linear import (
+    LinearKernel,
+    QuantKnobs,
+    QuantRows,
+    TemplateKnobs,
+    linear_primfunc,
+    max_vec,
+    quant_rows_primfunc,
+)
 from qcompile.codegen.tvm.kernels.x86 import HALF, X86Knobs, X86Linear, x86_primfunc
 from qcompile.tuning.space import Knob, dedup
 
@@ -15,7 +23,7 @@ from qcompile.tuning.space import Knob, dedup
 class _OfSpec:
     """A tunable named after its kernel spec, with the spec's row count."""
 
-    spec: LinearKernel | X86Linear
+    spec: LinearKernel | X86Linear | QuantRows
 
     @property
     def name(self) -> str:
@@ -92,4 +100,31 @@ class X86Tunable(_OfSpec):
         )
 
 
-__all__ = ["TemplateTunable", "X86Tunable"]
+@dataclass(frozen=True)
+class QuantRowsTunable(_OfSpec):
+    """The dynamic int8 (or int6) quantization of a linear's input rows
+    (:func:`~qcompile.codegen.tvm.kernels.linear.quant_rows_primfunc`) with :class:`QuantKnobs`."""
+
+    spec: QuantRows
+
+    def knobs(self) -> tuple[Knob, ...]:
+        d = QuantKnobs.default(self.spec)
+        vecs = dedup([d.vec, *(v for v in (8, 32, 64) if self.spec.k % v == 0)])
+        many_rows = self.spec.m is None or self.spec.m > 1
+        out = [Knob("vec", vecs), Knob("fused", (int(d.fused), int(not d.fused)))]
+        if many_rows:
+            out.append(Knob("parallel", (int(d.parallel), int(not d.parallel))))
+        return tuple(out)
+
+    def workload(self) -> tvm.tirx.PrimFunc:
+        return quant_rows_primfunc(self.spec, schedule=False)
+
+    def build(self, choice: dict[str, int]) -> tvm.tirx.PrimFunc:
+        d = QuantKnobs.default(self.spec)
+        knobs = QuantKnobs(
+            choice.get("vec", d.vec), bool(choice.get("parallel", d.parallel)), bool(choice.get("fused", d.fused))
+        )
+        return quant_rows_primfunc(self.spec, knobs=knobs)
+
+
+__all__ = ["QuantRowsTunable", "TemplateTunable", "X86Tunable"]
