@@ -398,8 +398,6 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
     if not schedule:
         return func
     knobs = knobs or QuantKnobs.default(spec)
-    if spec.k % knobs.vec:
-        raise ValueError(f"vec {knobs.vec} must divide K={spec.k}")
     sch = Schedule(func)
     q = sch.get_sblock("Q")
     if knobs.fused:  # per row of the scales: its absmax, its scales, then its codes
