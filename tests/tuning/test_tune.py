@@ -26,8 +26,14 @@ tvm = pytest.importorskip("tvm")
 import qcompile  # noqa: E402
 import qcompile.tuning.tuner  # noqa: E402
 from qcompile.codegen.target import CpuTarget  # noqa: E402
+from qcompile.codegen.tvm.kernels.attention import Attention  # noqa: E402
 from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantRows  # noqa: E402
-from qcompile.codegen.tvm.kernels.tunable import QuantRowsTunable, TemplateTunable, X86Tunable  # noqa: E402
+from qcompile.codegen.tvm.kernels.tunable import (  # noqa: E402
+    AttentionTunable,
+    QuantRowsTunable,
+    TemplateTunable,
+    X86Tunable,
+)
 from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for  # noqa: E402
 from qcompile.errors import TuneError  # noqa: E402
 from qcompile.eval.zoo import tiny_llama  # noqa: E402
@@ -45,7 +51,7 @@ def _shape(ty, rows: int) -> list[int]:
 
 
 def _run(func, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
-    lib = tvm.compile(func, target=CpuTarget().tvm)
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=CpuTarget().tvm)
     outs = [tvm.runtime.tensor(np.zeros(_shape(p.ty, rows), str(p.ty.dtype))) for p in func.params[len(inputs) :]]
     lib(*[tvm.runtime.tensor(a) for a in inputs], *outs)
     return [y.numpy() for y in outs]
@@ -59,6 +65,10 @@ def _inputs(func, rows: int, seed: int, outputs: int) -> list[np.ndarray]:
         dt = str(p.ty.dtype)
         if dt.startswith("float"):
             out.append(rng.standard_normal(shape).astype(dt))
+        elif dt == "bool":  # an attention mask: random, every row with its first key unmasked
+            mask = rng.random(shape) < 0.7
+            mask[..., 0] = True
+            out.append(mask)
         else:
             info = np.iinfo(dt)
             lo, hi = (max(info.min, -127), min(info.max, 127)) if dt != "uint8" else (0, 255)
@@ -74,6 +84,7 @@ def _tunables() -> list[object]:
         TemplateTunable(LinearKernel(128, 256, "i6", 128, 8, 128, False, True, 6)),  # 6 rows: tiles of 4 pad
         QuantRowsTunable(QuantRows(256, 8, 128, None, flip=True)),
         QuantRowsTunable(QuantRows(192, 6, 0, 1)),
+        AttentionTunable(Attention(1, 6, 2, 32, 16, None, "bool", 1, 0.25)),
     ]
     isa = isa_for(CpuTarget().features)
     if isa is not None:

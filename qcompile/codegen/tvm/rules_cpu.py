@@ -24,10 +24,10 @@ import torch
 import tvm
 from tvm import relax
 
-from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, unsupported
+from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, takes_prefix, unsupported
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
-from qcompile.codegen.tvm.kernels.tunable import X86Tunable
+from qcompile.codegen.tvm.kernels.tunable import AttentionTunable, X86Tunable
 from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, pack_corr
 from qcompile.codegen.tvm.kernels.x86 import pack_groups as x86_groups
 from qcompile.codegen.tvm.kernels.x86 import pack_weight as x86_weight
@@ -229,7 +229,10 @@ class GqaAttention:
             if mkind == "bool" and str(mv.ty.dtype) != "bool":
                 mv = bb.emit(relax.op.astype(mv, "bool"))
             margs = [mv]
-        f = lw.kernel(spec.name, lambda: attention_primfunc(spec))
+        if takes_prefix(spec):
+            f = lw.tuned_kernel(AttentionTunable(spec))
+        else:
+            f = lw.kernel(spec.name, lambda: attention_primfunc(spec))
         return bb.emit(relax.call_tir(f, [q, env(kn), env(vn), *margs], relax.TensorType(qs, "float32")))
 
 

@@ -61,16 +61,22 @@ def unsupported(heads: int, kv_heads: int, dim: int) -> str | None:
     return None
 
 
-def attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
-    """The kernel for ``spec``: with a bool mask over a static cache the one that stops at each row's
-    last unmasked key (:func:`prefix_attention_primfunc`, the same result), else the full one."""
-    if (
+def takes_prefix(spec: Attention) -> bool:
+    """Whether ``spec`` gets :func:`prefix_attention_primfunc` (a bool mask over a static cache)."""
+    return (
         PREFIX_KEYS
         and spec.mask == "bool"
         and spec.keys is not None
         and unsupported(spec.heads, spec.kv_heads, spec.dim) is None
-    ):
-        return prefix_attention_primfunc(spec)
+    )
+
+
+def attention_primfunc(spec: Attention, spread_rows: bool = False) -> tvm.tirx.PrimFunc:
+    """The kernel for ``spec``: with a bool mask over a static cache the one that stops at each row's
+    last unmasked key (:func:`prefix_attention_primfunc`, the same result; ``spread_rows`` is its
+    schedule knob), else the full one."""
+    if takes_prefix(spec):
+        return prefix_attention_primfunc(spec, spread_rows)
     return full_attention_primfunc(spec)
 
 
@@ -153,13 +159,17 @@ def _schedule(func: tvm.tirx.PrimFunc, static_keys: bool) -> tvm.tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def prefix_attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
+def prefix_attention_primfunc(spec: Attention, spread_rows: bool = False) -> tvm.tirx.PrimFunc:
     """The bool-masked kernel over a static cache that visits, per (batch, head, query) row, only the
     keys up to the row's last unmasked one: a decode step with ``p`` filled positions of an
     ``L``-slot cache reads ``p`` keys, not ``L``. Keys past the last unmasked one contribute exactly
     nothing to the softmax (``exp(-inf) = 0``, and adding 0 changes no sum), so the result is the
     full kernel's: same sums in the same order (scores as ``D/8`` vector partial sums added lane by
-    lane, then the exponent sum and the value sum in key order). A fully masked row gives NaN."""
+    lane, then the exponent sum and the value sum in key order). A fully masked row gives NaN.
+
+    Parallel tasks: one per head (default), or with ``spread_rows`` one per (head, query) row, which
+    balances prefill's causal rows (row ``s`` reads ``s + 1`` keys) across the threads when the
+    heads do not divide evenly among them."""
     why = unsupported(spec.heads, spec.kv_heads, spec.dim)
     if why is not None or spec.mask != "bool" or spec.keys is None:
         raise ValueError(f"the prefix attention kernel does not cover {spec}: {why or 'bool mask, static keys only'}")
@@ -169,6 +179,13 @@ def prefix_attention_primfunc(spec: Attention) -> tvm.tirx.PrimFunc:
     decl = "s = T.int64()" if spec.queries is None else ""
     mh = "h" if spec.mask_heads > 1 else "0"
     j = f"do * {lanes} + di"  # the lane's channel
+    if spread_rows:  # one parallel task per (head, query) row
+        rows = (
+            f"for hs in T.parallel({h_} * {s_}):\n        for b in range({b_}):\n"
+            f"            h: T.int64 = hs // {s_}\n            s: T.int64 = hs % {s_}"
+        )
+    else:
+        rows = f"for h in T.parallel({h_}):\n        for b, s in T.grid({b_}, {s_}):"
     src = f"""
 @T.prim_func(private=True)
 def main(q_h: T.handle, K: T.Buffer(({b_}, {kv_}, {l_}, {d_}), "float32"),
@@ -178,8 +195,7 @@ def main(q_h: T.handle, K: T.Buffer(({b_}, {kv_}, {l_}, {d_}), "float32"),
     Q = T.match_buffer(q_h, ({b_}, {h_}, {s_}, {d_}), "float32")
     M = T.match_buffer(m_h, ({b_}, {spec.mask_heads}, {s_}, {l_}), "bool")
     OUT = T.match_buffer(o_h, ({b_}, {h_}, {s_}, {d_}), "float32")
-    for h in T.parallel({h_}):
-        for b, s in T.grid({b_}, {s_}):
+    {rows}
             n = T.decl_buffer((1,), "int64", scope="local")
             mx = T.decl_buffer((1,), "float32", scope="local")
             z = T.decl_buffer((1,), "float32", scope="local")

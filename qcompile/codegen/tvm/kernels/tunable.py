@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import tvm
 
+from qcompile.codegen.tvm.kernels.attention import Attention, prefix_attention_primfunc
 from qcompile.codegen.tvm.kernels.linear import (
     LinearKernel,
     QuantKnobs,
@@ -23,15 +24,15 @@ from qcompile.tuning.space import Knob, dedup
 class _OfSpec:
     """A tunable named after its kernel spec, with the spec's row count."""
 
-    spec: LinearKernel | X86Linear | QuantRows
+    spec: LinearKernel | X86Linear | QuantRows | Attention
+
+    @property
+    def rows(self) -> int | None:
+        return self.spec.queries if isinstance(self.spec, Attention) else self.spec.m
 
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def rows(self) -> int | None:
-        return self.spec.m
 
 
 @dataclass(frozen=True)
@@ -127,4 +128,23 @@ class QuantRowsTunable(_OfSpec):
         return quant_rows_primfunc(self.spec, knobs=knobs)
 
 
-__all__ = ["QuantRowsTunable", "TemplateTunable", "X86Tunable"]
+@dataclass(frozen=True)
+class AttentionTunable(_OfSpec):
+    """The prefix attention kernel over a static cache
+    (:func:`~qcompile.codegen.tvm.kernels.attention.prefix_attention_primfunc`): parallel tasks per
+    head (default) or per (head, query) row."""
+
+    spec: Attention
+
+    def knobs(self) -> tuple[Knob, ...]:
+        many_rows = self.spec.queries is None or self.spec.queries > 1
+        return (Knob("spread_rows", (0, 1) if many_rows else (0,)),)
+
+    def workload(self) -> tvm.tirx.PrimFunc:
+        return prefix_attention_primfunc(self.spec)
+
+    def build(self, choice: dict[str, int]) -> tvm.tirx.PrimFunc:
+        return prefix_attention_primfunc(self.spec, bool(choice.get("spread_rows", 0)))
+
+
+__all__ = ["AttentionTunable", "QuantRowsTunable", "TemplateTunable", "X86Tunable"]
