@@ -547,6 +547,20 @@ register_preset(
 )
 
 
+# ---- W4A8 (issue 21): llama.cpp's Q4 x Q8 dot / onnxruntime MatMulNBits accuracy level 4
+register_preset(
+    Plan(
+        name="w4a8",
+        description="Round-to-nearest 4-bit symmetric weights (group 128, nibbles) and dynamic symmetric 8-bit "
+        "activations per token and group of 128 in every linear; exact int32 sums per group, fp32 rescale "
+        "(the arithmetic of llama.cpp's Q4 x Q8 dot and onnxruntime's MatMulNBits accuracy level 4).",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W4_G128,
+        activation=A8_G128,
+    )
+)
+
+
 # ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
 def _xquant_preset(name: str, description: str, **options: Any) -> None:
     register_preset(

@@ -67,11 +67,13 @@ def _tunables() -> list[object]:
     out: list[object] = [
         TemplateTunable(LinearKernel(128, 256, "u4", 64, 0, 0, True, True, None)),
         TemplateTunable(LinearKernel(128, 256, "i8", 256, 8, 0, False, False, None)),
+        TemplateTunable(LinearKernel(128, 256, "i4", 128, 8, 128, False, False, None)),
         TemplateTunable(LinearKernel(64, 128, "f32", 128, 0, 0, False, False, 1)),
     ]
     isa = isa_for(CpuTarget().features)
     if isa is not None:
         out.append(X86Tunable(X86Linear(128, 256, "i6", 128, 8, 128, True, None, isa)))
+        out.append(X86Tunable(X86Linear(128, 256, "i4", 128, 8, 0, True, None, isa)))
     return out
 
 
