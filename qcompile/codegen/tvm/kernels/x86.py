@@ -29,8 +29,10 @@ Arithmetic (why it is exact):
   the TOP half of a byte (a mask, plus one shift for the low nibble), which as a signed byte is
   exactly ``16·w`` (-128…112), so no ``-8`` is needed; the lane sums are ``16·(Σ x·w + 128·Σ w)``,
   shifted right by 4 (exact: a multiple of 16) before the same ``corr`` is subtracted. Products are
-  at most 255·128, the ``i8`` bound. On avx2 (``vpmaddubsw`` would saturate on ``16·w``) the nibble
-  is stored ``code + 8`` and decoded ``u - 8`` (pairs at most 2·255·8), then the +128 form as ``i6``.
+  at most 255·128, the ``i8`` bound. (Keeping the unsigned nibble ``u = w + 8`` instead would need
+  ``8·Σ x`` per row and group, an activation-side term, besides ``corr``.) On avx2 (``vpmaddubsw``
+  would saturate on ``16·w``) the nibble is stored ``code + 8`` and decoded ``u - 8`` (pairs at most
+  2·255·8), then the +128 form as ``i6``.
 
 Weight layout (repacked at build time, :func:`pack_weight`): output channels in blocks of ``NBX``
 lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd`` wants:
@@ -48,7 +50,8 @@ lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd
 Schedule (a hand-written loop nest; small register tiles live in sub-1 KiB stack arrays, which
 TVM keeps off the heap and LLVM keeps in registers): parallel tasks over blocks of NBX outputs (and
 over chunks of :data:`CHUNK_ROWS` rows when N has fewer than :data:`SPLIT_BELOW_BLOCKS` blocks);
-per group, ``i6`` weights are decoded once into an L1 scratch tile read by every row tile; rows go
+per group, ``i6`` weights are decoded once into an L1 scratch tile read by every row tile (``i4``
+weights are decoded in registers by each row tile: a mask and a shift per two vectors); rows go
 in register tiles of :data:`ROWS` (each weight vector loaded once serves all of them: 6 rows × 64
 outputs = 24 zmm accumulators on ``vnni512``), then the leftover rows (a tile of HALF rows when
 there are that many, then one at a time); each group's integer sums are rescaled into the output
