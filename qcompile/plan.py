@@ -547,6 +547,35 @@ register_preset(
 )
 
 
+# ---- W4A8 (issue 21): llama.cpp's Q4_0 x Q8_0 dot / onnxruntime MatMulNBits accuracy level 4
+# Blocks of 32 as Q4_0 / Q8_0: on SmolLM2-135M (16 x 512 tokens) perplexity 54.87 against 66.54 with
+# groups of 128 (fp32 41.95; benchmarks/RESULTS.md, w4a8 section), for 4.25 -> 5 stored bits per weight.
+W4_G32 = dataclasses.replace(W4_G128, group_size=32)
+A8_G32 = dataclasses.replace(A8_G128, group_size=32)
+register_preset(
+    Plan(
+        name="w4a8",
+        description="Round-to-nearest 4-bit symmetric weights (groups of 32 along K, stored as nibbles) and "
+        "dynamic symmetric 8-bit activations per token and group of 32: the blocks and the arithmetic of "
+        "llama.cpp's Q4_0 x Q8_0 dot and onnxruntime's MatMulNBits accuracy level 4 (exact int32 sums per "
+        "group, fp32 rescale).",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W4_G32,
+        activation=A8_G32,
+    )
+)
+register_preset(
+    Plan(
+        name="w4a8-g128",
+        description="As w4a8 with groups of 128 (weights and activations): fewer scales (4.25 bits per "
+        "weight) and a faster kernel, at a higher perplexity.",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W4_G128,
+        activation=A8_G128,
+    )
+)
+
+
 # ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
 def _xquant_preset(name: str, description: str, **options: Any) -> None:
     register_preset(

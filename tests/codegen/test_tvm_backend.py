@@ -28,13 +28,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def built(tiny_llama):
     """(reference, tvm) compiled modules per preset, built once for this module."""
     out = {}
-    for plan in ("fp32", "w8a8-rtn", "w4a16-rtn-g32-asym", "w6a8"):
+    for plan in ("fp32", "w8a8-rtn", "w4a16-rtn-g32-asym", "w6a8", "w4a8"):
         ref = qcompile.compile(tiny_llama, plan=plan, backend="torch", max_cache_len=64)
         out[plan] = (ref, qcompile.compile(tiny_llama, plan=plan, max_cache_len=64))
     return out
 
 
-@pytest.mark.parametrize("plan", ["fp32", "w8a8-rtn", "w4a16-rtn-g32-asym", "w6a8"])
+@pytest.mark.parametrize("plan", ["fp32", "w8a8-rtn", "w4a16-rtn-g32-asym", "w6a8", "w4a8"])
 def test_tvm_matches_the_reference_backend(built, plan):
     ref, cm = built[plan]
     assert cm.backend == "tvm"  # the default for cpu

@@ -42,7 +42,7 @@ def _run(func, inputs: list[torch.Tensor], outputs: list[tuple[tuple[int, ...], 
     m=st.integers(1, 5),
     n=st.integers(1, 150),
     k=st.integers(1, 300),
-    wfmt=st.sampled_from(["i8", "i6"]),
+    wfmt=st.sampled_from(["i8", "i6", "i4"]),
     act_bits=st.sampled_from([8, 6]),
     grouping=st.sampled_from(["channel", "group-token", "group-group"]),
     gsize=st.sampled_from([32, 64, 128]),
@@ -52,11 +52,11 @@ def _run(func, inputs: list[torch.Tensor], outputs: list[tuple[tuple[int, ...], 
 def test_integer_linear_accumulators_are_exact(m, n, k, wfmt, act_bits, grouping, gsize, dynamic, seed):
     """K not a multiple of the group (or of the vector width) is zero-padded by the lowering, as here."""
     g = torch.Generator().manual_seed(seed)
-    wmax = 127 if wfmt == "i8" else 31
+    wlo, whi = {"i8": (-127, 127), "i6": (-31, 31), "i4": (-8, 7)}[wfmt]
     amax = 2 ** (act_bits - 1) - 1
     n_p, k_p, group = padded(n, k, k if grouping == "channel" else gsize)
     act_group = group if grouping == "group-group" else 0
-    codes = torch.randint(-wmax, wmax + 1, (n, k), generator=g, dtype=torch.int32)
+    codes = torch.randint(wlo, whi + 1, (n, k), generator=g, dtype=torch.int32)
     qx = torch.randint(-amax, amax + 1, (m, k), generator=g, dtype=torch.int32)
     spec = LinearKernel(n_p, k_p, wfmt, group, act_bits, act_group, False, False, None if dynamic else m)
     groups = num_groups(k_p, group)

@@ -121,7 +121,16 @@ def test_recipes_pick_the_lowbit_formats_only_for_weight_only_layers():
     assert LinearRecipe.codes(64, 64, 3, 64, 0, False, True).wfmt == "u3"
     assert LinearRecipe.codes(64, 64, 3, 64, 0, False, True).zero == 0
     assert LinearRecipe.codes(64, 64, 4, 64, 0, False, False).wfmt == "u4"
-    assert LinearRecipe.codes(64, 64, 2, 64, 8, False, False).wfmt == "i8"  # integer activations
+    # integer activations: signed nibbles up to 4 bits (W4A8), i6 for 6, int8 bytes otherwise
+    assert [LinearRecipe.codes(64, 64, b, 64, 8, False, False).wfmt for b in (2, 3, 4, 5, 6, 8)] == [
+        "i4",
+        "i4",
+        "i4",
+        "i8",
+        "i6",
+        "i8",
+    ]
+    assert LinearRecipe.codes(64, 64, 4, 64, 8, True, False).zero == 0
     with pytest.raises(ValueError, match="fp32 activations"):
         LinearKernel(64, 64, "u3", 64, 8, 0, False, False, 1)
 

@@ -66,6 +66,9 @@ def _call(spec: object, args: list[torch.Tensor], m: int) -> torch.Tensor:
     return torch.from_numpy(y.numpy())
 
 
+_RANGE = {"i8": (-128, 127), "i6": (-32, 31), "i4": (-8, 7)}  # every code each format stores
+
+
 def _codes(g: torch.Generator, shape: tuple[int, int], lo: int, hi: int, extreme: bool) -> torch.Tensor:
     """Random codes in [lo, hi]; with ``extreme``, half of them at lo or hi."""
     c = torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.int32)
@@ -75,12 +78,12 @@ def _codes(g: torch.Generator, shape: tuple[int, int], lo: int, hi: int, extreme
     return c
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     m=st.integers(1, 40),  # beyond 24: several row chunks per block (small N)
     n=st.integers(1, 150),
     k=st.integers(1, 300),
-    wfmt=st.sampled_from(["i8", "i6"]),
+    wfmt=st.sampled_from(["i8", "i6", "i4"]),
     act_bits=st.sampled_from([8, 6]),
     grouping=st.sampled_from(["channel", "group-token", "group-group"]),
     gsize=st.sampled_from([32, 64, 128]),
@@ -90,10 +93,10 @@ def _codes(g: torch.Generator, shape: tuple[int, int], lo: int, hi: int, extreme
 )
 def test_dot_kernels_are_exact_on_every_isa_here(m, n, k, wfmt, act_bits, grouping, gsize, dynamic, extreme, seed):
     """Unit scales make the output the integer sum itself (every partial sum < 2^24: exact in fp32).
-    Weights span the whole format (-128…127 for i8, -32…31 for i6), activations ±qmax (what the
-    quantizer emits); ``extreme`` puts half of them at the ends, where vpmaddubsw would saturate."""
+    Weights span the whole format (-128…127 for i8, -32…31 for i6, -8…7 for i4), activations ±qmax
+    (what the quantizer emits); ``extreme`` puts half of them at the ends, where vpmaddubsw would saturate."""
     g = torch.Generator().manual_seed(seed)
-    wlo, whi = (-128, 127) if wfmt == "i8" else (-32, 31)
+    wlo, whi = _RANGE[wfmt]
     amax = 2 ** (act_bits - 1) - 1
     n_p, k_p, group = padded(n, k, k if grouping == "channel" else gsize)
     act_group = group if grouping == "group-group" else 0
@@ -119,7 +122,7 @@ def test_dot_kernels_are_exact_on_every_isa_here(m, n, k, wfmt, act_bits, groupi
     m=st.integers(1, 9),
     nblocks=st.integers(1, 3),
     groups=st.integers(1, 3),
-    wfmt=st.sampled_from(["i8", "i6"]),
+    wfmt=st.sampled_from(["i8", "i6", "i4"]),
     per_group=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -129,8 +132,8 @@ def test_rescale_and_bias_match_the_generic_template(m, nblocks, groups, wfmt, p
     g = torch.Generator().manual_seed(seed)
     n, group = 64 * nblocks, 64
     k = group * groups
-    wmax = 127 if wfmt == "i8" else 31
-    codes = torch.randint(-wmax, wmax + 1, (n, k), generator=g)
+    wlo, whi = _RANGE[wfmt]
+    codes = torch.randint(wlo, whi + 1, (n, k), generator=g)
     qx = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
     sw = torch.rand(n, groups, generator=g) + 0.01
     sx = torch.rand(m, groups if per_group else 1, generator=g) + 0.01
@@ -148,9 +151,10 @@ def test_rescale_and_bias_match_the_generic_template(m, nblocks, groups, wfmt, p
 def test_saturation_extremes_are_exact():
     """The worst cases of each arithmetic, deterministically: i8 weights all -128 or 127 against
     activations all ±127 (the avx2 sign trick's pair sum 2·128·127 just fits int16), i6 weights -32
-    against 127 (the +128 form's 2·255·32)."""
+    against 127 (the +128 form's 2·255·32), i4 weights -8 and 7 (on vnni decoded as 16·w = -128, 112)."""
     m, n, k = 3, 64, 256
     cases = [("i8", -128, 127), ("i8", -128, -127), ("i8", 127, -127), ("i6", -32, 127), ("i6", 31, -127)]
+    cases += [("i4", -8, 127), ("i4", -8, -127), ("i4", 7, 127), ("i4", 7, -127)]
     for wfmt, w, x in cases:
         codes = torch.full((n, k), w, dtype=torch.int32)
         qx = torch.full((m, k), x, dtype=torch.int8)
@@ -170,6 +174,9 @@ def test_bad_specs_and_codes_are_rejected():
     spec = X86Linear(64, 64, "i6", 64, 8, 0, False, 1, "avx2")
     with pytest.raises(ValueError, match=r"\[-32, 31\]"):
         pack(spec, torch.full((64, 64), 40), torch.ones(64, 1))
+    for isa in ISAS:
+        with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+            pack(X86Linear(64, 64, "i4", 64, 8, 0, False, 1, isa), torch.full((64, 64), -9), torch.ones(64, 1))
 
 
 def test_isa_follows_the_features():
@@ -182,7 +189,7 @@ def test_isa_follows_the_features():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("wfmt", ["i8", "i6"])
+@pytest.mark.parametrize("wfmt", ["i8", "i6", "i4"])
 def test_every_isa_compiles_for_its_cpu(isa, wfmt):
     """Built (not run) for a CPU that has the ISA, whatever this machine is, with its instructions in the code."""
     spec = X86Linear(64, 128, wfmt, 64, 8, 64, True, None, isa)
@@ -196,7 +203,14 @@ _MLP = torch.nn.Sequential(torch.nn.Linear(256, 200), torch.nn.ReLU(), torch.nn.
 
 @pytest.mark.parametrize(
     ("mcpu", "plan", "isa"),
-    [(None, "w6a8", "host"), ("haswell", "w8a8-rtn", "avx2"), ("x86-64", "w8a8-rtn", None)],
+    [
+        (None, "w6a8", "host"),
+        (None, "w4a8", "host"),
+        ("haswell", "w4a8", "avx2"),
+        ("haswell", "w8a8-rtn", "avx2"),
+        ("x86-64", "w8a8-rtn", None),
+        ("x86-64", "w4a8", None),
+    ],
 )
 def test_backend_dispatches_on_the_target_features(monkeypatch, mcpu, plan, isa):
     """The compiled module picks the kernel the target's features allow (the host's best ISA, AVX2 for

@@ -80,6 +80,7 @@ def _tunables() -> list[object]:
     out: list[object] = [
         TemplateTunable(LinearKernel(128, 256, "u4", 64, 0, 0, True, True, None)),
         TemplateTunable(LinearKernel(128, 256, "i8", 256, 8, 0, False, False, None)),
+        TemplateTunable(LinearKernel(128, 256, "i4", 128, 8, 128, False, False, None)),
         TemplateTunable(LinearKernel(64, 128, "f32", 128, 0, 0, False, False, 1)),
         TemplateTunable(LinearKernel(128, 256, "i6", 128, 8, 128, False, True, 6)),  # 6 rows: tiles of 4 pad
         QuantRowsTunable(QuantRows(256, 8, 128, None, flip=True)),
@@ -89,6 +90,7 @@ def _tunables() -> list[object]:
     isa = isa_for(CpuTarget().features)
     if isa is not None:
         out.append(X86Tunable(X86Linear(128, 256, "i6", 128, 8, 128, True, None, isa)))
+        out.append(X86Tunable(X86Linear(128, 256, "i4", 128, 8, 0, True, None, isa)))
     return out
 
 

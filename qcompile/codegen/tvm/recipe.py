@@ -1,6 +1,6 @@
 """``LinearRecipe``: how one linear layer's weight is stored for qcompile's kernels, written once.
 
-A recipe is the weight format (``f32``, ``i8``, ``u2``, ``u3``, ``u4``, ``i6``: see :mod:`.kernels.linear`), the
+A recipe is the weight format (``f32``, ``i8``, ``u2``, ``u3``, ``u4``, ``i6``, ``i4``: see :mod:`.kernels.linear`), the
 weight group along K, the activation bits and grouping, and the zero point / float offset, folded
 into one per-(output, group) term ``c = offset − zero·scale`` (weight-only formats add ``c·Σx``).
 The lowering (:mod:`.converters` and the target's rules), the kernel selection
@@ -28,7 +28,7 @@ class LinearRecipe:
 
     n: int
     k: int
-    wfmt: str  # "f32" | "i8" | "u2" | "u3" | "u4" | "i6"
+    wfmt: str  # "f32" | "i8" | "u2" | "u3" | "u4" | "i6" | "i4"
     group: int  # weight group along K; == k: one scale per output channel
     act_bits: int = 0  # 0: fp32 activations
     act_grouped: bool = False  # activation scales per group of ``group`` (else one per token)
@@ -51,8 +51,9 @@ class LinearRecipe:
     ) -> LinearRecipe:
         """Integer codes of ``bits`` in groups of ``group`` (a float ``offset`` when asymmetric), with
         ``act_bits``-bit activations (0: fp32): ``i6`` for 6 bits; with fp32 activations ``u2`` for
-        2 bits, ``u3`` for 3 bits and ``u4`` for 4 bits (and fewer); ``i8`` otherwise. :class:`NoFormat`
-        when no kernel stores them."""
+        2 bits, ``u3`` for 3 bits and ``u4`` for 4 bits (and fewer); with integer activations ``i4``
+        (signed nibbles) for 4 bits and fewer; ``i8`` otherwise. :class:`NoFormat` when no kernel
+        stores them."""
         if act_bits and offset:
             raise NoFormat("integer activations with asymmetric weights have no kernel")
         if bits > 8:
@@ -60,7 +61,7 @@ class LinearRecipe:
         if offset and bits > 4:
             raise NoFormat("asymmetric codes above 4 bits have no kernel")
         if act_bits:
-            wfmt = "i6" if bits == 6 else "i8"
+            wfmt = "i6" if bits == 6 else ("i4" if bits <= 4 else "i8")
         else:
             wfmt = {2: "u2", 3: "u3"}.get(bits, "u4") if bits <= 4 else ("i6" if bits == 6 else "i8")
         zero = 0 if (offset or wfmt not in UNSIGNED) else {"u2": 2, "u3": 4, "u4": 8}[wfmt]

@@ -1,6 +1,6 @@
 """The CPU target's kernel rules, in the order they are tried.
 
-* linear layers: with integer activations on ``i8``/``i6`` weights, the dot-product kernel of the
+* linear layers: with integer activations on ``i8``/``i6``/``i4`` weights, the dot-product kernel of the
   best instruction set the target's features have (:mod:`.kernels.x86`: ``vpdpbusd`` on AVX-512
   VNNI or AVX-VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2; the choice and the features recorded in
   the report's ``kernel_choices``); then the bit-serial W6 kernel when measuring on this CPU finds it faster than
@@ -28,7 +28,7 @@ from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
 from qcompile.codegen.tvm.kernels.tunable import AttentionTunable, X86Tunable
-from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for, pack_corr
+from qcompile.codegen.tvm.kernels.x86 import XFMTS, X86Linear, isa_for, pack_corr
 from qcompile.codegen.tvm.kernels.x86 import pack_groups as x86_groups
 from qcompile.codegen.tvm.kernels.x86 import pack_weight as x86_weight
 from qcompile.codegen.tvm.recipe import bitserial_spec
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class X86Dot:
-    """Integer activations × ``i8``/``i6`` weights on the target's dot-product instructions
+    """Integer activations × ``i8``/``i6``/``i4`` weights on the target's dot-product instructions
     (:mod:`.kernels.x86`), the same integer sums as the template's; None when the target has none
     of them (the template then runs)."""
 
@@ -67,7 +67,7 @@ class X86Dot:
 
     def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
         recipe, w = call.recipe, call.weights
-        if not recipe.act_bits or recipe.wfmt not in ("i8", "i6"):
+        if not recipe.act_bits or recipe.wfmt not in XFMTS:
             return None
         features = getattr(lw.target, "features", frozenset())
         isa = isa_for(features)

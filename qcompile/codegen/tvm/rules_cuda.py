@@ -44,8 +44,17 @@ from qcompile.ir.patterns import rmsnorm_source
 if TYPE_CHECKING:
     from qcompile.codegen.tvm.lower import Lowering
 
-# (format, activation bits) -> kind; 2- and 3-bit weight-only codes run the 4-bit f16 kernel (stored as nibbles)
-_KINDS = {("i8", 8): "s8", ("i6", 6): "w6", ("i6", 8): "w6", ("u4", 0): "f16", ("u2", 0): "f16", ("u3", 0): "f16"}
+# (format, activation bits) -> kind; 2- and 3-bit weight-only codes run the 4-bit f16 kernel (stored as nibbles);
+# 4-bit codes with int8 activations (W4A8) run the int8 kernel
+_KINDS = {
+    ("i8", 8): "s8",
+    ("i4", 8): "s8",
+    ("i6", 6): "w6",
+    ("i6", 8): "w6",
+    ("u4", 0): "f16",
+    ("u2", 0): "f16",
+    ("u3", 0): "f16",
+}
 _QUANT_LINEARS = ("linear_w8a8.default", "quant_linear.default", "packed_linear.default")
 
 

@@ -2,7 +2,7 @@
 
 ``BENCH_KERNELS[name](weight_fp32[N, K], M)`` quantizes the weight as the matching preset does,
 repacks it, builds (once per shape) the kernel(s) the TVM backend would call on this CPU (for
-integer activations on i8/i6 weights, the dot-product kernel of the host's best ISA,
+integer activations on i8/i6/i4 weights, the dot-product kernel of the host's best ISA,
 :mod:`.x86`; the ``_generic`` names force the lane-blocked template), and returns
 ``run(x[M, K]) -> y[M, N]`` (fp32 in and out; the timed call includes the activation
 quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads
@@ -23,7 +23,7 @@ import tvm
 
 from qcompile.codegen.tvm.kernels.linear import QuantRows, quant_rows_primfunc
 from qcompile.codegen.tvm.kernels.tunable import TemplateTunable, X86Tunable
-from qcompile.codegen.tvm.kernels.x86 import X86Linear, isa_for
+from qcompile.codegen.tvm.kernels.x86 import XFMTS, X86Linear, isa_for
 from qcompile.codegen.tvm.kernels.x86 import pack as x86_pack
 from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.codegen.tvm.target import host_target
@@ -76,7 +76,7 @@ class BenchFormat:
     def tunable(self, n: int, k: int, m: int) -> Tunable:
         """The kernel the backend would build for an N×K weight at ``m`` rows on this CPU."""
         spec = self.recipe(n, k).kernel(m)
-        dot = self.dispatch and self.act_bits and self.fmt in ("i8", "i6")
+        dot = self.dispatch and self.act_bits and self.fmt in XFMTS
         isa = isa_for(host_target().features) if dot else None
         if isa is None:
             return TemplateTunable(spec)
@@ -188,6 +188,9 @@ BENCH_FORMATS: dict[str, BenchFormat] = {
     "qc_w6a8_g128": BenchFormat("i6", 6, 128, 8, True, True),
     "qc_w6a8_g128_generic": BenchFormat("i6", 6, 128, 8, True, True, dispatch=False),
     "qc_w6a6_g128": BenchFormat("i6", 6, 128, 6, True, True),
+    "qc_w4a8_g128": BenchFormat("i4", 4, 128, 8, True, True),
+    "qc_w4a8_g128_generic": BenchFormat("i4", 4, 128, 8, True, True, dispatch=False),
+    "qc_w4a8_g32": BenchFormat("i4", 4, 32, 8, True, True),
     "qc_w4a16_g32_asym": BenchFormat("u4", 4, 32, 0, False, False),
     "qc_w4a16_g128": BenchFormat("u4", 4, 128, 0, False, True),
     "qc_w4a16_g64_asym": BenchFormat("u4", 4, 64, 0, False, False),

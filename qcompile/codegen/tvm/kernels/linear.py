@@ -9,6 +9,8 @@ a multiple of the block ``NB``, K to a multiple of the group, with zero weights)
 * ``i8``   — ``W[N/NB, K, NB]`` int8 codes (W8 per channel);
 * ``u4``   — ``W[N/NB, K, NB/2]`` uint8, byte j = lane j (low nibble) | lane j + NB/2 (high nibble),
   unsigned codes ``u = code + zero`` (W4: symmetric codes are stored ``+8``);
+* ``i4``   — the ``u4`` array of ``u = code + 8``, decoded as the signed code ``u - 8`` (-8…7): W4
+  with integer activations (the generic path of W4A8);
 * ``i6``   — the same nibble array for the low 4 bits of ``u = code + 32`` plus ``H[N/NB, K, NB/4]``
   holding the top 2 bits of lanes j, j+NB/4, j+2·NB/4, j+3·NB/4 (exactly 6 bits per weight);
 * ``u2``   — ``W[N/NB, K, NB/4]`` uint8, byte j = the 2-bit ``u = code + zero`` of lanes j, j+NB/4,
@@ -39,7 +41,7 @@ from tvm.s_tir import Schedule
 
 NB = 64  # output channels per block (lanes): 8 AVX2 / 4 AVX-512 float registers
 
-WFMTS = ("f32", "i8", "u4", "i6", "u2", "u3")
+WFMTS = ("f32", "i8", "u4", "i6", "u2", "u3", "i4")
 UNSIGNED = ("u4", "u2", "u3")  # formats storing ``code + zero`` (weight-only: fp32 activations)
 
 
@@ -91,6 +93,7 @@ class LinearKernel:
             "f32": [((nb, self.k, NB), "float32")],
             "i8": [((nb, self.k, NB), "int8")],
             "u4": [((nb, self.k, NB // 2), "uint8")],
+            "i4": [((nb, self.k, NB // 2), "uint8")],
             "i6": [((nb, self.k, NB // 2), "uint8"), ((nb, self.k, NB // 4), "uint8")],
             "u2": [((nb, self.k, NB // 4), "uint8")],
             "u3": [((nb, self.k, NB // 4), "uint8"), ((nb, -(-self.k // 8), NB), "uint8")],
@@ -116,6 +119,8 @@ def _decode(spec: LinearKernel, ws: list[te.Tensor], n: tirx.PrimExpr, k: tirx.P
     lo = (ws[0][blk, k, lane % half] >> (lane // half * 4).astype("uint8")) & tirx.const(15, "uint8")
     if spec.wfmt == "u4":
         return lo.astype("int32")
+    if spec.wfmt == "i4":
+        return lo.astype("int32") - 8
     hi = (ws[1][blk, k, lane % quarter] >> (lane // quarter * 2).astype("uint8")) & tirx.const(3, "uint8")
     return lo.astype("int32") + hi.astype("int32") * 16 - 32
 
@@ -429,14 +434,14 @@ def _lanes(t: torch.Tensor) -> torch.Tensor:
 
 def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torch.Tensor]:
     """The kernel's weight tensors from ``w[N, K]`` (float for f32, integer codes otherwise;
-    u4/u2/u3 store ``code + zero``; i6 stores ``code + 32``)."""
+    u4/u2/u3 store ``code + zero``; i6 stores ``code + 32``; i4 ``code + 8``)."""
     if spec.wfmt == "f32":
         return [_lanes(pad2d(w.to(torch.float32), spec.n, spec.k))]
     codes = w.to(torch.int32)
     if spec.wfmt == "i8":
         return [_lanes(pad2d(codes, spec.n, spec.k)).to(torch.int8)]
-    u = codes + (zero if spec.wfmt in UNSIGNED else 32)
-    width = {"u2": 2, "u3": 3, "u4": 4}.get(spec.wfmt, 6)
+    u = codes + (zero if spec.wfmt in UNSIGNED else {"i4": 8}.get(spec.wfmt, 32))
+    width = {"u2": 2, "u3": 3, "u4": 4, "i4": 4}.get(spec.wfmt, 6)
     if int(u.min()) < 0 or int(u.max()) >= 2**width:
         raise ValueError(f"{spec.wfmt} stores {width}-bit codes + zero, got values in [{int(u.min())}, {int(u.max())}]")
     # padded lanes hold u = 0; their scales are 0, so they contribute nothing
@@ -456,7 +461,7 @@ def pack_weight(spec: LinearKernel, w: torch.Tensor, zero: int = 0) -> list[torc
         return out
     lo = u & 15
     nib = (lo[..., :half] | (lo[..., half:] << 4)).to(torch.uint8)
-    if spec.wfmt == "u4":
+    if spec.wfmt in ("u4", "i4"):
         return [nib.contiguous()]
     hi = u >> 4
     top = (

@@ -1,7 +1,7 @@
-"""Integer linear kernels on x86's dot-product instructions (W8A8, W6A8, W6A6: int8 activation codes).
+"""Integer linear kernels on x86's dot-product instructions (W8A8, W6A8, W6A6, W4A8: int8 activation codes).
 
 ``y[m, n] = Σ_g sx(m, g) · sw(n, g) · Σ_{k in group g} qx(m, k) · w(n, k)  (+ bias[n])``, the same
-integer sums as the lane-blocked template's ``i8`` / ``i6`` formats with integer activations
+integer sums as the lane-blocked template's ``i8`` / ``i6`` / ``i4`` formats with integer activations
 (:mod:`.linear`), exact in int32, then the same fp32 rescale per group.
 
 Instruction sets (:data:`ISAS`), chosen by the target's features (:func:`isa_for`):
@@ -25,6 +25,14 @@ Arithmetic (why it is exact):
   uses the sign trick instead: ``|w|`` (unsigned, ≤ 128) times ``sign(w)·x``; the activation codes
   of :func:`.linear.quant_rows_primfunc` lie in ±127, so ``-x`` does not wrap and a pair is at most
   2·128·127 = 32 512 — every int8 weight code, -128 included, is exact; no correction term.
+* ``i4`` weights (codes -8…7, llama.cpp's Q4 × Q8 dot) on ``vpdpbusd``: each nibble is decoded into
+  the TOP half of a byte (a mask, plus one shift for the low nibble), which as a signed byte is
+  exactly ``16·w`` (-128…112), so no ``-8`` is needed; the lane sums are ``16·(Σ x·w + 128·Σ w)``,
+  shifted right by 4 (exact: a multiple of 16) before the same ``corr`` is subtracted. Products are
+  at most 255·128, the ``i8`` bound. (Keeping the unsigned nibble ``u = w + 8`` instead would need
+  ``8·Σ x`` per row and group, an activation-side term, besides ``corr``.) On avx2 (``vpmaddubsw``
+  would saturate on ``16·w``) the nibble is stored ``code + 8`` and decoded ``u - 8`` (pairs at most
+  2·255·8), then the +128 form as ``i6``.
 
 Weight layout (repacked at build time, :func:`pack_weight`): output channels in blocks of ``NBX``
 lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd`` wants:
@@ -34,12 +42,16 @@ lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd
   nibbles of vector 2p in the low half of a byte, of vector 2p+1 in the high half; ``VB`` = bytes of
   a vector) and ``HI[N/NBX, K/4, VB]`` (the top 2 bits of the tile's 4 vectors at bits 4–5, 6–7, 0–1,
   2–3), exactly 6 bits per weight; decoded with shifts and masks that put each 2-bit field straight
-  into bits 4–5.
+  into bits 4–5;
+* ``i4`` — the same tile as 4-bit nibbles ``LO[N/NBX, K/4, 2·VB]`` (vector 2p low, 2p+1 high), each
+  the two's-complement code (``code & 15``) on the vnni ISAs and ``code + 8`` on avx2; decoded in
+  registers per tile (no scratch).
 
 Schedule (a hand-written loop nest; small register tiles live in sub-1 KiB stack arrays, which
 TVM keeps off the heap and LLVM keeps in registers): parallel tasks over blocks of NBX outputs (and
 over chunks of :data:`CHUNK_ROWS` rows when N has fewer than :data:`SPLIT_BELOW_BLOCKS` blocks);
-per group, ``i6`` weights are decoded once into an L1 scratch tile read by every row tile; rows go
+per group, ``i6`` weights are decoded once into an L1 scratch tile read by every row tile (``i4``
+weights are decoded in registers by each row tile: a mask and a shift per two vectors); rows go
 in register tiles of :data:`ROWS` (each weight vector loaded once serves all of them: 6 rows × 64
 outputs = 24 zmm accumulators on ``vnni512``), then the leftover rows (a tile of HALF rows when
 there are that many, then one at a time); each group's integer sums are rescaled into the output
@@ -64,7 +76,7 @@ ROWS = {"vnni512": 6, "vnni256": 2, "avx2": 2}  # rows per register tile (at mos
 CHUNK_ROWS = 24  # rows per parallel task when N has fewer than SPLIT_BELOW_BLOCKS blocks
 SPLIT_BELOW_BLOCKS = 32
 HALF = 3  # rows per accumulator array (3 × 64 int32 < 1 KiB: stack, hence registers)
-XFMTS = ("i8", "i6")
+XFMTS = ("i8", "i6", "i4")
 MAX_GROUP = 2**31 // (255 * 128)  # int32 accumulator bound of the +128 form
 
 
@@ -83,7 +95,7 @@ class X86Linear:
 
     n: int  # multiple of the block (64)
     k: int  # multiple of the group
-    wfmt: str  # "i8" | "i6"
+    wfmt: str  # "i8" | "i6" | "i4"
     group: int  # multiple of 4
     act_bits: int
     act_group: int  # 0: one activation scale per token; else == group
@@ -129,6 +141,12 @@ class X86Linear:
         """Whether the kernel flips activations to ``x + 128`` and subtracts ``corr`` (all but avx2 i8)."""
         return not (self.isa == "avx2" and self.wfmt == "i8")
 
+    @property
+    def shift(self) -> int:
+        """Bits the integer sums are shifted right before the correction: 4 for ``i4`` on vnni, whose
+        weights decode as ``16·w`` (see the module docstring), else 0."""
+        return 4 if self.wfmt == "i4" and self.isa != "avx2" else 0
+
     def quant_rows(self) -> QuantRows:
         """The activation quantization kernel this kernel reads (flipped codes when :attr:`corrected`)."""
         return QuantRows(self.k, self.act_bits, self.act_group, self.m, flip=self.corrected)
@@ -144,6 +162,8 @@ class X86Linear:
         nb, kq, vb = self.n // self.nbx, self.k // 4, self.vbytes
         if self.wfmt == "i8":
             return [((nb, kq, 4 * vb), "int8")]
+        if self.wfmt == "i4":
+            return [((nb, kq, 2 * vb), "uint8")]
         return [((nb, kq, 2 * vb), "uint8"), ((nb, kq, vb), "uint8")]
 
     def group_shape(self) -> tuple[int, int, int]:
@@ -196,6 +216,17 @@ def _madd_signed(x: tvm.tirx.PrimExpr, w: tvm.tirx.PrimExpr, lanes: int) -> tvm.
     return _madd(aw, sx, lanes)
 
 
+def _nibbles(b: tvm.tirx.PrimExpr, high: bool, vnni: bool, vb: int) -> tvm.tirx.PrimExpr:
+    """One vector of ``i4`` weights from the packed bytes ``b`` (the low or ``high`` nibbles): on vnni
+    the nibble moved into the top half of each byte (``16·w`` as a signed byte), on avx2 ``u - 8``."""
+    i8v = f"int8x{vb}"
+    if vnni:
+        top = b if high else b << _u8(4, vb)
+        return T.reinterpret(i8v, top & _u8(0xF0, vb))
+    u = b >> _u8(4, vb) if high else b & _u8(15, vb)
+    return T.reinterpret(i8v, u - _u8(8, vb))
+
+
 _STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promoted to registers), not the heap
 
 
@@ -210,7 +241,8 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
     kq_g = gs // 4
     sxg = ng if spec.act_group else 1
     rt = knobs.rows
-    corrected, i6, bias = spec.corrected, wfmt == "i6", spec.bias
+    corrected, i6, i4, bias = spec.corrected, wfmt == "i6", wfmt == "i4", spec.bias
+    shift = spec.shift
     i32v, f32v, i8v, u8v = f"int32x{vl}", f"float32x{vl}", f"int8x{vb}", f"uint8x{vb}"
     vnni = isa != "avx2"
     dot_name = "llvm.x86.avx512.vpdpbusd.512" if isa == "vnni512" else "llvm.x86.avx512.vpdpbusd.256"
@@ -243,6 +275,10 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                     xs, wv.vload([v, 0], i8v), vl
                 )
 
+    def sums(a: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+        """The integer sums of a vector of accumulators (``i4`` on vnni: ``16·`` them, shifted back)."""
+        return a >> T.broadcast(T.int32(shift), vl) if shift else a
+
     @T.macro
     def rescale_row(SX, S, CORR, Y, acc, r, row, blk, g):
         """``Y[row] += (acc[r] − corr)·sx·sw`` for group ``g`` ((acc·sx)·sw: the template's order)."""
@@ -250,7 +286,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
             if corrected:
                 Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
                     [row, blk * nbx + v * vl], f32v
-                ) + T.Cast(f32v, acc.vload([r, v * vl], i32v) - CORR.vload([blk, g, v * vl], i32v)) * T.broadcast(
+                ) + T.Cast(f32v, sums(acc.vload([r, v * vl], i32v)) - CORR.vload([blk, g, v * vl], i32v)) * T.broadcast(
                     SX[row, g * sx_mul], vl
                 ) * S.vload([blk, g, v * vl], f32v)
             else:
@@ -291,11 +327,16 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                 acc0[r, v * vl : v * vl + vl] = T.broadcast(T.int32(0), vl)
                 acc1[r, v * vl : v * vl + vl] = T.broadcast(T.int32(0), vl)
         for kk in range(kq_g):
-            for v in T.unroll(4):
-                if i6:
-                    wv[v, 0:vb] = WD.vload([kk, v * vb], i8v)
-                else:
-                    wv[v, 0:vb] = W0.vload([blk, g * kq_g + kk, v * vb], i8v)
+            if i4:  # decoded in registers: vectors 2p and 2p+1 from the low and high nibbles of one load
+                for p in T.unroll(2):
+                    wv[2 * p, 0:vb] = _nibbles(W0.vload([blk, g * kq_g + kk, p * vb], u8v), False, vnni, vb)
+                    wv[2 * p + 1, 0:vb] = _nibbles(W0.vload([blk, g * kq_g + kk, p * vb], u8v), True, vnni, vb)
+            else:
+                for v in T.unroll(4):
+                    if i6:
+                        wv[v, 0:vb] = WD.vload([kk, v * vb], i8v)
+                    else:
+                        wv[v, 0:vb] = W0.vload([blk, g * kq_g + kk, v * vb], i8v)
             for r in T.unroll(min(nrows, HALF)):
                 dot_row(QX, acc0, wv, r, row0 + r, g * kq_g + kk)
             for r in T.unroll(max(nrows - HALF, 0)):
@@ -374,12 +415,19 @@ def _tiles(spec: X86Linear, codes: torch.Tensor) -> torch.Tensor:
 
 def pack_weight(spec: X86Linear, codes: torch.Tensor) -> list[torch.Tensor]:
     """The kernel's weight arrays from integer ``codes[N, K]`` (unpadded or padded; int8 range for
-    ``i8``, ±31 for ``i6`` — ``-32`` too, stored as 0)."""
+    ``i8``, ±31 for ``i6`` — ``-32`` too, stored as 0; -8…7 for ``i4``)."""
     c = pad2d(codes.to(torch.int32), spec.n, spec.k)
     if spec.wfmt == "i8":
         if int(c.min()) < -128 or int(c.max()) > 127:
             raise ValueError(f"i8 codes must lie in [-128, 127], got [{int(c.min())}, {int(c.max())}]")
         return [_tiles(spec, c).to(torch.int8)]
+    if spec.wfmt == "i4":
+        if int(c.min()) < -8 or int(c.max()) > 7:
+            raise ValueError(f"i4 codes must lie in [-8, 7], got [{int(c.min())}, {int(c.max())}]")
+        nib = _tiles(spec, c & 15 if spec.shift else c + 8)  # two's complement nibbles (vnni), or code + 8
+        vb = spec.vbytes
+        v4 = [nib[..., i * vb : (i + 1) * vb] for i in range(4)]
+        return [torch.cat([v4[0] | (v4[1] << 4), v4[2] | (v4[3] << 4)], dim=-1).to(torch.uint8).contiguous()]
     u = c + 32
     if int(u.min()) < 0 or int(u.max()) > 63:
         raise ValueError(f"i6 codes must lie in [-32, 31], got [{int(c.min())}, {int(c.max())}]")
