@@ -84,6 +84,15 @@ def _float(func: tvm.tirx.PrimFunc) -> bool:
     return all(str(p.ty.dtype).startswith(("float", "bfloat")) for p in func.params)
 
 
+def _untunable(func: tvm.tirx.PrimFunc) -> str | None:
+    """Why an unscheduled PrimFunc is not tuned (None: it is)."""
+    if not _static(func):
+        return DYNAMIC
+    if not _float(func):
+        return INTEGER
+    return None
+
+
 def _scheduled(func: tvm.tirx.PrimFunc) -> bool:
     """Already scheduled: qcompile's kernels (``tir.is_scheduled``) or TVM 0.27's own mark."""
     return func.attrs is not None and any(bool(func.attrs.get(k, False)) for k in SCHEDULED)
@@ -102,11 +111,9 @@ def ordinary_ops(mod: tvm.IRModule, target: CpuTarget) -> tuple[list[OrdinaryOp]
         func = task.dispatched[0]["main"]
         if _scheduled(func):
             continue  # qcompile's kernels: their own design spaces
-        if not _static(func):
-            rest.append(f"{task.task_name}: {DYNAMIC}")
-            continue
-        if not _float(func):
-            rest.append(f"{task.task_name}: {INTEGER}")
+        why = _untunable(func)
+        if why is not None:
+            rest.append(f"{task.task_name}: {why}")
             continue
         ops.append(OrdinaryOp(task.task_name, func, int(task.weight)))
     return ops, rest
@@ -182,7 +189,7 @@ def apply_pass(
         memory = ms.database.MemoryDatabase()
         chosen = 0
         for gv, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or _scheduled(func) or not _static(func) or not _float(func):
+            if not isinstance(func, tvm.tirx.PrimFunc) or _scheduled(func) or _untunable(func) is not None:
                 continue
             op = OrdinaryOp(gv.name_hint, _normalize_mod(func)["main"], 1)
             look = db.traces(op, target)

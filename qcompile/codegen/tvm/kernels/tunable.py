@@ -28,7 +28,7 @@ class _OfSpec:
 
     @property
     def rows(self) -> int | None:
-        return self.spec.queries if isinstance(self.spec, Attention) else self.spec.m
+        return self.spec.m
 
     @property
     def name(self) -> str:
@@ -135,6 +135,10 @@ class AttentionTunable(_OfSpec):
     head (default) or per (head, query) row."""
 
     spec: Attention
+
+    @property
+    def rows(self) -> int | None:
+        return self.spec.queries
 
     def knobs(self) -> tuple[Knob, ...]:
         many_rows = self.spec.queries is None or self.spec.queries > 1
