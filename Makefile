@@ -23,6 +23,8 @@ NODEPS_PACKAGES := onnx2torch==1.5.15
 FMNIST := /usr/share/datasets/fashion-mnist
 FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 DEMO_OUT := out/smollm2-135m-w8a8
+# pytest-xdist workers for make test (a test module and its fixtures stay on one worker)
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo lint test test-slow llama-cpp-venv clean
 
@@ -51,7 +53,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check qcompile tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q -m "not slow" --durations=25 tests
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope --durations=25 tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow --durations=10 tests
