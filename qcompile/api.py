@@ -12,6 +12,7 @@ import torch
 from qcompile.codegen.target import Target, parse_target
 from qcompile.errors import QCompileError, TuneError
 from qcompile.ir.capture import DEFAULT_MAX_CACHE_LEN, LM_ENTRIES, capture
+from qcompile.ir.last_position import trim_prefill_logits
 from qcompile.ir.onnx_import import is_onnx_path
 from qcompile.ir.program import Program
 from qcompile.ir.verify import verify
@@ -85,6 +86,11 @@ def compile(
     report.capture_seconds = round(time.perf_counter() - t0, 3)
     ctx = PassContext(plan=the_plan, calib=calib, progress=progress)
     program, refined = manager.run(program, ctx, report)
+    trimmed, note = trim_prefill_logits(program)
+    if note and not trimmed:
+        report.warnings.append(note)
+    elif note:
+        log.info("%s", note)
     report.weight_bytes = program.weight_bytes_by_dtype()
     report.packed_weight_bytes = program.packed_weight_bytes()
     # passes may refine the plan (assign_precision writes per-layer rules): the refined plan is the

@@ -204,15 +204,18 @@ def run_cell(
     if bound is not None and err > bound:
         return Cell(subject.name, passes, "failed", f"error {err:.3g} > {bound:.3g}", err, bound, modified)
     if subject.causal_lm and "kv_to_xcache" in passes:  # the other passes rewrite forward and decode alike
-        steps = decoded_logits(cm, subject.inputs, 5)
-        gap = float((steps - out).abs().max() / out.abs().max())
+        prompt = 5
+        steps = decoded_logits(cm, subject.inputs, prompt)
+        gap = float((steps - out[:, prompt - 1 :]).abs().max() / out.abs().max())
         if gap > 1e-3:
             return Cell(subject.name, passes, "failed", f"forward != prefill+decode ({gap:.2g})", err, bound, modified)
     return Cell(subject.name, passes, "composes", "", err, bound, modified)
 
 
 def decoded_logits(cm: Any, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
-    """The logits of ``tokens`` computed as prefill of the first ``prompt`` then one decode step each."""
+    """The logits of positions ``prompt - 1`` … ``L - 1`` of ``tokens`` (compare with ``forward``'s
+    ``[:, prompt - 1 :]``), computed as prefill of the first ``prompt`` (which returns its last
+    position's) then one decode step each."""
     cm.reset_cache()
     outs = [cm.run_entry("prefill", tokens[:, :prompt], torch.arange(prompt))]
     for t in range(prompt, tokens.shape[1]):

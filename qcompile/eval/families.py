@@ -203,7 +203,7 @@ def run_family_cell(s: FamilySubject, plan: str, backend: str) -> FamilyCell:
         return cell("failed", "non-finite output")
     err = _rel(out, s.reference)
     exact = plan == "fp32"  # float only: no code can round the other way
-    if why := _mismatch(decoded, out, exact):
+    if why := _mismatch(decoded, out[:, PROMPT - 1 :], exact):
         return cell("failed", f"prefill+decode differs from forward: {why}", err)
     if exact and backend == "torch" and err > FP32_TOL:
         return cell("failed", f"fp32 differs from transformers by {err:.2g}", err)

@@ -7,7 +7,8 @@ Capture is ``torch.export`` (non-strict) and nothing model-specific:
   ``GenerationMixin`` interface, not by name): three entries —
   ``forward(input_ids[1, S]) -> logits`` without cache (for evaluation), and
   ``prefill(input_ids[1, T], cache_position[T]) -> logits`` / ``decode(input_ids[1, 1],
-  cache_position[1]) -> logits`` over a static KV cache. The cache steps come from
+  cache_position[1]) -> logits`` over a static KV cache (``compile`` later cuts prefill's output to
+  the last position: :mod:`qcompile.ir.last_position`). The cache steps come from
   transformers' own ExecuTorch recipe (``TorchExportableModuleWithStaticCache``), whose cache
   tensors are buffers the graph updates in place; qcompile lifts them into the Program's
   ``cache`` so the runtime owns them.

@@ -84,7 +84,7 @@ def test_sliding_window_decode_past_the_window_equals_transformers(family):
     outs = [cm.run_entry("prefill", ids[:, :12], torch.arange(12))]
     outs += [cm.run_entry("decode", ids[:, t : t + 1], torch.tensor([t])) for t in range(12, 40)]
     got = torch.cat(outs, dim=1)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    assert float((got - want[:, 11:]).abs().max() / want.abs().max()) < 1e-5
 
 
 @pytest.mark.slow
