@@ -576,6 +576,26 @@ register_preset(
 )
 
 
+# ---- W4A8 asymmetric (issue 21): llama.cpp's Q4_1 x Q8_1 dot ------------------------------------------
+# SmolLM2-135M's released weights are Q4_1 (4-bit, groups of 32, scale + min), so the asymmetric group-32
+# grid is (nearly) lossless on it where the symmetric w4a8 grid (±7) is not; activations as w4a8 (int8 per
+# token and group of 32, Q8_1's blocks). The x86 kernels (qcompile/codegen/tvm/kernels/x86.py, format u4)
+# multiply the unsigned nibbles by the int8 codes exactly and add offset·(sx·Σqx) per group.
+W4_G32_ASYM = dataclasses.replace(W4_G32, symmetric=False)
+register_preset(
+    Plan(
+        name="w4a8-g32-asym",
+        description="Round-to-nearest 4-bit asymmetric weights (min/max: code 0..15 times a scale plus a float "
+        "offset per group of 32 along K, the grid of GGUF Q4_1) and dynamic symmetric 8-bit activations per "
+        "token and group of 32: Q4_1 x Q8_1 arithmetic, as llama.cpp (exact int32 sums of codes times "
+        "activation codes per group, then sx·(scale·sum + offset·Σqx) in fp32).",
+        passes=(PassConfig("quantize_weights"),),
+        weight=W4_G32_ASYM,
+        activation=A8_G32,
+    )
+)
+
+
 # ---- XQuant presets (pass kv_to_xcache; see qcompile/passes/kv_to_xcache.py)
 def _xquant_preset(name: str, description: str, **options: Any) -> None:
     register_preset(
