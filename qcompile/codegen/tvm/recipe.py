@@ -2,7 +2,8 @@
 
 A recipe is the weight format (``f32``, ``i8``, ``u2``, ``u3``, ``u4``, ``i6``, ``i4``: see :mod:`.kernels.linear`), the
 weight group along K, the activation bits and grouping, and the zero point / float offset, folded
-into one per-(output, group) term ``c = offset − zero·scale`` (weight-only formats add ``c·Σx``).
+into one per-(output, group) term ``c = offset − zero·scale`` (weight-only formats add ``c·Σx``;
+with integer activations, asymmetric ``u4`` adds ``c·sx·Σqx``: llama.cpp's Q4_1 × Q8_1).
 The lowering (:mod:`.converters` and the target's rules), the kernel selection
 (:func:`.select.measure_w6`) and the benchmark kernels (:mod:`.kernels.bench`) build their kernel
 specs and repack their tensors through it, so the three cannot disagree on a layout.
@@ -52,15 +53,15 @@ class LinearRecipe:
         """Integer codes of ``bits`` in groups of ``group`` (a float ``offset`` when asymmetric), with
         ``act_bits``-bit activations (0: fp32): ``i6`` for 6 bits; with fp32 activations ``u2`` for
         2 bits, ``u3`` for 3 bits and ``u4`` for 4 bits (and fewer); with integer activations ``i4``
-        (signed nibbles) for 4 bits and fewer; ``i8`` otherwise. :class:`NoFormat` when no kernel
-        stores them."""
-        if act_bits and offset:
-            raise NoFormat("integer activations with asymmetric weights have no kernel")
+        (signed nibbles) for symmetric 4 bits and fewer, ``u4`` (unsigned nibbles and the offset term)
+        for asymmetric ones; ``i8`` otherwise. :class:`NoFormat` when no kernel stores them."""
         if bits > 8:
             raise NoFormat(f"{bits}-bit weights have no kernel")
         if offset and bits > 4:
             raise NoFormat("asymmetric codes above 4 bits have no kernel")
-        if act_bits:
+        if act_bits and offset:
+            wfmt = "u4"
+        elif act_bits:
             wfmt = "i6" if bits == 6 else ("i4" if bits <= 4 else "i8")
         else:
             wfmt = {2: "u2", 3: "u3"}.get(bits, "u4") if bits <= 4 else ("i6" if bits == 6 else "i8")

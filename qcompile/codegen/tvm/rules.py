@@ -169,16 +169,19 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
 
 def quantize_rows(
     lw: Lowering, qr: QuantRows, flat: relax.Var, mdim: Any, finalize: Finalize | None = None
-) -> tuple[relax.Var, relax.Var]:
+) -> tuple[relax.Var, ...]:
     """Per-token / per-group int8 codes and scales of ``flat`` by the kernel ``qr`` (a linear kernel's
-    ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``)."""
+    ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``), and with
+    ``qr.sums`` the per-block ``sx·Σqx`` too."""
     if finalize is None:
         qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:
         qf = lw.kernel(qr.name, lambda: finalize(quant_rows_primfunc(qr, schedule=False)))
     outs = [relax.TensorType([mdim, qr.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
+    if qr.sums:
+        outs.append(relax.TensorType([mdim, qr.sum_blocks], "float32"))
     q = lw.bb.emit(relax.call_tir(qf, [flat], outs))
-    return lw.bb.emit(relax.TupleGetItem(q, 0)), lw.bb.emit(relax.TupleGetItem(q, 1))
+    return tuple(lw.bb.emit(relax.TupleGetItem(q, i)) for i in range(len(outs)))
 
 
 def template_spec(lw: Lowering, call: LinearCall) -> LinearKernel | None:

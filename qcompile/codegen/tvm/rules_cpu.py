@@ -1,6 +1,7 @@
 """The CPU target's kernel rules, in the order they are tried.
 
-* linear layers: with integer activations on ``i8``/``i6``/``i4`` weights, the dot-product kernel of the
+* linear layers: with integer activations on ``i8``/``i6``/``i4``/``u4`` weights (``u4``: asymmetric,
+  llama.cpp's Q4_1 × Q8_1), the dot-product kernel of the
   best instruction set the target's features have (:mod:`.kernels.x86`: ``vpdpbusd`` on AVX-512
   VNNI or AVX-VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2; the choice and the features recorded in
   the report's ``kernel_choices``); then the bit-serial W6 kernel when measuring on this CPU finds it faster than
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class X86Dot:
-    """Integer activations × ``i8``/``i6``/``i4`` weights on the target's dot-product instructions
+    """Integer activations × ``i8``/``i6``/``i4``/``u4`` weights on the target's dot-product instructions
     (:mod:`.kernels.x86`), the same integer sums as the template's; None when the target has none
     of them (the template then runs)."""
 
@@ -100,6 +101,9 @@ class X86Dot:
         args.append(lw.param(f"{w.key}@scale_x{spec.nbx}", lambda st: x86_groups(spec, scale(st)), gshape, "float32"))
         if spec.corrected:
             args.append(lw.param(f"{w.key}@corr_x{spec.nbx}", lambda st: pack_corr(spec, w.codes(st)), gshape, "int32"))
+        if spec.offset:  # u4: the offset term c = offset − zero·scale, times sx·Σqx (quant_rows' third output)
+            off = lambda st: x86_groups(spec, call.cterm(st))  # noqa: E731
+            args.append(lw.param(f"{w.key}@off_x{spec.nbx}", off, gshape, "float32"))
         if call.bias is not None:
             args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
         f = lw.tuned_kernel(X86Tunable(spec))

@@ -2,7 +2,7 @@
 
 ``BENCH_KERNELS[name](weight_fp32[N, K], M)`` quantizes the weight as the matching preset does,
 repacks it, builds (once per shape) the kernel(s) the TVM backend would call on this CPU (for
-integer activations on i8/i6/i4 weights, the dot-product kernel of the host's best ISA,
+integer activations on i8/i6/i4/u4 weights, the dot-product kernel of the host's best ISA,
 :mod:`.x86`; the ``_generic`` names force the lane-blocked template), and returns
 ``run(x[M, K]) -> y[M, N]`` (fp32 in and out; the timed call includes the activation
 quantization kernel for integer formats) with ``run.weight_bytes`` = bytes the kernel reads
@@ -119,8 +119,9 @@ def _prepare_format(bf: BenchFormat, tuned: bool = False) -> Callable[[torch.Ten
         n_p, k_p = spec.n, spec.k
         t = bf.tunable(n, k, m)  # what the backend's rules build on this CPU (X86Dot or the template)
         lib = _kernel_lib(t, tuned)
-        if isinstance(t, X86Tunable):
-            weights = [_tv(x) for x in x86_pack(t.spec, codes, scale)]
+        if isinstance(t, X86Tunable):  # u4: with the offset term (cterm = offset)
+            cterm = recipe.cterm(scale, offset) if t.spec.offset else None
+            weights = [_tv(x) for x in x86_pack(t.spec, codes, scale, cterm)]
         else:
             weights = [_tv(x) for x in recipe.pack(spec, codes, scale, offset)]
         qspec = t.spec.quant_rows() if bf.act_bits else None  # flipped codes for an x86 kernel
@@ -128,14 +129,18 @@ def _prepare_format(bf: BenchFormat, tuned: bool = False) -> Callable[[torch.Ten
         y = tvm.runtime.tensor(np.zeros((m, n_p), "float32"))
         qx = tvm.runtime.tensor(np.zeros((m, k_p), "int8"))
         sx = tvm.runtime.tensor(np.zeros((m, qspec.groups if qspec else 1), "float32"))
+        # asymmetric weights with integer activations: sx·Σqx per row and group, the quantizer's third output
+        acts = [qx, sx]
+        if qspec is not None and qspec.sums:
+            acts.append(tvm.runtime.tensor(np.zeros((m, qspec.sum_blocks), "float32")))
         out = torch.from_dlpack(y)
 
         def run(x: torch.Tensor) -> torch.Tensor:
             xp = x if k_p == k else torch.nn.functional.pad(x, (0, k_p - k))
             xt = tvm.runtime.from_dlpack(xp.contiguous())
             if qlib is not None:
-                qlib(xt, qx, sx)
-                lib(qx, sx, *weights, y)
+                qlib(xt, *acts)
+                lib(*acts, *weights, y)
             else:
                 lib(xt, *weights, y)
             return out[:, :n]
@@ -191,6 +196,8 @@ BENCH_FORMATS: dict[str, BenchFormat] = {
     "qc_w4a8_g128": BenchFormat("i4", 4, 128, 8, True, True),
     "qc_w4a8_g128_generic": BenchFormat("i4", 4, 128, 8, True, True, dispatch=False),
     "qc_w4a8_g32": BenchFormat("i4", 4, 32, 8, True, True),
+    "qc_w4a8_g32_asym": BenchFormat("u4", 4, 32, 8, True, False),  # Q4_1 x Q8_1
+    "qc_w4a8_g32_asym_generic": BenchFormat("u4", 4, 32, 8, True, False, dispatch=False),
     "qc_w4a16_g32_asym": BenchFormat("u4", 4, 32, 0, False, False),
     "qc_w4a16_g128": BenchFormat("u4", 4, 128, 0, False, True),
     "qc_w4a16_g64_asym": BenchFormat("u4", 4, 64, 0, False, False),

@@ -10,7 +10,8 @@ a multiple of the block ``NB``, K to a multiple of the group, with zero weights)
 * ``u4``   — ``W[N/NB, K, NB/2]`` uint8, byte j = lane j (low nibble) | lane j + NB/2 (high nibble),
   unsigned codes ``u = code + zero`` (W4: symmetric codes are stored ``+8``);
 * ``i4``   — the ``u4`` array of ``u = code + 8``, decoded as the signed code ``u - 8`` (-8…7): W4
-  with integer activations (the generic path of W4A8);
+  with integer activations (the generic path of W4A8). ``u4`` with integer activations is the
+  asymmetric W4A8 (Q4_1 × Q8_1): the unsigned codes times the int8 activation codes, plus the offset term;
 * ``i6``   — the same nibble array for the low 4 bits of ``u = code + 32`` plus ``H[N/NB, K, NB/4]``
   holding the top 2 bits of lanes j, j+NB/4, j+2·NB/4, j+3·NB/4 (exactly 6 bits per weight);
 * ``u2``   — ``W[N/NB, K, NB/4]`` uint8, byte j = the 2-bit ``u = code + zero`` of lanes j, j+NB/4,
@@ -27,7 +28,11 @@ register lanes, with no horizontal reductions; blocks of NB outputs are split ac
 
 Activations: fp32 (``act_bits == 0``; weight-only formats rescale per group and add the
 zero-point/offset term ``c[n, g]·Σ_k x``), or int8 codes with fp32 scales per token or per token
-group (``act_bits > 0``) from :func:`quantize_rows`, multiplied exactly in int32 per group.
+group (``act_bits > 0``) from :func:`quant_rows_primfunc`, multiplied exactly in int32 per group.
+With integer activations a zero-point/offset term (asymmetric weights, ``u4``/``u2``/``u3``) is
+``c[n, g]·XS[m, g]``, where ``XS = sx·Σ_{k in g} qx`` (llama.cpp Q8_1's ``s``) comes from the same
+activation quantization kernel (:attr:`QuantRows.sums`): per group
+``y += acc·sx·sw + c·XS`` (``acc`` the exact int32 sum of ``qx·u``), the order the x86 kernels use too.
 """
 
 from __future__ import annotations
@@ -66,18 +71,17 @@ class LinearKernel:
             raise ValueError(f"groups of {self.group} input channels have no kernel (at least 4)")
         if self.n % NB or self.k % self.group:
             raise ValueError(f"kernel sizes must be padded: N={self.n} (block {NB}), K={self.k} (group {self.group})")
-        if self.act_bits and self.wfmt in ("f32", *UNSIGNED):
-            raise ValueError(f"{self.wfmt} weights take fp32 activations")
-        if self.act_bits and self.zero_term:
-            raise ValueError("integer activations need symmetric weights (no zero term)")
+        if self.act_bits and self.wfmt == "f32":
+            raise ValueError("f32 weights take fp32 activations")
 
     @property
     def groups(self) -> int:
         return self.k // self.group
 
     def quant_rows(self) -> QuantRows:
-        """The activation quantization kernel this kernel reads (integer activations only)."""
-        return QuantRows(self.k, self.act_bits, self.act_group, self.m)
+        """The activation quantization kernel this kernel reads (integer activations only): with a
+        zero term it also writes ``sx·Σqx`` per row and weight group."""
+        return QuantRows(self.k, self.act_bits, self.act_group, self.m, sums=self.group if self.zero_term else 0)
 
     @property
     def name(self) -> str:
@@ -149,10 +153,14 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
     nblk = n_ // NB
     ws = [te.placeholder(shape, dt, name=f"W{i}") for i, (shape, dt) in enumerate(spec.weight_shapes())]
     args: list[te.Tensor] = []
+    xsum = None
     if spec.act_bits:
         x = te.placeholder((m, k_), "int8", name="QX")
         sx = te.placeholder((m, g_ if spec.act_group else 1), "float32", name="SX")
         args += [x, sx]
+        if spec.zero_term:  # sx·Σqx per row and group, from the quantization kernel (QuantRows.sums)
+            xsum = te.placeholder((m, g_), "float32", name="XSUM")
+            args.append(xsum)
     else:
         x = te.placeholder((m, k_), "float32", name="X")
         args.append(x)
@@ -196,7 +204,7 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
                 name="ACC",
             )
         xs = None
-        if spec.zero_term:
+        if spec.zero_term and not spec.act_bits:
             k2 = te.reduce_axis((0, gs), "k2")
             xs = te.compute((m, g_), lambda i, g: te.sum(x[i, g * gs + k2], axis=k2), name="XS")
         gg = te.reduce_axis((0, g_), "g")
@@ -205,7 +213,8 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
             sw = s[j // NB, gg, j % NB]
             if spec.act_bits:
                 sa = sx[row(i), gg] if spec.act_group else sx[row(i), 0]
-                return acc[i, j, gg].astype("float32") * sa * sw
+                t = acc[i, j, gg].astype("float32") * sa * sw
+                return t + c[j // NB, gg, j % NB] * xsum[row(i), gg] if spec.zero_term else t
             t = acc[i, j, gg] * sw
             return t + c[j // NB, gg, j % NB] * xs[row(i), gg] if spec.zero_term else t
 
@@ -323,7 +332,7 @@ def schedule_template(spec: LinearKernel, sch: Schedule, knobs: TemplateKnobs) -
         wo, wi = sch.split(sch.get_loops(wd)[-1], [None, max_vec(spec)])
         sch.unroll(wo)
         sch.vectorize(wi)
-    if spec.zero_term:
+    if spec.zero_term and not spec.act_bits:
         xs = sch.get_sblock("XS")
         xi, xg, _ = sch.get_loops(xs)
         if spec.m is None:
@@ -348,15 +357,29 @@ class QuantRows:
     group: int  # 0: one scale per row
     m: int | None
     flip: bool = False  # codes with the top bit flipped: the bytes of uint8 ``code + 128`` (x86 vpdpbusd)
+    sums: int = 0  # > 0: also write ``sx·Σ code`` per row and block of ``sums`` inputs (Q8_1's ``s``)
+
+    def __post_init__(self) -> None:
+        if self.sums and (self.k % self.sums or (self.group and self.sums != self.group)):
+            raise ValueError(
+                f"activation sums over blocks of {self.sums} need K={self.k} a multiple and the scale group "
+                f"{self.group} equal (or per-row scales)"
+            )
 
     @property
     def name(self) -> str:
         u = "_u" if self.flip else ""
-        return f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}_{'mdyn' if self.m is None else f'm{self.m}'}"
+        s = f"_s{self.sums}" if self.sums else ""
+        return f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}{s}_{'mdyn' if self.m is None else f'm{self.m}'}"
 
     @property
     def groups(self) -> int:
         return self.k // self.group if self.group else 1
+
+    @property
+    def sum_blocks(self) -> int:
+        """Blocks of :attr:`sums` inputs per row (0 without sums)."""
+        return self.k // self.sums if self.sums else 0
 
 
 @dataclass(frozen=True)
@@ -377,11 +400,13 @@ class QuantKnobs:
 
 
 def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnobs | None = None) -> tvm.tirx.PrimFunc:
-    """``(x) -> (codes int8[M, K], scales f32[M, G])``: the same float operations as
-    ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group; codes =
-    clamp(round-half-even(x / scale))), so the codes match the reference exactly (``flip``: with
-    their top bit flipped, i.e. the bytes of ``code + 128`` as uint8). Scheduled with ``knobs``
-    (None: :meth:`QuantKnobs.default`)."""
+    """``(x) -> (codes int8[M, K], scales f32[M, G][, sums f32[M, K/sums]])``: the same float
+    operations as ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group;
+    codes = clamp(round-half-even(x / scale))), so the codes match the reference exactly (``flip``:
+    with their top bit flipped, i.e. the bytes of ``code + 128`` as uint8). With ``spec.sums``, also
+    ``fl32(Σ code)·scale`` per block of ``sums`` inputs (the integer sum is exact, at most
+    127·sums < 2^24, so this is the reference op's ``qsum.float() * sx`` bit for bit). Scheduled with
+    ``knobs`` (None: :meth:`QuantKnobs.default`)."""
     m = _rows(spec.m)
     qmax = float(2 ** (spec.bits - 1) - 1)
     gs = spec.group or spec.k
@@ -399,7 +424,24 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
         return tirx.bitwise_xor(c, tirx.const(-128, "int8")) if spec.flip else c
 
     q = te.compute((m, spec.k), code, name="Q")
-    func = te.create_prim_func([x, q, sc])
+    outs = [q, sc]
+    if spec.sums:
+        bs = spec.sums
+        rs = te.reduce_axis((0, bs), "rs")
+
+        def plain(i: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+            c = q[i, k]
+            return (tirx.bitwise_xor(c, tirx.const(-128, "int8")) if spec.flip else c).astype("int32")
+
+        isum = te.compute((m, spec.sum_blocks), lambda i, j: te.sum(plain(i, j * bs + rs), axis=rs), name="QSUM")
+        outs.append(
+            te.compute(
+                (m, spec.sum_blocks),
+                lambda i, j: isum[i, j].astype("float32") * sc[i, j if spec.group else 0],
+                name="XSUM",
+            )
+        )
+    func = te.create_prim_func([x, *outs])
     if not schedule:
         return func
     knobs = knobs or QuantKnobs.default(spec)
@@ -411,6 +453,14 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
         sch.reverse_compute_at(q, row)
     loops = sch.get_loops(q)
     qi, qk = loops[0], loops[-1]
+    if spec.sums:  # the sums read the row's codes just written: per row after them (fused) or their own nest
+        xsum, qsum = sch.get_sblock("XSUM"), sch.get_sblock("QSUM")
+        if knobs.fused:
+            sch.reverse_compute_at(qsum, loops[0])
+            sch.reverse_compute_at(xsum, loops[0])
+        sch.compute_at(qsum, sch.get_loops(xsum)[-1])
+        if knobs.parallel and not knobs.fused:
+            sch.parallel(sch.get_loops(xsum)[0])
     ko, ki = sch.split(qk, [None, knobs.vec])
     sch.vectorize(ki)
     if knobs.parallel:

@@ -2,7 +2,10 @@
 
 ``y[m, n] = Σ_g sx(m, g) · sw(n, g) · Σ_{k in group g} qx(m, k) · w(n, k)  (+ bias[n])``, the same
 integer sums as the lane-blocked template's ``i8`` / ``i6`` / ``i4`` formats with integer activations
-(:mod:`.linear`), exact in int32, then the same fp32 rescale per group.
+(:mod:`.linear`), exact in int32, then the same fp32 rescale per group. The asymmetric ``u4`` format
+(llama.cpp's Q4_1 × Q8_1: ``w = u·sw + c``, ``u`` = 0…15, a float offset ``c`` per output and group)
+adds the offset term: ``y[m, n] = Σ_g (acc·sx(m, g))·sw(n, g) + c(n, g)·xs(m, g)`` with
+``acc = Σ_k qx·u`` exact in int32 and ``xs(m, g) = fl32(Σ_{k in g} qx)·sx(m, g)`` (Q8_1's ``s``).
 
 Instruction sets (:data:`ISAS`), chosen by the target's features (:func:`isa_for`):
 
@@ -33,6 +36,16 @@ Arithmetic (why it is exact):
   ``8·Σ x`` per row and group, an activation-side term, besides ``corr``.) On avx2 (``vpmaddubsw``
   would saturate on ``16·w``) the nibble is stored ``code + 8`` and decoded ``u - 8`` (pairs at most
   2·255·8), then the +128 form as ``i6``.
+* ``u4`` weights (unsigned codes 0…15, asymmetric): here the WEIGHT is the unsigned operand of
+  ``vpdpbusd`` / ``vpmaddubsw`` and the activation codes (±127, not flipped) the signed one, so the
+  lanes sum ``Σ x·u`` directly — no flip, no ``corr``, no shift; products at most 15·127 (a
+  ``vpmaddubsw`` pair 2·15·127 = 3 810, far from saturating). The offset needs ``Σ x`` per row and
+  group: the activation quantization kernel writes it, already times ``sx``, as a float per row and
+  group (:attr:`.linear.QuantRows.sums`, the ``s`` of llama.cpp's Q8_1 blocks), because it has each
+  code in a register once per row, whereas the kernel would sum the same 32 bytes again for every
+  block of outputs (N/NBX times per row); the integer sum is exact (≤ 127·group < 2^24, so its
+  float is exact too) and ``fl32(Σ x)·sx`` is the same float operation as the torch reference op's
+  ``qsum.float() * sx``. Per group the kernel adds ``(acc·sx)·sw + c·xs`` (the template's order).
 
 Weight layout (repacked at build time, :func:`pack_weight`): output channels in blocks of ``NBX``
 lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd`` wants:
@@ -45,7 +58,8 @@ lanes (64 for ``vnni512``, 32 otherwise), 4 consecutive K per lane as ``vpdpbusd
   into bits 4–5;
 * ``i4`` — the same tile as 4-bit nibbles ``LO[N/NBX, K/4, 2·VB]`` (vector 2p low, 2p+1 high), each
   the two's-complement code (``code & 15``) on the vnni ISAs and ``code + 8`` on avx2; decoded in
-  registers per tile (no scratch).
+  registers per tile (no scratch);
+* ``u4`` — the ``i4`` array of the unsigned codes ``u`` themselves (decoded with one mask or shift).
 
 Schedule (a hand-written loop nest; small register tiles live in sub-1 KiB stack arrays, which
 TVM keeps off the heap and LLVM keeps in registers): parallel tasks over blocks of NBX outputs (and
@@ -76,7 +90,7 @@ ROWS = {"vnni512": 6, "vnni256": 2, "avx2": 2}  # rows per register tile (at mos
 CHUNK_ROWS = 24  # rows per parallel task when N has fewer than SPLIT_BELOW_BLOCKS blocks
 SPLIT_BELOW_BLOCKS = 32
 HALF = 3  # rows per accumulator array (3 × 64 int32 < 1 KiB: stack, hence registers)
-XFMTS = ("i8", "i6", "i4")
+XFMTS = ("i8", "i6", "i4", "u4")  # u4: asymmetric nibbles with a float offset per (output, group)
 MAX_GROUP = 2**31 // (255 * 128)  # int32 accumulator bound of the +128 form
 
 
@@ -95,7 +109,7 @@ class X86Linear:
 
     n: int  # multiple of the block (64)
     k: int  # multiple of the group
-    wfmt: str  # "i8" | "i6" | "i4"
+    wfmt: str  # "i8" | "i6" | "i4" | "u4"
     group: int  # multiple of 4
     act_bits: int
     act_group: int  # 0: one activation scale per token; else == group
@@ -138,8 +152,13 @@ class X86Linear:
 
     @property
     def corrected(self) -> bool:
-        """Whether the kernel flips activations to ``x + 128`` and subtracts ``corr`` (all but avx2 i8)."""
-        return not (self.isa == "avx2" and self.wfmt == "i8")
+        """Whether the kernel flips activations to ``x + 128`` and subtracts ``corr`` (all but avx2 i8 and u4)."""
+        return not (self.isa == "avx2" and self.wfmt == "i8") and self.wfmt != "u4"
+
+    @property
+    def offset(self) -> bool:
+        """Whether the kernel adds ``c[n, g]·xs[m, g]`` (``u4``: asymmetric weights)."""
+        return self.wfmt == "u4"
 
     @property
     def shift(self) -> int:
@@ -148,8 +167,10 @@ class X86Linear:
         return 4 if self.wfmt == "i4" and self.isa != "avx2" else 0
 
     def quant_rows(self) -> QuantRows:
-        """The activation quantization kernel this kernel reads (flipped codes when :attr:`corrected`)."""
-        return QuantRows(self.k, self.act_bits, self.act_group, self.m, flip=self.corrected)
+        """The activation quantization kernel this kernel reads (flipped codes when :attr:`corrected`;
+        with :attr:`offset`, also ``sx·Σqx`` per row and group)."""
+        sums = self.group if self.offset else 0
+        return QuantRows(self.k, self.act_bits, self.act_group, self.m, flip=self.corrected, sums=sums)
 
     @property
     def name(self) -> str:
@@ -162,7 +183,7 @@ class X86Linear:
         nb, kq, vb = self.n // self.nbx, self.k // 4, self.vbytes
         if self.wfmt == "i8":
             return [((nb, kq, 4 * vb), "int8")]
-        if self.wfmt == "i4":
+        if self.wfmt in ("i4", "u4"):
             return [((nb, kq, 2 * vb), "uint8")]
         return [((nb, kq, 2 * vb), "uint8"), ((nb, kq, vb), "uint8")]
 
@@ -216,10 +237,13 @@ def _madd_signed(x: tvm.tirx.PrimExpr, w: tvm.tirx.PrimExpr, lanes: int) -> tvm.
     return _madd(aw, sx, lanes)
 
 
-def _nibbles(b: tvm.tirx.PrimExpr, high: bool, vnni: bool, vb: int) -> tvm.tirx.PrimExpr:
+def _nibbles(b: tvm.tirx.PrimExpr, high: bool, vnni: bool, vb: int, unsigned: bool = False) -> tvm.tirx.PrimExpr:
     """One vector of ``i4`` weights from the packed bytes ``b`` (the low or ``high`` nibbles): on vnni
-    the nibble moved into the top half of each byte (``16·w`` as a signed byte), on avx2 ``u - 8``."""
+    the nibble moved into the top half of each byte (``16·w`` as a signed byte), on avx2 ``u - 8``;
+    ``unsigned`` (``u4``): the nibble ``u`` itself (0…15), on every ISA."""
     i8v = f"int8x{vb}"
+    if unsigned:
+        return T.reinterpret(i8v, b >> _u8(4, vb) if high else b & _u8(15, vb))
     if vnni:
         top = b if high else b << _u8(4, vb)
         return T.reinterpret(i8v, top & _u8(0xF0, vb))
@@ -231,8 +255,9 @@ _STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promote
 
 
 def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
-    """``(QX int8[M, K] (:func:`act_codes`), SX f32[M, G|1], *weights, S f32[nb, G, NBX], [CORR int32[nb, G, NBX]],
-    [B f32[N]], Y f32[M, N])``, scheduled (a hand-written loop nest with ``knobs``; None: the default)."""
+    """``(QX int8[M, K] (:func:`act_codes`), SX f32[M, G|1], [XS f32[M, G]], *weights, S f32[nb, G, NBX],
+    [CORR int32[nb, G, NBX]], [C f32[nb, G, NBX]], [B f32[N]], Y f32[M, N])``, scheduled (a hand-written
+    loop nest with ``knobs``; None: the default)."""
     knobs = knobs or X86Knobs.default(spec)
     knobs.check()
     isa, wfmt = spec.isa, spec.wfmt
@@ -241,7 +266,8 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
     kq_g = gs // 4
     sxg = ng if spec.act_group else 1
     rt = knobs.rows
-    corrected, i6, i4, bias = spec.corrected, wfmt == "i6", wfmt == "i4", spec.bias
+    corrected, i6, bias = spec.corrected, wfmt == "i6", spec.bias
+    i4, u4 = wfmt in ("i4", "u4"), wfmt == "u4"
     shift = spec.shift
     i32v, f32v, i8v, u8v = f"int32x{vl}", f"float32x{vl}", f"int8x{vb}", f"uint8x{vb}"
     vnni = isa != "avx2"
@@ -268,6 +294,15 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                     )
                 else:
                     acc[r, v * vl : v * vl + vl] = acc.vload([r, v * vl], i32v) + _madd(xb, wv.vload([v, 0], i8v), vl)
+        elif u4:  # unsigned weights (0..15) × signed activation codes: the weights are the unsigned operand
+            xs = T.meta_var(T.reinterpret(i8v, T.broadcast(xw, vl)))
+            for v in T.unroll(4):
+                if vnni:
+                    acc[r, v * vl : v * vl + vl] = T.call_llvm_pure_intrin(
+                        i32v, dot_name, acc.vload([r, v * vl], i32v), wv.vload([v, 0], i8v), xs
+                    )
+                else:
+                    acc[r, v * vl : v * vl + vl] = acc.vload([r, v * vl], i32v) + _madd(wv.vload([v, 0], i8v), xs, vl)
         else:
             xs = T.meta_var(T.reinterpret(i8v, T.broadcast(xw, vl)))
             for v in T.unroll(4):
@@ -280,10 +315,18 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
         return a >> T.broadcast(T.int32(shift), vl) if shift else a
 
     @T.macro
-    def rescale_row(SX, S, CORR, Y, acc, r, row, blk, g):
-        """``Y[row] += (acc[r] − corr)·sx·sw`` for group ``g`` ((acc·sx)·sw: the template's order)."""
+    def rescale_row(SX, XS, S, CORR, C, Y, acc, r, row, blk, g):
+        """``Y[row] += (acc[r] − corr)·sx·sw`` for group ``g`` ((acc·sx)·sw: the template's order);
+        ``u4``: ``Y[row] += (acc[r]·sx)·sw + c·xs``."""
         for v in T.unroll(4):
-            if corrected:
+            if u4:
+                Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload([row, blk * nbx + v * vl], f32v) + (
+                    T.Cast(f32v, acc.vload([r, v * vl], i32v))
+                    * T.broadcast(SX[row, g * sx_mul], vl)
+                    * S.vload([blk, g, v * vl], f32v)
+                    + C.vload([blk, g, v * vl], f32v) * T.broadcast(XS[row, g], vl)
+                )
+            elif corrected:
                 Y[row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
                     [row, blk * nbx + v * vl], f32v
                 ) + T.Cast(f32v, sums(acc.vload([r, v * vl], i32v)) - CORR.vload([blk, g, v * vl], i32v)) * T.broadcast(
@@ -316,7 +359,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                 WD[kk, v * vb : v * vb + vb] = T.reinterpret(i8v, (nib | top) - T.broadcast(T.uint8(32), vb))
 
     @T.macro
-    def tile(QX, SX, W0, WD, S, CORR, Y, blk, g, row0, nrows):
+    def tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, row0, nrows):
         # int32 accumulators of rows [0, HALF) and [HALF, nrows): each under 1 KiB, so on the stack
         # (LLVM keeps them in registers)
         acc0 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=_STACK)
@@ -329,8 +372,8 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
         for kk in range(kq_g):
             if i4:  # decoded in registers: vectors 2p and 2p+1 from the low and high nibbles of one load
                 for p in T.unroll(2):
-                    wv[2 * p, 0:vb] = _nibbles(W0.vload([blk, g * kq_g + kk, p * vb], u8v), False, vnni, vb)
-                    wv[2 * p + 1, 0:vb] = _nibbles(W0.vload([blk, g * kq_g + kk, p * vb], u8v), True, vnni, vb)
+                    wv[2 * p, 0:vb] = _nibbles(W0.vload([blk, g * kq_g + kk, p * vb], u8v), False, vnni, vb, u4)
+                    wv[2 * p + 1, 0:vb] = _nibbles(W0.vload([blk, g * kq_g + kk, p * vb], u8v), True, vnni, vb, u4)
             else:
                 for v in T.unroll(4):
                     if i6:
@@ -342,21 +385,32 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
             for r in T.unroll(max(nrows - HALF, 0)):
                 dot_row(QX, acc1, wv, r, row0 + HALF + r, g * kq_g + kk)
         for r in T.unroll(min(nrows, HALF)):
-            rescale_row(SX, S, CORR, Y, acc0, r, row0 + r, blk, g)
+            rescale_row(SX, XS, S, CORR, C, Y, acc0, r, row0 + r, blk, g)
         for r in T.unroll(max(nrows - HALF, 0)):
-            rescale_row(SX, S, CORR, Y, acc1, r, row0 + HALF + r, blk, g)
+            rescale_row(SX, XS, S, CORR, C, Y, acc1, r, row0 + HALF + r, blk, g)
 
     @T.prim_func
     def main(
-        qx: T.handle, sx: T.handle, w0: T.handle, w1: T.handle, s: T.handle, corr: T.handle, b: T.handle, y: T.handle
+        qx: T.handle,
+        sx: T.handle,
+        xs: T.handle,
+        w0: T.handle,
+        w1: T.handle,
+        s: T.handle,
+        corr: T.handle,
+        c: T.handle,
+        b: T.handle,
+        y: T.handle,
     ):
         T.func_attr({"tir.noalias": True})
         QX = T.match_buffer(qx, (m_, k_), "int8")
         SX = T.match_buffer(sx, (m_, sxg), "float32")
+        XS = T.match_buffer(xs, (m_, ng), "float32")
         W0 = T.match_buffer(w0, w0shape, wshapes[0][1])
         W1 = T.match_buffer(w1, w1shape, "uint8")
         S = T.match_buffer(s, gshape, "float32")
         CORR = T.match_buffer(corr, gshape, "int32")
+        C = T.match_buffer(c, gshape, "float32")
         B = T.match_buffer(b, (n_,), "float32")
         Y = T.match_buffer(y, (m_, n_), "float32")
         # tasks: (block, chunk of rows); few blocks (small N) are split by rows too, to fill the threads
@@ -373,15 +427,16 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                 if i6:
                     decode_group(W0, W1, WD, blk, g)
                 for t in range(nr // rt):
-                    tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + t * rt, rt)
+                    tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, r0 + t * rt, rt)
                 if rt > HALF:  # leftover rows: a tile of HALF rows where they are that many, then single rows
                     for _t in range(nr % rt // HALF):
-                        tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt, HALF)
+                        tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, r0 + (nr // rt) * rt, HALF)
                     for t in range(nr % rt % HALF):
-                        tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt + nr % rt // HALF * HALF + t, 1)
+                        rest = T.meta_var(r0 + (nr // rt) * rt + nr % rt // HALF * HALF)
+                        tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, rest + t, 1)
                 else:
                     for t in range(nr % rt):
-                        tile(QX, SX, W0, WD, S, CORR, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
+                        tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
             if bias:
                 for row in range(nr):
                     for v in T.unroll(4):
@@ -393,11 +448,12 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
 
 
 def x86_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
-    """:func:`x86_linear_primfunc` with only the parameters ``spec`` uses, in order: ``QX, SX``, the
-    weight arrays, ``S``, ``CORR`` (when :attr:`X86Linear.corrected`), ``B`` (with a bias), ``Y``."""
+    """:func:`x86_linear_primfunc` with only the parameters ``spec`` uses, in order: ``QX, SX``, ``XS``
+    (with :attr:`X86Linear.offset`), the weight arrays, ``S``, ``CORR`` (when :attr:`X86Linear.corrected`),
+    ``C`` (with the offset), ``B`` (with a bias), ``Y``."""
     f = x86_linear_primfunc(spec, knobs)
-    names = ["qx", "sx", "w0", "w1", "s", "corr", "b", "y"]
-    keep = {"w1": spec.wfmt == "i6", "corr": spec.corrected, "b": spec.bias}
+    names = ["qx", "sx", "xs", "w0", "w1", "s", "corr", "c", "b", "y"]
+    keep = {"xs": spec.offset, "w1": spec.wfmt == "i6", "corr": spec.corrected, "c": spec.offset, "b": spec.bias}
     params = [p for p, nm in zip(f.params, names) if keep.get(nm, True)]
     out = tvm.tirx.PrimFunc(params, f.body, f.ret_type, f.attrs)
     return out.with_attr("tir.is_scheduled", True)
@@ -415,8 +471,15 @@ def _tiles(spec: X86Linear, codes: torch.Tensor) -> torch.Tensor:
 
 def pack_weight(spec: X86Linear, codes: torch.Tensor) -> list[torch.Tensor]:
     """The kernel's weight arrays from integer ``codes[N, K]`` (unpadded or padded; int8 range for
-    ``i8``, ±31 for ``i6`` — ``-32`` too, stored as 0; -8…7 for ``i4``)."""
+    ``i8``, ±31 for ``i6`` — ``-32`` too, stored as 0; -8…7 for ``i4``; 0…15 for ``u4``)."""
     c = pad2d(codes.to(torch.int32), spec.n, spec.k)
+    if spec.wfmt == "u4":
+        if int(c.min()) < 0 or int(c.max()) > 15:
+            raise ValueError(f"u4 codes must lie in [0, 15], got [{int(c.min())}, {int(c.max())}]")
+        nib = _tiles(spec, c)
+        vb = spec.vbytes
+        v4 = [nib[..., i * vb : (i + 1) * vb] for i in range(4)]
+        return [torch.cat([v4[0] | (v4[1] << 4), v4[2] | (v4[3] << 4)], dim=-1).to(torch.uint8).contiguous()]
     if spec.wfmt == "i8":
         if int(c.min()) < -128 or int(c.max()) > 127:
             raise ValueError(f"i8 codes must lie in [-128, 127], got [{int(c.min())}, {int(c.max())}]")
@@ -458,9 +521,24 @@ def act_codes(spec: X86Linear, qx: torch.Tensor) -> torch.Tensor:
     return q ^ torch.tensor(-128, dtype=torch.int8) if spec.corrected else q
 
 
-def pack(spec: X86Linear, codes: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
-    """Every weight-side argument of ``spec``'s kernel in order: weight arrays, scales, ``corr``."""
+def act_sums(spec: X86Linear, qx: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+    """``xs[m, g] = fl32(Σ_{k in g} qx)·sx`` (``qx[M, K]`` padded, plain codes; ``sx[M, G|1]``): what
+    :meth:`X86Linear.quant_rows` writes for a kernel with :attr:`X86Linear.offset`."""
+    m = qx.shape[0]
+    sums = qx.to(torch.int32).reshape(m, spec.groups, spec.group).sum(-1)
+    return sums.to(torch.float32) * sx.to(torch.float32)
+
+
+def pack(
+    spec: X86Linear, codes: torch.Tensor, scale: torch.Tensor, cterm: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Every weight-side argument of ``spec``'s kernel in order: weight arrays, scales, ``corr``, and
+    for ``u4`` the per-(output, group) offset term ``cterm[N, G]`` (the float offset)."""
     out = pack_weight(spec, codes) + [pack_groups(spec, scale.to(torch.float32))]
     if spec.corrected:
         out.append(pack_corr(spec, codes))
+    if spec.offset:
+        if cterm is None:
+            raise ValueError("u4 weights need their offset term (cterm)")
+        out.append(pack_groups(spec, cterm.to(torch.float32)))
     return out
