@@ -588,7 +588,7 @@ register_preset(
         description="Round-to-nearest 4-bit asymmetric weights (min/max: code 0..15 times a scale plus a float "
         "offset per group of 32 along K, the grid of GGUF Q4_1) and dynamic symmetric 8-bit activations per "
         "token and group of 32: Q4_1 x Q8_1 arithmetic, as llama.cpp (exact int32 sums of codes times "
-        "activation codes per group, then sx·(scale·sum + offset·Σqx) in fp32).",
+        "activation codes per group, then sx * (scale * sum + offset * sum(qx)) in fp32).",
         passes=(PassConfig("quantize_weights"),),
         weight=W4_G32_ASYM,
         activation=A8_G32,

@@ -165,6 +165,8 @@ def test_recipe_and_packing():
     assert LinearRecipe.codes(200, 256, 4, 32, 8, True, False).wfmt == "i4"
     spec = r.kernel(None)
     assert spec.quant_rows().sums == 32 and "_z" in spec.name
+    with pytest.raises(ValueError, match="zero/offset term"):  # unsigned codes need their offset term
+        LinearKernel(64, 64, "u4", 32, 8, 32, False, False, 1)
     for isa in ISAS:
         xs = X86Linear(64, 64, "u4", 32, 8, 32, False, 1, isa)
         assert xs.offset and not xs.corrected and xs.quant_rows().sums == 32 and not xs.quant_rows().flip

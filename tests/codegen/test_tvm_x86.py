@@ -168,7 +168,7 @@ def test_bad_specs_and_codes_are_rejected():
     with pytest.raises(ValueError, match="ISA"):
         X86Linear(64, 64, "i8", 64, 8, 0, False, 1, "neon")
     with pytest.raises(ValueError, match="no dot-product kernel"):
-        X86Linear(64, 64, "u4", 64, 8, 0, False, 1, "avx2")
+        X86Linear(64, 64, "u2", 64, 8, 0, False, 1, "avx2")
     with pytest.raises(ValueError, match="multiple of 4"):
         X86Linear(64, 66, "i8", 66, 8, 0, False, 1, "avx2")
     spec = X86Linear(64, 64, "i6", 64, 8, 0, False, 1, "avx2")

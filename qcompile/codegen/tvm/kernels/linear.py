@@ -73,6 +73,10 @@ class LinearKernel:
             raise ValueError(f"kernel sizes must be padded: N={self.n} (block {NB}), K={self.k} (group {self.group})")
         if self.act_bits and self.wfmt == "f32":
             raise ValueError("f32 weights take fp32 activations")
+        if self.act_bits and self.wfmt in UNSIGNED and not self.zero_term:
+            raise ValueError(
+                f"{self.wfmt} weights take fp32 activations, or integer ones with the zero/offset term (asymmetric)"
+            )
 
     @property
     def groups(self) -> int:
