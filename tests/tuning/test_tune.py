@@ -85,12 +85,15 @@ def _tunables() -> list[object]:
         TemplateTunable(LinearKernel(128, 256, "i6", 128, 8, 128, False, True, 6)),  # 6 rows: tiles of 4 pad
         QuantRowsTunable(QuantRows(256, 8, 128, None, flip=True)),
         QuantRowsTunable(QuantRows(192, 6, 0, 1)),
+        QuantRowsTunable(QuantRows(256, 8, 32, None, sums=32)),  # w4a8-g32-asym: also sx·Σqx per group
+        TemplateTunable(LinearKernel(128, 256, "u4", 32, 8, 32, True, False, None)),  # its generic kernel
         AttentionTunable(Attention(1, 6, 2, 32, 16, None, "bool", 1, 0.25)),
     ]
     isa = isa_for(CpuTarget().features)
     if isa is not None:
         out.append(X86Tunable(X86Linear(128, 256, "i6", 128, 8, 128, True, None, isa)))
         out.append(X86Tunable(X86Linear(128, 256, "i4", 128, 8, 0, True, None, isa)))
+        out.append(X86Tunable(X86Linear(128, 256, "u4", 32, 8, 32, False, None, isa)))
     return out
 
 
@@ -101,7 +104,8 @@ def test_every_candidate_computes_what_the_default_computes(t) -> None:
     assert len({tuple(sorted(c.items())) for c in space}) == len(space)
     rows = t.rows or 13  # a row count no tile divides
     default = t.build(space[0])
-    inputs = _inputs(default, rows, seed=1, outputs=2 if isinstance(t, QuantRowsTunable) else 1)
+    outputs = (3 if t.spec.sums else 2) if isinstance(t, QuantRowsTunable) else 1
+    inputs = _inputs(default, rows, seed=1, outputs=outputs)
     want = _run(default, inputs, rows)
     assert all(np.abs(w).max() > 0 for w in want)
     # every candidate of a small space; the template: a few, and one per row-tile size (tiles that do
