@@ -65,11 +65,12 @@ Schedule (a hand-written loop nest; small register tiles live in sub-1 KiB stack
 TVM keeps off the heap and LLVM keeps in registers): parallel tasks over blocks of NBX outputs (and
 over chunks of :data:`CHUNK_ROWS` rows when N has fewer than :data:`SPLIT_BELOW_BLOCKS` blocks);
 per group, ``i6`` weights are decoded once into an L1 scratch tile read by every row tile (``i4``
-weights are decoded in registers by each row tile: a mask and a shift per two vectors); rows go
+and ``u4`` weights are decoded in registers by each row tile: a mask and a shift per two vectors); rows go
 in register tiles of :data:`ROWS` (each weight vector loaded once serves all of them: 6 rows × 64
 outputs = 24 zmm accumulators on ``vnni512``), then the leftover rows (a tile of HALF rows when
 there are that many, then one at a time); each group's integer sums are rescaled into the output
-rows ((acc·sx)·sw, the template's order) and the bias is added last. ``tirx.noalias``: the output aliases no input.
+rows ((acc·sx)·sw, plus c·xs for ``u4``: the template's order) and the bias is added last.
+``tirx.noalias``: the output aliases no input.
 """
 
 from __future__ import annotations
