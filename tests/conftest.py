@@ -18,6 +18,10 @@ os.environ.setdefault(
     "QCOMPILE_SIGNING_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="qcompile-test-"), "signing.key")
 )
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The wall-clock bounds of the hostile tests catch work that explodes (an alias bomb, a huge GGUF header:
+# minutes, not seconds). They are set for a machine running one test; under pytest-xdist (make test) the
+# other worker shares the cores, so they stretch by this factor.
+TIME_SLACK = 4.0 if os.environ.get("PYTEST_XDIST_WORKER") else 1.0
 
 
 @pytest.fixture(autouse=True)
