@@ -96,7 +96,7 @@ class Lowering:
         self.choices: dict[str, dict[str, Any]] = {}  # kernel -> measured (or defaulted) alternatives
         self.generic: list[str] = []  # linears on a generic kernel, and why
         # entry -> activation quantizations already emitted (rules share one per distinct input)
-        self.quant_memo: dict[str, dict[tuple[str, str], tuple[relax.Var, relax.Var]]] = {}
+        self.quant_memo: dict[str, dict[tuple[str, str], tuple[relax.Var, ...]]] = {}
 
     # ---- helpers used by converters and rules -----------------------------------------------
     def kernel(self, name: str, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:

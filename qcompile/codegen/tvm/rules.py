@@ -168,11 +168,21 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
 
 
 def quantize_rows(
-    lw: Lowering, qr: QuantRows, flat: relax.Var, mdim: Any, finalize: Finalize | None = None
+    lw: Lowering,
+    qr: QuantRows,
+    flat: relax.Var,
+    mdim: Any,
+    finalize: Finalize | None = None,
+    src: fx.Node | None = None,
 ) -> tuple[relax.Var, ...]:
     """Per-token / per-group int8 codes and scales of ``flat`` by the kernel ``qr`` (a linear kernel's
     ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``), and with
-    ``qr.sums`` the per-block ``sx·Σqx`` too."""
+    ``qr.sums`` the per-block ``sx·Σqx`` too. ``src``: the graph node ``flat`` was made from; the
+    linears that read the same node with the same quantizer (q/k/v, gate/up) share one call."""
+    memo = lw.quant_memo.setdefault(lw.entry.name, {})
+    key = (qr.name, src.name) if src is not None else None
+    if key is not None and key in memo:
+        return memo[key]
     if finalize is None:
         qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:
@@ -181,7 +191,10 @@ def quantize_rows(
     if qr.sums:
         outs.append(relax.TensorType([mdim, qr.sum_blocks], "float32"))
     q = lw.bb.emit(relax.call_tir(qf, [flat], outs))
-    return tuple(lw.bb.emit(relax.TupleGetItem(q, i)) for i in range(len(outs)))
+    out = tuple(lw.bb.emit(relax.TupleGetItem(q, i)) for i in range(len(outs)))
+    if key is not None:
+        memo[key] = out
+    return out
 
 
 def template_spec(lw: Lowering, call: LinearCall) -> LinearKernel | None:
@@ -202,7 +215,7 @@ def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: 
     mdim = lw.imp.shape_of(flat)[0]
     flat = pad_k(lw, flat, recipe.k, spec.k)
     args: list[relax.Expr] = (
-        list(quantize_rows(lw, spec.quant_rows(), flat, mdim, finalize)) if spec.act_bits else [flat]
+        list(quantize_rows(lw, spec.quant_rows(), flat, mdim, finalize, call.node.args[0])) if spec.act_bits else [flat]
     )
     for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
         packed = lambda st, i=i: recipe.pack_weight(spec, w.codes(st))[i]  # noqa: E731

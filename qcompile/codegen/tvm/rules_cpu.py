@@ -92,7 +92,7 @@ class X86Dot:
         mdim = lw.imp.shape_of(flat)[0]
         flat = pad_k(lw, flat, recipe.k, spec.k)
         # flipped codes (x + 128) for vpdpbusd / the +128 form
-        args: list[relax.Expr] = list(quantize_rows(lw, spec.quant_rows(), flat, mdim))
+        args: list[relax.Expr] = list(quantize_rows(lw, spec.quant_rows(), flat, mdim, src=call.node.args[0]))
         tag = f"{isa}_{spec.wfmt}"
         for i, (wshape, wdt) in enumerate(spec.weight_shapes()):
             packed = lambda st, i=i: x86_weight(spec, w.codes(st))[i]  # noqa: E731
@@ -140,7 +140,7 @@ class BitSerialW6:
         flat, lead = rows(lw, call.x)
         mdim = lw.imp.shape_of(flat)[0]
         flat = pad_k(lw, flat, recipe.k, spec.k)
-        qx, sx = quantize_rows(lw, spec.quant_rows(), flat, mdim)
+        qx, sx = quantize_rows(lw, spec.quant_rows(), flat, mdim, src=call.node.args[0])
         pf = lw.kernel("qc_planes_" + bs.name, lambda: act_planes_primfunc(bs))
         planes = bb.emit(relax.call_tir(pf, [qx], relax.TensorType([bs.a_bits, mdim, bs.k // 32], "int32")))
         wp = lw.param(
