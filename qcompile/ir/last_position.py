@@ -189,7 +189,7 @@ def _fill_missing_values(gm: fx.GraphModule, state: dict[fx.Node, torch.Tensor])
             elif node.op == "call_function" and all("val" in a.meta for a in node.all_input_nodes):
                 try:
                     node.meta["val"] = _run(node)
-                except Exception:  # an op without a fake kernel: its value stays unknown
+                except RuntimeError:  # no fake kernel, or a data-dependent shape: its value stays unknown
                     continue
 
 

@@ -12,16 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcompile
-import qcompile.api as api
 import qcompile.ops  # noqa: F401  (registers the reference ops)
 from qcompile.codegen.target import CpuTarget
 from qcompile.codegen.tvm.kernels.linear import LinearKernel, QuantKnobs, QuantRows, padded, quant_rows_primfunc
 from qcompile.codegen.tvm.kernels.linear import pack_groups as generic_groups
 from qcompile.codegen.tvm.kernels.linear import pack_weight as generic_weight
-from qcompile.codegen.tvm.kernels.x86 import ISAS, X86Linear, act_codes, act_sums, isa_for, pack
+from qcompile.codegen.tvm.kernels.x86 import ISAS, X86Linear, act_codes, act_sums, pack
 from qcompile.codegen.tvm.recipe import LinearRecipe
 from qcompile.quant.quantizer import activation_blocks, quantize_weight_groups
-from tests.codegen.test_tvm_x86 import _INSN, _MCPU, _MLP, _call, _codes, _lib, _runnable
+from tests.codegen.test_tvm_x86 import _INSN, _MCPU, _call, _codes, _lib, _runnable, compiled_mlp_for
 
 pytestmark = pytest.mark.tvm
 
@@ -190,17 +189,7 @@ def test_backend_runs_w4a8_g32_asym_on_the_targets_kernel(monkeypatch, mcpu, isa
     """``w4a8-g32-asym`` compiled for the host (its best ISA), a Haswell (AVX2) and a baseline x86-64
     (the generic template, no dot-product kernel) computes what the torch reference does, and the
     report names the kernels."""
-    if isa == "host":
-        isa = isa_for(CpuTarget().features)
-    if isa is not None and isa not in _runnable():
-        pytest.skip(f"this machine cannot run {isa}")
-    torch.manual_seed(0)
-    model, x = _MLP.eval(), (torch.randn(5, 256),)
-    if mcpu is not None:
-        monkeypatch.setattr(api, "parse_target", lambda target, arch=None: CpuTarget(mcpu, 2))
-    cm = qcompile.compile(model, plan="w4a8-g32-asym", example_inputs=x)
-    ref = qcompile.compile(model, plan="w4a8-g32-asym", example_inputs=x, backend="torch")
-    torch.testing.assert_close(cm(*x), ref(*x), rtol=1e-5, atol=1e-5)
+    cm, isa = compiled_mlp_for(monkeypatch, mcpu, "w4a8-g32-asym", isa)
     b = cm.report.backend
     dot = [c for c in b["kernel_choices"].values() if c.get("chosen") in ISAS]
     if isa is None:  # the generic template: u4 with integer activations and the offset term

@@ -201,6 +201,26 @@ def test_every_isa_compiles_for_its_cpu(isa, wfmt):
 _MLP = torch.nn.Sequential(torch.nn.Linear(256, 200), torch.nn.ReLU(), torch.nn.Linear(200, 96, bias=False))
 
 
+def compiled_mlp_for(
+    monkeypatch, mcpu: str | None, plan: str, isa: str | None
+) -> tuple[qcompile.CompiledModule, str | None]:
+    """``_MLP`` under ``plan`` for a CPU ``mcpu`` (None: the host), checked against the torch reference
+    backend, and the ISA expected (``"host"`` resolved to the host's best); skips an ISA this machine
+    cannot run."""
+    if isa == "host":
+        isa = isa_for(CpuTarget().features)
+    if isa is not None and isa not in _runnable():
+        pytest.skip(f"this machine cannot run {isa}")
+    torch.manual_seed(0)
+    model, x = _MLP.eval(), (torch.randn(5, 256),)
+    if mcpu is not None:
+        monkeypatch.setattr(api, "parse_target", lambda target, arch=None: CpuTarget(mcpu, 2))
+    cm = qcompile.compile(model, plan=plan, example_inputs=x)
+    ref = qcompile.compile(model, plan=plan, example_inputs=x, backend="torch")
+    torch.testing.assert_close(cm(*x), ref(*x), rtol=1e-5, atol=1e-5)
+    return cm, isa
+
+
 @pytest.mark.parametrize(
     ("mcpu", "plan", "isa"),
     [
@@ -216,17 +236,7 @@ def test_backend_dispatches_on_the_target_features(monkeypatch, mcpu, plan, isa)
     """The compiled module picks the kernel the target's features allow (the host's best ISA, AVX2 for
     a Haswell, the generic template for a baseline x86-64), says so in the report, and computes what
     the torch reference does."""
-    if isa == "host":
-        isa = isa_for(CpuTarget().features)
-    if isa is not None and isa not in _runnable():
-        pytest.skip(f"this machine cannot run {isa}")
-    torch.manual_seed(0)
-    model, x = _MLP.eval(), (torch.randn(5, 256),)
-    if mcpu is not None:
-        monkeypatch.setattr(api, "parse_target", lambda target, arch=None: CpuTarget(mcpu, 2))
-    cm = qcompile.compile(model, plan=plan, example_inputs=x)
-    ref = qcompile.compile(model, plan=plan, example_inputs=x, backend="torch")
-    torch.testing.assert_close(cm(*x), ref(*x), rtol=1e-5, atol=1e-5)
+    cm, isa = compiled_mlp_for(monkeypatch, mcpu, plan, isa)
     b = cm.report.backend
     dot = [c for c in b["kernel_choices"].values() if c.get("chosen") in ISAS]
     if isa is None:
