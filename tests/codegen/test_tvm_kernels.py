@@ -93,6 +93,50 @@ def test_activation_quantization_matches_the_reference_exactly(m, groups, bits, 
     assert torch.equal(q, rq.view(m, k)) and torch.equal(s, rs)
 
 
+@pytest.mark.parametrize(
+    ("valid", "group", "fused", "parallel", "static", "sums"),
+    [
+        (96, 32, False, False, True, 0),
+        (80, 32, True, False, True, 32),
+        (96, 0, False, True, False, 0),
+        (70, 0, True, True, False, 0),
+    ],
+)
+def test_quantization_with_a_fused_rmsnorm_matches_norm_then_quantize(valid, group, fused, parallel, static, sums):
+    """``QuantRows.norm``: the kernel normalizes its input itself (RMSNorm over the first ``valid``
+    of K inputs, the rest zero padding, weight padded with zeros) and quantizes that. Its sum of
+    squares runs in another order than torch's mean, so the scales agree to rounding and a code
+    may sit one step off at a rounding tie, never more."""
+    from qcompile.codegen.tvm.kernels.linear import QuantKnobs
+
+    m, k, eps = 4, 96, 1e-5
+    g = torch.Generator().manual_seed(valid + group)
+    x, w = torch.randn(m, valid, generator=g) * 3, torch.rand(valid, generator=g) + 0.5
+    x[2] = 0  # an all-zero row: rsqrt(eps) times zeros, scale 1
+    normed = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    spec = QuantRows(
+        k, 8, group, m if static else None, sums=sums, norm=True, eps=eps, valid=valid if valid != k else 0
+    )
+    pad = lambda t: torch.nn.functional.pad(t, (0, k - valid))  # noqa: E731
+    outs = [((m, k), "int8"), ((m, spec.groups), "float32")] + ([((m, k // sums), "float32")] if sums else [])
+    q, s, *_ = _run(quant_rows_primfunc(spec, knobs=QuantKnobs(16, parallel, fused)), [pad(x), pad(w)], outs)
+    rq, rs = quantize_activation_groups(pad(normed), 8, group or None)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+    off = (q.to(torch.int32) - rq.view(m, k).to(torch.int32)).abs()
+    assert off.max() <= 1 and (off > 0).float().mean() < 0.02, off.sum()
+    assert torch.equal(q[:, valid:], torch.zeros(m, k - valid, dtype=torch.int8)) and torch.equal(
+        q[2], rq.view(m, k)[2]
+    )
+    assert q.abs().max() == 127
+
+
+def test_fused_norm_quantization_rejects_a_valid_count_out_of_range():
+    with pytest.raises(ValueError, match="valid=100"):
+        QuantRows(96, 8, 32, 1, norm=True, eps=1e-5, valid=100)
+    with pytest.raises(ValueError, match="valid=64 needs a fused norm"):
+        QuantRows(96, 8, 32, 1, valid=64)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", [1, 3])
 def test_w4a16_kernel_matches_quant_linear(symmetric, m):

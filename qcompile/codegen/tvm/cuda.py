@@ -144,7 +144,12 @@ def front_passes(target: tvm.target.Target, passes: Any) -> list[tvm.transform.P
     from tvm import relax
 
     return (
-        [relax.transform.DeadCodeElimination()]  # e.g. the KV repeats the attention kernel reads around
+        [
+            relax.transform.DeadCodeElimination(),  # e.g. the KV repeats the attention kernel reads around
+            # one value per repeated expression: the captured graph reads e.g. ``cache_position[0]`` once
+            # per layer, which would otherwise cost two kernel calls per layer and step
+            relax.transform.EliminateCommonSubexpr(),
+        ]
         + passes.library_dispatch_passes(target)
         + passes.legalize_passes(target)
     )

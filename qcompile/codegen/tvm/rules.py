@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -25,6 +25,7 @@ from tvm import relax
 from qcompile.codegen.tvm.kernels.linear import NB, LinearKernel, QuantRows, linear_primfunc, quant_rows_primfunc
 from qcompile.codegen.tvm.kernels.tunable import QuantRowsTunable, TemplateTunable
 from qcompile.codegen.tvm.recipe import LinearRecipe
+from qcompile.ir.patterns import RMSNormMatch, rmsnorm_source
 
 if TYPE_CHECKING:
     from qcompile.codegen.tvm.lower import Lowering
@@ -167,6 +168,22 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
 # ---- the lane-blocked template (kernels/linear.py): CPU rules schedule it, the GPU's generic rule runs it plain
 
 
+# the qcompile linear ops whose activations a backend quantizes (q/k/v, gate/up, ...)
+QUANT_LINEARS = ("linear_w8a8.default", "quant_linear.default", "packed_linear.default")
+
+
+def fused_norm(lw: Lowering, src: fx.Node | None) -> RMSNormMatch | None:
+    """The RMSNorm computing ``src`` when every user of ``src`` is a quantized linear (then the
+    quantization kernel can compute the norm itself and nothing needs the normalized tensor), on
+    float32 values; else None."""
+    if src is None or not all(u.op == "call_function" and u.target.__name__ in QUANT_LINEARS for u in src.users):
+        return None
+    norm = rmsnorm_source(src, lw.slots)
+    if norm is None or str(lw.env(norm.x).ty.dtype) != "float32":
+        return None
+    return norm
+
+
 def quantize_rows(
     lw: Lowering,
     qr: QuantRows,
@@ -178,11 +195,27 @@ def quantize_rows(
     """Per-token / per-group int8 codes and scales of ``flat`` by the kernel ``qr`` (a linear kernel's
     ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``), and with
     ``qr.sums`` the per-block ``sx·Σqx`` too. ``src``: the graph node ``flat`` was made from; the
-    linears that read the same node with the same quantizer (q/k/v, gate/up) share one call."""
+    linears that read the same node with the same quantizer (q/k/v, gate/up) share one call, and
+    when ``src`` is an RMSNorm that only quantized linears read (:func:`fused_norm`), the kernel
+    computes the norm from its input (the norm's own kernels then have no user left and are
+    removed)."""
     memo = lw.quant_memo.setdefault(lw.entry.name, {})
     key = (qr.name, src.name) if src is not None else None
     if key is not None and key in memo:
         return memo[key]
+    args = [flat]
+    norm = fused_norm(lw, src)
+    if norm is not None:
+        k = lw.imp.shape_of(flat)[1]
+        valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
+        qr = replace(qr, norm=True, eps=norm.eps, valid=valid if valid != qr.k else 0)
+        pre = pad_k(lw, rows(lw, lw.env(norm.x))[0], valid, int(k))
+        wkey, offset = lw.slots[norm.weight].name, norm.offset
+
+        def weight(st: dict[str, torch.Tensor], wkey: str = wkey, offset: float = offset) -> torch.Tensor:
+            return torch.nn.functional.pad(st[wkey].float() + offset, (0, qr.k - valid))
+
+        args = [pre, lw.param(f"{wkey}@rms{qr.k}+{offset:g}", weight, (qr.k,), "float32")]
     if finalize is None:
         qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:
@@ -190,7 +223,7 @@ def quantize_rows(
     outs = [relax.TensorType([mdim, qr.k], "int8"), relax.TensorType([mdim, qr.groups], "float32")]
     if qr.sums:
         outs.append(relax.TensorType([mdim, qr.sum_blocks], "float32"))
-    q = lw.bb.emit(relax.call_tir(qf, [flat], outs))
+    q = lw.bb.emit(relax.call_tir(qf, args, outs))
     out = tuple(lw.bb.emit(relax.TupleGetItem(q, i)) for i in range(len(outs)))
     if key is not None:
         memo[key] = out

@@ -31,6 +31,7 @@ from qcompile.codegen.tvm.rules import (
     LinearCall,
     emit_template,
     finish,
+    fused_norm,
     pad_k,
     padded_bias,
     rows,
@@ -39,7 +40,6 @@ from qcompile.codegen.tvm.rules import (
 )
 from qcompile.codegen.tvm.rules_cpu import ComposedAttention, InPlaceCopy, TvmDense
 from qcompile.codegen.tvm.select import cuda_w6_choice
-from qcompile.ir.patterns import rmsnorm_source
 
 if TYPE_CHECKING:
     from qcompile.codegen.tvm.lower import Lowering
@@ -55,7 +55,6 @@ _KINDS = {
     ("u2", 0): "f16",
     ("u3", 0): "f16",
 }
-_QUANT_LINEARS = ("linear_w8a8.default", "quant_linear.default", "packed_linear.default")
 
 
 @dataclass(frozen=True)
@@ -142,11 +141,7 @@ def _quantize(
     feeds only quantized linears (nothing else needs the normalized tensor)."""
     bb, k = lw.bb, call.recipe.k
     src = call.node.args[0]
-    norm = (
-        rmsnorm_source(src, lw.slots)
-        if all(u.op == "call_function" and u.target.__name__ in _QUANT_LINEARS for u in src.users)
-        else None
-    )
+    norm = fused_norm(lw, src)
     args = [flat, None]
     if norm is not None:
         qspec = replace(qspec, norm=True, eps=norm.eps, valid=k if qspec.k != k else 0)

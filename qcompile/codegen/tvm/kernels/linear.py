@@ -362,6 +362,11 @@ class QuantRows:
     m: int | None
     flip: bool = False  # codes with the top bit flipped: the bytes of uint8 ``code + 128`` (x86 vpdpbusd)
     sums: int = 0  # > 0: also write ``sx·Σ code`` per row and block of ``sums`` inputs (Q8_1's ``s``)
+    # RMSNorm fused in front: quantize ``(x · rsqrt(Σx²/valid + eps)) · w`` (a second input ``w[K]``);
+    # ``valid``: the unpadded K the mean divides by (0: all of ``k``)
+    norm: bool = False
+    eps: float = 0.0
+    valid: int = 0
 
     def __post_init__(self) -> None:
         if self.sums and (self.k % self.sums or (self.group and self.sums != self.group)):
@@ -369,12 +374,20 @@ class QuantRows:
                 f"activation sums over blocks of {self.sums} need K={self.k} a multiple and the scale group "
                 f"{self.group} equal (or per-row scales)"
             )
+        if not 0 <= self.valid <= self.k or (self.valid and not self.norm):
+            raise ValueError(f"valid={self.valid} needs a fused norm and at most K={self.k}")
 
     @property
     def name(self) -> str:
         u = "_u" if self.flip else ""
         s = f"_s{self.sums}" if self.sums else ""
-        return f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}{s}_{'mdyn' if self.m is None else f'm{self.m}'}"
+        n = ""
+        if self.norm:
+            n = "_rms" + f"{self.eps:.3g}".replace(".", "p").replace("-", "m").replace("+", "")
+            n += f"v{self.valid}" if self.valid else ""
+        return (
+            f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}{s}{n}_{'mdyn' if self.m is None else f'm{self.m}'}"
+        )
 
     @property
     def groups(self) -> int:
@@ -404,7 +417,7 @@ class QuantKnobs:
 
 
 def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnobs | None = None) -> tvm.tirx.PrimFunc:
-    """``(x) -> (codes int8[M, K], scales f32[M, G][, sums f32[M, K/sums]])``: the same float
+    """``(x[, norm weight]) -> (codes int8[M, K], scales f32[M, G][, sums f32[M, K/sums]])``: the same float
     operations as ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group;
     codes = clamp(round-half-even(x / scale))), so the codes match the reference exactly (``flip``:
     with their top bit flipped, i.e. the bytes of ``code + 128`` as uint8). With ``spec.sums``, also
@@ -415,6 +428,15 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
     qmax = float(2 ** (spec.bits - 1) - 1)
     gs = spec.group or spec.k
     x = te.placeholder((m, spec.k), "float32", name="X")
+    ins = [x]
+    if spec.norm:  # torch's RMSNorm order: (x · rsqrt(mean(x²) + eps)) · w
+        w = te.placeholder((spec.k,), "float32", name="NW")
+        ins.append(w)
+        rk = te.reduce_axis((0, spec.valid or spec.k), "rk")
+        ssq = te.compute((m,), lambda i: te.sum(x[i, rk] * x[i, rk], axis=rk), name="SSQ")
+        count, eps = tirx.const(float(spec.valid or spec.k), "float32"), tirx.const(spec.eps, "float32")
+        rs = te.compute((m,), lambda i: tirx.rsqrt(ssq[i] / count + eps), name="RS")
+        x = te.compute((m, spec.k), lambda i, k: x[i, k] * rs[i] * w[k], name="XN")
     r = te.reduce_axis((0, gs), "r")
     amax = te.compute((m, spec.groups), lambda i, g: te.max(te.abs(x[i, g * gs + r]), axis=r), name="AMAX")
     sc = te.compute(
@@ -445,16 +467,27 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
                 name="XSUM",
             )
         )
-    func = te.create_prim_func([x, *outs])
+    func = te.create_prim_func([*ins, *outs])
     if not schedule:
         return func
     knobs = knobs or QuantKnobs.default(spec)
     sch = Schedule(func)
     q = sch.get_sblock("Q")
-    if knobs.fused:  # per row of the scales: its absmax, its scales, then its codes
+    if spec.norm:  # the normalized value is recomputed where the absmax and the codes read it
+        sch.compute_inline(sch.get_sblock("XN"))
+    if spec.norm:  # per row its sum of squares, then its 1/RMS
+        sch.compute_at(sch.get_sblock("SSQ"), sch.get_loops(sch.get_sblock("RS"))[0])
+    if knobs.fused and spec.norm:  # per row (of the 1/RMS): its norm, absmax, scales, then its codes
+        row = sch.get_loops(sch.get_sblock("RS"))[0]
+        for name in ("AMAX", "SCALE"):
+            sch.reverse_compute_at(sch.get_sblock(name), row)
+        sch.reverse_compute_at(q, row)
+    elif knobs.fused:  # per row of the scales: its absmax, its scales, then its codes
         row = sch.get_loops(sch.get_sblock("SCALE"))[0]
         sch.compute_at(sch.get_sblock("AMAX"), row)
         sch.reverse_compute_at(q, row)
+    elif spec.norm and knobs.parallel:  # the rows' norms on the threads too
+        sch.parallel(sch.get_loops(sch.get_sblock("RS"))[0])
     loops = sch.get_loops(q)
     qi, qk = loops[0], loops[-1]
     if spec.sums:  # the sums read the row's codes just written: per row after them (fused) or their own nest
