@@ -779,6 +779,31 @@ def rmsnorm_source(node: object, bindings: dict[fx.Node, Slot]) -> RMSNormMatch 
     return RMSNormMatch(x, w, float(add.args[1]), offset)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class GatedMatch:
+    """``silu(gate) · up`` (a SwiGLU MLP's input to its down projection)."""
+
+    gate: fx.Node
+    up: fx.Node
+
+
+def silu_gate_source(node: object) -> GatedMatch | None:
+    """The ``silu(gate) · up`` that ``node`` computes (either operand order, same shapes), else None."""
+    if _call_name(node) != "mul.Tensor":
+        return None
+    assert isinstance(node, fx.Node)
+    a, b = node.args[:2]
+    if _call_name(a) != "silu.default":
+        a, b = b, a
+    if _call_name(a) != "silu.default" or not isinstance(b, fx.Node):
+        return None
+    gate = a.args[0]  # type: ignore[union-attr]
+    gv, uv = getattr(gate, "meta", {}).get("val"), b.meta.get("val")
+    if not (isinstance(gv, torch.Tensor) and isinstance(uv, torch.Tensor)) or gv.shape != uv.shape:
+        return None
+    return GatedMatch(gate, b)  # type: ignore[arg-type]
+
+
 def gqa_unrepeat(node: fx.Node) -> tuple[fx.Node, int]:
     """(K/V before the grouped-query repeat, repeat count): matches ``reshape(expand(unsqueeze(x, 2)))``
     that turns ``[B, KVH, L, D]`` into ``[B, KVH·g, L, D]``; anything else is itself with count 1."""

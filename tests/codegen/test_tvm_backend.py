@@ -48,14 +48,16 @@ def test_tvm_matches_the_reference_backend(built, plan):
 
 def test_linears_reading_one_input_share_its_activation_quantization(built):
     """q/k/v read the attention norm's output and gate/up the MLP norm's: one quantization call each,
-    which computes the norm too, then one for o_proj's input and one for down_proj's (4 per layer,
-    not 7)."""
+    which computes the norm too, then one for o_proj's input and one for down_proj's (which computes
+    the SwiGLU product): 4 per layer, not 7."""
     _, cm = built["w8a8-rtn"]
     layers = cm.program.meta["config"]["num_hidden_layers"]
     decode = {n: c for n, c in cm.report.backend["kernels"].items() if n.startswith("qc_quant_rows") and "_m1" in n}
     assert sum(decode.values()) == 4 * layers, decode
     # the two norms feed only quantized linears: their quantization computes them (no norm kernels left)
     assert sum(c for n, c in decode.items() if "_rms" in n) == 2 * layers, decode
+    # and down_proj's quantization computes the SwiGLU product silu(gate) · up from the two linears' outputs
+    assert sum(c for n, c in decode.items() if "_silu" in n) == layers, decode
 
 
 def test_cache_lives_in_the_runtime_tensors(built):

@@ -130,6 +130,32 @@ def test_quantization_with_a_fused_rmsnorm_matches_norm_then_quantize(valid, gro
     assert q.abs().max() == 127
 
 
+@pytest.mark.parametrize(("fused", "static"), [(False, True), (True, False)])
+def test_quantization_with_a_fused_silu_gate_matches_the_product_then_quantize(fused, static):
+    """``QuantRows.silu_gate``: the kernel quantizes ``silu(x) · u`` (a SwiGLU's input to its down
+    projection) from both operands; TVM's sigmoid rounds unlike torch's SiLU, so the scales agree to
+    rounding and a code may sit one step off at a rounding tie."""
+    from qcompile.codegen.tvm.kernels.linear import QuantKnobs
+
+    m, k = 3, 128
+    g = torch.Generator().manual_seed(7)
+    x, u = torch.randn(m, k, generator=g) * 4, torch.randn(m, k, generator=g)
+    x[1, 100:] = u[1, 100:] = 0  # zero padding stays zero
+    spec = QuantRows(k, 8, 32, m if static else None, silu_gate=True)
+    q, s = _run(
+        quant_rows_primfunc(spec, knobs=QuantKnobs(16, not static, fused)),
+        [x, u],
+        [((m, k), "int8"), ((m, spec.groups), "float32")],
+    )
+    rq, rs = quantize_activation_groups(torch.nn.functional.silu(x) * u, 8, 32)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+    off = (q.to(torch.int32) - rq.view(m, k).to(torch.int32)).abs()
+    assert off.max() <= 1 and (off > 0).float().mean() < 0.02, off.sum()
+    assert not q[1, 100:].any() and q.abs().max() == 127
+    with pytest.raises(ValueError, match="one producer"):
+        QuantRows(k, 8, 32, 1, norm=True, eps=1e-5, silu_gate=True)
+
+
 def test_fused_norm_quantization_rejects_a_valid_count_out_of_range():
     with pytest.raises(ValueError, match="valid=100"):
         QuantRows(96, 8, 32, 1, norm=True, eps=1e-5, valid=100)

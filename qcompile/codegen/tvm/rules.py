@@ -25,7 +25,7 @@ from tvm import relax
 from qcompile.codegen.tvm.kernels.linear import NB, LinearKernel, QuantRows, linear_primfunc, quant_rows_primfunc
 from qcompile.codegen.tvm.kernels.tunable import QuantRowsTunable, TemplateTunable
 from qcompile.codegen.tvm.recipe import LinearRecipe
-from qcompile.ir.patterns import RMSNormMatch, rmsnorm_source
+from qcompile.ir.patterns import GatedMatch, RMSNormMatch, rmsnorm_source, silu_gate_source
 
 if TYPE_CHECKING:
     from qcompile.codegen.tvm.lower import Lowering
@@ -140,8 +140,14 @@ def rows(lw: Lowering, x: relax.Var) -> tuple[relax.Var, list[Any]]:
     shape = list(lw.imp.shape_of(x))
     lead = shape[:-1]
     m = static_rows(lw, x)
-    flat = lw.bb.emit(relax.op.reshape(x, [m if m is not None else _prod(lead), shape[-1]]))
-    return flat, lead
+    want = [m if m is not None else _prod(lead), shape[-1]]
+    bound = lw.bb.lookup_binding(x)  # x = reshape(y) of a y already [rows, K] (a linear's own output): y
+    if isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.reshape")):
+        y = bound.args[0]
+        have = list(lw.imp.shape_of(y))
+        if len(have) == 2 and all(same_dim(a, b) for a, b in zip(have, want)):
+            return y, lead
+    return lw.bb.emit(relax.op.reshape(x, want)), lead
 
 
 def pad_k(lw: Lowering, flat: relax.Var, k: int, k_p: int) -> relax.Var:
@@ -172,16 +178,26 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
 QUANT_LINEARS = ("linear_w8a8.default", "quant_linear.default", "packed_linear.default")
 
 
+def _only_quantized(src: fx.Node | None) -> bool:
+    return src is not None and all(u.op == "call_function" and u.target.__name__ in QUANT_LINEARS for u in src.users)
+
+
+def _f32(lw: Lowering, *nodes: fx.Node) -> bool:
+    return all(str(lw.env(n).ty.dtype) == "float32" for n in nodes)
+
+
 def fused_norm(lw: Lowering, src: fx.Node | None) -> RMSNormMatch | None:
     """The RMSNorm computing ``src`` when every user of ``src`` is a quantized linear (then the
     quantization kernel can compute the norm itself and nothing needs the normalized tensor), on
     float32 values; else None."""
-    if src is None or not all(u.op == "call_function" and u.target.__name__ in QUANT_LINEARS for u in src.users):
-        return None
-    norm = rmsnorm_source(src, lw.slots)
-    if norm is None or str(lw.env(norm.x).ty.dtype) != "float32":
-        return None
-    return norm
+    norm = rmsnorm_source(src, lw.slots) if _only_quantized(src) else None
+    return norm if norm is not None and _f32(lw, norm.x) else None
+
+
+def fused_gate(lw: Lowering, src: fx.Node | None) -> GatedMatch | None:
+    """``silu(gate) · up`` computing ``src`` when only quantized linears read it, on float32 values."""
+    gated = silu_gate_source(src) if _only_quantized(src) else None
+    return gated if gated is not None and _f32(lw, gated.gate, gated.up) else None
 
 
 def quantize_rows(
@@ -196,9 +212,9 @@ def quantize_rows(
     ``quant_rows()``; scheduled for the CPU, or plain and passed through ``finalize``), and with
     ``qr.sums`` the per-block ``sx·Σqx`` too. ``src``: the graph node ``flat`` was made from; the
     linears that read the same node with the same quantizer (q/k/v, gate/up) share one call, and
-    when ``src`` is an RMSNorm that only quantized linears read (:func:`fused_norm`), the kernel
-    computes the norm from its input (the norm's own kernels then have no user left and are
-    removed)."""
+    when ``src`` is an RMSNorm (:func:`fused_norm`) or a SwiGLU product (:func:`fused_gate`) that only
+    quantized linears read, the kernel computes it from its inputs (its own kernels then have no
+    user left and are removed)."""
     memo = lw.quant_memo.setdefault(lw.entry.name, {})
     key = (qr.name, src.name) if src is not None else None
     if key is not None and key in memo:
@@ -216,6 +232,11 @@ def quantize_rows(
             return torch.nn.functional.pad(st[wkey].float() + offset, (0, qr.k - valid))
 
         args = [pre, lw.param(f"{wkey}@rms{qr.k}+{offset:g}", weight, (qr.k,), "float32")]
+    gated = fused_gate(lw, src) if norm is None else None
+    if gated is not None:
+        qr = replace(qr, silu_gate=True)
+        k, valid = int(lw.imp.shape_of(flat)[1]), int(lw.imp.shape_of(lw.env(gated.up))[-1])
+        args = [pad_k(lw, rows(lw, lw.env(n))[0], valid, k) for n in (gated.gate, gated.up)]
     if finalize is None:
         qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:
@@ -270,13 +291,22 @@ def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: 
     return finish(lw, y, call.x, lead, spec.n, recipe.n)
 
 
+def _const(d: Any) -> int | None:
+    """A shape dimension's value when it is a constant (a Python int or a TIR ``IntImm``), else None."""
+    if isinstance(d, int):
+        return d
+    return int(d.value) if isinstance(d, tvm.tirx.IntImm) else None
+
+
 def same_dim(a: Any, b: Any) -> bool:
     """Two shape dimensions that are the same constant or the same symbolic variable."""
-    return str(a) == str(b)
+    ca, cb = _const(a), _const(b)
+    return ca == cb if ca is not None and cb is not None else str(a) == str(b)
 
 
 def _prod(dims: list[Any]) -> Any:
     out: Any = 1
     for d in dims:
-        out = out * d
+        if _const(d) != 1:  # ``s`` rather than ``1 * s``: the same dimension as a linear's own rows
+            out = d if _const(out) == 1 else out * d
     return out

@@ -367,6 +367,7 @@ class QuantRows:
     norm: bool = False
     eps: float = 0.0
     valid: int = 0
+    silu_gate: bool = False  # quantize ``silu(x) · u`` (a second input ``u[M, K]``): a SwiGLU's product
 
     def __post_init__(self) -> None:
         if self.sums and (self.k % self.sums or (self.group and self.sums != self.group)):
@@ -376,6 +377,8 @@ class QuantRows:
             )
         if not 0 <= self.valid <= self.k or (self.valid and not self.norm):
             raise ValueError(f"valid={self.valid} needs a fused norm and at most K={self.k}")
+        if self.norm and self.silu_gate:
+            raise ValueError("a quantizer fuses one producer: the norm or the SiLU gate, not both")
 
     @property
     def name(self) -> str:
@@ -385,6 +388,7 @@ class QuantRows:
         if self.norm:
             n = "_rms" + f"{self.eps:.3g}".replace(".", "p").replace("-", "m").replace("+", "")
             n += f"v{self.valid}" if self.valid else ""
+        n += "_silu" if self.silu_gate else ""
         return (
             f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}{s}{n}_{'mdyn' if self.m is None else f'm{self.m}'}"
         )
@@ -417,7 +421,7 @@ class QuantKnobs:
 
 
 def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnobs | None = None) -> tvm.tirx.PrimFunc:
-    """``(x[, norm weight]) -> (codes int8[M, K], scales f32[M, G][, sums f32[M, K/sums]])``: the same float
+    """``(x[, norm weight | up]) -> (codes int8[M, K], scales f32[M, G][, sums f32[M, K/sums]])``: the same float
     operations as ``qcompile.quant.quantizer`` (scale = absmax / qmax, 1 for an all-zero group;
     codes = clamp(round-half-even(x / scale))), so the codes match the reference exactly (``flip``:
     with their top bit flipped, i.e. the bytes of ``code + 128`` as uint8). With ``spec.sums``, also
@@ -437,6 +441,10 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
         count, eps = tirx.const(float(spec.valid or spec.k), "float32"), tirx.const(spec.eps, "float32")
         rs = te.compute((m,), lambda i: tirx.rsqrt(ssq[i] / count + eps), name="RS")
         x = te.compute((m, spec.k), lambda i, k: x[i, k] * rs[i] * w[k], name="XN")
+    elif spec.silu_gate:  # TVM's own SiLU (x · sigmoid(x)), times the up projection
+        u = te.placeholder((m, spec.k), "float32", name="U")
+        ins.append(u)
+        x = te.compute((m, spec.k), lambda i, k: x[i, k] * tirx.sigmoid(x[i, k]) * u[i, k], name="XN")
     r = te.reduce_axis((0, gs), "r")
     amax = te.compute((m, spec.groups), lambda i, g: te.max(te.abs(x[i, g * gs + r]), axis=r), name="AMAX")
     sc = te.compute(
@@ -473,7 +481,7 @@ def quant_rows_primfunc(spec: QuantRows, schedule: bool = True, knobs: QuantKnob
     knobs = knobs or QuantKnobs.default(spec)
     sch = Schedule(func)
     q = sch.get_sblock("Q")
-    if spec.norm:  # the normalized value is recomputed where the absmax and the codes read it
+    if spec.norm or spec.silu_gate:  # the fused value is recomputed where the absmax and the codes read it
         sch.compute_inline(sch.get_sblock("XN"))
     if spec.norm:  # per row its sum of squares, then its 1/RMS
         sch.compute_at(sch.get_sblock("SSQ"), sch.get_loops(sch.get_sblock("RS"))[0])
