@@ -200,6 +200,24 @@ def fused_gate(lw: Lowering, src: fx.Node | None) -> GatedMatch | None:
     return gated if gated is not None and _f32(lw, gated.gate, gated.up) else None
 
 
+def padded_rows(lw: Lowering, node: fx.Node, k_p: int) -> relax.Var:
+    """``node``'s value as ``[rows, K]``, zero-padded to ``k_p`` columns."""
+    value = lw.env(node)
+    return pad_k(lw, rows(lw, value)[0], int(lw.imp.shape_of(value)[-1]), k_p)
+
+
+def norm_inputs(lw: Lowering, norm: RMSNormMatch, k_p: int) -> tuple[relax.Var, relax.Var]:
+    """A fused RMSNorm's operands for a quantization kernel of ``k_p`` columns: its input rows and its
+    weight (plus the norm's offset, repacked once), both zero-padded to ``k_p``."""
+    valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
+    wkey, offset = lw.slots[norm.weight].name, norm.offset
+
+    def weight(st: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.pad(st[wkey].float() + offset, (0, k_p - valid))
+
+    return padded_rows(lw, norm.x, k_p), lw.param(f"{wkey}@rms{k_p}+{offset:g}", weight, (k_p,), "float32")
+
+
 def quantize_rows(
     lw: Lowering,
     qr: QuantRows,
@@ -221,22 +239,14 @@ def quantize_rows(
         return memo[key]
     args = [flat]
     norm = fused_norm(lw, src)
+    gated = fused_gate(lw, src) if norm is None else None
     if norm is not None:
-        k = lw.imp.shape_of(flat)[1]
         valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
         qr = replace(qr, norm=True, eps=norm.eps, valid=valid if valid != qr.k else 0)
-        pre = pad_k(lw, rows(lw, lw.env(norm.x))[0], valid, int(k))
-        wkey, offset = lw.slots[norm.weight].name, norm.offset
-
-        def weight(st: dict[str, torch.Tensor], wkey: str = wkey, offset: float = offset) -> torch.Tensor:
-            return torch.nn.functional.pad(st[wkey].float() + offset, (0, qr.k - valid))
-
-        args = [pre, lw.param(f"{wkey}@rms{qr.k}+{offset:g}", weight, (qr.k,), "float32")]
-    gated = fused_gate(lw, src) if norm is None else None
-    if gated is not None:
+        args = list(norm_inputs(lw, norm, qr.k))
+    elif gated is not None:
         qr = replace(qr, silu_gate=True)
-        k, valid = int(lw.imp.shape_of(flat)[1]), int(lw.imp.shape_of(lw.env(gated.up))[-1])
-        args = [pad_k(lw, rows(lw, lw.env(n))[0], valid, k) for n in (gated.gate, gated.up)]
+        args = [padded_rows(lw, n, qr.k) for n in (gated.gate, gated.up)]
     if finalize is None:
         qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:

@@ -32,6 +32,7 @@ from qcompile.codegen.tvm.rules import (
     emit_template,
     finish,
     fused_norm,
+    norm_inputs,
     pad_k,
     padded_bias,
     rows,
@@ -142,23 +143,16 @@ def _quantize(
     bb, k = lw.bb, call.recipe.k
     src = call.node.args[0]
     norm = fused_norm(lw, src)
-    args = [flat, None]
     if norm is not None:
         qspec = replace(qspec, norm=True, eps=norm.eps, valid=k if qspec.k != k else 0)
-        pre, _ = rows(lw, lw.env(norm.x))
-        wv = lw.env(norm.weight)
-        if norm.offset:  # a (1 + w) norm: the kernel multiplies by w + offset
-            wv = bb.emit(relax.op.add(wv, relax.const(norm.offset, "float32")))
-        if qspec.k != k:
-            pre = bb.emit(relax.op.nn.pad(pre, [0, 0, 0, qspec.k - k]))
-            wv = bb.emit(relax.op.nn.pad(wv, [0, qspec.k - k]))
-        args = [pre, wv]
     memo_key = (qspec.name, str(src))
     memo = lw.quant_memo.setdefault(lw.entry.name, {})
     if memo_key in memo:
         return memo[memo_key]
-    if args[1] is None:
-        args[1] = lw.param("qc@one", lambda st: torch.ones(1), (1,), "float32")
+    if norm is not None:  # the norm's input and its weight (+ offset, for a (1 + w) norm), padded to the kernel's K
+        args = list(norm_inputs(lw, norm, qspec.k))
+    else:
+        args = [flat, lw.param("qc@one", lambda st: torch.ones(1), (1,), "float32")]
     qf = lw.kernel(qspec.name, lambda: quant_cuda_primfunc(qspec))
     pshape = [mdim, qspec.k // 128, 8, 4] if qspec.planes else [1, 1, 8, 4]
     q = bb.emit(
