@@ -60,6 +60,21 @@ def test_linears_reading_one_input_share_its_activation_quantization(built):
     assert sum(c for n, c in decode.items() if "_silu" in n) == layers, decode
 
 
+@pytest.mark.parametrize("plan", ["w8a8-rtn", "w4a16-rtn-g32-asym"])
+def test_residual_adds_run_in_the_linear_kernels_that_feed_them(built, plan):
+    """o_proj and down_proj add their output to the residual stream in their own epilogue (the
+    x86 dot-product kernel for W8A8 here, the template for W4A16): 2 per layer in every entry (the
+    outputs match the reference: see the test above)."""
+    _, cm = built[plan]
+    layers = cm.program.meta["config"]["num_hidden_layers"]
+    kernels = cm.report.backend["kernels"]
+    decode = sum(c for n, c in kernels.items() if n.endswith("_r_m1"))
+    assert decode == 2 * layers, kernels
+    # entries with a dynamic row count (prefill, the cacheless forward): the same 2 per layer in each
+    dynamic = sum(c for n, c in kernels.items() if n.endswith("_r_mdyn"))
+    assert dynamic and dynamic % (2 * layers) == 0, kernels
+
+
 def test_cache_lives_in_the_runtime_tensors(built):
     _, cm = built["fp32"]
     cm.generate(IDS, 4, eos_token_id=[])

@@ -117,6 +117,7 @@ def test_dot_kernels_are_exact_on_every_isa_here(m, n, k, wfmt, act_bits, groupi
         assert torch.equal(y[:, :n].to(torch.int64), want), f"{isa}: integer sums differ"
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     m=st.integers(1, 9),
@@ -127,8 +128,9 @@ def test_dot_kernels_are_exact_on_every_isa_here(m, n, k, wfmt, act_bits, groupi
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_rescale_and_bias_match_the_generic_template(m, nblocks, groups, wfmt, per_group, bias, seed):
-    """Random scales and a bias: the same fp32 result as the lane-blocked template (same operation order)."""
+def test_rescale_and_bias_match_the_generic_template(m, nblocks, groups, wfmt, per_group, bias, residual, seed):
+    """Random scales, a bias and a fused residual: the same fp32 result as the lane-blocked template
+    (same operation order), and the residual is torch's ``(x·Wᵀ + b) + r`` bit for bit."""
     g = torch.Generator().manual_seed(seed)
     n, group = 64 * nblocks, 64
     k = group * groups
@@ -139,11 +141,16 @@ def test_rescale_and_bias_match_the_generic_template(m, nblocks, groups, wfmt, p
     sx = torch.rand(m, groups if per_group else 1, generator=g) + 0.01
     b = torch.randn(n, generator=g)
     ag = group if per_group else 0
-    base = LinearKernel(n, k, wfmt, group, 8, ag, False, bias, m)
-    extra = [b] if bias else []
-    want = _call(base, [qx, sx, *generic_weight(base, codes), generic_groups(base, sw), *extra], m)
+    r = torch.randn(m, n, generator=g)
+    base = LinearKernel(n, k, wfmt, group, 8, ag, False, bias, m, residual)
+    extra = ([b] if bias else []) + ([r] if residual else [])
+    wargs = [*generic_weight(base, codes), generic_groups(base, sw)]
+    want = _call(base, [qx, sx, *wargs, *extra], m)
+    if residual:  # the same kernel without the residual, plus r in torch
+        plain = LinearKernel(n, k, wfmt, group, 8, ag, False, bias, m)
+        assert torch.equal(want, _call(plain, [qx, sx, *wargs, *extra[:-1]], m) + r)
     for isa in _runnable():
-        spec = X86Linear(n, k, wfmt, group, 8, ag, bias, m, isa)
+        spec = X86Linear(n, k, wfmt, group, 8, ag, bias, m, isa, residual)
         y = _call(spec, [act_codes(spec, qx), sx, *pack(spec, codes, sw), *extra], m)
         torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6, msg=lambda s, isa=isa: f"{isa}: {s}")
 

@@ -97,6 +97,8 @@ class Lowering:
         self.generic: list[str] = []  # linears on a generic kernel, and why
         # entry -> activation quantizations already emitted (rules share one per distinct input)
         self.quant_memo: dict[str, dict[tuple[str, str], tuple[relax.Var, ...]]] = {}
+        # nodes a kernel already computed (a residual add fused into a linear's epilogue) -> their value
+        self.fused: dict[fx.Node, relax.Var] = {}
 
     # ---- helpers used by converters and rules -----------------------------------------------
     def kernel(self, name: str, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
@@ -179,6 +181,8 @@ class Lowering:
 
     def _guard(self, fn: Callable[[fx.Node], relax.Var]) -> Callable[..., relax.Var]:
         def convert(node: fx.Node, _imp: Any = None) -> relax.Var:
+            if node in self.fused:
+                return self.fused.pop(node)
             try:
                 self._align_operands(node)
                 return self._known_shape(node, fn(node))

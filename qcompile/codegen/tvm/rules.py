@@ -171,6 +171,48 @@ def padded_bias(lw: Lowering, key: str, n: int, n_p: int) -> relax.Var:
     return lw.param(f"{key}@pad{n_p}", pad, (n_p,), "float32")
 
 
+@dataclass(frozen=True)
+class Residual:
+    """A residual add fused into a linear kernel's epilogue: the ``add`` node the kernel computes too,
+    and the other operand as ``[rows, N]``."""
+
+    add: fx.Node
+    value: relax.Var
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return len(a.shape) == len(b.shape) and all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
+
+
+def fused_residual(lw: Lowering, call: LinearCall, n_p: int) -> Residual | None:
+    """The add that reads ``call``'s output when it is that output's only user (a transformer block's
+    ``h + o_proj(...)``, ``h + down_proj(...)``): both operands float32 of one shape, the other one
+    already computed, N not padded (``n_p``); else None (the add runs as its own kernel)."""
+    node = call.node
+    users = list(node.users)
+    if len(users) != 1 or n_p != call.recipe.n or str(call.x.ty.dtype) != "float32":
+        return None
+    add = users[0]
+    if add.op != "call_function" or add.target.__name__ != "add.Tensor" or add.kwargs or len(add.args) != 2:
+        return None
+    others = [a for a in add.args if a is not node]
+    if len(others) != 1 or not isinstance(others[0], fx.Node) or others[0] not in lw.imp.env:
+        return None
+    vals = [others[0].meta.get("val"), node.meta.get("val"), add.meta.get("val")]
+    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in vals):
+        return None
+    if not (_same_shape(vals[0], vals[1]) and _same_shape(vals[1], vals[2])):
+        return None
+    return Residual(add, rows(lw, lw.env(others[0]))[0])
+
+
+def finish_fused(lw: Lowering, out: relax.Var, residual: Residual | None) -> relax.Var:
+    """``out`` (a linear's value), also the value of the residual add its kernel computed."""
+    if residual is not None:
+        lw.fused[residual.add] = out
+    return out
+
+
 # ---- the lane-blocked template (kernels/linear.py): CPU rules schedule it, the GPU's generic rule runs it plain
 
 
@@ -275,6 +317,8 @@ def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: 
     """``call`` on the lane-blocked kernel ``spec``: scheduled for the CPU (``finalize`` None), or the
     plain compute passed through ``finalize`` (a GPU's generic schedule)."""
     recipe, w = call.recipe, call.weights
+    res = fused_residual(lw, call, spec.n) if finalize is None else None
+    spec = replace(spec, residual=res is not None)
     flat, lead = rows(lw, call.x)
     mdim = lw.imp.shape_of(flat)[0]
     flat = pad_k(lw, flat, recipe.k, spec.k)
@@ -293,12 +337,14 @@ def emit_template(lw: Lowering, call: LinearCall, spec: LinearKernel, finalize: 
         args.append(lw.param(f"{w.key}@zero", lambda st: recipe.pack_groups(spec, call.cterm(st)), gshape, "float32"))
     if call.bias is not None:
         args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
+    if res is not None:
+        args.append(res.value)
     if finalize is None:
         f = lw.tuned_kernel(TemplateTunable(spec))
     else:
         f = lw.kernel(spec.name, lambda: finalize(linear_primfunc(spec, schedule=False)))
     y = lw.bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
-    return finish(lw, y, call.x, lead, spec.n, recipe.n)
+    return finish_fused(lw, finish(lw, y, call.x, lead, spec.n, recipe.n), res)
 
 
 def _const(d: Any) -> int | None:

@@ -18,7 +18,7 @@ path for every CPU (``CpuTarget(mcpu="x86-64")`` builds it everywhere).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +40,8 @@ from qcompile.codegen.tvm.rules import (
     LinearCall,
     emit_template,
     finish,
+    finish_fused,
+    fused_residual,
     pad_k,
     padded_bias,
     quantize_rows,
@@ -84,6 +86,8 @@ class X86Dot:
         except ValueError as e:
             call.declines.append(str(e))
             return None
+        res = fused_residual(lw, call, spec.n)
+        spec = replace(spec, residual=res is not None)
         lw.choices[spec.name] = {"chosen": isa, "generic": base.name, "features": sorted(features)}
         scale = w.scale
         assert scale is not None, f"{recipe.wfmt} codes need scales"
@@ -106,9 +110,11 @@ class X86Dot:
             args.append(lw.param(f"{w.key}@off_x{spec.nbx}", off, gshape, "float32"))
         if call.bias is not None:
             args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
+        if res is not None:
+            args.append(res.value)
         f = lw.tuned_kernel(X86Tunable(spec))
         y = bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
-        return finish(lw, y, call.x, lead, spec.n, recipe.n)
+        return finish_fused(lw, finish(lw, y, call.x, lead, spec.n, recipe.n), res)
 
 
 @dataclass(frozen=True)

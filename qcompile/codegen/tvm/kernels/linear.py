@@ -63,6 +63,7 @@ class LinearKernel:
     zero_term: bool  # weight-only: add c[n, g]·Σx (zero point / float offset)
     bias: bool
     m: int | None  # None: dynamic number of rows
+    residual: bool = False  # add ``R[M, N]`` after the bias (a residual connection fused into the epilogue)
 
     def __post_init__(self) -> None:
         if self.wfmt not in WFMTS:
@@ -92,7 +93,7 @@ class LinearKernel:
         act = f"a{self.act_bits}{'g' if self.act_group else 't'}" if self.act_bits else "af32"
         m = "mdyn" if self.m is None else f"m{self.m}"
         z = "_z" if self.zero_term else ""
-        b = "_b" if self.bias else ""
+        b = ("_b" if self.bias else "") + ("_r" if self.residual else "")
         return f"qc_linear_{self.wfmt}_{act}_n{self.n}_k{self.k}_g{self.group}{z}{b}_{m}"
 
     def weight_shapes(self) -> list[tuple[tuple[int, ...], str]]:
@@ -179,6 +180,10 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
     if spec.bias:
         b = te.placeholder((n_,), "float32", name="B")
         args.append(b)
+    res = None
+    if spec.residual:
+        res = te.placeholder((m, n_), "float32", name="R")
+        args.append(res)
 
     if spec.wfmt == "f32":
         kk = te.reduce_axis((0, k_), "k")
@@ -224,8 +229,13 @@ def linear_primfunc(spec: LinearKernel, schedule: bool = True, knobs: TemplateKn
 
         y = te.compute((mp, n_), lambda i, j: te.sum(term(i, j), axis=gg), name="Y")
     out = y
-    if spec.bias or pad:  # an epilogue that writes the real rows (plus the bias)
-        out = te.compute((m, n_), lambda i, j: y[i, j] + b[j] if spec.bias else y[i, j], name="YB")
+    if spec.bias or pad or spec.residual:  # an epilogue that writes the real rows (plus the bias, the residual)
+
+        def epilogue(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+            v = y[i, j] + b[j] if b is not None else y[i, j]
+            return v + res[i, j] if res is not None else v  # torch's (x·Wᵀ + b) + r
+
+        out = te.compute((m, n_), epilogue, name="YB")
     func = te.create_prim_func(args + [out])
     if not schedule:
         return func
@@ -288,7 +298,7 @@ def schedule_template(spec: LinearKernel, sch: Schedule, knobs: TemplateKnobs) -
     else:
         sch.reorder(jo, i, r, ji)
         ii, outer = None, i
-    if spec.bias or _pads_rows(spec, knobs):  # the epilogue (bias, real rows) writes the output from the register tile
+    if spec.bias or spec.residual or _pads_rows(spec, knobs):  # the epilogue writes the output from the register tile
         yl = sch.get_sblock("YB")
         sch.set_scope(y, 0, "local")
     else:

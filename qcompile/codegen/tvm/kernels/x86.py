@@ -69,7 +69,8 @@ and ``u4`` weights are decoded in registers by each row tile: a mask and a shift
 in register tiles of :data:`ROWS` (each weight vector loaded once serves all of them: 6 rows × 64
 outputs = 24 zmm accumulators on ``vnni512``), then the leftover rows (a tile of HALF rows when
 there are that many, then one at a time); each group's integer sums are rescaled into the output
-rows ((acc·sx)·sw, plus c·xs for ``u4``: the template's order) and the bias is added last.
+rows ((acc·sx)·sw, plus c·xs for ``u4``: the template's order) and the bias is added last, then a
+fused residual (:attr:`X86Linear.residual`: ``(x·Wᵀ + b) + r``, torch's order, so the fused add changes no bit).
 ``tirx.noalias``: the output aliases no input.
 """
 
@@ -117,6 +118,7 @@ class X86Linear:
     bias: bool
     m: int | None  # None: dynamic number of rows
     isa: str
+    residual: bool = False  # add ``R[M, N]`` after the bias (a residual connection fused into the epilogue)
 
     def __post_init__(self) -> None:
         if self.isa not in ISAS:
@@ -177,7 +179,7 @@ class X86Linear:
     def name(self) -> str:
         act = f"a{self.act_bits}{'g' if self.act_group else 't'}"
         m = "mdyn" if self.m is None else f"m{self.m}"
-        b = "_b" if self.bias else ""
+        b = ("_b" if self.bias else "") + ("_r" if self.residual else "")
         return f"qc_{self.isa}_{self.wfmt}{act}_n{self.n}_k{self.k}_g{self.group}{b}_{m}"
 
     def weight_shapes(self) -> list[tuple[tuple[int, ...], str]]:
@@ -257,7 +259,7 @@ _STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promote
 
 def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
     """``(QX int8[M, K] (:func:`act_codes`), SX f32[M, G|1], [XS f32[M, G]], *weights, S f32[nb, G, NBX],
-    [CORR int32[nb, G, NBX]], [C f32[nb, G, NBX]], [B f32[N]], Y f32[M, N])``, scheduled (a hand-written
+    [CORR int32[nb, G, NBX]], [C f32[nb, G, NBX]], [B f32[N]], [R f32[M, N]], Y f32[M, N])``, scheduled (a hand-written
     loop nest with ``knobs``; None: the default)."""
     knobs = knobs or X86Knobs.default(spec)
     knobs.check()
@@ -267,7 +269,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
     kq_g = gs // 4
     sxg = ng if spec.act_group else 1
     rt = knobs.rows
-    corrected, i6, bias = spec.corrected, wfmt == "i6", spec.bias
+    corrected, i6, bias, residual = spec.corrected, wfmt == "i6", spec.bias, spec.residual
     i4, u4 = wfmt in ("i4", "u4"), wfmt == "u4"
     shift = spec.shift
     i32v, f32v, i8v, u8v = f"int32x{vl}", f"float32x{vl}", f"int8x{vb}", f"uint8x{vb}"
@@ -401,6 +403,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
         corr: T.handle,
         c: T.handle,
         b: T.handle,
+        res: T.handle,
         y: T.handle,
     ):
         T.func_attr({"tir.noalias": True})
@@ -413,6 +416,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
         CORR = T.match_buffer(corr, gshape, "int32")
         C = T.match_buffer(c, gshape, "float32")
         B = T.match_buffer(b, (n_,), "float32")
+        R = T.match_buffer(res, (m_, n_), "float32")
         Y = T.match_buffer(y, (m_, n_), "float32")
         # tasks: (block, chunk of rows); few blocks (small N) are split by rows too, to fill the threads
         for task in T.parallel(nblk * ((m_ + chunk - 1) // chunk)):
@@ -444,6 +448,12 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                         Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
                             [r0 + row, blk * nbx + v * vl], f32v
                         ) + B.vload([blk * nbx + v * vl], f32v)
+            if residual:  # after the bias: torch's (x·Wᵀ + b) + r
+                for row in range(nr):
+                    for v in T.unroll(4):
+                        Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
+                            [r0 + row, blk * nbx + v * vl], f32v
+                        ) + R.vload([r0 + row, blk * nbx + v * vl], f32v)
 
     return main
 
@@ -451,10 +461,17 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
 def x86_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
     """:func:`x86_linear_primfunc` with only the parameters ``spec`` uses, in order: ``QX, SX``, ``XS``
     (with :attr:`X86Linear.offset`), the weight arrays, ``S``, ``CORR`` (when :attr:`X86Linear.corrected`),
-    ``C`` (with the offset), ``B`` (with a bias), ``Y``."""
+    ``C`` (with the offset), ``B`` (with a bias), ``R`` (with :attr:`X86Linear.residual`), ``Y``."""
     f = x86_linear_primfunc(spec, knobs)
-    names = ["qx", "sx", "xs", "w0", "w1", "s", "corr", "c", "b", "y"]
-    keep = {"xs": spec.offset, "w1": spec.wfmt == "i6", "corr": spec.corrected, "c": spec.offset, "b": spec.bias}
+    names = ["qx", "sx", "xs", "w0", "w1", "s", "corr", "c", "b", "r", "y"]
+    keep = {
+        "xs": spec.offset,
+        "w1": spec.wfmt == "i6",
+        "corr": spec.corrected,
+        "c": spec.offset,
+        "b": spec.bias,
+        "r": spec.residual,
+    }
     params = [p for p, nm in zip(f.params, names) if keep.get(nm, True)]
     out = tvm.tirx.PrimFunc(params, f.body, f.ret_type, f.attrs)
     return out.with_attr("tir.is_scheduled", True)
