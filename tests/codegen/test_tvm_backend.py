@@ -75,6 +75,43 @@ def test_residual_adds_run_in_the_linear_kernels_that_feed_them(built, plan):
     assert dynamic and dynamic % (2 * layers) == 0, kernels
 
 
+def _decode_kernel_calls(cm) -> list[str]:
+    """The kernels one decode step calls, in order (the VM's instrument hook; builtins left out)."""
+    import tvm
+    from tvm import relax
+
+    ids = IDS[:, :4]
+    cm.generate(ids, 2, eos_token_id=[])
+    inputs = [ids[:, -1:], torch.tensor([ids.shape[1]])]
+    vm = relax.VirtualMachine(cm._backend.executable, tvm.cpu())
+    fn, args = cm._built["decode"].prepare(cm._build_args(cm.program.entries["decode"], inputs), vm=vm)
+    calls: list[str] = []
+
+    def instrument(func, symbol, before, ret, *a):  # noqa: ANN001, ANN202
+        if before and not symbol.startswith("vm.builtin."):
+            calls.append(symbol)
+        return 0
+
+    vm.set_instrument(instrument)
+    fn(*args)
+    return calls
+
+
+def test_a_decode_step_moves_no_data_it_could_view(built):
+    """One token: V's transpose before the cache write and the attention output's before o_proj keep
+    the elements in memory order, so they are views, not copy kernels; so are the norms' same-dtype
+    casts (qcompile/codegen/tvm/views.py). What is left per layer: 7 linears, 4 activation
+    quantizations, 2 rotary embeddings, 2 cache writes, the attention, and here V's slice of the
+    kernel's padded outputs (this model's 32 K/V outputs are padded to 64; SmolLM2's 192 are not)."""
+    _, cm = built["w8a8-rtn"]
+    layers = cm.program.meta["config"]["num_hidden_layers"]
+    calls = _decode_kernel_calls(cm)
+    layer_calls = calls[next(i for i, c in enumerate(calls) if c.startswith("qc_")) :]  # after the prologue
+    assert not [c for c in layer_calls if "transpose" in c or "cast" in c], layer_calls
+    # + the final norm (3 kernels: it feeds the float lm_head) and the lm_head
+    assert len(layer_calls) == 17 * layers + 4, (len(layer_calls), layer_calls)
+
+
 def test_cache_lives_in_the_runtime_tensors(built):
     _, cm = built["fp32"]
     cm.generate(IDS, 4, eos_token_id=[])

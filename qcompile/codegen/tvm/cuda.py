@@ -139,12 +139,18 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def front_passes(target: tvm.target.Target, passes: Any) -> list[tvm.transform.Pass]:
-    """Dead-code elimination, library dispatch and legalization (Relax ops to fused TIR functions)
-    of a TVM backend module's pass lists: what runs before the TIR functions are scheduled."""
+    """Data moves as views (:mod:`.views`), dead-code elimination, common subexpressions, library
+    dispatch and legalization (Relax ops to fused TIR functions) of a TVM backend module's pass lists:
+    what runs before the TIR functions are scheduled."""
     from tvm import relax
+
+    from qcompile.codegen.tvm.views import MovesAsViews
 
     return (
         [
+            # one-token transposes, same-dtype casts and reshape chains: views (or nothing) instead of copy
+            # kernels; what they read through is left dead for the next pass
+            MovesAsViews(),
             relax.transform.DeadCodeElimination(),  # e.g. the KV repeats the attention kernel reads around
             # one value per repeated expression: the captured graph reads e.g. ``cache_position[0]`` once
             # per layer, which would otherwise cost two kernel calls per layer and step
