@@ -56,10 +56,11 @@ class _Moves(PyExprMutator):
         src = self._source(x)
         if isinstance(src, relax.Call) and isinstance(src.op, tvm.ir.Op) and src.op.name == "relax.reshape":
             x = src.args[0]
-        want = shape.values if isinstance(shape, relax.ShapeExpr) else shape
+        want = shape.values if isinstance(shape, relax.ShapeExpr) else shape  # a list, or a shape-valued Var
         have = x.ty.shape if isinstance(x.ty, relax.TensorType) else None
-        if have is not None and [str(d) for d in have.values] == [str(d) for d in want]:
-            return x
+        if isinstance(have, relax.ShapeExpr) and isinstance(want, (list, tvm.ir.Array)):
+            if [str(d) for d in have.values] == [str(d) for d in want]:
+                return x
         return relax.op.reshape(x, shape)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
