@@ -72,7 +72,7 @@ class _Moves(PyExprMutator):
             return self.visit_expr(call.args[0])
         if name == "relax.reshape":
             return self._reshape(self.visit_expr(call.args[0]), call.args[1])
-        if name == "relax.permute_dims" and ty.shape is not None:
+        if name == "relax.permute_dims" and isinstance(ty.shape, relax.ShapeExpr):
             axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
             out = unit_permute_shape(list(ty.shape.values), axes)
             if out is not None:
@@ -83,7 +83,8 @@ class _Moves(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="MovesAsViews")
 class MovesAsViews:
     """In every Relax function: each ``permute_dims`` of :func:`unit_permute_shape`'s kind as a
-    reshape, each same-dtype ``astype`` as its input."""
+    reshape, each reshape of a reshape as one reshape (none to the input's own shape), each
+    same-dtype ``astype`` as its input."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Moves(mod)

@@ -313,6 +313,14 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                     xs, wv.vload([v, 0], i8v), vl
                 )
 
+    epilogue = bias or residual
+
+    def finished(Y, B, R, row, lane):  # noqa: ANN001, ANN202 (TVMScript buffers and indices)
+        """The output vector at (``row``, ``lane``) plus the bias, then the residual: torch's ``(x·Wᵀ + b) + r``."""
+        out = Y.vload([row, lane], f32v)
+        out = out + B.vload([lane], f32v) if bias else out
+        return out + R.vload([row, lane], f32v) if residual else out
+
     def sums(a: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
         """The integer sums of a vector of accumulators (``i4`` on vnni: ``16·`` them, shifted back)."""
         return a >> T.broadcast(T.int32(shift), vl) if shift else a
@@ -442,18 +450,12 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                 else:
                     for t in range(nr % rt):
                         tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
-            if bias:
+            if epilogue:  # one pass over the outputs: the bias, then a fused residual
                 for row in range(nr):
                     for v in T.unroll(4):
-                        Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
-                            [r0 + row, blk * nbx + v * vl], f32v
-                        ) + B.vload([blk * nbx + v * vl], f32v)
-            if residual:  # after the bias: torch's (x·Wᵀ + b) + r
-                for row in range(nr):
-                    for v in T.unroll(4):
-                        Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = Y.vload(
-                            [r0 + row, blk * nbx + v * vl], f32v
-                        ) + R.vload([r0 + row, blk * nbx + v * vl], f32v)
+                        Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = finished(
+                            Y, B, R, r0 + row, blk * nbx + v * vl
+                        )
 
     return main
 
