@@ -13,7 +13,8 @@ points, accuracy_level 0 / 4), ort_int8_dynamic (quantize_dynamic QInt8 per-tens
 DynamicQuantizeMatMul) and, when qcompile.codegen.tvm.kernels exports BENCH_KERNELS, each qcompile kernel
 (integer activations on 8/6-bit weights run the dot-product kernel of this CPU's best ISA, as the backend
 dispatches: VNNI vpdpbusd or AVX2 vpmaddubsw; the *_generic rows force the lane-blocked template in the same run;
-the ISA and the LLVM features are recorded with the machine).
+the *_bf16 rows are W4 with bf16-rounded activations on vdpbf16ps, the plan setting float_compute: bf16, which
+needs AVX-512 BF16; the ISA and the LLVM features are recorded with the machine).
 Every output is checked once (set 0) before timing: max_rel_err against the method's own reference
 (dequantized W for MatMulNBits and the grouped qcompile code formats, the exact integer GEMM for _int_mm,
 x @ W^T otherwise), max_rel_err_fp32 against x @ W^T. For qcompile kernels a second table gives the weight

@@ -143,7 +143,8 @@ def tune(
         lm_entries=lm_entries,
         progress=progress,
     )
-    return tune_program(cm.program, the_target, db, options, progress=progress)
+    fc = the_plan.float_compute.value
+    return tune_program(cm.program, the_target, db, options, progress=progress, float_compute=fc)
 
 
 def check_compile_args(

@@ -87,6 +87,21 @@ class NonFinite(str, enum.Enum):
     ZERO = "zero"  # replace them by 0 before any pass; the compile report lists every replacement
 
 
+class FloatCompute(str, enum.Enum):
+    """The precision weight-only linears (float activations) multiply in, where a kernel offers a choice.
+
+    ``bf16`` rounds the activations of weight-only 4-bit linears to bfloat16 (round to nearest even)
+    before the dot product: the TVM backend's CPU kernel on AVX-512 BF16 (``vdpbf16ps``,
+    :mod:`qcompile.codegen.tvm.kernels.x86_bf16`), twice the products per instruction of fp32 FMAs.
+    It changes the numbers (8 significant bits per activation), so it is an opt-in with its own
+    measured perplexity. Where the CPU lacks AVX-512 BF16, or on the torch backend, the linears
+    compute in fp32 and the compile report says so.
+    """
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """Overrides for the layers whose module path matches ``match`` (fnmatch glob).
@@ -144,8 +159,16 @@ class Plan:
     arch: str | None = None  # CUDA arch for target "cuda" ("sm_80", "sm_86", "sm_89", "sm_90")
     nonfinite: NonFinite = NonFinite.ERROR  # NaN/±Inf weights: "error", or "zero" (replaced by 0, reported)
     lm_head: LmHead = LmHead.FP32  # the head (LM_HEAD_GLOB): "fp32" (follows skip), "int8" or "plan" (weight-only)
+    float_compute: FloatCompute = FloatCompute.FP32  # weight-only linears' activations: "fp32" or "bf16"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.float_compute, FloatCompute):
+            try:
+                object.__setattr__(self, "float_compute", FloatCompute(self.float_compute))
+            except ValueError:
+                raise PlanError(
+                    f"float_compute must be one of {[m.value for m in FloatCompute]}, got {_short(self.float_compute)}"
+                ) from None
         if not isinstance(self.lm_head, LmHead):
             object.__setattr__(self, "lm_head", lm_head_setting(self.lm_head))
         if not isinstance(self.nonfinite, NonFinite):

@@ -31,12 +31,15 @@ class Backend(abc.ABC):
         allow_fallback: bool = False,
         artifact: Path | None = None,
         tuning: Any = None,
+        float_compute: str = "fp32",
     ) -> dict[str, BuiltEntry]:
         """One callable per entry of ``program``, for ``target`` (parsed by
         :func:`qcompile.codegen.target.parse_target`). ``allow_fallback``: nodes the backend cannot lower
         run with torch (listed in ``info``). ``artifact``: a directory :meth:`save` wrote, to load
         instead of building. ``tuning``: a tuning database opened for this target
-        (:class:`qcompile.tuning.tuner.Applied`), for backends that build kernels."""
+        (:class:`qcompile.tuning.tuner.Applied`), for backends that build kernels. ``float_compute``:
+        the plan's :class:`qcompile.plan.FloatCompute` for weight-only linears (backends that have no
+        choice compute fp32)."""
 
     def save(self, directory: Path) -> list[Path]:
         """Write what :meth:`build` needs to skip compiling (nothing for backends that build fast)."""

@@ -38,7 +38,7 @@ _NEEDS = (  # the most basic missing instruction is named first
 )
 
 # features the CPU kernels care about, in LLVM's names
-FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "avx512vpopcntdq")
+FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "avx512vpopcntdq", "avx512bf16")
 
 
 class TargetError(QCompileError):

@@ -30,6 +30,7 @@ class TorchBackend(Backend):
         allow_fallback: bool = False,
         artifact: Path | None = None,
         tuning: object = None,
+        float_compute: str = "fp32",  # the reference computes every float linear in fp32
     ) -> dict[str, BuiltEntry]:
         if tuning is not None:
             raise QCompileError("the torch backend builds no kernels: a tuning database needs backend='tvm'")

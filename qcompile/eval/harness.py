@@ -71,7 +71,7 @@ def machine() -> str:
             if key.strip() == "model name" and not cpu:
                 cpu = value.strip()
             elif key.strip() == "flags":
-                flags = set(value.split())
+                flags = {f.replace("_", "") for f in value.split()}  # LLVM's names: avx512_vnni -> avx512vnni
                 break
     except OSError:
         pass

@@ -73,11 +73,19 @@ class CompiledModule:
         self.backend = self._backend.name
         self.report = report or CompileReport(plan.name)
         self.tokenizer = tokenizer
+        fc = plan.float_compute.value
         self._built: dict[str, BuiltEntry] = self._backend.build(
-            program, parsed, allow_fallback=plan.fallback == "torch", artifact=artifact, tuning=tuning
+            program,
+            parsed,
+            allow_fallback=plan.fallback == "torch",
+            artifact=artifact,
+            tuning=tuning,
+            float_compute=fc,
         )
         if self._backend.info:
             self.report.backend = {"name": self.backend, **self._backend.info}
+        if fc != "fp32":
+            self._note_float_compute(fc)
         self._cache: dict[str, torch.Tensor] = program.new_cache()
         self._out_specs = {name: pytree.treespec_loads(e.out_spec) for name, e in program.entries.items()}
         self.last_generation: GenerationStats | None = None
@@ -93,6 +101,20 @@ class CompiledModule:
                 limit,
                 limit,
             )
+
+    def _note_float_compute(self, fc: str) -> None:
+        """A warning for every weight-only linear the plan's ``float_compute`` did not reach, and why."""
+        info = self._backend.info.get("float_compute")
+        if info is None:
+            notes = [f"float_compute {fc}: the {self.backend} backend computes every float linear in fp32"]
+        else:
+            fp32 = list(info.get("fp32", []))
+            shown = "; ".join(fp32[:5]) + (f"; and {len(fp32) - 5} more" if len(fp32) > 5 else "")
+            notes = [f"float_compute {fc}: {len(fp32)} weight-only linear(s) run fp32: {shown}"] if fp32 else []
+        for note in notes:
+            log.warning(note)
+            if note not in self.report.warnings:
+                self.report.warnings.append(note)
 
     def _derive_bounds(self) -> dict[str, EntryBounds]:
         """Index bounds of every entry, from its graph and the shapes of the tensors the kernels get

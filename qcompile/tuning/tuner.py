@@ -141,11 +141,12 @@ class Extracted:
     not_tunable: list[str]
 
 
-def extract(program: Any, target: CpuTarget) -> Extracted:
-    """The kernels lowering ``program`` for ``target`` emits (:class:`Extracted`)."""
+def extract(program: Any, target: CpuTarget, float_compute: str = "fp32") -> Extracted:
+    """The kernels lowering ``program`` for ``target`` emits (:class:`Extracted`), under the plan's
+    ``float_compute`` (:class:`qcompile.plan.FloatCompute`)."""
     from qcompile.codegen.tvm.lower import lower_program
 
-    lowered = lower_program(program, target)
+    lowered = lower_program(program, target, float_compute=float_compute)
     tunables = list(lowered.tunables.values())
     names = {t.name for t in tunables}
     rest = sorted(k for k in lowered.kernels if k not in names)
@@ -229,9 +230,15 @@ class _Engine:
 
 
 def tune_program(
-    program: Any, target: Target, db_dir: str | Path, options: TuneOptions | None = None, progress: bool = True
+    program: Any,
+    target: Target,
+    db_dir: str | Path,
+    options: TuneOptions | None = None,
+    progress: bool = True,
+    float_compute: str = "fp32",
 ) -> TuneReport:
-    """Tune the kernels of an already rewritten ``program`` for ``target`` into ``db_dir``."""
+    """Tune the kernels of an already rewritten ``program`` for ``target`` into ``db_dir`` (the kernels
+    a plan with this ``float_compute`` builds)."""
     options = options or TuneOptions()
     options.check()
     if not isinstance(target, CpuTarget):
@@ -239,7 +246,7 @@ def tune_program(
             f"tuning measures kernels where they run; target {target} is not a CPU (CUDA kernels have no "
             "design space in qcompile yet)"
         )
-    found = extract(program, target)
+    found = extract(program, target, float_compute)
     return tune_tunables(
         found.tunables, target, db_dir, options, progress, found.uses, found.not_tunable, found.ordinary
     )

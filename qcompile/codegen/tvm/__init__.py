@@ -206,9 +206,10 @@ class TVMBackend(Backend):
         allow_fallback: bool = False,
         artifact: Path | None = None,
         tuning: Any = None,
+        float_compute: str = "fp32",
     ) -> dict[str, BuiltEntry]:
         if artifact is None:
-            self._compile(program, allow_fallback, target, tuning)
+            self._compile(program, allow_fallback, target, tuning, float_compute)
             return self._entries(program)
         self._load(program, artifact)
         try:
@@ -236,9 +237,11 @@ class TVMBackend(Backend):
             built[name] = _Runner(vm[name], [s.kind for s in entry.slots], extras, device, name, bound)
         return built
 
-    def _compile(self, program: Program, allow_fallback: bool, target: Target, tuning: Any = None) -> None:
+    def _compile(
+        self, program: Program, allow_fallback: bool, target: Target, tuning: Any = None, float_compute: str = "fp32"
+    ) -> None:
         t0 = time.perf_counter()
-        lowered: Lowered = lower_program(program, target, allow_fallback, tuning=tuning)
+        lowered: Lowered = lower_program(program, target, allow_fallback, tuning=tuning, float_compute=float_compute)
         t1 = time.perf_counter()
         gpu = target if isinstance(target, CudaTarget) else None
         with torch.no_grad():
@@ -271,6 +274,7 @@ class TVMBackend(Backend):
             "fallbacks": lowered.fallbacks,
             "kernels": lowered.kernels,
             "kernel_choices": lowered.choices,
+            **({"float_compute": lowered.float_compute} if lowered.float_compute else {}),
             **({"tuning": {**tuning.summary(), "kernels": tuning.used}} if tuning is not None else {}),
             "lower_seconds": round(t1 - t0, 3),
             "build_seconds": round(t2 - t1, 3),

@@ -72,6 +72,8 @@ class Lowered:
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # kernel -> measured alternatives
     generic: list[str] = field(default_factory=list)  # CUDA: linears on the generic kernel, and why
     tunables: dict[str, Tunable] = field(default_factory=dict)  # kernels with a design space (qcompile.tuning)
+    # a plan's float_compute other than fp32: what it asked, the linears that got it and those that did not (why)
+    float_compute: dict[str, Any] = field(default_factory=dict)
 
 
 class Lowering:
@@ -79,7 +81,13 @@ class Lowering:
     far, and the entry being converted. Converters and rules emit through it."""
 
     def __init__(
-        self, program: Program, target: Target, allow_fallback: bool, select: bool, tuning: Applied | None = None
+        self,
+        program: Program,
+        target: Target,
+        allow_fallback: bool,
+        select: bool,
+        tuning: Applied | None = None,
+        float_compute: str = "fp32",
     ) -> None:
         self.program = program
         self.tuning = tuning  # a tuning database's best schedules (None: every kernel's default)
@@ -99,6 +107,10 @@ class Lowering:
         self.quant_memo: dict[str, dict[tuple[str, str], tuple[relax.Var, ...]]] = {}
         # nodes a kernel already computed (a residual add fused into a linear's epilogue) -> their value
         self.fused: dict[fx.Node, relax.Var] = {}
+        # Plan.float_compute for weight-only linears, and where it could not be honoured ("node: why")
+        self.float_compute = float_compute
+        self.float_bf16: list[str] = []
+        self.float_fp32: list[str] = []
 
     # ---- helpers used by converters and rules -----------------------------------------------
     def kernel(self, name: str, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
@@ -360,16 +372,33 @@ def _ensure_fake_values(entry: Entry, program: Program) -> None:
 
 
 def lower_program(
-    program: Program, target: Target, allow_fallback: bool = False, select: bool = True, tuning: Applied | None = None
+    program: Program,
+    target: Target,
+    allow_fallback: bool = False,
+    select: bool = True,
+    tuning: Applied | None = None,
+    float_compute: str = "fp32",
 ) -> Lowered:
     """Lower every entry of ``program`` for ``target`` into one IRModule (a Relax function per entry).
     ``select``: let rules choose between alternative kernels by timing them here (see :mod:`.select`);
-    ``tuning``: schedules from a tuning database (:mod:`qcompile.tuning`)."""
-    lw = Lowering(program, target, allow_fallback, select, tuning)
+    ``tuning``: schedules from a tuning database (:mod:`qcompile.tuning`); ``float_compute``: the plan's
+    precision for weight-only linears (:class:`qcompile.plan.FloatCompute`)."""
+    lw = Lowering(program, target, allow_fallback, select, tuning, float_compute)
     for entry in program.entries.values():
         lw.lower_entry(entry)
+    fc: dict[str, Any] = {}
+    if float_compute != "fp32":
+        fc = {"requested": float_compute, "linears": lw.float_bf16, "fp32": lw.float_fp32}
     return Lowered(
-        lw.bb.get(), lw.extra, lw.repacks, lw.fallbacks, dict(lw.kernel_uses), lw.choices, lw.generic, lw.tunables
+        lw.bb.get(),
+        lw.extra,
+        lw.repacks,
+        lw.fallbacks,
+        dict(lw.kernel_uses),
+        lw.choices,
+        lw.generic,
+        lw.tunables,
+        fc,
     )
 
 

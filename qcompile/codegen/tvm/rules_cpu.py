@@ -19,19 +19,24 @@ path for every CPU (``CpuTarget(mcpu="x86-64")`` builds it everywhere).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import tvm
+from torch import fx
 from tvm import relax
 
 from qcompile.codegen.tvm.kernels.attention import Attention, attention_primfunc, takes_prefix, unsupported
 from qcompile.codegen.tvm.kernels.bitserial import NBB, act_planes_primfunc, bitserial_primfunc
 from qcompile.codegen.tvm.kernels.cache import IndexCopy, index_copy_primfunc
-from qcompile.codegen.tvm.kernels.tunable import AttentionTunable, X86Tunable
+from qcompile.codegen.tvm.kernels.tunable import AttentionTunable, Bf16Tunable, X86Tunable
 from qcompile.codegen.tvm.kernels.x86 import XFMTS, X86Linear, isa_for, pack_corr
 from qcompile.codegen.tvm.kernels.x86 import pack_groups as x86_groups
 from qcompile.codegen.tvm.kernels.x86 import pack_weight as x86_weight
+from qcompile.codegen.tvm.kernels.x86_bf16 import NEEDS as BF16_NEEDS
+from qcompile.codegen.tvm.kernels.x86_bf16 import Bf16Linear, bf16_rows_primfunc
+from qcompile.codegen.tvm.kernels.x86_bf16 import pack_groups as bf16_groups
+from qcompile.codegen.tvm.kernels.x86_bf16 import pack_weight as bf16_weight
 from qcompile.codegen.tvm.recipe import bitserial_spec
 from qcompile.codegen.tvm.rules import (
     AttentionCall,
@@ -115,6 +120,75 @@ class X86Dot:
         f = lw.tuned_kernel(X86Tunable(spec))
         y = bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
         return finish_fused(lw, finish(lw, y, call.x, lead, spec.n, recipe.n), res)
+
+
+@dataclass(frozen=True)
+class X86Bf16:
+    """Weight-only ``u4`` × bf16-rounded activations on ``vdpbf16ps`` (:mod:`.kernels.x86_bf16`), when
+    the plan asks for it (``float_compute: bf16``) and the CPU has AVX-512 BF16. Every weight-only
+    linear the setting does not reach is recorded with the reason (the compile report warns)."""
+
+    name: str = "x86_bf16"
+
+    def apply(self, lw: Lowering, call: LinearCall) -> relax.Var | None:
+        recipe, w = call.recipe, call.weights
+        if lw.float_compute != "bf16" or recipe.act_bits or recipe.wfmt == "f32":
+            return None
+        where = f"{lw.entry.name}:{call.node.name}"
+        features = getattr(lw.target, "features", frozenset())
+        missing = [f for f in BF16_NEEDS if f not in features]
+        if missing or recipe.wfmt != "u4":
+            why = f"the CPU lacks {', '.join(missing)}" if missing else f"{recipe.wfmt} weights have no bf16 kernel"
+            lw.float_fp32.append(f"{where} ({why})")
+            return None
+        base = template_spec(lw, call)
+        try:
+            if base is None:
+                raise ValueError(call.declines[-1] if call.declines else "no kernel for this shape")
+            spec = Bf16Linear(base.n, base.k, base.group, base.bias, base.m)
+        except ValueError as e:
+            lw.float_fp32.append(f"{where} ({e})")
+            return None
+        res = fused_residual(lw, call, spec.n)
+        spec = replace(spec, residual=res is not None)
+        lw.choices[spec.name] = {"chosen": "avx512bf16", "generic": base.name, "features": sorted(features)}
+        lw.float_bf16.append(where)
+        scale = w.scale
+        assert scale is not None, "u4 codes need scales"
+        bb = lw.bb
+        flat, lead = rows(lw, call.x)
+        mdim = lw.imp.shape_of(flat)[0]
+        flat = pad_k(lw, flat, recipe.k, spec.k)
+        args: list[relax.Expr] = list(bf16_rows(lw, spec, flat, mdim, call.node.args[0]))
+        unsigned = lambda st: bf16_weight(spec, w.codes(st).to(torch.int32) + recipe.zero)  # noqa: E731
+        args.append(lw.param(f"{w.key}@bf16u4", unsigned, spec.weight_shape(), "uint16"))
+        gshape = spec.group_shape()
+        args.append(lw.param(f"{w.key}@scale_bf16", lambda st: bf16_groups(spec, scale(st)), gshape, "float32"))
+        args.append(lw.param(f"{w.key}@zero_bf16", lambda st: bf16_groups(spec, call.cterm(st)), gshape, "float32"))
+        if call.bias is not None:
+            args.append(padded_bias(lw, call.bias, recipe.n, spec.n))
+        if res is not None:
+            args.append(res.value)
+        f = lw.tuned_kernel(Bf16Tunable(spec))
+        y = bb.emit(relax.call_tir(f, args, relax.TensorType([mdim, spec.n], "float32")))
+        return finish_fused(lw, finish(lw, y, call.x, lead, spec.n, recipe.n), res)
+
+
+def bf16_rows(lw: Lowering, spec: Bf16Linear, flat: relax.Var, mdim: Any, src: Any) -> tuple[relax.Var, ...]:
+    """The bf16 bits and per-group sums of ``flat`` (one call per distinct input node and shape: q/k/v
+    and gate/up share it)."""
+    rs = spec.rows()
+    memo = lw.quant_memo.setdefault(lw.entry.name, {})
+    key = (rs.name, src.name) if isinstance(src, fx.Node) else None
+    if key is not None and key in memo:
+        return memo[key]
+    f = lw.kernel(rs.name, lambda: bf16_rows_primfunc(rs))
+    outs = [relax.TensorType([mdim, rs.k], "uint16"), relax.TensorType([mdim, rs.groups], "float32")]
+    q = lw.bb.emit(relax.call_tir(f, [flat], outs))
+    out = tuple(lw.bb.emit(relax.TupleGetItem(q, i)) for i in range(2))
+    if key is not None:
+        memo[key] = out
+    return out
 
 
 @dataclass(frozen=True)
@@ -290,7 +364,7 @@ class InPlaceCopy:
 
 
 CPU_RULES = KernelRules(
-    linear=(X86Dot(), BitSerialW6(), LaneBlocked(), TvmDense()),
+    linear=(X86Dot(), X86Bf16(), BitSerialW6(), LaneBlocked(), TvmDense()),
     attention=(GqaAttention(), ComposedAttention()),
     cache_write=(InPlaceCopy(),),
 )

@@ -40,11 +40,14 @@ Run = Callable[[torch.Tensor], torch.Tensor]
 def _lib(kind: str, spec: object) -> tvm.runtime.Module:
     """The compiled kernel (once per kind and shape: weight sets share it)."""
     from qcompile.codegen.tvm.kernels.bitserial import act_planes_primfunc, bitserial_primfunc
+    from qcompile.codegen.tvm.kernels.x86_bf16 import bf16_linear_primfunc, bf16_rows_primfunc
 
     make = {
         "quant": quant_rows_primfunc,
         "planes": act_planes_primfunc,
         "bitserial": bitserial_primfunc,
+        "bf16": bf16_linear_primfunc,
+        "bf16rows": bf16_rows_primfunc,
     }[kind]
     return tvm.compile(make(spec), target=host_target().tvm)
 
@@ -185,6 +188,43 @@ def _prepare_bitserial(act_bits: int) -> Callable[[torch.Tensor, int], Run]:
     return prepare
 
 
+def _prepare_bf16(group: int, symmetric: bool) -> Callable[[torch.Tensor, int], Run]:
+    """W4 (``u4``, groups of ``group``) × bf16-rounded activations on ``vdpbf16ps`` (:mod:`.x86_bf16`);
+    the timed call includes the activation rounding kernel."""
+    from qcompile.codegen.tvm.kernels import x86_bf16 as xb
+
+    def prepare(w: torch.Tensor, m: int) -> Run:
+        n, k = w.shape
+        codes, scale, offset = quantize_weight_groups(w, 4, group, symmetric)
+        recipe = LinearRecipe.codes(n, k, 4, group, 0, False, not symmetric)
+        base = recipe.kernel(m)
+        spec = xb.Bf16Linear(base.n, base.k, base.group, False, m)
+        lib, rows = _lib("bf16", spec), _lib("bf16rows", spec.rows())
+        u = codes.to(torch.int32) + recipe.zero
+        cterm = recipe.cterm(scale, offset)
+        weights = [
+            _tv(xb.pack_weight(spec, u)),
+            _tv(xb.pack_groups(spec, scale.float())),
+            _tv(xb.pack_groups(spec, cterm)),
+        ]
+        xbits = tvm.runtime.tensor(np.zeros((m, spec.k), "uint16"))
+        xs = tvm.runtime.tensor(np.zeros((m, spec.groups), "float32"))
+        y = tvm.runtime.tensor(np.zeros((m, spec.n), "float32"))
+        out = torch.from_dlpack(y)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            xp = x if spec.k == k else torch.nn.functional.pad(x, (0, spec.k - k))
+            rows(tvm.runtime.from_dlpack(xp.contiguous()), xbits, xs)
+            lib(xbits, xs, *weights, y)
+            return out[:, :n]
+
+        run.weight_bytes = sum(t.numpy().nbytes for t in weights)  # type: ignore[attr-defined]
+        run.dequantized = lambda: dequantize_weight_groups(codes, scale, offset, group)  # type: ignore[attr-defined]
+        return run
+
+    return prepare
+
+
 # the formats of the tunable kernels (``tuned_prepare``; bit-serial has no design space)
 BENCH_FORMATS: dict[str, BenchFormat] = {
     "qc_f32": BenchFormat("f32", 32, None, 0, False, True),
@@ -207,4 +247,7 @@ BENCH_FORMATS: dict[str, BenchFormat] = {
 BENCH_KERNELS: dict[str, Callable[[torch.Tensor, int], Run]] = {
     **{name: _prepare_format(bf) for name, bf in BENCH_FORMATS.items()},
     "qc_w6a8_bitserial": _prepare_bitserial(8),
+    # bf16 activations (Plan.float_compute "bf16"): only where the CPU has AVX-512 BF16
+    "qc_w4a16_g32_asym_bf16": _prepare_bf16(32, False),
+    "qc_w4a16_g128_bf16": _prepare_bf16(128, True),
 }

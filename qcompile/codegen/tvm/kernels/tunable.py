@@ -1,5 +1,6 @@
 """The design spaces of qcompile's tunable CPU kernels (:mod:`qcompile.tuning.space` explains how
-the tuner searches them): the lane-blocked template and the hand-written x86 dot-product kernels."""
+the tuner searches them): the lane-blocked template, the hand-written x86 dot-product kernels and the
+bf16 W4A16 kernel."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from qcompile.codegen.tvm.kernels.linear import (
     quant_rows_primfunc,
 )
 from qcompile.codegen.tvm.kernels.x86 import HALF, X86Knobs, X86Linear, x86_primfunc
+from qcompile.codegen.tvm.kernels.x86_bf16 import ROWS as BF16_ROWS
+from qcompile.codegen.tvm.kernels.x86_bf16 import Bf16Linear, bf16_linear_primfunc
 from qcompile.tuning.space import Knob, dedup
 
 
 class _OfSpec:
     """A tunable named after its kernel spec, with the spec's row count."""
 
-    spec: LinearKernel | X86Linear | QuantRows | Attention
+    spec: LinearKernel | X86Linear | Bf16Linear | QuantRows | Attention
 
     @property
     def rows(self) -> int | None:
@@ -79,26 +82,44 @@ class X86Tunable(_OfSpec):
     spec: X86Linear
 
     def knobs(self) -> tuple[Knob, ...]:
-        d = X86Knobs.default(self.spec)
-        if self.spec.m == 1:  # one row: nothing to tile or split
-            return (Knob("rows", (d.rows,)),)
-        return (
-            Knob("rows", dedup([d.rows, *range(1, 2 * HALF + 1)])),
-            Knob("chunk", dedup([d.chunk, 8, 16, 48])),
-            Knob("split_below", dedup([d.split_below, 0, 64])),
-        )
+        return _row_knobs(self.spec.m, X86Knobs.default(self.spec))
 
     def workload(self) -> tvm.tirx.PrimFunc:
         return x86_primfunc(self.spec)
 
     def build(self, choice: dict[str, int]) -> tvm.tirx.PrimFunc:
-        d = X86Knobs.default(self.spec)
-        return x86_primfunc(
-            self.spec,
-            X86Knobs(
-                choice.get("rows", d.rows), choice.get("chunk", d.chunk), choice.get("split_below", d.split_below)
-            ),
-        )
+        return x86_primfunc(self.spec, _row_choice(choice, X86Knobs.default(self.spec)))
+
+
+def _row_knobs(m: int | None, d: X86Knobs) -> tuple[Knob, ...]:
+    """The hand-written kernels' row knobs: tile height, rows per task, when to split rows."""
+    if m == 1:  # one row: nothing to tile or split
+        return (Knob("rows", (d.rows,)),)
+    return (
+        Knob("rows", dedup([d.rows, *range(1, 2 * HALF + 1)])),
+        Knob("chunk", dedup([d.chunk, 8, 16, 48])),
+        Knob("split_below", dedup([d.split_below, 0, 64])),
+    )
+
+
+def _row_choice(choice: dict[str, int], d: X86Knobs) -> X86Knobs:
+    return X86Knobs(choice.get("rows", d.rows), choice.get("chunk", d.chunk), choice.get("split_below", d.split_below))
+
+
+@dataclass(frozen=True)
+class Bf16Tunable(_OfSpec):
+    """The bf16 W4A16 linear (:mod:`qcompile.codegen.tvm.kernels.x86_bf16`) with :class:`X86Knobs`."""
+
+    spec: Bf16Linear
+
+    def knobs(self) -> tuple[Knob, ...]:
+        return _row_knobs(self.spec.m, X86Knobs(BF16_ROWS))
+
+    def workload(self) -> tvm.tirx.PrimFunc:
+        return bf16_linear_primfunc(self.spec)
+
+    def build(self, choice: dict[str, int]) -> tvm.tirx.PrimFunc:
+        return bf16_linear_primfunc(self.spec, _row_choice(choice, X86Knobs(BF16_ROWS)))
 
 
 @dataclass(frozen=True)
@@ -151,4 +172,4 @@ class AttentionTunable(_OfSpec):
         return prefix_attention_primfunc(self.spec, bool(choice.get("spread_rows", 0)))
 
 
-__all__ = ["AttentionTunable", "QuantRowsTunable", "TemplateTunable", "X86Tunable"]
+__all__ = ["AttentionTunable", "Bf16Tunable", "QuantRowsTunable", "TemplateTunable", "X86Tunable"]
