@@ -121,6 +121,49 @@ def test_activation_sums_follow_the_rounded_values(m, groups, group, seed):
     assert np.abs(xs - ref).max() <= bound
 
 
+def _rows_fused(spec: Bf16Rows, x: torch.Tensor, second: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    import tvm
+
+    m = x.shape[0]
+    xb = tvm.runtime.tensor(np.zeros((m, spec.k), np.uint16))
+    xs = tvm.runtime.tensor(np.zeros((m, spec.groups), np.float32))
+    _lib(spec)(tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(second.numpy()), xb, xs)
+    return xb.numpy(), xs.numpy()
+
+
+def _within_one_bf16_step(got: np.ndarray, want: torch.Tensor) -> bool:
+    """The fused producer's value is torch's to fp32 rounding (its own summation order), so its bf16
+    rounding may land one step away, never more."""
+    g = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16).float()
+    w = want.to(torch.bfloat16).float()
+    step = w.abs() * 2**-7 + 1e-30
+    return bool(((g - w).abs() <= step).all())
+
+
+@pytest.mark.parametrize("valid", [96, 80])
+def test_rounding_kernel_computes_a_fused_rmsnorm(valid):
+    """The RMSNorm only quantized linears read is computed inside the rounding kernel (torch's order:
+    ``(x·rsqrt(mean(x²) + eps))·w``), the mean over the unpadded ``valid`` inputs."""
+    g = torch.Generator().manual_seed(valid)
+    x = torch.nn.functional.pad(torch.randn(5, valid, generator=g) * 4, (0, 96 - valid))
+    w = torch.nn.functional.pad(torch.randn(valid, generator=g), (0, 96 - valid))
+    spec = Bf16Rows(96, 32, 5, norm=True, eps=1e-5, valid=0 if valid == 96 else valid)
+    xb, xs = _rows_fused(spec, x, w)
+    want = x * torch.rsqrt(x[:, :valid].pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    assert _within_one_bf16_step(xb, want)
+    rounded = torch.from_numpy(xb.view(np.int16)).view(torch.bfloat16).double()
+    assert np.allclose(xs, rounded.reshape(5, 3, 32).sum(-1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_rounding_kernel_computes_a_fused_swiglu_product():
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(4, 64, generator=g) * 3, torch.randn(4, 64, generator=g)
+    xb, _ = _rows_fused(Bf16Rows(64, 32, None, silu_gate=True), gate, up)
+    assert _within_one_bf16_step(xb, torch.nn.functional.silu(gate) * up)
+    with pytest.raises(ValueError, match="one producer"):
+        Bf16Rows(64, 32, None, norm=True, silu_gate=True)
+
+
 def _unpack(spec: Bf16Linear, words: torch.Tensor) -> torch.Tensor:
     """The codes back from the packed words, read the way the docstring states the layout."""
     w = words.to(torch.int32)
@@ -258,8 +301,12 @@ def test_bf16_plan_runs_every_w4_linear_on_the_bf16_kernel(tiny_llama, preset):
     assert all(v["chosen"] == "avx512bf16" for k, v in info["kernel_choices"].items() if k.startswith("qc_bf16_u4"))
     decode = info["kernels"]
     assert sum(c for k, c in decode.items() if k.startswith("qc_bf16_u4") and k.endswith("_r_m1")) == 2 * layers
-    # q/k/v share one rounding of their input, gate/up another: 4 per layer per entry (o_proj, down_proj their own)
-    assert sum(c for k, c in decode.items() if k.startswith("qc_bf16rows") and k.endswith("_m1")) == 4 * layers
+    # q/k/v share one rounding of their input, gate/up another: 4 per layer per entry (o_proj, down_proj their own);
+    # the two RMSNorms and down_proj's SwiGLU product are computed inside theirs
+    rows = {k: c for k, c in decode.items() if k.startswith("qc_bf16rows") and k.endswith("_m1")}
+    assert sum(rows.values()) == 4 * layers
+    assert sum(c for k, c in rows.items() if "_rms" in k) == 2 * layers
+    assert sum(c for k, c in rows.items() if "_silu" in k) == layers
     a, b = cm(IDS), fp32(IDS)
     assert float((a - b).abs().max() / b.abs().max()) < 2e-2
     assert not [w for w in cm.report.warnings if "float_compute" in w]

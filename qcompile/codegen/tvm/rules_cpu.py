@@ -46,9 +46,13 @@ from qcompile.codegen.tvm.rules import (
     emit_template,
     finish,
     finish_fused,
+    fused_gate,
+    fused_norm,
     fused_residual,
+    norm_inputs,
     pad_k,
     padded_bias,
+    padded_rows,
     quantize_rows,
     rows,
     same_dim,
@@ -176,15 +180,27 @@ class X86Bf16:
 
 def bf16_rows(lw: Lowering, spec: Bf16Linear, flat: relax.Var, mdim: Any, src: Any) -> tuple[relax.Var, ...]:
     """The bf16 bits and per-group sums of ``flat`` (one call per distinct input node and shape: q/k/v
-    and gate/up share it)."""
+    and gate/up share it). Like :func:`.rules.quantize_rows`, when ``src`` is an RMSNorm or a SwiGLU
+    product that only quantized linears read, the kernel computes it from its inputs."""
     rs = spec.rows()
     memo = lw.quant_memo.setdefault(lw.entry.name, {})
-    key = (rs.name, src.name) if isinstance(src, fx.Node) else None
+    node = src if isinstance(src, fx.Node) else None
+    key = (rs.name, node.name) if node is not None else None
     if key is not None and key in memo:
         return memo[key]
+    args = [flat]
+    norm = fused_norm(lw, node)
+    gated = fused_gate(lw, node) if norm is None else None
+    if norm is not None:
+        valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
+        rs = replace(rs, norm=True, eps=norm.eps, valid=valid if valid != rs.k else 0)
+        args = list(norm_inputs(lw, norm, rs.k))
+    elif gated is not None:
+        rs = replace(rs, silu_gate=True)
+        args = [padded_rows(lw, n, rs.k) for n in (gated.gate, gated.up)]
     f = lw.kernel(rs.name, lambda: bf16_rows_primfunc(rs))
     outs = [relax.TensorType([mdim, rs.k], "uint16"), relax.TensorType([mdim, rs.groups], "float32")]
-    q = lw.bb.emit(relax.call_tir(f, [flat], outs))
+    q = lw.bb.emit(relax.call_tir(f, args, outs))
     out = tuple(lw.bb.emit(relax.TupleGetItem(q, i)) for i in range(2))
     if key is not None:
         memo[key] = out

@@ -8,7 +8,8 @@ What is rounded, and what is exact:
 
 * the activations are rounded once to bfloat16 (round to nearest even, as torch's
   ``x.to(torch.bfloat16)``; a NaN of any payload becomes the quiet NaN 0x7FC0, never an Inf) by
-  :func:`bf16_rows_primfunc`, which also writes ``xs``;
+  :func:`bf16_rows_primfunc`, which also writes ``xs`` (and computes a fused RMSNorm or SwiGLU product
+  first, :class:`Bf16Rows`);
 * a weight ``u`` (at most 4 significant bits) is exact in bfloat16, and so is every product
   ``bf16(x)·u`` in fp32 (8 + 4 significant bits); ``vdpbf16ps`` adds two of them per lane into an fp32
   accumulator, so the only other rounding is fp32 addition, as in the fp32 template. (The instruction
@@ -74,11 +75,24 @@ def has_bf16_dot(features: frozenset[str] | set[str]) -> bool:
 
 @dataclass(frozen=True)
 class Bf16Rows:
-    """``x f32[M, K]`` → ``(bf16 bits uint16[M, K], xs f32[M, K/group])``."""
+    """``x f32[M, K]`` → ``(bf16 bits uint16[M, K], xs f32[M, K/group])``; like the int8 quantizer
+    (:class:`.linear.QuantRows`) it can compute its input from the producer only quantized linears
+    read: an RMSNorm (``norm``: a second input ``w[K]``, ``valid`` the unpadded K the mean divides by)
+    or a SwiGLU's ``silu(x)·u`` (``silu_gate``: a second input ``u[M, K]``)."""
 
     k: int
     group: int
     m: int | None
+    norm: bool = False
+    eps: float = 0.0
+    valid: int = 0
+    silu_gate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm and self.silu_gate:
+            raise ValueError("the rounding kernel fuses one producer: the norm or the SiLU gate, not both")
+        if not 0 <= self.valid <= self.k or (self.valid and not self.norm):
+            raise ValueError(f"valid={self.valid} needs a fused norm and at most K={self.k}")
 
     @property
     def groups(self) -> int:
@@ -86,7 +100,12 @@ class Bf16Rows:
 
     @property
     def name(self) -> str:
-        return f"qc_bf16rows_k{self.k}_g{self.group}_{'mdyn' if self.m is None else f'm{self.m}'}"
+        n = ""
+        if self.norm:
+            n = "_rms" + f"{self.eps:.3g}".replace(".", "p").replace("-", "m").replace("+", "")
+            n += f"v{self.valid}" if self.valid else ""
+        n += "_silu" if self.silu_gate else ""
+        return f"qc_bf16rows_k{self.k}_g{self.group}{n}_{'mdyn' if self.m is None else f'm{self.m}'}"
 
 
 @dataclass(frozen=True)
@@ -139,11 +158,26 @@ def _rne(bits: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
 
 
 def bf16_rows_primfunc(spec: Bf16Rows) -> tvm.tirx.PrimFunc:
-    """``(X f32[M, K], XB uint16[M, K], XS f32[M, G])``: the bf16 bits of every activation, and per row
-    and group the fp32 sum of the rounded values in K order. Parallel over rows, the rounding vectorized."""
+    """``(X f32[M, K][, norm weight | up], XB uint16[M, K], XS f32[M, G])``: the bf16 bits of every
+    activation (of the fused norm's or gate's output: torch's order, as the int8 quantizer computes
+    them), and per row and group the fp32 sum of the rounded values in K order. Parallel over rows,
+    the rounding vectorized."""
     k_, gs, ng = spec.k, spec.group, spec.groups
     m_ = tvm.tirx.Var("m", "int64") if spec.m is None else spec.m
     x = te.placeholder((m_, k_), "float32", name="X")
+    ins = [x]
+    if spec.norm:  # torch's RMSNorm order: (x · rsqrt(mean(x²) + eps)) · w
+        w = te.placeholder((k_,), "float32", name="NW")
+        ins.append(w)
+        rk = te.reduce_axis((0, spec.valid or k_), "rk")
+        ssq = te.compute((m_,), lambda i: te.sum(x[i, rk] * x[i, rk], axis=rk), name="SSQ")
+        count, eps = tvm.tirx.const(float(spec.valid or k_), "float32"), tvm.tirx.const(spec.eps, "float32")
+        rs = te.compute((m_,), lambda i: tvm.tirx.rsqrt(ssq[i] / count + eps), name="RS")
+        x = te.compute((m_, k_), lambda i, k: ins[0][i, k] * rs[i] * w[k], name="XN")
+    elif spec.silu_gate:  # TVM's own SiLU (x · sigmoid(x)), times the up projection
+        u = te.placeholder((m_, k_), "float32", name="U")
+        ins.append(u)
+        x = te.compute((m_, k_), lambda i, k: ins[0][i, k] * tvm.tirx.sigmoid(ins[0][i, k]) * u[i, k], name="XN")
     xb = te.compute((m_, k_), lambda i, j: _rne(tvm.tirx.reinterpret("uint32", x[i, j])), name="XB")
     r = te.reduce_axis((0, gs), name="r")
     xs = te.compute(
@@ -153,7 +187,12 @@ def bf16_rows_primfunc(spec: Bf16Rows) -> tvm.tirx.PrimFunc:
         ),
         name="XS",
     )
-    sch = Schedule(te.create_prim_func([x, xb, xs]))
+    sch = Schedule(te.create_prim_func([*ins, xb, xs]))
+    if spec.norm or spec.silu_gate:
+        sch.compute_inline(sch.get_sblock("XN"))
+    if spec.norm:  # per row its sum of squares, then its 1/RMS, on the threads
+        sch.compute_at(sch.get_sblock("SSQ"), sch.get_loops(sch.get_sblock("RS"))[0])
+        sch.parallel(sch.get_loops(sch.get_sblock("RS"))[0])
     rows, cols = sch.get_loops(sch.get_sblock("XB"))
     sch.parallel(rows)
     _, inner = sch.split(cols, [None, LANES])
