@@ -75,14 +75,23 @@ def _add_lm_head_arg(p: argparse.ArgumentParser) -> None:
         help="the language-model head: fp32 (kept in float), int8 (int8 weights per output channel, weight-only) or "
         "plan (the plan's weight format, weight-only); default: the plan's own lm_head setting",
     )
+    p.add_argument(
+        "--float-compute",
+        default=None,
+        metavar="{fp32,bf16}",
+        help="weight-only linears' activations: fp32, or bf16 (rounded to bfloat16, multiplied on AVX-512 BF16 where "
+        "the CPU has it; reported where not); default: the plan's own float_compute setting",
+    )
 
 
 def _plan_of(a: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The plan named by ``--plan``, with ``--lm-head`` applied (a PlanError for a bad value)."""
+    """The plan named by ``--plan``, with ``--lm-head`` and ``--float-compute`` applied (a PlanError for a
+    bad value)."""
     from qcompile.plan import get_plan
 
     plan = get_plan(a.plan)
-    return plan if a.lm_head is None else plan.with_lm_head(a.lm_head)
+    plan = plan if a.lm_head is None else plan.with_lm_head(a.lm_head)
+    return plan if a.float_compute is None else plan.with_float_compute(a.float_compute)
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -382,8 +391,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from qcompile.eval.harness import TextSource, evaluate
     from qcompile.plan import get_plan
 
-    if a.source and a.lm_head is not None:
-        raise QCompileError("--lm-head applies to compiled models; --source evaluates the unmodified model")
+    if a.source and (a.lm_head is not None or a.float_compute is not None):
+        flag = "--lm-head" if a.lm_head is not None else "--float-compute"
+        raise QCompileError(f"{flag} applies to compiled models; --source evaluates the unmodified model")
     plan = get_plan("fp32") if a.source else _plan_of(a)
     _check_before_loading(a, plan)
     text = TextSource(dataset=None, path=a.text, encoding=a.encoding) if a.text else TextSource(a.dataset, a.split)

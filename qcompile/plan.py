@@ -271,6 +271,19 @@ class Plan:
             return self
         return dataclasses.replace(self, lm_head=value, name=f"{self.name}+lm_head-{value.value}")
 
+    def with_float_compute(self, setting: FloatCompute | str) -> Plan:
+        """A copy whose weight-only linears compute in ``setting`` ("fp32" or "bf16"); the name says so
+        when it changes (``w4a16-rtn-g32-asym+bf16``). PlanError listing the settings for any other value."""
+        try:
+            value = FloatCompute(setting)
+        except ValueError:
+            raise PlanError(
+                f"float_compute must be one of {[m.value for m in FloatCompute]}, got {_short(setting)}"
+            ) from None
+        if value is self.float_compute:
+            return self
+        return dataclasses.replace(self, float_compute=value, name=f"{self.name}+{value.value}")
+
     def with_rules(self, *rules: LayerRule) -> Plan:
         """A copy with ``rules`` appended (they override the existing ones)."""
         return dataclasses.replace(self, rules=self.rules + tuple(rules))

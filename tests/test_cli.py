@@ -100,6 +100,20 @@ def test_lm_head_flag_on_compile_and_eval(hf_folder, tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_float_compute_flag_on_compile(hf_folder, tmp_path, capsys):
+    """``--float-compute bf16`` renames the plan and reaches the build; a bad value is a PlanError (exit 2)
+    before the model loads; ``eval --source`` refuses it like ``--lm-head``."""
+    args = ["compile", "--model", str(hf_folder), "--plan", "w4a16-rtn-g32-asym", "--max-cache-len", "64"]
+    assert main([*args, "--float-compute", "bf16", "-o", str(tmp_path / "art")]) == 0
+    assert "compiled with plan 'w4a16-rtn-g32-asym+bf16'" in capsys.readouterr().out
+    assert main([*args, "--float-compute", "fp16", "-o", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "float_compute must be one of ['fp32', 'bf16'], got 'fp16'" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
+    assert main(["eval", "--model", str(hf_folder), "--source", "--float-compute", "bf16"]) == 2
+    assert "--float-compute applies to compiled models" in capsys.readouterr().err
+
+
 def test_tune_writes_a_database_that_compile_then_requires_to_exist(hf_folder, tmp_path, capsys):
     import json
 
