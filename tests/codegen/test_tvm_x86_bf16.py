@@ -353,3 +353,15 @@ def test_every_schedule_of_the_design_space_computes_the_same_bits():
         lib(*[tvm.runtime.tensor(a) for a in args], y)
         assert np.array_equal(y.numpy(), want), choice
     assert Bf16Tunable(dataclasses.replace(spec, m=1)).knobs()[0].values == (6,)  # one row: nothing to tile
+
+
+@needs_bf16
+def test_a_bf16_artifact_loads_and_computes_the_same(tiny_llama, tmp_path):
+    """The imported vdpbf16ps function ships inside module.so: the loaded artifact gives the same logits,
+    and its target records avx512bf16 (a CPU without it is refused at load, like any missing feature)."""
+    cm = qcompile.compile(tiny_llama, plan=_bf16_plan("w4a16-rtn-g32-asym"), max_cache_len=64)
+    cm.save(tmp_path / "a")
+    back = qcompile.load(tmp_path / "a")
+    assert back.backend == "tvm" and "avx512bf16" in back.report.backend["target"]["features"]
+    assert back.report.backend["float_compute"]["linears"] == cm.report.backend["float_compute"]["linears"]
+    assert torch.equal(back(IDS), cm(IDS))

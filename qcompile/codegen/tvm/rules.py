@@ -260,6 +260,20 @@ def norm_inputs(lw: Lowering, norm: RMSNormMatch, k_p: int) -> tuple[relax.Var, 
     return padded_rows(lw, norm.x, k_p), lw.param(f"{wkey}@rms{k_p}+{offset:g}", weight, (k_p,), "float32")
 
 
+def fused_producer(lw: Lowering, src: fx.Node | None, k: int) -> tuple[dict[str, Any], list[relax.Expr] | None]:
+    """What an activation kernel of ``k`` columns reading ``src`` computes itself: the fields to set on
+    its spec (``norm``/``eps``/``valid`` for an RMSNorm, ``silu_gate`` for a SwiGLU product) and its
+    inputs instead of ``src``'s value; ``({}, None)`` when ``src`` is neither (or other ops read it)."""
+    norm = fused_norm(lw, src)
+    if norm is not None:
+        valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
+        return {"norm": True, "eps": norm.eps, "valid": valid if valid != k else 0}, list(norm_inputs(lw, norm, k))
+    gated = fused_gate(lw, src)
+    if gated is not None:
+        return {"silu_gate": True}, [padded_rows(lw, n, k) for n in (gated.gate, gated.up)]
+    return {}, None
+
+
 def quantize_rows(
     lw: Lowering,
     qr: QuantRows,
@@ -279,16 +293,10 @@ def quantize_rows(
     key = (qr.name, src.name) if src is not None else None
     if key is not None and key in memo:
         return memo[key]
-    args = [flat]
-    norm = fused_norm(lw, src)
-    gated = fused_gate(lw, src) if norm is None else None
-    if norm is not None:
-        valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
-        qr = replace(qr, norm=True, eps=norm.eps, valid=valid if valid != qr.k else 0)
-        args = list(norm_inputs(lw, norm, qr.k))
-    elif gated is not None:
-        qr = replace(qr, silu_gate=True)
-        args = [padded_rows(lw, n, qr.k) for n in (gated.gate, gated.up)]
+    args: list[relax.Expr] = [flat]
+    fields, inputs = fused_producer(lw, src, qr.k)
+    if inputs is not None:
+        qr, args = replace(qr, **fields), inputs
     if finalize is None:
         qf = lw.tuned_kernel(QuantRowsTunable(qr))
     else:

@@ -46,13 +46,10 @@ from qcompile.codegen.tvm.rules import (
     emit_template,
     finish,
     finish_fused,
-    fused_gate,
-    fused_norm,
+    fused_producer,
     fused_residual,
-    norm_inputs,
     pad_k,
     padded_bias,
-    padded_rows,
     quantize_rows,
     rows,
     same_dim,
@@ -188,16 +185,10 @@ def bf16_rows(lw: Lowering, spec: Bf16Linear, flat: relax.Var, mdim: Any, src: A
     key = (rs.name, node.name) if node is not None else None
     if key is not None and key in memo:
         return memo[key]
-    args = [flat]
-    norm = fused_norm(lw, node)
-    gated = fused_gate(lw, node) if norm is None else None
-    if norm is not None:
-        valid = int(lw.imp.shape_of(lw.env(norm.x))[-1])
-        rs = replace(rs, norm=True, eps=norm.eps, valid=valid if valid != rs.k else 0)
-        args = list(norm_inputs(lw, norm, rs.k))
-    elif gated is not None:
-        rs = replace(rs, silu_gate=True)
-        args = [padded_rows(lw, n, rs.k) for n in (gated.gate, gated.up)]
+    args: list[relax.Expr] = [flat]
+    fields, inputs = fused_producer(lw, node, rs.k)
+    if inputs is not None:
+        rs, args = replace(rs, **fields), inputs
     f = lw.kernel(rs.name, lambda: bf16_rows_primfunc(rs))
     outs = [relax.TensorType([mdim, rs.k], "uint16"), relax.TensorType([mdim, rs.groups], "float32")]
     q = lw.bb.emit(relax.call_tir(f, args, outs))

@@ -362,6 +362,23 @@ def schedule_template(spec: LinearKernel, sch: Schedule, knobs: TemplateKnobs) -
 # ---- activation quantization ----------------------------------------------------------------
 
 
+def check_producer(k: int, norm: bool, valid: int, silu_gate: bool) -> None:
+    """ValueError unless the fused-producer fields of an activation kernel of ``k`` columns agree."""
+    if not 0 <= valid <= k or (valid and not norm):
+        raise ValueError(f"valid={valid} needs a fused norm and at most K={k}")
+    if norm and silu_gate:
+        raise ValueError("an activation kernel fuses one producer: the norm or the SiLU gate, not both")
+
+
+def producer_suffix(norm: bool, eps: float, valid: int, silu_gate: bool) -> str:
+    """The kernel-name suffix of a fused producer: ``_rms<eps>[v<valid>]`` or ``_silu``."""
+    n = ""
+    if norm:
+        n = "_rms" + f"{eps:.3g}".replace(".", "p").replace("-", "m").replace("+", "")
+        n += f"v{valid}" if valid else ""
+    return n + ("_silu" if silu_gate else "")
+
+
 @dataclass(frozen=True)
 class QuantRows:
     """Dynamic symmetric ``bits``-bit quantization of ``x[M, K]`` per row or per group of K."""
@@ -385,20 +402,13 @@ class QuantRows:
                 f"activation sums over blocks of {self.sums} need K={self.k} a multiple and the scale group "
                 f"{self.group} equal (or per-row scales)"
             )
-        if not 0 <= self.valid <= self.k or (self.valid and not self.norm):
-            raise ValueError(f"valid={self.valid} needs a fused norm and at most K={self.k}")
-        if self.norm and self.silu_gate:
-            raise ValueError("a quantizer fuses one producer: the norm or the SiLU gate, not both")
+        check_producer(self.k, self.norm, self.valid, self.silu_gate)
 
     @property
     def name(self) -> str:
         u = "_u" if self.flip else ""
         s = f"_s{self.sums}" if self.sums else ""
-        n = ""
-        if self.norm:
-            n = "_rms" + f"{self.eps:.3g}".replace(".", "p").replace("-", "m").replace("+", "")
-            n += f"v{self.valid}" if self.valid else ""
-        n += "_silu" if self.silu_gate else ""
+        n = producer_suffix(self.norm, self.eps, self.valid, self.silu_gate)
         return (
             f"qc_quant_rows_k{self.k}_b{self.bits}_g{self.group}{u}{s}{n}_{'mdyn' if self.m is None else f'm{self.m}'}"
         )

@@ -47,7 +47,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from qcompile.codegen.tvm.kernels.linear import pad2d
+from qcompile.codegen.tvm.kernels.linear import check_producer, pad2d, producer_suffix
 from qcompile.codegen.tvm.kernels.x86 import HALF, X86Knobs
 
 NEEDS = ("avx512f", "avx512bw", "avx512bf16")  # LLVM feature names
@@ -89,10 +89,7 @@ class Bf16Rows:
     silu_gate: bool = False
 
     def __post_init__(self) -> None:
-        if self.norm and self.silu_gate:
-            raise ValueError("the rounding kernel fuses one producer: the norm or the SiLU gate, not both")
-        if not 0 <= self.valid <= self.k or (self.valid and not self.norm):
-            raise ValueError(f"valid={self.valid} needs a fused norm and at most K={self.k}")
+        check_producer(self.k, self.norm, self.valid, self.silu_gate)
 
     @property
     def groups(self) -> int:
@@ -100,11 +97,7 @@ class Bf16Rows:
 
     @property
     def name(self) -> str:
-        n = ""
-        if self.norm:
-            n = "_rms" + f"{self.eps:.3g}".replace(".", "p").replace("-", "m").replace("+", "")
-            n += f"v{self.valid}" if self.valid else ""
-        n += "_silu" if self.silu_gate else ""
+        n = producer_suffix(self.norm, self.eps, self.valid, self.silu_gate)
         return f"qc_bf16rows_k{self.k}_g{self.group}{n}_{'mdyn' if self.m is None else f'm{self.m}'}"
 
 
