@@ -365,3 +365,16 @@ def test_a_bf16_artifact_loads_and_computes_the_same(tiny_llama, tmp_path):
     assert back.backend == "tvm" and "avx512bf16" in back.report.backend["target"]["features"]
     assert back.report.backend["float_compute"]["linears"] == cm.report.backend["float_compute"]["linears"]
     assert torch.equal(back(IDS), cm(IDS))
+
+
+@needs_bf16
+def test_tuning_measures_and_applies_the_bf16_kernels(tiny_llama, tmp_path):
+    """``qcompile.tune`` under a bf16 plan extracts the bf16 kernels (their uint16 inputs measured by
+    MetaSchedule's runner) and a compile with the database applies a record to each."""
+    plan = get_plan("w4a16-rtn-g32-asym").with_float_compute("bf16")
+    rep = qcompile.tune(tiny_llama, plan=plan, db=tmp_path / "db", trials=1, max_cache_len=32, progress=False)
+    tuned = [k for k in rep.kernels if k.name.startswith("qc_bf16_u4")]
+    assert len(tuned) == 8 and all(k.best is not None for k in tuned)  # 4 shapes, decode (m1) and dynamic rows
+    cm = qcompile.compile(tiny_llama, plan=plan, max_cache_len=32, tuning_db=tmp_path / "db")
+    used = cm.report.backend["tuning"]["kernels"]
+    assert all(used[k.name]["tuned"] for k in tuned)
