@@ -24,7 +24,9 @@ of the initializer the exporter bound them to) and emit ONNX constants in the la
   ``DynamicQuantizeMatMul`` quantize per tensor asymmetrically to uint8 (different numbers), while
   ``MatMulIntegerToFloat`` takes per-column, not per-row, activation scales. A weight-only linear
   that MatMulNBits cannot hold (a group size that is not a power of two >= 16, an asymmetric 8-bit
-  grid) keeps the ``qdq`` form; :attr:`OnnxExport.notes` lists them.
+  grid) keeps the ``qdq`` form; :attr:`OnnxExport.notes` lists them. A plan's ``float_compute: bf16``
+  (bf16-rounded activations in the TVM CPU kernels) is not exported: the graph's weight-only linears
+  take fp32 activations, and a note says so.
 
 Both formats round half to even (ONNX ``Round`` and ``QuantizeLinear``, like ``torch.round``) and
 compute scales with the reference's formula (``absmax / qmax``, 1 for an all-zero row). Codes from
@@ -207,7 +209,11 @@ def export_onnx(
     with output_lock(out):
         data = _write(onnx_program, out, external_data)
     log.info("wrote %s (entry %s, format %s)", out, name, fmt.value)
-    return OnnxExport(out, data, name, fmt, tuple(inputs), tuple(outputs), tuple(cache), tuple(sorted(tr.notes)))
+    notes = set(tr.notes)
+    fc = cm.plan.float_compute.value
+    if fc != "fp32":  # a kernel choice of the TVM CPU backend, not an op of the graph
+        notes.add(f"float_compute {fc} is not in the ONNX graph: its weight-only linears take fp32 activations")
+    return OnnxExport(out, data, name, fmt, tuple(inputs), tuple(outputs), tuple(cache), tuple(sorted(notes)))
 
 
 def check_expressible(entry: Entry) -> None:

@@ -179,6 +179,16 @@ def _onnx_generate(sess, res, prompt: torch.Tensor, n: int) -> torch.Tensor:
     return tokens
 
 
+def test_a_bf16_plan_exports_fp32_activations_and_says_so(tmp_path):
+    """``float_compute: bf16`` is a TVM CPU kernel choice: the ONNX graph keeps fp32 activations (the
+    reference's numbers) and the export's notes say so."""
+    model = torch.nn.Sequential(torch.nn.Linear(80, 48)).eval()
+    p = get_plan("w4a16-rtn-g32-asym").with_float_compute("bf16")
+    cm = qcompile.compile(model, plan=p, example_inputs=(LIN_X,), backend="torch")
+    res = cm.export_onnx(tmp_path / "lin.onnx", "qdq")
+    assert res.notes == ("float_compute bf16 is not in the ONNX graph: its weight-only linears take fp32 activations",)
+
+
 @pytest.mark.parametrize(("plan", "fmt"), [("fp32", "qdq"), ("w4a16-rtn-g128", "ort")])
 def test_greedy_generate_in_onnxruntime_reproduces_qcompile(compiled, plan, fmt, tmp_path):
     cm = compiled(plan)
