@@ -162,22 +162,8 @@ class Plan:
     float_compute: FloatCompute = FloatCompute.FP32  # weight-only linears' activations: "fp32" or "bf16"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.float_compute, FloatCompute):
-            try:
-                object.__setattr__(self, "float_compute", FloatCompute(self.float_compute))
-            except ValueError:
-                raise PlanError(
-                    f"float_compute must be one of {[m.value for m in FloatCompute]}, got {_short(self.float_compute)}"
-                ) from None
-        if not isinstance(self.lm_head, LmHead):
-            object.__setattr__(self, "lm_head", lm_head_setting(self.lm_head))
-        if not isinstance(self.nonfinite, NonFinite):
-            try:
-                object.__setattr__(self, "nonfinite", NonFinite(self.nonfinite))
-            except ValueError:
-                raise PlanError(
-                    f"nonfinite must be one of {[m.value for m in NonFinite]}, got {self.nonfinite!r}"
-                ) from None
+        for key, kind in (("lm_head", LmHead), ("nonfinite", NonFinite), ("float_compute", FloatCompute)):
+            object.__setattr__(self, key, enum_setting(kind, key, getattr(self, key)))
         if self.fallback not in (None, "torch"):
             raise PlanError(f"fallback must be 'torch' or absent, got {self.fallback!r}")
         if self.arch is not None and not re.fullmatch(r"sm_\d+a?", self.arch):
@@ -274,12 +260,7 @@ class Plan:
     def with_float_compute(self, setting: FloatCompute | str) -> Plan:
         """A copy whose weight-only linears compute in ``setting`` ("fp32" or "bf16"); the name says so
         when it changes (``w4a16-rtn-g32-asym+bf16``). PlanError listing the settings for any other value."""
-        try:
-            value = FloatCompute(setting)
-        except ValueError:
-            raise PlanError(
-                f"float_compute must be one of {[m.value for m in FloatCompute]}, got {_short(setting)}"
-            ) from None
+        value = enum_setting(FloatCompute, "float_compute", setting)
         if value is self.float_compute:
             return self
         return dataclasses.replace(self, float_compute=value, name=f"{self.name}+{value.value}")
@@ -289,14 +270,22 @@ class Plan:
         return dataclasses.replace(self, rules=self.rules + tuple(rules))
 
 
-def lm_head_setting(value: Any) -> LmHead:
-    """``value`` as an :class:`LmHead`; PlanError listing the settings otherwise."""
-    if isinstance(value, LmHead):
+E = typing.TypeVar("E", bound=enum.Enum)
+
+
+def enum_setting(kind: type[E], key: str, value: Any) -> E:
+    """``value`` as a member of the plan setting ``kind`` (named ``key``); PlanError listing the values otherwise."""
+    if isinstance(value, kind):
         return value
     try:
-        return LmHead(value)
+        return kind(value)
     except (ValueError, TypeError):
-        raise PlanError(f"lm_head must be one of {[m.value for m in LmHead]}, got {_short(value)}") from None
+        raise PlanError(f"{key} must be one of {[m.value for m in kind]}, got {_short(value)}") from None
+
+
+def lm_head_setting(value: Any) -> LmHead:
+    """``value`` as an :class:`LmHead`; PlanError listing the settings otherwise."""
+    return enum_setting(LmHead, "lm_head", value)
 
 
 # ---- presets ---------------------------------------------------------------------------------

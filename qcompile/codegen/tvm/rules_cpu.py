@@ -143,9 +143,10 @@ class X86Bf16:
             lw.float_fp32.append(f"{where} ({why})")
             return None
         base = template_spec(lw, call)
+        if base is None:  # the template's rule records why; it declines too
+            lw.float_fp32.append(f"{where} ({call.declines[-1]})")
+            return None
         try:
-            if base is None:
-                raise ValueError(call.declines[-1] if call.declines else "no kernel for this shape")
             spec = Bf16Linear(base.n, base.k, base.group, base.bias, base.m)
         except ValueError as e:
             lw.float_fp32.append(f"{where} ({e})")

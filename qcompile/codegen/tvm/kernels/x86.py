@@ -254,7 +254,19 @@ def _nibbles(b: tvm.tirx.PrimExpr, high: bool, vnni: bool, vb: int, unsigned: bo
     return T.reinterpret(i8v, u - _u8(8, vb))
 
 
-_STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promoted to registers), not the heap
+def epilogue(f32v: str, bias: bool, residual: bool):  # noqa: ANN201 (a TVMScript helper)
+    """``finished(Y, B, R, row, lane)``: the output vector at (``row``, ``lane``) plus the bias, then the
+    residual, torch's ``(x·Wᵀ + b) + r`` (the hand-written kernels' last pass over their outputs)."""
+
+    def finished(Y, B, R, row, lane):  # noqa: ANN001, ANN202 (TVMScript buffers and indices)
+        out = Y.vload([row, lane], f32v)
+        out = out + B.vload([lane], f32v) if bias else out
+        return out + R.vload([row, lane], f32v) if residual else out
+
+    return finished
+
+
+STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promoted to registers), not the heap
 
 
 def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
@@ -313,13 +325,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                     xs, wv.vload([v, 0], i8v), vl
                 )
 
-    epilogue = bias or residual
-
-    def finished(Y, B, R, row, lane):  # noqa: ANN001, ANN202 (TVMScript buffers and indices)
-        """The output vector at (``row``, ``lane``) plus the bias, then the residual: torch's ``(x·Wᵀ + b) + r``."""
-        out = Y.vload([row, lane], f32v)
-        out = out + B.vload([lane], f32v) if bias else out
-        return out + R.vload([row, lane], f32v) if residual else out
+    finished = epilogue(f32v, bias, residual)
 
     def sums(a: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
         """The integer sums of a vector of accumulators (``i4`` on vnni: ``16·`` them, shifted back)."""
@@ -373,9 +379,9 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
     def tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, row0, nrows):
         # int32 accumulators of rows [0, HALF) and [HALF, nrows): each under 1 KiB, so on the stack
         # (LLVM keeps them in registers)
-        acc0 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=_STACK)
-        acc1 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=_STACK)
-        wv = T.alloc_buffer((4, vb), "int8", scope="global", annotations=_STACK)
+        acc0 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=STACK)
+        acc1 = T.alloc_buffer((HALF, nbx), "int32", scope="global", annotations=STACK)
+        wv = T.alloc_buffer((4, vb), "int8", scope="global", annotations=STACK)
         for r in T.unroll(HALF):
             for v in T.unroll(4):
                 acc0[r, v * vl : v * vl + vl] = T.broadcast(T.int32(0), vl)
@@ -450,7 +456,7 @@ def x86_linear_primfunc(spec: X86Linear, knobs: X86Knobs | None = None) -> tvm.t
                 else:
                     for t in range(nr % rt):
                         tile(QX, SX, XS, W0, WD, S, CORR, C, Y, blk, g, r0 + (nr // rt) * rt + t, 1)
-            if epilogue:  # one pass over the outputs: the bias, then a fused residual
+            if bias or residual:  # one pass over the outputs: the bias, then a fused residual
                 for row in range(nr):
                     for v in T.unroll(4):
                         Y[r0 + row, blk * nbx + v * vl : blk * nbx + v * vl + vl] = finished(

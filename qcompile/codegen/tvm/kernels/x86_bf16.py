@@ -48,7 +48,7 @@ from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
 from qcompile.codegen.tvm.kernels.linear import check_producer, pad2d, producer_suffix
-from qcompile.codegen.tvm.kernels.x86 import HALF, X86Knobs
+from qcompile.codegen.tvm.kernels.x86 import HALF, STACK, X86Knobs, epilogue
 
 NEEDS = ("avx512f", "avx512bw", "avx512bf16")  # LLVM feature names
 NBX = 64  # outputs per block: 4 vectors of 16 fp32 lanes
@@ -194,9 +194,6 @@ def bf16_rows_primfunc(spec: Bf16Rows) -> tvm.tirx.PrimFunc:
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
-_STACK = {"disable_lower_builtin": True}  # small register tiles: stack (promoted to registers), not the heap
-
-
 def bf16_linear_primfunc(spec: Bf16Linear, knobs: X86Knobs | None = None) -> tvm.tirx.PrimFunc:
     """``(XB uint16[M, K], XS f32[M, G], W uint16[N/64, K/2, 32], S f32[N/64, G, 64], C f32[N/64, G, 64],
     [B f32[N]], [R f32[M, N]], Y f32[M, N])``, scheduled (``knobs.rows`` rows per register tile)."""
@@ -230,9 +227,9 @@ def bf16_linear_primfunc(spec: Bf16Linear, knobs: X86Knobs | None = None) -> tvm
 
     @T.macro
     def tile(XB, XS, W, S, C, Y, tab, blk, g, row0, nrows):
-        acc0 = T.alloc_buffer((HALF, NBX), "float32", scope="global", annotations=_STACK)
-        acc1 = T.alloc_buffer((HALF, NBX), "float32", scope="global", annotations=_STACK)
-        wv = T.alloc_buffer((4, vl), "int32", scope="global", annotations=_STACK)
+        acc0 = T.alloc_buffer((HALF, NBX), "float32", scope="global", annotations=STACK)
+        acc1 = T.alloc_buffer((HALF, NBX), "float32", scope="global", annotations=STACK)
+        wv = T.alloc_buffer((4, vl), "int32", scope="global", annotations=STACK)
         for r in T.unroll(HALF):
             for v in T.unroll(4):
                 acc0[r, v * vl : v * vl + vl] = T.broadcast(T.float32(0), vl)
@@ -258,10 +255,7 @@ def bf16_linear_primfunc(spec: Bf16Linear, knobs: X86Knobs | None = None) -> tvm
         for r in T.unroll(max(nrows - HALF, 0)):
             rescale_row(XS, S, C, Y, acc1, r, row0 + HALF + r, blk, g)
 
-    def finished(Y, B, R, row, lane):  # noqa: ANN001, ANN202 (TVMScript buffers and indices)
-        out = Y.vload([row, lane], f32v)
-        out = out + B.vload([lane], f32v) if bias else out
-        return out + R.vload([row, lane], f32v) if residual else out
+    finished = epilogue(f32v, bias, residual)
 
     @T.prim_func
     def main(
@@ -281,7 +275,7 @@ def bf16_linear_primfunc(spec: Bf16Linear, knobs: X86Knobs | None = None) -> tvm
                 blk = T.meta_var(task % nblk)
                 r0 = T.meta_var(task // nblk * chunk)
                 nr = T.meta_var(T.min(m_ - r0, chunk))
-                tab = T.alloc_buffer((32,), "uint16", scope="global", annotations=_STACK)
+                tab = T.alloc_buffer((32,), "uint16", scope="global", annotations=STACK)
                 for i in T.unroll(32):  # bf16(i % 16): the top half of the float's bits (exact)
                     tab[i] = T.Cast("uint16", T.reinterpret("uint32", T.Cast("float32", i % 16)) >> T.uint32(16))
                 for row in range(nr):
